@@ -1,0 +1,30 @@
+"""bunmyaku (文脈, "context"): practical NLP with Transformers, from scratch on PyTorch.
+
+The public entry points are re-exported here lazily, so ``import bunmyaku`` stays cheap:
+
+- ``bunmyaku.from_pretrained(path_or_repo_id, task=..., dtype=..., device=...)``
+- ``bunmyaku.Tokenizer`` and ``bunmyaku.train_tokenizer``
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "from_pretrained": "bunmyaku.models.auto",
+    "AutoConfig": "bunmyaku.models.auto",
+    "Tokenizer": "bunmyaku.tokenization",
+    "train_tokenizer": "bunmyaku.tokenization",
+    "pipeline": "bunmyaku.pipelines",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bunmyaku' has no attribute {name!r}")

@@ -1,0 +1,216 @@
+"""Reading and writing Hugging Face model folders.
+
+A folder holds ``config.json`` and the weights in one of these forms, tried in this order:
+``model.safetensors``; ``model.safetensors.index.json`` with its shards; ``pytorch_model.bin``;
+``pytorch_model.bin.index.json`` with its shards. Pickled ``.bin`` files are only ever read with
+``torch.load(weights_only=True)``, so a checkpoint cannot run code on load.
+
+Every write goes to a temporary file in the destination folder and is renamed into place, so a
+crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read into a model: missing files, bad JSON, wrong tensors."""
+
+
+def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """Return a local folder for a model: the folder itself, or a hub snapshot.
+
+    Args:
+        path_or_repo_id: a local folder in HF layout, or a hub repo id such as ``"bert-base-uncased"``.
+        revision: a branch, tag or commit for hub repo ids.
+
+    Raises:
+        FileNotFoundError: the path does not exist locally and cannot be downloaded.
+    """
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; expected a model folder holding config.json and the weights")
+    name = str(path_or_repo_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model folder {name} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a core dependency
+        raise FileNotFoundError(f"{name} is not a local folder and huggingface_hub is not installed") from e
+    logger.info("downloading %s from the Hugging Face hub", name)
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin", "*.gguf", "merges.txt"]
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{name} is neither a local folder nor a reachable hub repo id ({type(e).__name__}: {e})"
+        ) from e
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``config.json`` from a model folder, with errors that name the file."""
+    path = Path(model_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a model folder needs a config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _load_sharded(index_path: Path, loader) -> dict[str, torch.Tensor]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map: dict[str, str] = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' field ({e})") from e
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path} names shard {shard}, which is missing from {index_path.parent}")
+        state.update(loader(shard_path))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{index_path}: tensors listed in the index but absent from the shards: {missing}")
+    return state
+
+
+def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load every tensor of a HF model folder, whatever its weight format.
+
+    Returns:
+        The tensors by their HF names, on the CPU, in their stored dtype.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / SAFE_WEIGHTS).is_file():
+        return _load_safetensors(model_dir / SAFE_WEIGHTS)
+    if (model_dir / SAFE_INDEX).is_file():
+        return _load_sharded(model_dir / SAFE_INDEX, _load_safetensors)
+    if (model_dir / BIN_WEIGHTS).is_file():
+        return _load_bin(model_dir / BIN_WEIGHTS)
+    if (model_dir / BIN_INDEX).is_file():
+        return _load_sharded(model_dir / BIN_INDEX, _load_bin)
+    raise FileNotFoundError(
+        f"no weights in {model_dir}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
+    )
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _shard_groups(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = tensor
+        size += nbytes
+    return groups
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor], model_dir: str | os.PathLike, max_shard_size: int | None = None
+) -> list[Path]:
+    """Save tensors as ``model.safetensors``, or as shards plus an index when over ``max_shard_size`` bytes.
+
+    Tensors must not share memory (tied weights are dropped by the caller). Files left by an earlier
+    save in another layout are removed, so the folder never holds two conflicting weight sets.
+
+    Returns:
+        The weight files written.
+    """
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    metadata = {"format": "pt"}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    groups = [state] if max_shard_size is None or total <= max_shard_size else _shard_groups(state, max_shard_size)
+    written: list[Path] = []
+    if len(groups) == 1:
+        with atomic_path(model_dir / SAFE_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata=metadata)
+        written.append(model_dir / SAFE_WEIGHTS)
+        stale = [model_dir / SAFE_INDEX]
+    else:
+        weight_map = {}
+        for i, group in enumerate(groups, start=1):
+            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            with atomic_path(model_dir / name) as tmp:
+                save_file(group, str(tmp), metadata=metadata)
+            weight_map.update(dict.fromkeys(group, name))
+            written.append(model_dir / name)
+        write_json_atomic(model_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        stale = [model_dir / SAFE_WEIGHTS]
+    stale += [model_dir / BIN_WEIGHTS, model_dir / BIN_INDEX]
+    stale += [p for p in model_dir.glob("model-*-of-*.safetensors") if p not in written]
+    for path in stale:
+        if path.exists():
+            path.unlink()
+    return written

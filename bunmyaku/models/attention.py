@@ -1,0 +1,310 @@
+"""Attention, positions, masks and the KV cache shared by every architecture.
+
+Notation: B batch, T query length, S key length, C model width, H query heads, K key/value heads
+(K < H is grouped-query attention, K == H is multi-head attention), D head dim.
+
+Attention is a soft dictionary look-up: each query scores every key, the scores become weights
+with a softmax, and the output is the weighted sum of the values::
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(D) + mask) V
+
+``eager_attention`` is that equation written out, the reference the tests compare against;
+``F.scaled_dot_product_attention`` computes the same thing with fused kernels and is the default.
+Masks are boolean, ``True`` where a query may attend to a key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(QK^T * scale + mask) V, the talk's equations, step by step.
+
+    Args:
+        q: (B, H, T, D) queries.
+        k: (B, K, S, D) keys; H must be a multiple of K.
+        v: (B, K, S, D) values.
+        mask: bool, broadcastable to (B, H, T, S); True where attending is allowed.
+        is_causal: mask out keys after each query (T == S, no cache).
+        dropout_p: dropout on the attention weights.
+        scale: defaults to 1 / sqrt(D).
+
+    Returns:
+        (B, H, T, D)
+    """
+    if k.size(1) != q.size(1):  # grouped-query attention: each K/V head serves H / K query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The same computation as :func:`eager_attention` on PyTorch's fused kernels."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale, enable_gqa=k.size(1) != q.size(1)
+    )
+
+
+ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+
+
+def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) with 1 for real tokens -> bool (B, 1, 1, S), or ``None`` when nothing is padded.
+
+    Returning ``None`` for a batch without padding lets SDPA take its fastest kernel.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: int, device) -> torch.Tensor | None:
+    """The decoder mask: query i (at absolute position key_len - query_len + i) sees keys <= itself.
+
+    Args:
+        attention_mask: (B, S) with 1 for real tokens (left padding allowed), or None.
+        query_len: T, the number of new positions.
+        key_len: S, cached plus new positions.
+
+    Returns:
+        bool (B or 1, 1, T, S), or ``None`` when a plain causal mask suffices (no padding, T == S),
+        which callers pass to SDPA as ``is_causal=True``.
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and query_len == key_len:
+        return None
+    mask = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+        # A left-padding query row sees no key at all; let it attend everywhere instead of producing NaN.
+        # Its output is never used: it sits on a padding position.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+
+
+def sinusoidal_positions(num_positions: int, dim: int, interleave: bool = True) -> torch.Tensor:
+    """Vaswani et al. 2017 §3.5: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...).
+
+    Args:
+        interleave: True for the paper's sin/cos interleaving; False puts all sines in the first
+            half and all cosines in the second (the layout Marian checkpoints use).
+
+    Returns:
+        (num_positions, dim) float32.
+    """
+    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = position * inv_freq  # (P, ceil(dim / 2))
+    out = torch.zeros(num_positions, dim, dtype=torch.float64)
+    if interleave:
+        out[:, 0::2] = torch.sin(angles)
+        out[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    else:
+        half = (dim + 1) // 2
+        out[:, :half] = torch.sin(angles)
+        out[:, half:] = torch.cos(angles[:, : dim - half])
+    return out.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021): rotate pairs of channels by position-dependent angles.
+
+    Pairs are (i, i + D/2), the "rotate half" layout of Llama checkpoints in HF format.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: (B, T) -> cos, sin: (B, 1, T, D), in ``dtype``."""
+        angles = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D) rotated by the angles in cos / sin: (B, 1, T, D)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, query_len: int, past_len: int, device) -> torch.Tensor:
+    """Position ids that skip left padding: the first real token of every row is position 0.
+
+    Returns:
+        (B or 1, T) positions of the T new tokens.
+    """
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + query_len, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -query_len:]
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of every decoder layer, grown by one step at a time during generation.
+
+    Cross-attention keys and values (encoder-decoder models) are computed once and kept in
+    ``cross``; self-attention ones are appended in :meth:`update`.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        """Number of cached positions."""
+        return self.keys[0].size(-2) if self.keys else 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, K, T, D) keys and values for a layer; return all of them, (B, K, S, D)."""
+        if layer_idx == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Select batch rows (beam search): every cached tensor becomes ``t[beam_idx]``."""
+        self.keys = [k.index_select(0, beam_idx) for k in self.keys]
+        self.values = [v.index_select(0, beam_idx) for v in self.values]
+        self.cross = {i: (k.index_select(0, beam_idx), v.index_select(0, beam_idx)) for i, (k, v) in self.cross.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-head attention
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) attention: project, split heads, attend, merge, project.
+
+    Reads from the config: ``hidden_size``, ``num_heads``, ``num_kv_heads`` (default ``num_heads``),
+    ``head_dim`` (default ``hidden_size / num_heads``), ``attention_bias``, ``attention_dropout``,
+    ``attn_implementation``.
+
+    Args:
+        config: the model config.
+        layer_idx: index of the layer, for the KV cache.
+        is_cross: keys and values come from another sequence (the encoder output).
+    """
+
+    def __init__(self, config, layer_idx: int = 0, is_cross: bool = False):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_cross = is_cross
+        self.num_heads = config.num_heads
+        self.num_kv_heads = getattr(config, "num_kv_heads", None) or config.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_heads
+        self.dropout = getattr(config, "attention_dropout", 0.0)
+        self.scale = getattr(config, "attention_scale", None)
+        self.attend = ATTENTION_FUNCTIONS[config.attn_implementation]
+        bias = getattr(config, "attention_bias", True)
+        out_bias = getattr(config, "attention_out_bias", bias)
+        C, HD, KD = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(C, HD, bias=bias)
+        self.k_proj = nn.Linear(C, KD, bias=bias)
+        self.v_proj = nn.Linear(C, KD, bias=bias)
+        self.out_proj = nn.Linear(HD, C, bias=out_bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` to itself, or to ``memory`` for cross-attention.
+
+        Args:
+            x: (B, T, C) inputs.
+            mask: bool, broadcastable to (B, H, T, S); True where attending is allowed.
+            is_causal: use a plain causal mask (only when ``mask`` is None and nothing is cached).
+            rotary: cos, sin (B, 1, T, D) to rotate queries and keys by.
+            cache: a KV cache to read and extend.
+            memory: (B, S, C) encoder states for cross-attention.
+
+        Returns:
+            (B, T, C)
+        """
+        B, T, _ = x.shape
+        q = self._heads(self.q_proj(x), self.num_heads)  # (B, H, T, D)
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
+        if self.is_cross:
+            if cache is not None and self.layer_idx in cache.cross:
+                k, v = cache.cross[self.layer_idx]  # encoder keys / values, computed at the first step
+            else:
+                k = self._heads(self.k_proj(memory), self.num_kv_heads)  # (B, K, S, D)
+                v = self._heads(self.v_proj(memory), self.num_kv_heads)  # (B, K, S, D)
+                if cache is not None:
+                    cache.cross[self.layer_idx] = (k, v)
+        else:
+            k = self._heads(self.k_proj(x), self.num_kv_heads)  # (B, K, T, D)
+            v = self._heads(self.v_proj(x), self.num_kv_heads)  # (B, K, T, D)
+            if rotary is not None:
+                k = apply_rotary(k, *rotary)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        dropout_p = self.dropout if self.training else 0.0
+        y = self.attend(q, k, v, mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout_p, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H * D)
+        return self.out_proj(y)

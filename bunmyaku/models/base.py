@@ -1,0 +1,333 @@
+"""What every bunmyaku model shares: its output record, weight init, and HF-format load / save.
+
+A model class declares how its tensors are named in a HF checkpoint:
+
+- ``base_key_map``: the base model's tensors, relative to the base (``embeddings.word_embeddings.weight``);
+- ``hf_base_prefix``: where a HF head model keeps its base (``bert.``); ``our_base_prefix``: where we do
+  (``backbone.`` for a head model, ``""`` for the base model itself);
+- ``head_key_map``: the head's tensors, full names on both sides.
+
+Loading follows HF's semantics, with errors instead of silent warnings where weights would be lost:
+a base checkpoint loads into a head model (the head is newly initialised and logged), a head checkpoint
+loads into the base model or another head (the other head's tensors are ignored and logged), and every
+missing, unexpected or mis-shaped tensor of the base is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bunmyaku.hub import CheckpointError, KeyMap, load_state_dict, read_config, resolve_model_dir, save_state_dict
+from bunmyaku.hub.files import write_json_atomic
+from bunmyaku.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOutput:
+    """What a model's ``forward`` returns; fields follow HF's names and are None when not computed.
+
+    Shapes: ``last_hidden_state`` (B, T, C); ``pooler_output`` (B, C); ``logits`` (B, T, V) for language
+    models, (B, num_labels) for sequence heads, (B, T, num_labels) for token heads, (B, num_choices) for
+    multiple choice; ``start_logits`` / ``end_logits`` (B, T).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    past_key_values: Any = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+    mc_logits: torch.Tensor | None = None
+    mc_loss: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        """Names of the fields that hold a value."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, hf_config: dict[str, Any]) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
+        return resolved
+    return dtype
+
+
+class PreTrainedModel(nn.Module):
+    """Base class: config, init, gradient checkpointing, ``from_pretrained`` and ``save_pretrained``."""
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    task: ClassVar[str] = "base"
+    hf_architecture: ClassVar[str] = ""
+    base_key_map: ClassVar[KeyMap] = KeyMap({})
+    head_key_map: ClassVar[KeyMap] = KeyMap({})
+    hf_base_prefix: ClassVar[str] = ""
+    our_base_prefix: ClassVar[str] = "backbone."
+    # base sub-modules that a checkpoint may lack (BERT's pooler, absent from BertForMaskedLM checkpoints)
+    optional_base_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    # ---------------------------------------------------------------------------------- weights
+
+    def tied_weights(self) -> dict[str, str]:
+        """Our parameter names that share storage with another one: {tied name: source name}. Not saved."""
+        return {}
+
+    def init_weights(self) -> None:
+        """HF's initialisation: normal(0, initializer_range) for weights, zeros for biases, ones for norms."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make tied parameters share storage again (after init or load)."""
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute each block's activations during backward instead of keeping them (less memory, ~30% slower)."""
+        from bunmyaku.models.layers import Block
+
+        self.config.gradient_checkpointing = enable
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.gradient_checkpointing = enable
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of (distinct) parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------------------------ conversion
+
+    @classmethod
+    def preprocess_hf(cls, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensor transforms from HF layout before renaming (GPT-2 transposes, for example). Identity here."""
+        return hf_state
+
+    @classmethod
+    def postprocess_hf(cls, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`preprocess_hf`, applied after renaming when saving."""
+        return hf_state
+
+    @classmethod
+    def _hf_to_ours(cls, hf_key: str) -> tuple[str, str | None]:
+        """Classify a HF tensor name: ("base" | "head" | "other" | "unexpected", our name or None)."""
+        base = cls.base_key_map
+        rel = None
+        if cls.hf_base_prefix and hf_key.startswith(cls.hf_base_prefix):
+            rel = hf_key[len(cls.hf_base_prefix) :]
+        elif base.knows_hf(hf_key) and not cls.head_key_map.knows_hf(hf_key):
+            rel = hf_key  # a bare base-model checkpoint
+        if rel is not None:
+            if not base.knows_hf(rel):
+                return "unexpected", None
+            ours = base.to_ours(rel)
+            return "base", None if ours is None else cls.our_base_prefix + ours
+        if cls.head_key_map.knows_hf(hf_key):
+            return "head", cls.head_key_map.to_ours(hf_key)
+        return "other", None
+
+    @classmethod
+    def _ours_to_hf(cls, our_key: str) -> str:
+        if our_key.startswith(cls.our_base_prefix):
+            rel = our_key[len(cls.our_base_prefix) :]
+            if cls.base_key_map.to_hf(rel) is not None:
+                return cls.hf_base_prefix + cls.base_key_map.to_hf(rel)
+        return cls.head_key_map.to_hf(our_key)
+
+    def _is_head(self, our_key: str) -> bool:
+        return not our_key.startswith(self.our_base_prefix)
+
+    def _is_optional_base(self, our_key: str) -> bool:
+        rel = our_key[len(self.our_base_prefix) :]
+        return not self._is_head(our_key) and bool(self.optional_base_modules) and rel.startswith(self.optional_base_modules)
+
+    def load_hf_state_dict(
+        self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint", ignore_mismatched_sizes: bool = False
+    ) -> None:
+        """Load tensors named as in a HF checkpoint into this model.
+
+        Args:
+            hf_state: tensors by HF name.
+            source: where they come from, for error messages.
+            ignore_mismatched_sizes: re-initialise head tensors whose shape differs (a classifier with a
+                different number of labels) instead of failing.
+
+        Raises:
+            CheckpointError: naming every missing, unexpected and mis-shaped tensor.
+        """
+        hf_state = self.preprocess_hf(dict(hf_state))
+        expected = self.state_dict()
+        tied = self.tied_weights()
+        ours: dict[str, torch.Tensor] = {}
+        unexpected, ignored, mismatched, reinit = [], [], [], []
+        head_keys_in_checkpoint = 0
+        for hf_key, tensor in hf_state.items():
+            kind, our_key = self._hf_to_ours(hf_key)
+            if kind == "head":
+                head_keys_in_checkpoint += 1
+            if kind == "unexpected":
+                unexpected.append(hf_key)
+            elif kind == "other" or (our_key is not None and our_key not in expected and self._is_optional_base(our_key)):
+                ignored.append(hf_key)
+            elif our_key is None or our_key in tied:
+                continue  # dropped on purpose: a buffer, or a copy of a tied weight
+            elif our_key not in expected:
+                unexpected.append(hf_key)
+            elif tuple(tensor.shape) != tuple(expected[our_key].shape):
+                detail = f"{hf_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[our_key].shape)}"
+                if ignore_mismatched_sizes and self._is_head(our_key):
+                    reinit.append(our_key)
+                else:
+                    mismatched.append(detail)
+            else:
+                ours[our_key] = tensor
+        missing = [k for k in expected if k not in ours and k not in tied and k not in reinit]
+        # A head missing entirely (a base checkpoint, or another task's head) is newly initialised, as in HF;
+        # a head missing only in part means a broken checkpoint.
+        new = [k for k in missing if (self._is_head(k) and head_keys_in_checkpoint == 0) or self._is_optional_base(k)]
+        missing = [k for k in missing if k not in new]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors (as named in this model): {missing}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {unexpected}")
+        if mismatched:
+            problems.append(f"mis-shaped tensors: {mismatched}")
+        if problems:
+            raise CheckpointError(
+                f"{source} does not fit {type(self).__name__} ({self.config.model_type}): " + "; ".join(problems)
+            )
+        if ignored:
+            logger.info("%s: ignored %d tensors this model has no use for: %s", source, len(ignored), ignored)
+        if new or reinit:
+            logger.warning(
+                "%s: newly initialised %s (train this model before using it)", source, sorted(new) + reinit
+            )
+        with torch.no_grad():
+            for key, tensor in ours.items():
+                expected[key].copy_(tensor)
+        self.tie_weights()
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's tensors under their HF names, tied copies left out."""
+        tied = self.tied_weights()
+        out = {}
+        for key, tensor in self.state_dict().items():
+            if key in tied:
+                continue
+            try:
+                out[self._ours_to_hf(key)] = tensor
+            except KeyError as e:
+                raise RuntimeError(f"{type(self).__name__}: tensor {key} has no HF name in the key map") from e
+        return self.postprocess_hf(out)
+
+    def hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` dict that HF needs to rebuild this model."""
+        config = self.config.to_hf()
+        config["architectures"] = [self.hf_architecture]
+        config["dtype"] = str(next(self.parameters()).dtype).replace("torch.", "")
+        return config
+
+    # ---------------------------------------------------------------------------------- public
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = "5GB") -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (or shards and an index) that HF loads.
+
+        Args:
+            save_directory: the folder, created if needed.
+            max_shard_size: bytes, or a string such as ``"200MB"``; None for a single file.
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        save_state_dict(self.hf_state_dict(), save_directory, _parse_size(max_shard_size))
+        write_json_atomic(save_directory / "config.json", self.hf_config())
+        return save_directory
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        """A randomly initialised model."""
+        model = cls(config)
+        model.init_weights()
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        ignore_mismatched_sizes: bool = False,
+        **config_overrides: Any,
+    ) -> PreTrainedModel:
+        """Load a HF model folder (or hub repo id) into this class.
+
+        Args:
+            path_or_repo_id: local folder in HF layout, or a hub repo id.
+            dtype: torch dtype or its name; ``"auto"`` keeps the checkpoint's; default float32.
+            device: where to put the model.
+            ignore_mismatched_sizes: re-initialise head tensors whose shape differs.
+            config_overrides: config fields to change, e.g. ``num_labels=3`` or ``attn_implementation="eager"``.
+        """
+        model_dir = resolve_model_dir(path_or_repo_id)
+        hf_config = read_config(model_dir)
+        config = cls.config_class.from_hf(hf_config)
+        num_labels = config_overrides.pop("num_labels", None)
+        if num_labels is not None and num_labels != config.num_labels:
+            config = config.with_labels(num_labels)
+        if config_overrides:
+            config = dataclasses.replace(config, **config_overrides)
+        model = cls(config)
+        model.init_weights()
+        model.load_hf_state_dict(
+            load_state_dict(model_dir), source=str(model_dir), ignore_mismatched_sizes=ignore_mismatched_sizes
+        )
+        model.to(dtype=_resolve_dtype(dtype, hf_config), device=device)
+        return model.eval()
+
+
+def _parse_size(size: int | str | None) -> int | None:
+    if size is None or isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '200MB' or '5GB'")
+

@@ -1,0 +1,88 @@
+"""The base of every model config: a dataclass that reads and writes HF ``config.json`` dicts.
+
+Each architecture's config subclasses :class:`ModelConfig`, declares its fields with our shared
+names (``hidden_size``, ``num_heads``, ``max_seq_len``, ``dropout`` ...) and maps them to HF's
+names in ``HF_NAMES``. HF keys we do not model are kept in ``extra`` and written back unchanged,
+so a config survives a round trip through bunmyaku.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+# Keys that HF writes as bookkeeping; we neither keep nor rewrite them.
+_HF_BOOKKEEPING = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "output_past", "return_dict"}
+
+
+@dataclass
+class ModelConfig:
+    """Fields common to every architecture; subclasses add their own."""
+
+    model_type: ClassVar[str] = ""
+    # our field name -> HF config.json key, where they differ
+    HF_NAMES: ClassVar[dict[str, str]] = {}
+
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None  # regression | single_label_classification | multi_label_classification
+    architectures: list[str] | None = None
+    attn_implementation: str = "sdpa"  # sdpa | eager (the reference path, softmax(QK^T / sqrt(d)) V)
+    gradient_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if self.label2id is None:
+                self.label2id = {v: k for k, v in self.id2label.items()}
+        if self.label2id is not None:
+            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(f"unknown problem_type {self.problem_type!r}")
+
+    @property
+    def num_labels(self) -> int:
+        """Number of outputs of a classification head (HF's default is 2)."""
+        return len(self.id2label) if self.id2label else 2
+
+    def with_labels(self, labels: int | list[str]) -> ModelConfig:
+        """A copy whose label maps hold ``labels`` (names, or a count for ``LABEL_i`` names)."""
+        names = [f"LABEL_{i}" for i in range(labels)] if isinstance(labels, int) else list(labels)
+        return dataclasses.replace(self, id2label=dict(enumerate(names)), label2id=None)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Build a config from a HF ``config.json`` dict."""
+        hf = dict(hf)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra" or not f.init:
+                continue
+            key = cls.HF_NAMES.get(f.name, f.name)
+            if key in hf:
+                kwargs[f.name] = hf.pop(key)
+        if "num_labels" in hf and "id2label" not in kwargs:
+            kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(int(hf["num_labels"]))}
+        hf.pop("num_labels", None)
+        hf.pop("model_type", None)
+        kwargs["extra"] = {k: v for k, v in hf.items() if k not in _HF_BOOKKEEPING}
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF ``config.json`` dict for this config."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "attn_implementation", "gradient_checkpointing"):
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.name in ("id2label", "label2id", "problem_type", "architectures"):
+                continue
+            if f.name == "id2label":
+                value = {str(k): v for k, v in value.items()}
+            out[self.HF_NAMES.get(f.name, f.name)] = value
+        out["model_type"] = self.model_type
+        return out

@@ -1,0 +1,49 @@
+"""Losses shared by the task heads of every architecture, with HF's conventions.
+
+Labels equal to -100 are ignored everywhere (padding, sub-tokens after the first, unmasked positions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def infer_problem_type(config, labels: torch.Tensor) -> str:
+    """HF's rule when ``problem_type`` is unset: 1 label is regression; integer labels single-label; else multi-label."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits: (B, L); labels: (B,) class ids, (B,) or (B, L) floats for regression, (B, L) 0/1 for multi-label."""
+    problem = infer_problem_type(config, labels)
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over (B, T, V) logits and (B, T) labels, -100 ignored, averaged over counted tokens."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def span_loss(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
+) -> torch.Tensor:
+    """Extractive QA: mean of start and end cross-entropies; positions outside the window are ignored."""
+    T = start_logits.size(1)
+    start = start_positions.view(-1).clamp(0, T)
+    end = end_positions.view(-1).clamp(0, T)
+    return (F.cross_entropy(start_logits, start, ignore_index=T) + F.cross_entropy(end_logits, end, ignore_index=T)) / 2

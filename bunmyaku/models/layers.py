@@ -1,0 +1,163 @@
+"""Norms, feed-forward networks and the Transformer block shared by every architecture.
+
+A block is attention then a feed-forward network, each wrapped in a residual connection and a
+norm. Where the norm sits is the difference between the original Transformer / BERT and GPT-2 /
+Llama::
+
+    post-LN (Vaswani, BERT, Marian)          pre-LN (GPT-2, Llama)
+    x = norm1(x + attn(x))                   x = x + attn(norm1(x))
+    x = norm2(x + mlp(x))                    x = x + mlp(norm2(x))
+
+Pre-LN trains stably without warm-up tricks at depth; post-LN is what the older checkpoints use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bunmyaku.models.attention import Attention, KVCache
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def activation(name: str):
+    """The activation function for a HF ``hidden_act`` / ``activation_function`` name."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * w, no mean, no bias. Computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config) -> nn.Module:
+    """LayerNorm or RMSNorm of width ``hidden_size``, as ``config.norm`` says."""
+    if getattr(config, "norm", "layernorm") == "rmsnorm":
+        return RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: fc_out(act(fc_in(x))), width C -> intermediate_size -> C."""
+
+    def __init__(self, config):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", True)
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = activation(config.hidden_act)
+        self.dropout = nn.Dropout(getattr(config, "activation_dropout", 0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.dropout(self.act(self.fc_in(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Shazeer 2020): fc_out(act(fc_gate(x)) * fc_in(x)), SiLU as the gate in Llama."""
+
+    def __init__(self, config):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.fc_gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_gate(x)) * self.fc_in(x))
+
+
+class Block(nn.Module):
+    """One Transformer layer: self-attention, optional cross-attention, feed-forward.
+
+    Reads ``pre_norm`` (bool), ``mlp`` ("mlp" | "swiglu"), ``norm`` ("layernorm" | "rmsnorm") and
+    ``dropout`` from the config, on top of what :class:`Attention` reads.
+
+    Args:
+        config: the model config.
+        layer_idx: index of the layer (for the KV cache).
+        cross_attention: add an encoder-decoder attention sub-layer after self-attention.
+    """
+
+    def __init__(self, config, layer_idx: int, cross_attention: bool = False):
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.attn = Attention(config, layer_idx)
+        self.attn_norm = make_norm(config)
+        self.cross_attn = Attention(config, layer_idx, is_cross=True) if cross_attention else None
+        self.cross_norm = make_norm(config) if cross_attention else None
+        self.mlp = SwiGLU(config) if getattr(config, "mlp", "mlp") == "swiglu" else MLP(config)
+        self.mlp_norm = make_norm(config)
+        self.dropout = nn.Dropout(getattr(config, "dropout", 0.0))
+        self.gradient_checkpointing = False
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(fn(norm(x)))
+        return norm(x + self.dropout(fn(x)))
+
+    def _forward(self, x, mask, is_causal, rotary, cache, memory, memory_mask):
+        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rotary, cache))
+        if self.cross_attn is not None:
+            x = self._sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, memory_mask, cache=cache, memory=memory))
+        return self._sublayer(x, self.mlp_norm, self.mlp)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C). ``memory``: (B, S, C) encoder states for cross-attention."""
+        if self.gradient_checkpointing and self.training and cache is None:
+            # Recompute this layer's activations in the backward pass instead of storing them.
+            return checkpoint(self._forward, x, mask, is_causal, rotary, cache, memory, memory_mask, use_reentrant=False)
+        return self._forward(x, mask, is_causal, rotary, cache, memory, memory_mask)

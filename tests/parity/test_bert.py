@@ -1,0 +1,96 @@
+"""BERT parity with ``transformers``: every head, three tiny configs, both directions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bunmyaku
+from tests.parity.helpers import assert_close, randomize, right_padded_batch, save
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = [
+    dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37),
+    dict(vocab_size=101, hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=50,
+         hidden_act="gelu_new", type_vocab_size=3, layer_norm_eps=1e-7),
+    dict(vocab_size=77, hidden_size=24, num_hidden_layers=1, num_attention_heads=6, intermediate_size=31,
+         hidden_act="relu", max_position_embeddings=40),
+]
+
+# task -> (HF class name, output fields to compare, extra config)
+HEADS = {
+    "base": ("BertModel", ["last_hidden_state", "pooler_output"], {}),
+    "masked-lm": ("BertForMaskedLM", ["logits"], {}),
+    "next-sentence": ("BertForNextSentencePrediction", ["logits"], {}),
+    "pretraining": ("BertForPreTraining", ["prediction_logits", "seq_relationship_logits"], {}),
+    "sequence-classification": ("BertForSequenceClassification", ["logits"], {"num_labels": 3}),
+    "token-classification": ("BertForTokenClassification", ["logits"], {"num_labels": 5}),
+    "question-answering": ("BertForQuestionAnswering", ["start_logits", "end_logits"], {}),
+    "multiple-choice": ("BertForMultipleChoice", ["logits"], {}),
+}
+
+
+def _inputs(config: dict, task: str, seed: int):
+    ids, mask = right_padded_batch(config["vocab_size"], seed=seed)
+    types = torch.zeros_like(ids)
+    types[:, 4:] = 1
+    if task == "multiple-choice":  # (B, N, T): 2 questions x 3 choices
+        return dict(input_ids=ids.view(1, 3, -1).repeat(2, 1, 1), attention_mask=mask.view(1, 3, -1).repeat(2, 1, 1),
+                    token_type_ids=types.view(1, 3, -1).repeat(2, 1, 1)), None
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types), mask
+
+
+def _compare(ours, theirs, fields, mask):
+    for field in fields:
+        a, b = ours[field], getattr(theirs, field)
+        assert_close(a, b, mask if a.dim() >= 2 and a.shape[:2] == mask.shape else None)
+
+
+@pytest.mark.parametrize("task", list(HEADS))
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_bert_parity_both_directions(tmp_path, task, index):
+    hf_name, fields, extra = HEADS[task]
+    config = transformers.BertConfig(**CONFIGS[index], **extra)
+    hf_model = randomize(getattr(transformers, hf_name)(config), seed=index)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), task=task)
+    assert type(model).task == task
+    inputs, mask = _inputs(CONFIGS[index], task, seed=index)
+    mask = mask if mask is not None else torch.ones(2, 3)
+    with torch.no_grad():
+        expected = hf_model(**inputs)
+        _compare(model(**inputs), expected, fields, mask)
+        # and back: bunmyaku saves, transformers loads
+        reloaded = getattr(transformers, hf_name).from_pretrained(save(model, tmp_path / "ours")).eval()
+        _compare({f: getattr(reloaded(**inputs), f) for f in fields}, expected, fields, mask)
+
+
+def test_bert_losses_match(tmp_path):
+    config = transformers.BertConfig(**CONFIGS[0], num_labels=3)
+    inputs, mask = _inputs(CONFIGS[0], "masked-lm", seed=1)
+    labels = inputs["input_ids"].masked_fill(torch.rand(inputs["input_ids"].shape) < 0.7, -100)
+    cases = [
+        ("BertForMaskedLM", "masked-lm", {"labels": labels}),
+        ("BertForSequenceClassification", "sequence-classification", {"labels": torch.tensor([0, 2, 1])}),
+        ("BertForQuestionAnswering", "question-answering",
+         {"start_positions": torch.tensor([1, 3, 20]), "end_positions": torch.tensor([2, 5, 20])}),
+        ("BertForPreTraining", "pretraining", {"labels": labels, "next_sentence_label": torch.tensor([0, 1, 1])}),
+    ]
+    for hf_name, task, labels_kw in cases:
+        hf_config = transformers.BertConfig(**CONFIGS[0]) if task == "question-answering" else config
+        hf_model = randomize(getattr(transformers, hf_name)(hf_config), seed=3)
+        model = bunmyaku.from_pretrained(save(hf_model, tmp_path / hf_name), task=task)
+        with torch.no_grad():
+            assert_close(model(**inputs, **labels_kw).loss, hf_model(**inputs, **labels_kw).loss)
+
+
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification"])
+def test_bert_sequence_problem_types(tmp_path, problem_type):
+    num_labels = 1 if problem_type == "regression" else 4
+    config = transformers.BertConfig(**CONFIGS[1], num_labels=num_labels, problem_type=problem_type)
+    hf_model = randomize(transformers.BertForSequenceClassification(config), seed=5)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    inputs, _ = _inputs(CONFIGS[1], "sequence-classification", seed=2)
+    labels = torch.rand(3) * 5 if num_labels == 1 else (torch.rand(3, 4) > 0.5).float()
+    with torch.no_grad():
+        assert_close(model(**inputs, labels=labels).loss, hf_model(**inputs, labels=labels).loss)
