@@ -144,20 +144,20 @@ for _hf, _ours in [
         BERT_FROM_HF[f"encoder.layer.{{}}.{_hf}.{_p}"] = f"layers.{{}}.{_ours}.{_p}"
 
 
-def _linear_map(hf: str, ours: str) -> dict[str, str]:
+def linear_map(hf: str, ours: str) -> dict[str, str]:
     return {f"{hf}.weight": f"{ours}.weight", f"{hf}.bias": f"{ours}.bias"}
 
 
 MLM_FROM_HF = {
-    **_linear_map("cls.predictions.transform.dense", "head.mlm.dense"),
-    **_linear_map("cls.predictions.transform.LayerNorm", "head.mlm.norm"),
+    **linear_map("cls.predictions.transform.dense", "head.mlm.dense"),
+    **linear_map("cls.predictions.transform.LayerNorm", "head.mlm.norm"),
     "cls.predictions.bias": "head.mlm.bias",
     "cls.predictions.decoder.weight": None,  # tied to the token embeddings
     "cls.predictions.decoder.bias": None,  # tied to cls.predictions.bias
 }
-NSP_FROM_HF = _linear_map("cls.seq_relationship", "head.nsp")
-CLASSIFIER_FROM_HF = _linear_map("classifier", "head.classifier")
-QA_FROM_HF = _linear_map("qa_outputs", "head.qa_outputs")
+NSP_FROM_HF = linear_map("cls.seq_relationship", "head.nsp")
+CLASSIFIER_FROM_HF = linear_map("classifier", "head.classifier")
+QA_FROM_HF = linear_map("qa_outputs", "head.qa_outputs")
 
 
 class BertPreTrainedModel(PreTrainedModel):

@@ -1,4 +1,4 @@
-"""BERT parity with ``transformers``: every head, three tiny configs, both directions."""
+"""BERT and RoBERTa parity with ``transformers``: every head, three tiny configs, both directions."""
 
 from __future__ import annotations
 
@@ -18,17 +18,28 @@ CONFIGS = [
          hidden_act="relu", max_position_embeddings=40),
 ]
 
-# task -> (HF class name, output fields to compare, extra config)
+# task -> (HF class suffix, output fields to compare, extra config)
 HEADS = {
-    "base": ("BertModel", ["last_hidden_state", "pooler_output"], {}),
-    "masked-lm": ("BertForMaskedLM", ["logits"], {}),
-    "next-sentence": ("BertForNextSentencePrediction", ["logits"], {}),
-    "pretraining": ("BertForPreTraining", ["prediction_logits", "seq_relationship_logits"], {}),
-    "sequence-classification": ("BertForSequenceClassification", ["logits"], {"num_labels": 3}),
-    "token-classification": ("BertForTokenClassification", ["logits"], {"num_labels": 5}),
-    "question-answering": ("BertForQuestionAnswering", ["start_logits", "end_logits"], {}),
-    "multiple-choice": ("BertForMultipleChoice", ["logits"], {}),
+    "base": ("Model", ["last_hidden_state", "pooler_output"], {}),
+    "masked-lm": ("ForMaskedLM", ["logits"], {}),
+    "next-sentence": ("ForNextSentencePrediction", ["logits"], {}),
+    "pretraining": ("ForPreTraining", ["prediction_logits", "seq_relationship_logits"], {}),
+    "sequence-classification": ("ForSequenceClassification", ["logits"], {"num_labels": 3}),
+    "token-classification": ("ForTokenClassification", ["logits"], {"num_labels": 5}),
+    "question-answering": ("ForQuestionAnswering", ["start_logits", "end_logits"], {}),
+    "multiple-choice": ("ForMultipleChoice", ["logits"], {}),
 }
+# RoBERTa: no NSP in the recipe, so no next-sentence or pretraining heads (HF has none either)
+FAMILIES = {"Bert": list(HEADS), "Roberta": [t for t in HEADS if t not in ("next-sentence", "pretraining")]}
+CASES = [(family, task) for family, tasks in FAMILIES.items() for task in tasks]
+
+
+def _hf_config(family: str, index: int, **extra):
+    config = dict(CONFIGS[index], **extra)
+    if family == "Roberta":  # RoBERTa positions start after the padding index
+        config.update(pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                      max_position_embeddings=config.get("max_position_embeddings", 64) + 2)
+    return getattr(transformers, f"{family}Config")(**config)
 
 
 def _inputs(config: dict, task: str, seed: int):
@@ -47,21 +58,24 @@ def _compare(ours, theirs, fields, mask):
         assert_close(a, b, mask if a.dim() >= 2 and a.shape[:2] == mask.shape else None)
 
 
-@pytest.mark.parametrize("task", list(HEADS))
+@pytest.mark.parametrize(("family", "task"), CASES)
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
-def test_bert_parity_both_directions(tmp_path, task, index):
-    hf_name, fields, extra = HEADS[task]
-    config = transformers.BertConfig(**CONFIGS[index], **extra)
-    hf_model = randomize(getattr(transformers, hf_name)(config), seed=index)
+def test_encoder_parity_both_directions(tmp_path, family, task, index):
+    suffix, fields, extra = HEADS[task]
+    hf_class = getattr(transformers, family + suffix)
+    hf_model = randomize(hf_class(_hf_config(family, index, **extra)), seed=index)
     model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), task=task)
-    assert type(model).task == task
+    assert type(model).task == task and type(model).__name__ == family + suffix
     inputs, mask = _inputs(CONFIGS[index], task, seed=index)
+    if family == "Roberta":  # padding must carry the padding id, which RoBERTa's positions rely on
+        inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, 1)
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"]) if index != 1 else inputs["token_type_ids"]
     mask = mask if mask is not None else torch.ones(2, 3)
     with torch.no_grad():
         expected = hf_model(**inputs)
         _compare(model(**inputs), expected, fields, mask)
         # and back: bunmyaku saves, transformers loads
-        reloaded = getattr(transformers, hf_name).from_pretrained(save(model, tmp_path / "ours")).eval()
+        reloaded = hf_class.from_pretrained(save(model, tmp_path / "ours")).eval()
         _compare({f: getattr(reloaded(**inputs), f) for f in fields}, expected, fields, mask)
 
 

@@ -1,0 +1,117 @@
+"""Sentence similarity: embed sentences with a bi-encoder, compare by cosine, search a corpus.
+
+Works with sentence-transformers folders (all-MiniLM-L6-v2): the pooling mode comes from
+``1_Pooling/config.json``, L2 normalisation from ``modules.json``, the length limit from
+``sentence_bert_config.json``. Sentences are sorted by length before batching, so each batch pads
+to similar lengths and little compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bunmyaku.hub import resolve_model_dir
+from bunmyaku.models import from_pretrained
+from bunmyaku.models.pooling import pool
+from bunmyaku.pipelines import default_device
+from bunmyaku.tokenization import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def sentence_transformers_settings(model_dir: Path) -> dict[str, Any]:
+    """Pooling mode, normalisation and maximum length from a sentence-transformers folder (defaults otherwise)."""
+    pooling = _read_json(model_dir / "1_Pooling" / "config.json") or {}
+    modules = _read_json(model_dir / "modules.json") or []
+    bert_config = _read_json(model_dir / "sentence_bert_config.json") or {}
+    mode = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+    return {"pooling": mode, "normalize": normalize, "max_length": bert_config.get("max_seq_length", 512)}
+
+
+class SentenceSimilarityPipeline:
+    """Embeddings, cosine similarities and semantic search with a bi-encoder.
+
+    Args:
+        model: a sentence-transformers or plain BERT-family folder (or hub repo id).
+        device: where to run; default CUDA when available.
+        batch_size: sentences per forward pass.
+        pooling: "mean" or "cls"; default from the folder.
+        max_length: token limit; default from the folder.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        device: str | None = None,
+        batch_size: int = 64,
+        pooling: str | None = None,
+        max_length: int | None = None,
+    ):
+        model_dir = resolve_model_dir(model)
+        settings = sentence_transformers_settings(model_dir)
+        self.device = default_device(device)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        self.model = from_pretrained(model_dir, task="base", device=self.device)
+        self.batch_size = batch_size
+        self.pooling = pooling or settings["pooling"]
+        self.normalize = settings["normalize"]
+        self.max_length = max_length or settings["max_length"]
+        self.name = str(model)
+
+    @torch.inference_mode()
+    def encode(self, sentences: list[str], normalize: bool | None = None) -> torch.Tensor:
+        """Embed sentences: list of N strings -> (N, C) float tensor on the CPU, in the input order.
+
+        Args:
+            sentences: the texts.
+            normalize: L2-normalise; default: as the model folder says (MiniLM: yes).
+        """
+        normalize = self.normalize if normalize is None else normalize
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        lengths = [len(s) for s in sentences]
+        order = sorted(range(len(sentences)), key=lambda i: -lengths[i])
+        out = torch.empty(len(sentences), self.model.config.hidden_size)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch = self.tokenizer([sentences[i] for i in rows], padding=True, truncation=True, max_length=self.max_length)
+            batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            hidden = self.model(**batch).last_hidden_state
+            out[rows] = pool(hidden, batch["attention_mask"], self.pooling, normalize).float().cpu()
+        return out
+
+    def similarity(self, sentences: list[str], others: list[str] | None = None) -> list[list[float]]:
+        """Cosine similarity of every sentence with every other (or with every one of ``others``)."""
+        a = self.encode(sentences, normalize=True)
+        b = a if others is None else self.encode(others, normalize=True)
+        return (a @ b.T).tolist()
+
+    def search(self, queries: list[str], corpus: list[str], top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """Semantic search: for each query, the ``top_k`` most similar corpus entries, best first.
+
+        Returns:
+            Per query, a list of ``{"corpus_id", "text", "score"}``.
+        """
+        if isinstance(queries, str):
+            queries = [queries]
+        scores = self.encode(queries, normalize=True) @ self.encode(corpus, normalize=True).T  # (Q, N)
+        best = scores.topk(min(top_k, len(corpus)), dim=-1)
+        return [
+            [{"corpus_id": int(i), "text": corpus[int(i)], "score": float(s)} for s, i in zip(vals, idx, strict=True)]
+            for vals, idx in zip(best.values, best.indices, strict=True)
+        ]
+
+    def __call__(self, sentences: list[str], others: list[str] | None = None) -> list[list[float]]:
+        """The cosine similarity matrix, as lists."""
+        return self.similarity(sentences, others)

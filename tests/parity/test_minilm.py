@@ -1,0 +1,68 @@
+"""Real weights: all-MiniLM-L6-v2 sentence embeddings equal those computed with ``transformers``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bunmyaku
+from bunmyaku.models.pooling import pool
+from tests.parity.helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.",
+    "The new movie is awesome!",
+    "The cat sits outside.",
+    "Do you like pizza?",
+    "Attention is all you need.",
+    "BERT pre-trains deep bidirectional representations from unlabeled text.",
+    "Stock markets fell sharply on Tuesday after the central bank raised interest rates by half a point.",
+    "吾輩は猫である。名前はまだ無い。",
+    "Ich bin ein Berliner.",
+    "Café crème brûlée, naïve façade, résumé.",
+    "😀 emoji and symbols: ∑ ∫ √ → ≠",
+    "x",
+    "   leading and trailing spaces   ",
+    "A very long sentence " + "that keeps going and going " * 40 + "until it is truncated.",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(minilm_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    hf_model = transformers.AutoModel.from_pretrained(minilm_dir).eval()
+    ours = bunmyaku.from_pretrained(minilm_dir)
+    return tokenizer, hf_model, ours
+
+
+def test_minilm_embeddings_match_transformers(hf_and_ours):
+    tokenizer, hf_model, ours = hf_and_ours
+    batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        expected = pool(hf_model(**batch).last_hidden_state, batch["attention_mask"], "mean", normalize=True)
+        actual = pool(ours(**batch).last_hidden_state, batch["attention_mask"], "mean", normalize=True)
+        # the token states too, on real positions
+        assert_close(ours(**batch).last_hidden_state, hf_model(**batch).last_hidden_state, batch["attention_mask"])
+    assert len(SENTENCES) >= 20
+    assert_close(actual, expected)
+    # and the embeddings carry meaning: the paraphrase pair is closer than an unrelated one
+    assert actual[0] @ actual[1] > actual[0] @ actual[4] + 0.3
+
+
+def test_minilm_round_trip_through_bunmyaku(hf_and_ours, tmp_path):
+    tokenizer, hf_model, ours = hf_and_ours
+    ours.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    batch = tokenizer(SENTENCES[:5], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert_close(reloaded(**batch).last_hidden_state, hf_model(**batch).last_hidden_state, batch["attention_mask"])
