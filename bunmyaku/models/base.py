@@ -165,9 +165,9 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def _ours_to_hf(cls, our_key: str) -> str:
         if our_key.startswith(cls.our_base_prefix):
-            rel = our_key[len(cls.our_base_prefix) :]
-            if cls.base_key_map.to_hf(rel) is not None:
-                return cls.hf_base_prefix + cls.base_key_map.to_hf(rel)
+            hf = cls.base_key_map.to_hf(our_key[len(cls.our_base_prefix) :])
+            # a base model saves bare names, as HF's base models do; a head model nests them under its prefix
+            return cls.hf_base_prefix + hf if cls.our_base_prefix else hf
         return cls.head_key_map.to_hf(our_key)
 
     def _is_head(self, our_key: str) -> bool:
@@ -175,7 +175,11 @@ class PreTrainedModel(nn.Module):
 
     def _is_optional_base(self, our_key: str) -> bool:
         rel = our_key[len(self.our_base_prefix) :]
-        return not self._is_head(our_key) and bool(self.optional_base_modules) and rel.startswith(self.optional_base_modules)
+        return (
+            not self._is_head(our_key)
+            and bool(self.optional_base_modules)
+            and rel.startswith(self.optional_base_modules)
+        )
 
     def load_hf_state_dict(
         self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint", ignore_mismatched_sizes: bool = False
@@ -203,7 +207,9 @@ class PreTrainedModel(nn.Module):
                 head_keys_in_checkpoint += 1
             if kind == "unexpected":
                 unexpected.append(hf_key)
-            elif kind == "other" or (our_key is not None and our_key not in expected and self._is_optional_base(our_key)):
+            elif kind == "other" or (
+                our_key is not None and our_key not in expected and self._is_optional_base(our_key)
+            ):
                 ignored.append(hf_key)
             elif our_key is None or our_key in tied:
                 continue  # dropped on purpose: a buffer, or a copy of a tied weight
@@ -236,9 +242,7 @@ class PreTrainedModel(nn.Module):
         if ignored:
             logger.info("%s: ignored %d tensors this model has no use for: %s", source, len(ignored), ignored)
         if new or reinit:
-            logger.warning(
-                "%s: newly initialised %s (train this model before using it)", source, sorted(new) + reinit
-            )
+            logger.warning("%s: newly initialised %s (train this model before using it)", source, sorted(new) + reinit)
         with torch.no_grad():
             for key, tensor in ours.items():
                 expected[key].copy_(tensor)
@@ -330,4 +334,3 @@ def _parse_size(size: int | str | None) -> int | None:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '200MB' or '5GB'")
-

@@ -358,7 +358,7 @@ class BertForPreTraining(_BertHeadModel):
         next_sentence_label: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> ModelOutput:
-        """Returns ``prediction_logits`` (B, T, V) and ``seq_relationship_logits`` (B, 2); loss when both labels given."""
+        """Returns ``prediction_logits`` (B, T, V), ``seq_relationship_logits`` (B, 2); loss when both labels given."""
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
         mlm_logits = self.head.mlm(out.last_hidden_state)
         nsp_logits = self.head.nsp(out.pooler_output)
@@ -494,7 +494,11 @@ class BertForMultipleChoice(_BertHeadModel):
             return None if t is None else t.reshape(B * N, *t.shape[2:])  # (B * N, T, ...)
 
         out = self._encode(
-            flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids), flat(inputs_embeds),
+            flat(input_ids),
+            flat(attention_mask),
+            flat(token_type_ids),
+            flat(position_ids),
+            flat(inputs_embeds),
             output_hidden_states,
         )
         logits = self.head.classifier(self.head.dropout(out.pooler_output)).view(B, N)

@@ -12,7 +12,7 @@ IGNORE_INDEX = -100
 
 
 def infer_problem_type(config, labels: torch.Tensor) -> str:
-    """HF's rule when ``problem_type`` is unset: 1 label is regression; integer labels single-label; else multi-label."""
+    """HF's rule when ``problem_type`` is unset: 1 label: regression; integer labels: single-label; else multi-label."""
     if config.problem_type is not None:
         return config.problem_type
     if config.num_labels == 1:

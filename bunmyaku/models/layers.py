@@ -143,7 +143,9 @@ class Block(nn.Module):
     def _forward(self, x, mask, is_causal, rotary, cache, memory, memory_mask):
         x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rotary, cache))
         if self.cross_attn is not None:
-            x = self._sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, memory_mask, cache=cache, memory=memory))
+            x = self._sublayer(
+                x, self.cross_norm, lambda h: self.cross_attn(h, memory_mask, cache=cache, memory=memory)
+            )
         return self._sublayer(x, self.mlp_norm, self.mlp)
 
     def forward(
@@ -159,5 +161,7 @@ class Block(nn.Module):
         """x: (B, T, C) -> (B, T, C). ``memory``: (B, S, C) encoder states for cross-attention."""
         if self.gradient_checkpointing and self.training and cache is None:
             # Recompute this layer's activations in the backward pass instead of storing them.
-            return checkpoint(self._forward, x, mask, is_causal, rotary, cache, memory, memory_mask, use_reentrant=False)
+            return checkpoint(
+                self._forward, x, mask, is_causal, rotary, cache, memory, memory_mask, use_reentrant=False
+            )
         return self._forward(x, mask, is_causal, rotary, cache, memory, memory_mask)

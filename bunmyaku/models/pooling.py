@@ -20,7 +20,9 @@ def cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -
 POOLING = {"mean": mean_pool, "cls": cls_pool}
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean", normalize: bool = False) -> torch.Tensor:
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean", normalize: bool = False
+) -> torch.Tensor:
     """Pool token states into one vector per sequence, optionally L2-normalised.
 
     Args:

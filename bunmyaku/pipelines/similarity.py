@@ -85,8 +85,12 @@ class SentenceSimilarityPipeline:
         out = torch.empty(len(sentences), self.model.config.hidden_size)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            batch = self.tokenizer([sentences[i] for i in rows], padding=True, truncation=True, max_length=self.max_length)
-            batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            batch = self.tokenizer(
+                [sentences[i] for i in rows], padding=True, truncation=True, max_length=self.max_length
+            )
+            batch = {
+                k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
             hidden = self.model(**batch).last_hidden_state
             out[rows] = pool(hidden, batch["attention_mask"], self.pooling, normalize).float().cpu()
         return out

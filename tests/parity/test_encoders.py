@@ -12,10 +12,25 @@ transformers = pytest.importorskip("transformers")
 
 CONFIGS = [
     dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37),
-    dict(vocab_size=101, hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=50,
-         hidden_act="gelu_new", type_vocab_size=3, layer_norm_eps=1e-7),
-    dict(vocab_size=77, hidden_size=24, num_hidden_layers=1, num_attention_heads=6, intermediate_size=31,
-         hidden_act="relu", max_position_embeddings=40),
+    dict(
+        vocab_size=101,
+        hidden_size=36,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        intermediate_size=50,
+        hidden_act="gelu_new",
+        type_vocab_size=3,
+        layer_norm_eps=1e-7,
+    ),
+    dict(
+        vocab_size=77,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        intermediate_size=31,
+        hidden_act="relu",
+        max_position_embeddings=40,
+    ),
 ]
 
 # task -> (HF class suffix, output fields to compare, extra config)
@@ -37,8 +52,12 @@ CASES = [(family, task) for family, tasks in FAMILIES.items() for task in tasks]
 def _hf_config(family: str, index: int, **extra):
     config = dict(CONFIGS[index], **extra)
     if family == "Roberta":  # RoBERTa positions start after the padding index
-        config.update(pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                      max_position_embeddings=config.get("max_position_embeddings", 64) + 2)
+        config.update(
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            max_position_embeddings=config.get("max_position_embeddings", 64) + 2,
+        )
     return getattr(transformers, f"{family}Config")(**config)
 
 
@@ -47,8 +66,11 @@ def _inputs(config: dict, task: str, seed: int):
     types = torch.zeros_like(ids)
     types[:, 4:] = 1
     if task == "multiple-choice":  # (B, N, T): 2 questions x 3 choices
-        return dict(input_ids=ids.view(1, 3, -1).repeat(2, 1, 1), attention_mask=mask.view(1, 3, -1).repeat(2, 1, 1),
-                    token_type_ids=types.view(1, 3, -1).repeat(2, 1, 1)), None
+        return dict(
+            input_ids=ids.view(1, 3, -1).repeat(2, 1, 1),
+            attention_mask=mask.view(1, 3, -1).repeat(2, 1, 1),
+            token_type_ids=types.view(1, 3, -1).repeat(2, 1, 1),
+        ), None
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=types), mask
 
 
@@ -86,8 +108,11 @@ def test_bert_losses_match(tmp_path):
     cases = [
         ("BertForMaskedLM", "masked-lm", {"labels": labels}),
         ("BertForSequenceClassification", "sequence-classification", {"labels": torch.tensor([0, 2, 1])}),
-        ("BertForQuestionAnswering", "question-answering",
-         {"start_positions": torch.tensor([1, 3, 20]), "end_positions": torch.tensor([2, 5, 20])}),
+        (
+            "BertForQuestionAnswering",
+            "question-answering",
+            {"start_positions": torch.tensor([1, 3, 20]), "end_positions": torch.tensor([2, 5, 20])},
+        ),
         ("BertForPreTraining", "pretraining", {"labels": labels, "next_sentence_label": torch.tensor([0, 1, 1])}),
     ]
     for hf_name, task, labels_kw in cases:

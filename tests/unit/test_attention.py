@@ -1,0 +1,102 @@
+"""The shared attention pieces: the fused path equals the talk's equations; masks, positions, cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bunmyaku.models.attention import (
+    KVCache,
+    RotaryEmbedding,
+    apply_rotary,
+    causal_mask,
+    eager_attention,
+    padding_mask,
+    positions_from_mask,
+    sdpa_attention,
+    sinusoidal_positions,
+)
+
+
+def _qkv(B=2, H=4, K=4, T=5, S=5, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, H, T, D, generator=g),
+        torch.randn(B, K, S, D, generator=g),
+        torch.randn(B, K, S, D, generator=g),
+    )
+
+
+def test_eager_is_softmax_qk_v_written_out():
+    q, k, v = _qkv(B=1, H=1, K=1, T=3, S=4, D=2)
+    scores = q[0, 0] @ k[0, 0].T / math.sqrt(2)
+    weights = torch.exp(scores) / torch.exp(scores).sum(-1, keepdim=True)
+    torch.testing.assert_close(eager_attention(q, k, v)[0, 0], weights @ v[0, 0])
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (4, 1)])
+def test_sdpa_equals_eager_with_padding_causal_and_gqa(heads):
+    H, K = heads
+    q, k, v = _qkv(H=H, K=K, T=6, S=6)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    for mask, is_causal in [
+        (padding_mask(attention_mask), False),
+        (None, True),
+        (causal_mask(attention_mask, 6, 6, "cpu"), False),
+    ]:
+        torch.testing.assert_close(
+            sdpa_attention(q, k, v, mask, is_causal), eager_attention(q, k, v, mask, is_causal), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_masks():
+    assert padding_mask(torch.ones(2, 3)) is None  # nothing padded: the fast kernel path
+    assert padding_mask(torch.tensor([[1, 1, 0]])).tolist() == [[[[True, True, False]]]]
+    assert causal_mask(None, 4, 4, "cpu") is None
+    # one new query with 3 cached keys sees all 4 keys
+    assert causal_mask(None, 1, 4, "cpu").tolist() == [[[[True, True, True, True]]]]
+    m = causal_mask(torch.tensor([[0, 1, 1]]), 3, 3, "cpu")[0, 0]
+    assert m[2].tolist() == [False, True, True] and m[1].tolist() == [False, True, False]
+    assert m[0].all()  # a padding query row attends everywhere rather than producing NaN
+
+
+def test_positions_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask, 5, 0, "cpu").tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert positions_from_mask(mask, 1, 4, "cpu").tolist() == [[2], [4]]
+    assert positions_from_mask(None, 2, 3, "cpu").tolist() == [[3, 4]]
+
+
+def test_sinusoidal_matches_the_paper():
+    pe = sinusoidal_positions(50, 16)
+    p, i = 7, 3
+    assert pe[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 16)), abs=1e-6)
+    assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 16)), abs=1e-6)
+    halves = sinusoidal_positions(50, 16, interleave=False)
+    torch.testing.assert_close(halves[:, :8], pe[:, 0::2])
+    torch.testing.assert_close(halves[:, 8:], pe[:, 1::2])
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(8, base=10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(pq, pk):
+        cq, sq = rope(torch.tensor([[pq]]), torch.float32)
+        ck, sk = rope(torch.tensor([[pk]]), torch.float32)
+        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+def test_kv_cache_appends_and_reorders():
+    cache = KVCache()
+    k1, v1 = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    cache.update(0, k1, v1)
+    k, _ = cache.update(0, torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4))
+    assert k.shape == (2, 1, 4, 4) and len(cache) == 4
+    cache.reorder(torch.tensor([1, 1]))
+    torch.testing.assert_close(cache.keys[0][0, :, :3], k1[1])
