@@ -1,0 +1,22 @@
+"""The ``bunmyaku`` command: help and the demo smoke test."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from bunmyaku.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_verbs():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "demo" in result.output
+
+
+def test_demo_runs_offline(minilm_dir):
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "all-MiniLM-L6-v2" in result.output
+    assert "A man is eating a piece of bread." in result.output
+    assert "search: 'Which film is good?' -> The new movie is" in result.output
