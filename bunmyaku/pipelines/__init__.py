@@ -11,6 +11,7 @@ from typing import Any
 # task -> (module, class)
 PIPELINES = {
     "sentence-similarity": ("bunmyaku.pipelines.similarity", "SentenceSimilarityPipeline"),
+    "fill-mask": ("bunmyaku.pipelines.fill_mask", "FillMaskPipeline"),
 }
 
 

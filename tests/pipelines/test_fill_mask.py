@@ -1,0 +1,49 @@
+"""fill-mask against transformers' pipeline on the same random masked-LM and tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import bunmyaku
+from tests.parity.helpers import randomize
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def mlm_dir(minilm_dir, tmp_path_factory):
+    """A random BERT masked LM on MiniLM's real vocabulary and tokenizer files."""
+    path = tmp_path_factory.mktemp("mlm")
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    torch.manual_seed(0)
+    randomize(transformers.BertForMaskedLM(config), seed=0, scale=0.5).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, path / name)
+    return path
+
+
+def test_fill_mask_matches_transformers(mlm_dir):
+    ours = bunmyaku.pipeline("fill-mask", model=mlm_dir, device="cpu")
+    theirs = transformers.pipeline("fill-mask", model=str(mlm_dir), device="cpu")
+    for text in ["Paris is the [MASK] of France.", "the cat sat on the [MASK]."]:
+        got, expected = ours(text, top_k=5), theirs(text, top_k=5)
+        assert [p["token"] for p in got] == [p["token"] for p in expected]
+        assert [p["token_str"] for p in got] == [p["token_str"] for p in expected]
+        assert [p["sequence"] for p in got] == [p["sequence"] for p in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_fill_mask_several_masks_and_errors(mlm_dir):
+    pipe = bunmyaku.pipeline("fill-mask", model=mlm_dir, device="cpu", top_k=3)
+    two = pipe("[MASK] is the capital of [MASK].")
+    assert len(two) == 2 and all(len(slot) == 3 for slot in two)
+    assert all(slot[0]["score"] >= slot[1]["score"] for slot in two)
+    assert len(pipe(["a [MASK] b", "c [MASK] d"])) == 2
+    with pytest.raises(ValueError, match="no \\[MASK\\] token"):
+        pipe("nothing to fill")
