@@ -1,0 +1,1 @@
+"""Task families: for each, the head, the collator, the metric and the post-processing."""

@@ -1,0 +1,207 @@
+"""Extractive question answering (SQuAD 1.1 / 2.0): windows, span search, EM / F1.
+
+A context longer than the model's window is cut into overlapping windows (``stride`` tokens shared
+between neighbours) so that every answer lies whole inside at least one window. The model scores each
+token as a start and as an end; an answer is the best-scoring valid span (inside the context, end not
+before start, at most ``max_answer_length`` tokens) across all windows of the example. SQuAD 2.0 adds
+"no answer": the [CLS] span's score is the null score, and the example is unanswerable when no span
+beats it by more than ``null_threshold``.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class QAExample:
+    """One question on one context; ``answers`` are ``{"text", "answer_start"}`` (character offset)."""
+
+    id: str
+    question: str
+    context: str
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    is_impossible: bool = False
+
+
+@dataclass
+class QAFeatures:
+    """Model inputs for the windows of a list of examples.
+
+    ``inputs``: tensors (W, T) for W windows; ``example_index``: (W,) the example of each window;
+    ``offsets``: per window and token, the [start, end) characters in the context, or None outside it.
+    ``start_positions`` / ``end_positions``: (W,) training targets (0, the [CLS] token, when the answer is
+    not inside the window or there is none).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    example_index: list[int]
+    offsets: list[list[tuple[int, int] | None]]
+    start_positions: torch.Tensor | None = None
+    end_positions: torch.Tensor | None = None
+
+
+def prepare_features(tokenizer, examples: list[QAExample], max_length: int = 384, stride: int = 128) -> QAFeatures:
+    """Tokenize (question, context) pairs into overlapping windows over the context, with span targets.
+
+    Args:
+        tokenizer: a ``bunmyaku.Tokenizer``.
+        examples: the questions.
+        max_length: tokens per window, question and special tokens included.
+        stride: tokens shared by consecutive windows.
+    """
+    enc = tokenizer(
+        [e.question for e in examples],
+        [e.context for e in examples],
+        truncation="only_second",
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
+    sample_map = enc.pop("overflow_to_sample_mapping").tolist()
+    offsets_all = enc.pop("offset_mapping").tolist()
+    starts, ends, offsets = [], [], []
+    for w, example_idx in enumerate(sample_map):
+        seq_ids = enc.sequence_ids(w)
+        window_offsets = [tuple(o) if s == 1 else None for o, s in zip(offsets_all[w], seq_ids, strict=True)]
+        offsets.append(window_offsets)
+        start, end = _target_span(examples[example_idx], window_offsets)
+        starts.append(start)
+        ends.append(end)
+    inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return QAFeatures(inputs, sample_map, offsets, torch.tensor(starts), torch.tensor(ends))
+
+
+def _target_span(example: QAExample, offsets: list[tuple[int, int] | None]) -> tuple[int, int]:
+    """Token indices of the first answer inside this window, or (0, 0) when it is not wholly inside."""
+    if example.is_impossible or not example.answers:
+        return 0, 0
+    answer = example.answers[0]
+    char_start = answer["answer_start"]
+    char_end = char_start + len(answer["text"])
+    inside = [i for i, o in enumerate(offsets) if o is not None]
+    if not inside or offsets[inside[0]][0] > char_start or offsets[inside[-1]][1] < char_end:
+        return 0, 0
+    start = next(i for i in inside if offsets[i][1] > char_start)
+    end = next(i for i in reversed(inside) if offsets[i][0] < char_end)
+    return start, end
+
+
+def postprocess(
+    examples: list[QAExample],
+    features: QAFeatures,
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+    allow_impossible: bool = False,
+    null_threshold: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Turn window logits into one answer per example.
+
+    Args:
+        examples: the questions, in the order used by ``prepare_features``.
+        features: their windows.
+        start_logits / end_logits: (W, T) scores from the model.
+        n_best: how many top starts and top ends to pair up in each window.
+        max_answer_length: longest answer, in tokens.
+        allow_impossible: SQuAD 2.0: answer "" when the null score wins.
+        null_threshold: the best span must beat the null score by more than this to be answered.
+
+    Returns:
+        Per example ``{"id", "prediction_text", "score", "null_score", "candidates"}`` (n-best list).
+    """
+    windows = collections.defaultdict(list)
+    for w, example_idx in enumerate(features.example_index):
+        windows[example_idx].append(w)
+    start_logits, end_logits = start_logits.float().cpu(), end_logits.float().cpu()
+    results = []
+    for idx, example in enumerate(examples):
+        candidates, null_score = [], float("inf")
+        for w in windows[idx]:
+            offsets = features.offsets[w]
+            s_logits, e_logits = start_logits[w], end_logits[w]
+            null_score = min(null_score, float(s_logits[0] + e_logits[0]))
+            top_starts = s_logits.topk(min(n_best, len(s_logits))).indices.tolist()
+            top_ends = e_logits.topk(min(n_best, len(e_logits))).indices.tolist()
+            for s in top_starts:
+                for e in top_ends:
+                    if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    text = example.context[offsets[s][0] : offsets[e][1]]
+                    candidates.append({"text": text, "score": float(s_logits[s] + e_logits[e])})
+        candidates.sort(key=lambda c: -c["score"])
+        candidates = candidates[:n_best]
+        best = candidates[0] if candidates else {"text": "", "score": float("-inf")}
+        answer = best["text"]
+        if allow_impossible and (not candidates or best["score"] <= null_score + null_threshold):
+            answer = ""
+        results.append(
+            {
+                "id": example.id,
+                "prediction_text": answer,
+                "score": best["score"],
+                "null_score": null_score,
+                "candidates": candidates,
+            }
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics: SQuAD's EM and token F1; character F1 for languages written without spaces
+
+
+def _has_cjk(text: str) -> bool:
+    return any(unicodedata.east_asian_width(ch) in ("W", "F") for ch in text)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and English articles, squeeze whitespace (NFKC first)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation) and unicodedata.category(ch)[0] != "P")
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _tokens(text: str, char_level: bool) -> list[str]:
+    normalized = normalize_answer(text)
+    return [ch for ch in normalized if not ch.isspace()] if char_level else normalized.split()
+
+
+def f1_score(prediction: str, gold: str, char_level: bool | None = None) -> float:
+    """Token-overlap F1 (character overlap when ``char_level``, by default for CJK text)."""
+    char_level = _has_cjk(gold + prediction) if char_level is None else char_level
+    pred, ref = _tokens(prediction, char_level), _tokens(gold, char_level)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    """1.0 when the normalised strings are equal."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def squad_metrics(predictions: list[dict[str, Any]], examples: list[QAExample]) -> dict[str, float]:
+    """``exact_match`` and ``f1`` in percent, each the max over the gold answers ("" for unanswerable)."""
+    em = f1 = 0.0
+    for pred, example in zip(predictions, examples, strict=True):
+        golds = [""] if example.is_impossible or not example.answers else [a["text"] for a in example.answers]
+        em += max(exact_match(pred["prediction_text"], g) for g in golds)
+        f1 += max(f1_score(pred["prediction_text"], g) for g in golds)
+    n = max(len(examples), 1)
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
