@@ -11,19 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE = -100
+from bunmyaku.data.tables import iob1_to_bio
 
-
-def iob1_to_bio(tags: list[str]) -> list[str]:
-    """IOB1 (``I-`` starts an entity unless it continues one of the same type; ``B-`` only between
-    two adjacent entities of one type) to BIO (every entity starts with ``B-``)."""
-    out, prev = [], "O"
-    for tag in tags:
-        if tag.startswith("I-") and (prev == "O" or prev[2:] != tag[2:]):
-            tag = "B-" + tag[2:]
-        out.append(tag)
-        prev = tag
-    return out
+__all__ = ["entity_f1", "iob1_to_bio", "spans_to_token_tags", "token_tags_to_spans"]
 
 
 def spans_to_token_tags(

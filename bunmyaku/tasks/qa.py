@@ -14,21 +14,12 @@ import collections
 import re
 import string
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-@dataclass
-class QAExample:
-    """One question on one context; ``answers`` are ``{"text", "answer_start"}`` (character offset)."""
-
-    id: str
-    question: str
-    context: str
-    answers: list[dict[str, Any]] = field(default_factory=list)
-    is_impossible: bool = False
+from bunmyaku.data.tables import QAExample
 
 
 @dataclass
