@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of bunmyaku against ``transformers`` on the same machine, in the same run."""

@@ -1,0 +1,249 @@
+"""The benchmark scenarios. Each builds, for one implementation, a step to time and the tokens it processes.
+
+Both implementations get the same weights (one checkpoint folder) and the same seeded inputs.
+``transformers`` runs with its default attention (SDPA); bunmyaku runs through its public API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the results table."""
+
+    scenario: str  # encoder-infer | encoder-train | generate | similarity
+    model: str  # bert-base | minilm | gpt2-small | smollm2
+    variant: str = ""  # fixed | variable (encoders); b1 | b8 (generation)
+    batch: int = 32
+
+    @property
+    def name(self) -> str:
+        return "/".join(p for p in (self.scenario, self.model, self.variant) if p)
+
+
+CONFIGS = [
+    *(
+        Config(s, m, v)
+        for s in ("encoder-infer", "encoder-train")
+        for m in ("bert-base", "minilm")
+        for v in ("fixed", "variable")
+    ),
+    *(Config("generate", m, f"b{b}", b) for m in ("gpt2-small", "smollm2") for b in (1, 8)),
+    Config("similarity", "minilm", "10k", 64),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints shared by both implementations
+
+
+def model_dir(name: str) -> Path:
+    """A HF folder for a benchmark model, created once (random weights for the *-shape models)."""
+    from bunmyaku.hub.packaged import packaged_model
+
+    if name == "minilm":
+        return packaged_model("all-MiniLM-L6-v2")
+    path = CACHE / name
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    if name == "bert-base":
+        from bunmyaku.models.bert import BertConfig, BertModel
+
+        BertModel.from_config(BertConfig()).save_pretrained(path)
+    elif name == "gpt2-small":
+        from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel.from_config(GPT2Config()).save_pretrained(path)
+    elif name == "smollm2":
+        import bunmyaku
+
+        bunmyaku.from_pretrained(packaged_model("SmolLM2-135M-Instruct")).save_pretrained(path)
+    else:
+        raise ValueError(f"unknown benchmark model {name!r}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def encoder_batch(config: Config, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask: every row 128 tokens ("fixed"), or seeded lengths, mean ~64, max 256 ("variable")."""
+    rng = np.random.default_rng(seed)
+    if config.variant == "fixed":
+        lengths = np.full(config.batch, 128)
+    else:
+        lengths = np.clip(rng.gamma(2.0, 32.0, size=config.batch), 8, 256).astype(int)
+        lengths[0] = 256  # one long text in the batch, as real data has: everything pads to it
+    T = int(lengths.max())
+    ids = torch.from_numpy(rng.integers(1000, vocab, size=(config.batch, T)))
+    mask = (torch.arange(T)[None] < torch.from_numpy(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+def similarity_sentences(n: int = 10_000) -> list[str]:
+    """Real sentences: AG News test texts (repeated if needed)."""
+    import os
+
+    root = Path(os.environ.get("BUNMYAKU_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    lines = (root / "agnews" / "test.tsv").read_text(encoding="utf-8").splitlines()
+    texts = [line.split("\t")[0] for line in lines if line]
+    return (texts * (n // len(texts) + 1))[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps: each returns (step function, tokens per step); a step returns optional timings of its own
+
+
+Step = Callable[[], dict | None]
+
+
+def _load(impl: str, path: Path, task: str, device: str, **kw):
+    if impl == "bunmyaku":
+        import bunmyaku
+
+        return bunmyaku.from_pretrained(path, task=task, device=device, **kw)
+    import transformers
+
+    auto = {
+        "base": transformers.AutoModel,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[task]
+    return auto.from_pretrained(path, dtype=torch.float32, **kw).to(device)
+
+
+def encoder_infer(impl: str, config: Config, device: str) -> tuple[Step, int]:
+    model = _load(impl, model_dir(config.model), "base", device).eval()
+    ids, mask = encoder_batch(config, model.config.vocab_size)
+    ids, mask = ids.to(device), mask.to(device)
+
+    def step():
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+
+    return step, int(mask.sum())
+
+
+def encoder_train(impl: str, config: Config, device: str) -> tuple[Step, int]:
+    model = _load(impl, model_dir(config.model), "sequence-classification", device, num_labels=4).train()
+    ids, mask = encoder_batch(config, model.config.vocab_size)
+    ids, mask = ids.to(device), mask.to(device)
+    labels = torch.arange(config.batch, device=device) % 4
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, int(mask.sum())
+
+
+PROMPT, NEW = 128, 128
+
+
+def generate(impl: str, config: Config, device: str) -> tuple[Step, int]:
+    model = _load(impl, model_dir(config.model), "causal-lm", device).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, model.config.vocab_size, (config.batch, PROMPT), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+
+    def step():
+        first = []
+
+        def on_token(_tokens=None):
+            if not first:
+                first.append(time.perf_counter())
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if impl == "bunmyaku":
+                from bunmyaku.generation import generate as bunmyaku_generate
+
+                out = bunmyaku_generate(model, ids, mask, max_new_tokens=NEW, streamer=on_token)
+            else:
+                out = model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=NEW,
+                    min_new_tokens=NEW,
+                    do_sample=False,
+                    streamer=_FirstTokenStreamer(on_token),
+                    pad_token_id=0,
+                )
+        end = time.perf_counter()
+        assert out.shape[1] == PROMPT + NEW, out.shape
+        return {"ttft": first[0] - start, "decode_tps": config.batch * (NEW - 1) / (end - first[0])}
+
+    return step, config.batch * NEW
+
+
+class _FirstTokenStreamer:
+    """transformers' streamer protocol: ``put`` gets the prompt first, then each new token."""
+
+    def __init__(self, callback):
+        self.callback, self.calls = callback, 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.callback()
+
+    def end(self):
+        pass
+
+
+def similarity(impl: str, config: Config, device: str) -> tuple[Step, int]:
+    sentences = similarity_sentences()
+    path = model_dir("minilm")
+    if impl == "bunmyaku":
+        import bunmyaku
+
+        pipe = bunmyaku.pipeline("sentence-similarity", model=path, device=device, batch_size=config.batch)
+
+        def step():
+            pipe.encode(sentences)
+
+    else:
+        import transformers
+
+        from bunmyaku.models.pooling import mean_pool
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModel.from_pretrained(path).to(device).eval()
+
+        def step():  # the loop a transformers user writes: batches in the order given
+            with torch.inference_mode():
+                for i in range(0, len(sentences), config.batch):
+                    batch = tokenizer(
+                        sentences[i : i + config.batch],
+                        padding=True,
+                        truncation=True,
+                        max_length=256,
+                        return_tensors="pt",
+                    ).to(device)
+                    hidden = model(**batch).last_hidden_state
+                    torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1).cpu()
+
+    return step, len(sentences)
+
+
+BUILDERS = {
+    "encoder-infer": encoder_infer,
+    "encoder-train": encoder_train,
+    "generate": generate,
+    "similarity": similarity,
+}

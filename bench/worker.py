@@ -1,0 +1,61 @@
+"""Run one benchmark configuration for one implementation in this (fresh) process; print JSON.
+
+python -m bench.worker --scenario encoder-infer --model minilm --variant variable --impl bunmyaku
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from bench.scenarios import BUILDERS, Config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--variant", default="")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--impl", choices=["bunmyaku", "transformers"], required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+
+    config = Config(args.scenario, args.model, args.variant, args.batch)
+    torch.manual_seed(0)
+    step, tokens = BUILDERS[config.scenario](args.impl, config, args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times, extras = [], []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        extra = step()
+        sync()
+        times.append(time.perf_counter() - start)
+        if extra:
+            extras.append(extra)
+    result = {
+        "config": config.name,
+        "impl": args.impl,
+        "times": times,
+        "tokens": tokens,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
+    }
+    if extras:
+        result.update({key: [e[key] for e in extras] for key in extras[0]})
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
