@@ -116,13 +116,14 @@ def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: in
         attention_mask = None
     if attention_mask is None and query_len == key_len:
         return None
-    mask = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)[None, None]
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, None, :]
-        # A left-padding query row sees no key at all; let it attend everywhere instead of producing NaN.
-        # Its output is never used: it sits on a padding position.
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return mask
+    causal = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)[None, None]
+    if attention_mask is None:
+        return causal
+    mask = causal & attention_mask.bool()[:, None, None, :]
+    # A left-padding query row sees no real key; let it attend to its causal keys (padding only) instead of
+    # producing NaN. Not to every key: a shifted LM loss reads the last padding position's logits (they predict
+    # the first real token), and those must not see that token.
+    return mask | (causal & ~mask.any(dim=-1, keepdim=True))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -200,6 +200,7 @@ class PreTrainedModel(nn.Module):
         tied = self.tied_weights()
         ours: dict[str, torch.Tensor] = {}
         unexpected, ignored, mismatched, reinit = [], [], [], []
+        misshaped: list[str] = []  # our names of the mismatched tensors: present, so not also reported missing
         head_keys_in_checkpoint = 0
         for hf_key, tensor in hf_state.items():
             kind, our_key = self._hf_to_ours(hf_key)
@@ -221,9 +222,10 @@ class PreTrainedModel(nn.Module):
                     reinit.append(our_key)
                 else:
                     mismatched.append(detail)
+                    misshaped.append(our_key)
             else:
                 ours[our_key] = tensor
-        missing = [k for k in expected if k not in ours and k not in tied and k not in reinit]
+        missing = [k for k in expected if k not in ours and k not in tied and k not in reinit and k not in misshaped]
         # A head missing entirely (a base checkpoint, or another task's head) is newly initialised, as in HF;
         # a head missing only in part means a broken checkpoint.
         new = [k for k in missing if (self._is_head(k) and head_keys_in_checkpoint == 0) or self._is_optional_base(k)]
@@ -288,6 +290,7 @@ class PreTrainedModel(nn.Module):
         """A randomly initialised model."""
         model = cls(config)
         model.init_weights()
+        model.gradient_checkpointing_enable(config.gradient_checkpointing)
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
@@ -318,6 +321,7 @@ class PreTrainedModel(nn.Module):
             config = dataclasses.replace(config, **config_overrides)
         model = cls(config)
         model.init_weights()
+        model.gradient_checkpointing_enable(config.gradient_checkpointing)
         model.load_hf_state_dict(
             load_state_dict(model_dir), source=str(model_dir), ignore_mismatched_sizes=ignore_mismatched_sizes
         )
