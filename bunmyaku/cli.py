@@ -55,3 +55,92 @@ def _print_row(console, row: dict) -> None:
         console.print(f"  [bold]{row['label']}[/bold]\n  prompt: {row['prompt']!r}\n  output: {row['output']!r}")
     else:
         console.print(f"  {row}")
+
+
+from typing import Annotated  # noqa: E402  (appended with the train-tokenizer verb; typer reads the hints)
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_command(
+    files: Annotated[
+        list[str] | None, typer.Argument(help="Training files or globs, relative to --data-dir unless absolute.")
+    ] = None,
+    config: str = typer.Option(None, "--config", help="A recipe YAML with the same keys as these flags."),
+    kind: str = typer.Option(None, help="wordpiece | bpe | byte-bpe | unigram | character (default wordpiece)."),
+    vocab_size: int = typer.Option(None, help="Vocabulary size, special tokens included (default 32000)."),
+    pre_tokenizer: str = typer.Option(None, help="mecab | bert | whitespace | metaspace | byte-level."),
+    special_tokens: Annotated[
+        list[str] | None, typer.Option("--special-token", help="A reserved token (repeat the flag).")
+    ] = None,
+    min_frequency: int = typer.Option(None, help="Minimum count for a token to enter the vocabulary (default 2)."),
+    lowercase: bool = typer.Option(None, "--lowercase/--no-lowercase", help="Lower-case the text."),
+    output_dir: str = typer.Option(None, "--output-dir", help="Folder to write the trained tokenizer to."),
+    data_dir: str = typer.Option(None, help="Where relative paths resolve: $BUNMYAKU_DATA, else ../shared/data."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train a tokenizer (WordPiece, BPE, byte-level BPE, Unigram; MeCab for Japanese) and save a folder
+    that both bunmyaku and transformers load."""
+    import os
+    from pathlib import Path
+
+    from bunmyaku.tokenization import train_tokenizer
+    from bunmyaku.tokenization.recipes import resolve_data_dir, resolve_training_files
+
+    _setup_logging(verbose)
+    recipe: dict = {}
+    if config:
+        import yaml
+
+        with open(config, encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle) or {}
+    flags = {
+        "files": files or None,
+        "kind": kind,
+        "vocab_size": vocab_size,
+        "pre_tokenizer": pre_tokenizer,
+        "special_tokens": special_tokens or None,
+        "min_frequency": min_frequency,
+        "lowercase": lowercase,
+        "output_dir": output_dir,
+    }
+    settings = {**recipe, **{key: value for key, value in flags.items() if value is not None}}
+    if not settings.get("files"):
+        raise typer.BadParameter("give training files, or a --config recipe that lists them")
+    if not settings.get("output_dir"):
+        raise typer.BadParameter("give --output-dir (or output_dir in the recipe)")
+    root = resolve_data_dir(data_dir or settings.pop("data_dir", None), os.environ.get("BUNMYAKU_DATA"), Path.cwd())
+    sources = resolve_training_files(settings.pop("files"), root)
+    tokenizer = train_tokenizer(sources, show_progress=True, **settings)
+    typer.echo(f"Trained {tokenizer!r}; saved to {settings['output_dir']}")
+
+
+# ------------------------------------------------------------------------------------------------- pretrain
+
+
+def _pretrain(values: dict) -> None:
+    from bunmyaku.training.args import TrainArgs
+    from bunmyaku.training.distributed import init_from_env
+    from bunmyaku.training.pretrain import PretrainArgs, run_pretraining
+    from bunmyaku.training.recipe import build_args
+
+    _setup_logging(values.pop("verbose"))
+    init_from_env()
+    pargs, targs = build_args((PretrainArgs, TrainArgs), values)
+    run_pretraining(pargs, targs)
+
+
+def _pretrain_command():
+    from bunmyaku.training.args import TrainArgs
+    from bunmyaku.training.pretrain import PretrainArgs
+    from bunmyaku.training.recipe import typer_command
+
+    command = typer_command((PretrainArgs, TrainArgs), _pretrain)
+    command.__doc__ = (
+        "Pretrain a model from raw text: --objective clm | mlm | mlm+nsp, a new model (--model-config) or "
+        "--init-from a checkpoint, --tokenizer, --data files, --output-dir; or --config recipe.yaml with the "
+        "same keys. Run under torchrun for data-parallel training."
+    )
+    return command
+
+
+app.command("pretrain")(_pretrain_command())
