@@ -171,7 +171,7 @@ def generate(impl: str, config: Config, device: str) -> tuple[Step, int]:
         start = time.perf_counter()
         with torch.inference_mode():
             if impl == "bunmyaku":
-                from bunmyaku.generation import generate as bunmyaku_generate
+                from bunmyaku.models.generation import generate as bunmyaku_generate
 
                 out = bunmyaku_generate(model, ids, mask, max_new_tokens=NEW, streamer=on_token)
             else:

@@ -82,7 +82,53 @@ def fill_mask_demo(device: str | None = None) -> DemoResult:
     return result
 
 
-DEMOS: list[Callable[[str | None], DemoResult]] = [fill_mask_demo, similarity_demo]
+FEW_SHOT = (
+    "Translate English to French:\n"
+    "sea otter => loutre de mer\n"
+    "peppermint => menthe poivrée\n"
+    "plush giraffe => girafe en peluche\n"
+    "cheese =>"
+)
+CHAT = [{"role": "user", "content": "In one sentence, what is attention in a Transformer?"}]
+
+
+def generation_demo(device: str | None = None) -> DemoResult:
+    """Demo 2: text generation and a few-shot prompt (GPT-3 style) with SmolLM2-135M-Instruct."""
+    from bunmyaku.pipelines import pipeline
+
+    path = packaged_model("SmolLM2-135M-Instruct")
+    result = DemoResult("Text generation and few-shot prompting (GPT-style decoder)", f"SmolLM2-135M-Instruct ({path})")
+    pipe = pipeline("text-generation", model=path, device=device)
+    chat = pipe(CHAT, max_new_tokens=48)[0]["generated_text"]
+    result.rows.append({"label": "chat (greedy, chat template)", "prompt": CHAT[0]["content"], "output": chat})
+    few_shot = pipe(FEW_SHOT, max_new_tokens=8, stop=["\n"])[0]["generated_text"]
+    result.rows.append(
+        {
+            "label": "few-shot English -> French (greedy, stop at newline; GPT-3 had 175B parameters, this model 135M)",
+            "prompt": FEW_SHOT,
+            "output": few_shot.strip(),
+        }
+    )
+    sampled = pipe(
+        "The best thing about learning a new language is",
+        max_new_tokens=24,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.9,
+        repetition_penalty=1.2,
+        seed=0,
+    )[0]["generated_text"]
+    result.rows.append(
+        {
+            "label": "sampling (temperature 0.8, top-p 0.9, repetition penalty 1.2, seed 0)",
+            "prompt": "The best thing about learning a new language is",
+            "output": sampled,
+        }
+    )
+    return result
+
+
+DEMOS: list[Callable[[str | None], DemoResult]] = [fill_mask_demo, generation_demo, similarity_demo]
 
 
 def run_demos(device: str | None = None) -> list[DemoResult]:

@@ -42,6 +42,7 @@ from bunmyaku.hub import CheckpointError, KeyMap
 from bunmyaku.models.attention import KVCache, causal_mask, padding_mask, sinusoidal_positions
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
+from bunmyaku.models.generation import beam_search
 from bunmyaku.models.heads import IGNORE_INDEX, token_loss
 from bunmyaku.models.layers import Block, activation
 
@@ -537,61 +538,20 @@ class TransformerForSeq2SeqLM(TransformerPreTrainedModel):
         return tokens
 
     def _beam_search(self, memory, attention_mask, max_new_tokens, num_beams, length_penalty, eos, bad_token_ids):
-        """Keep the N best partial translations per sentence; collect the N best finished ones.
-
-        The rules follow ``transformers``' beam search with its defaults (``early_stopping=False``), so the two
-        produce the same tokens. Each step ranks the W best continuations (2N, plus N per extra end token, so
-        that N can always keep running). Those among the first N that end (an end token, or the length limit)
-        become finished hypotheses scored sum(log p) / length ** lp; the N best that did not end keep running.
-        A sentence is done once it holds N finished hypotheses and its best running beam, length-penalised now,
-        cannot beat the worst of them.
-        """
-        B, N, device = memory.size(0), num_beams, memory.device
-        width = max(2, 1 + len(eos)) * N
+        """Beam search (:func:`bunmyaku.models.generation.beam_search`) over the decoder, the source encoded once."""
+        N = num_beams
         memory = memory.repeat_interleave(N, dim=0)  # (B * N, S, C)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(N, dim=0)
-        tokens = self._start_tokens(B * N, device)  # (B * N, L)
-        # All beams start identical; only the first is live, so the first step does not pick N copies of one token.
-        running = torch.zeros(B, N, device=device)
-        running[:, 1:] = -1e9
-        hypotheses: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]  # best first, at most N
-        open_sentences = [True] * B
         cache = KVCache()
-        for step in range(max_new_tokens):
-            length, is_last = step + 1, step == max_new_tokens - 1
-            log_probs = self.next_token_logits(tokens[:, -1:], memory, attention_mask, cache).log_softmax(-1)
-            log_probs[:, bad_token_ids] = -math.inf
-            V = log_probs.size(-1)
-            scores = (running[:, :, None] + log_probs.view(B, N, V)).view(B, N * V)
-            top_scores, top_index = scores.topk(width, dim=-1)  # (B, W)
-            source_beam = top_index // V + torch.arange(B, device=device)[:, None] * N  # rows of ``tokens``
-            candidates = torch.cat([tokens[source_beam.view(-1)], (top_index % V).view(-1, 1)], dim=1)
-            candidates = candidates.view(B, width, -1)  # (B, W, L + 1)
-            ended = torch.isin(top_index % V, eos) | is_last  # (B, W)
-            finished_scores = top_scores / length**length_penalty
-            for b in range(B):
-                if not open_sentences[b]:
-                    continue
-                new = [(finished_scores[b, r].item(), candidates[b, r]) for r in range(N) if ended[b, r]]
-                hypotheses[b] = sorted(hypotheses[b] + new, key=lambda h: -h[0])[:N]
-            alive_scores = top_scores + ended.float() * -1e9  # an ended continuation stops running
-            keep = alive_scores.topk(N, dim=-1).indices  # (B, N)
-            running = alive_scores.gather(1, keep)
-            rows = source_beam.gather(1, keep).view(-1)
-            tokens = candidates.gather(1, keep[:, :, None].expand(-1, -1, candidates.size(-1))).view(B * N, -1)
-            cache.reorder(rows)
-            best_running = running[:, 0] / length**length_penalty
-            for b in range(B):
-                if len(hypotheses[b]) == N and best_running[b].item() <= hypotheses[b][-1][0]:
-                    open_sentences[b] = False
-            if is_last or not any(open_sentences):
-                break
-        best = [hyps[0][1] for hyps in hypotheses]
-        out = torch.full((B, max(len(t) for t in best)), self._pad_id(), dtype=torch.long, device=device)
-        for b, t in enumerate(best):
-            out[b, : len(t)] = t
-        return out
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            return self.next_token_logits(tokens[:, -1:], memory, attention_mask, cache)
+
+        start = self._start_tokens(memory.size(0), memory.device)
+        return beam_search(
+            step, cache.reorder, start, N, max_new_tokens, eos, length_penalty, self._pad_id(), bad_token_ids
+        )
 
 
 TASKS: dict[str, type[TransformerPreTrainedModel]] = {

@@ -12,6 +12,7 @@ from typing import Any
 PIPELINES = {
     "sentence-similarity": ("bunmyaku.pipelines.similarity", "SentenceSimilarityPipeline"),
     "fill-mask": ("bunmyaku.pipelines.fill_mask", "FillMaskPipeline"),
+    "text-generation": ("bunmyaku.pipelines.text_generation", "TextGenerationPipeline"),
 }
 
 

@@ -185,3 +185,36 @@ def test_gpt2_config_round_trips(tmp_path):
     default_width = GPT2Config.from_hf(json.loads((save(transformers.GPT2Model(_hf_config(0)), tmp_path / "b")
                                                    / "config.json").read_text()))  # fmt: skip
     assert default_width.intermediate_size == 4 * 32 and default_width.to_hf()["n_inner"] is None
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_matches_transformers(tmp_path, num_beams):
+    from bunmyaku.models.generation import generate
+
+    config = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    hf_model = randomize(transformers.GPT2LMHeadModel(config), seed=7, scale=0.3)
+    ours = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    ids = torch.randint(3, 61, (2, 6), generator=torch.Generator().manual_seed(1))
+    # an end token the model actually produces, so beams finish at different steps
+    eos = int(hf_model(ids).logits[0, -1].argsort()[-3])
+    with torch.no_grad():
+        expected = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            num_beams=num_beams,
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=eos,
+            pad_token_id=0,
+            length_penalty=0.8,
+        )
+    got = generate(
+        ours, ids, num_beams=num_beams, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, length_penalty=0.8
+    )
+
+    def until_eos(row):  # transformers 5 fills a finished beam with EOS, we with the pad id: compare up to EOS
+        row = row[ids.size(1) :]
+        return row[: row.index(eos) + 1] if eos in row else row
+
+    assert [until_eos(r) for r in got.tolist()] == [until_eos(r) for r in expected.tolist()]
+    assert any(eos in r for r in got.tolist())  # a beam did finish early, so the finishing rules were exercised

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bunmyaku
-from bunmyaku.generation import generate
+from bunmyaku.models.generation import generate
 from tests.parity.helpers import assert_close
 
 transformers = pytest.importorskip("transformers")

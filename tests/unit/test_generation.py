@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bunmyaku.generation import generate, penalize_repeats, top_k_filter, top_p_filter
+from bunmyaku.models.generation import generate, penalize_repeats, top_k_filter, top_p_filter
 from bunmyaku.models.base import ModelOutput
 from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
 

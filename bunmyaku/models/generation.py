@@ -12,12 +12,14 @@ Any decoder works whose ``forward`` takes ``input_ids``, ``attention_mask``, ``p
 ``attention_mask``: positions count from each row's first real token, so a row generates the same
 tokens alone or in a batch.
 
-Greedy decoding and sampling only: beam search and a static (pre-allocated, CUDA-graph friendly) cache
-are not implemented yet; stop strings are left to the caller, through the ``stop`` callback.
+Greedy decoding, sampling, and beam search (:func:`beam_search`, shared with the encoder-decoder
+Transformer). Stop strings are left to the caller, through the ``stop`` callback. A static
+(pre-allocated, CUDA-graph friendly) cache is not implemented yet.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -116,6 +118,8 @@ def generate(
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
     seed: int | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -137,6 +141,8 @@ def generate(
             pipeline builds its stop strings on this).
         streamer: called after every step with the (B,) new token ids, e.g. to print text as it comes.
         seed: seeds a private random generator, so sampling is reproducible without touching the global one.
+        num_beams: > 1 runs beam search (no sampling, streaming or repetition penalty with it).
+        length_penalty: beam search scores a finished beam sum(log p) / generated_length ** length_penalty.
 
     Returns:
         (B, T + n) the prompts followed by the n <= N generated tokens.
@@ -151,6 +157,12 @@ def generate(
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    if num_beams > 1:
+        if do_sample or streamer is not None or repetition_penalty != 1.0 or stop is not None:
+            raise ValueError("num_beams > 1 cannot be combined with do_sample, streamer, stop or repetition_penalty")
+        return _decoder_beam_search(
+            model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad
+        )
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     tokens, step_ids, cache = input_ids, input_ids, None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -183,3 +195,118 @@ def generate(
             break
         step_ids = next_ids[:, None]  # (B, 1)
     return tokens
+
+
+def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor):
+    """A decoder's next-token function for :func:`beam_search`, with its cache and growing mask."""
+    state: dict = {"cache": None, "mask": attention_mask}
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        mask, cache = state["mask"], state["cache"]
+        grow = tokens.size(1) - mask.size(1)
+        mask = state["mask"] = torch.cat([mask, mask.new_ones(mask.size(0), grow)], dim=1) if grow else mask
+        step_ids = tokens if cache is None else tokens[:, -1:]
+        positions = positions_from_mask(mask, step_ids.size(1), tokens.size(1) - step_ids.size(1), tokens.device)
+        out = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        state["cache"] = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def reorder(rows: torch.Tensor) -> None:
+        state["cache"].reorder(rows)
+        state["mask"] = state["mask"].index_select(0, rows)
+
+    return step, reorder
+
+
+def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad):
+    step, reorder = _decoder_step(model, attention_mask.repeat_interleave(num_beams, dim=0))
+    return beam_search(
+        step,
+        reorder,
+        input_ids.repeat_interleave(num_beams, dim=0),
+        num_beams,
+        max_new_tokens,
+        eos,
+        length_penalty,
+        pad,
+    )
+
+
+def beam_search(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    reorder: Callable[[torch.Tensor], None],
+    tokens: torch.Tensor,
+    num_beams: int,
+    max_new_tokens: int,
+    eos: torch.Tensor,
+    length_penalty: float = 1.0,
+    pad_token_id: int = 0,
+    bad_token_ids: list[int] | None = None,
+) -> torch.Tensor:
+    """Keep the N best partial sequences per input; collect the N best finished ones; return the best.
+
+    The rules follow ``transformers``' beam search with its defaults (``early_stopping=False``), so the two
+    produce the same tokens. Each step ranks the W best continuations (2N, plus N per extra end token, so
+    that N can always keep running). Those among the first N that end (an end token, or the length limit)
+    become finished hypotheses scored sum(log p) / generated_length ** length_penalty; the N best that did
+    not end keep running. An input is done once it holds N finished hypotheses and its best running beam,
+    length-penalised now, cannot beat the worst of them.
+
+    Args:
+        step: (B * N, L) sequences so far -> (B * N, V) float logits of the next token (it owns the cache).
+        reorder: called with the (B * N,) rows the surviving beams come from, to reorder the cache.
+        tokens: (B * N, L0) the start of every beam: each input's start repeated N times.
+        num_beams: N.
+        max_new_tokens: the most tokens added.
+        eos: (E,) end-of-sequence ids.
+        length_penalty: exponent on the generated length in finished scores.
+        pad_token_id: fills the tail of shorter results.
+        bad_token_ids: ids never generated.
+
+    Returns:
+        (B, L0 + n) the best finished sequence per input, right-padded.
+    """
+    N, device = num_beams, tokens.device
+    B = tokens.size(0) // N
+    width = max(2, 1 + len(eos)) * N
+    # All beams start identical; only the first is live, so the first step does not pick N copies of one token.
+    running = torch.zeros(B, N, device=device)
+    running[:, 1:] = -1e9
+    hypotheses: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]  # best first, at most N
+    open_inputs = [True] * B
+    for i in range(max_new_tokens):
+        length, is_last = i + 1, i == max_new_tokens - 1
+        log_probs = step(tokens).log_softmax(-1)  # (B * N, V)
+        if bad_token_ids:
+            log_probs[:, bad_token_ids] = -math.inf
+        V = log_probs.size(-1)
+        scores = (running[:, :, None] + log_probs.view(B, N, V)).view(B, N * V)
+        top_scores, top_index = scores.topk(width, dim=-1)  # (B, W)
+        source_beam = top_index // V + torch.arange(B, device=device)[:, None] * N  # rows of ``tokens``
+        candidates = torch.cat([tokens[source_beam.view(-1)], (top_index % V).view(-1, 1)], dim=1)
+        candidates = candidates.view(B, width, -1)  # (B, W, L + 1)
+        ended = torch.isin(top_index % V, eos) | is_last  # (B, W)
+        finished_scores = top_scores / length**length_penalty
+        for b in range(B):
+            if open_inputs[b]:
+                new = [(finished_scores[b, r].item(), candidates[b, r]) for r in range(N) if ended[b, r]]
+                hypotheses[b] = sorted(hypotheses[b] + new, key=lambda h: -h[0])[:N]
+        alive_scores = top_scores + ended.float() * -1e9  # an ended continuation stops running
+        keep = alive_scores.topk(N, dim=-1).indices  # (B, N)
+        running = alive_scores.gather(1, keep)
+        rows = source_beam.gather(1, keep).view(-1)
+        tokens = candidates.gather(1, keep[:, :, None].expand(-1, -1, candidates.size(-1))).view(B * N, -1)
+        reorder(rows)
+        best_running = running[:, 0] / length**length_penalty
+        for b in range(B):
+            if len(hypotheses[b]) == N and best_running[b].item() <= hypotheses[b][-1][0]:
+                open_inputs[b] = False
+        if is_last or not any(open_inputs):
+            break
+    best = [hyps[0][1] for hyps in hypotheses]
+    out = torch.full((B, max(len(t) for t in best)), pad_token_id, dtype=torch.long, device=device)
+    for b, t in enumerate(best):
+        out[b, : len(t)] = t
+    return out

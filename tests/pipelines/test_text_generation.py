@@ -1,0 +1,60 @@
+"""text-generation pipeline: greedy output equals transformers', batching, stop strings, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bunmyaku
+from tests.parity.helpers import randomize
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(shared_data, tmp_path_factory):
+    """A random tiny GPT-2 on the real GPT-2 byte-level BPE files."""
+    path = tmp_path_factory.mktemp("gpt2")
+    bunmyaku.Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer").save_pretrained(path)
+    config = transformers.GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    torch.manual_seed(0)
+    randomize(transformers.GPT2LMHeadModel(config), seed=0, scale=0.5).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(gpt2_dir):
+    return bunmyaku.pipeline("text-generation", model=gpt2_dir, device="cpu")
+
+
+def test_greedy_matches_transformers(pipe, gpt2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    prompt = "The meaning of life is"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert pipe(prompt, max_new_tokens=12)[0]["generated_text"] == tokenizer.decode(expected[0, ids.size(1) :])
+
+
+def test_batch_equals_single_and_full_text(pipe):
+    prompts = ["Hello", "A much longer prompt that needs left padding in the batch"]
+    batched = pipe(prompts, max_new_tokens=8)
+    for prompt, result in zip(prompts, batched, strict=True):
+        assert result == pipe(prompt, max_new_tokens=8)
+    full = pipe("Hello", max_new_tokens=8, return_full_text=True)[0]["generated_text"]
+    assert full == "Hello" + batched[0][0]["generated_text"]
+
+
+def test_stop_strings_sampling_beams_and_streaming(pipe):
+    text = pipe("Once upon a time", max_new_tokens=16)[0]["generated_text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert (
+        stop
+        and pipe("Once upon a time", max_new_tokens=16, stop=[stop])[0]["generated_text"] == text[: text.index(stop)]
+    )
+    sampled = pipe("Once upon a time", max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, seed=3)
+    assert sampled == pipe("Once upon a time", max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, seed=3)
+    assert pipe("Once upon a time", max_new_tokens=6, num_beams=3)[0]["generated_text"]
+    assert "".join(pipe.stream("Once upon a time", max_new_tokens=16)) == text
+    with pytest.raises(ValueError, match="no chat template"):
+        pipe([{"role": "user", "content": "hi"}])
