@@ -174,3 +174,24 @@ def test_config_validation_names_the_field():
         BertConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="unknown activation 'gelu9'"):
         BertConfig(hidden_act="gelu9")
+
+
+def test_hub_repo_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+    """Online users pass a repo id; here the download is replaced by a local folder."""
+    _model().save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    model = bunmyaku.from_pretrained("someone/tiny-bert")
+    assert calls == [("someone/tiny-bert", None)] and isinstance(model, BertModel)
+
+    def offline(*args, **kwargs):
+        raise OSError("hub unreachable")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a reachable hub repo id"):
+        bunmyaku.from_pretrained("someone/other-bert")
