@@ -118,9 +118,9 @@ def train_tokenizer_command(
 
 
 def _pretrain(values: dict) -> None:
-    from bunmyaku.training.args import TrainArgs
+    from bunmyaku.training.args import PretrainArgs, TrainArgs
     from bunmyaku.training.distributed import init_from_env
-    from bunmyaku.training.pretrain import PretrainArgs, run_pretraining
+    from bunmyaku.training.pretrain import run_pretraining
     from bunmyaku.training.recipe import build_args
 
     _setup_logging(values.pop("verbose"))
@@ -130,8 +130,7 @@ def _pretrain(values: dict) -> None:
 
 
 def _pretrain_command():
-    from bunmyaku.training.args import TrainArgs
-    from bunmyaku.training.pretrain import PretrainArgs
+    from bunmyaku.training.args import PretrainArgs, TrainArgs
     from bunmyaku.training.recipe import typer_command
 
     command = typer_command((PretrainArgs, TrainArgs), _pretrain)

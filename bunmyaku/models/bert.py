@@ -251,6 +251,18 @@ class BertMLMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(hidden))), self.embedding[0].weight, self.bias)
 
 
+def _masked_positions(
+    hidden: torch.Tensor, labels: torch.Tensor | None, masked_only: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T, C) hidden states and (B, T) labels, or with ``masked_only`` (M, C) and (M,) at labels != -100."""
+    if not masked_only:
+        return hidden, labels
+    if labels is None:
+        raise ValueError("masked_only=True needs labels, which mark the masked positions")
+    scored = labels != -100
+    return hidden[scored], labels[scored]
+
+
 class _BertHeadModel(BertPreTrainedModel):
     """A head on top of ``self.backbone``; subclasses set the key map and build ``self.head``."""
 
@@ -297,10 +309,16 @@ class BertForMaskedLM(_BertHeadModel):
         inputs_embeds=None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        masked_only: bool = False,
     ) -> ModelOutput:
-        """``labels``: (B, T) original ids at masked positions, -100 elsewhere. Returns logits (B, T, V)."""
+        """``labels``: (B, T) original ids at masked positions, -100 elsewhere. Returns logits (B, T, V).
+
+        With ``masked_only`` (needs ``labels``), the vocabulary projection runs only where ``labels`` != -100:
+        logits are then (M, V), one row per masked position in row-major order (cheap MLM pretraining).
+        """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
-        logits = self.head.mlm(out.last_hidden_state)
+        hidden, labels = _masked_positions(out.last_hidden_state, labels, masked_only)
+        logits = self.head.mlm(hidden)
         loss = token_loss(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
@@ -357,10 +375,15 @@ class BertForPreTraining(_BertHeadModel):
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        masked_only: bool = False,
     ) -> ModelOutput:
-        """Returns ``prediction_logits`` (B, T, V), ``seq_relationship_logits`` (B, 2); loss when both labels given."""
+        """Returns ``prediction_logits`` (B, T, V), ``seq_relationship_logits`` (B, 2); loss when both labels given.
+
+        ``masked_only``: as for :class:`BertForMaskedLM`, ``prediction_logits`` (M, V) at the masked positions only.
+        """
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
-        mlm_logits = self.head.mlm(out.last_hidden_state)
+        hidden, labels = _masked_positions(out.last_hidden_state, labels, masked_only)
+        mlm_logits = self.head.mlm(hidden)
         nsp_logits = self.head.nsp(out.pooler_output)
         loss = None
         if labels is not None and next_sentence_label is not None:

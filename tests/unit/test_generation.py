@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bunmyaku.models.generation import generate, penalize_repeats, top_k_filter, top_p_filter
 from bunmyaku.models.base import ModelOutput
+from bunmyaku.models.generation import generate, penalize_repeats, top_k_filter, top_p_filter
 from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
 
 V = 61

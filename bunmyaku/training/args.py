@@ -1,0 +1,159 @@
+"""``TrainArgs`` (every knob of the training loop) and ``PretrainArgs``, one documented field each.
+
+The CLI flags and the YAML recipe keys are generated from this dataclass (see :func:`field_docs`), so a field
+added here is a flag and a recipe key at once, with its docstring as the help text.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Literal
+
+
+@dataclass
+class TrainArgs:
+    """How to train: the loop, the optimizer and schedule, precision, evaluation, checkpoints and logging."""
+
+    output_dir: str = "runs/train"
+    """Folder for checkpoints, metrics.jsonl, the loss plot and the final model."""
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    batch_size: int = 32
+    """Examples per micro-batch on each process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size x grad_accum_steps x processes)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to the peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never on biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (after unscaling); 0 disables clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32, bf16 autocast, or fp16 autocast with a GradScaler."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    freeze_embeddings: bool = False
+    """Do not train the embeddings."""
+    freeze_layers: int = 0
+    """Do not train the first N Transformer layers."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999) for eval and export; 0: off."""
+    eval_every: int = 200
+    """Evaluate every N steps (and at the end); 0: only at the end."""
+    eval_batches: int = 0
+    """Micro-batches per evaluation before the last step (the final one sees the whole held-out split); 0: all."""
+    save_every: int = 500
+    """Write a checkpoint every N steps (and at the end); 0: only at the end."""
+    keep_last: int = 2
+    """Checkpoints to keep, besides the best one."""
+    export_best: bool = False
+    """Export the saved checkpoint with the lowest eval loss instead of the last weights (an overfitting run)."""
+    log_every: int = 10
+    """Log the training loss every N steps."""
+    seed: int = 0
+    """Seed of the data order, masking and dropout."""
+    device: str | None = None
+    """cpu, cuda, ... (default: CUDA when available)."""
+    num_threads: int = 0
+    """torch.set_num_threads for CPU runs; 0: leave PyTorch's default."""
+    resume: bool = True
+    """Continue from the latest checkpoint in output_dir when there is one."""
+    progress: bool = True
+    """Draw a progress bar (rank 0)."""
+    plot: bool = True
+    """Write loss_curves.png next to metrics.jsonl at the end (needs matplotlib)."""
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum_steps", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.freeze_layers < 0:
+            raise ValueError(f"freeze_layers must be >= 0, got {self.freeze_layers}")
+
+
+OBJECTIVE_TASKS = {"clm": "causal-lm", "mlm": "masked-lm", "mlm+nsp": "pretraining"}
+
+
+@dataclass
+class PretrainArgs:
+    """What to pretrain on what: objective, model, tokenizer, corpus and example construction."""
+
+    objective: Literal["clm", "mlm", "mlm+nsp"] = "clm"
+    """clm (causal LM, GPT), mlm (masked LM, RoBERTa-style), mlm+nsp (BERT's masked LM + next-sentence)."""
+    model_config: str | None = None
+    """A HF config.json-style JSON / YAML file (model_type bert, gpt2, llama...) for a new model; inline in a recipe."""
+    init_from: str | None = None
+    """Continue pretraining this model folder instead (domain-adaptive pretraining)."""
+    tokenizer: str | None = None
+    """A tokenizer folder or file, or 'char' to build a character vocabulary from the data (default: init_from's)."""
+    data: list[str] = field(default_factory=list)
+    """Raw text / JSONL files or folders, or one built corpus folder (with index.json)."""
+    corpus_dir: str | None = None
+    """Where to build the token corpus (default: <output_dir>/corpus; reused when it matches)."""
+    doc_split: Literal["blank", "line", "file"] = "blank"
+    """Documents in plain text: blank-line-separated blocks, lines, or whole files."""
+    text_field: str = "text"
+    """The JSONL field holding the text."""
+    valid_fraction: float = 0.05
+    """Share of the corpus held out for evaluation."""
+    block_size: int = 128
+    """Tokens per example, special tokens included."""
+    mlm_probability: float = 0.15
+    """Share of tokens masked (mlm, mlm+nsp)."""
+    whole_word_masking: bool = False
+    """Mask whole words (WordPiece ## pieces, or MeCab words via the tokenizer's word ids)."""
+    static_masking: bool = False
+    """The same mask for an example every epoch (BERT) instead of a fresh one (RoBERTa)."""
+    short_seq_prob: float = 0.1
+    """How often an NSP example gets a shorter random target length (mlm+nsp)."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVE_TASKS:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVE_TASKS)}, got {self.objective!r}")
+        if (self.model_config is None) == (self.init_from is None):
+            raise ValueError("give exactly one of model_config (a new model) and init_from (continue a checkpoint)")
+        if not self.data:
+            raise ValueError("no data: give raw text / JSONL files or a built corpus folder")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if self.block_size < 8:
+            raise ValueError(f"block_size must be at least 8, got {self.block_size}")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source: {field name: one-line help}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = str(following.value.value).strip()
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
+    assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+    return docs

@@ -1,0 +1,68 @@
+"""Data-parallel helpers: process-group set-up from ``torchrun``'s variables, rank queries, reductions.
+
+Library code asks ``torch.distributed`` whether a group exists; only the entry point (the CLI, a test)
+reads the environment, through :func:`init_from_env`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); returns whether one was joined.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's index (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Whether this process logs and saves."""
+    return rank() == 0
+
+
+def all_reduce_sums(values: Mapping[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Sum each value over processes (one collective for all of them); returns plain floats."""
+    keys = sorted(values)
+    flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+    return dict(zip(keys, flat.tolist(), strict=True))
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj``, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()

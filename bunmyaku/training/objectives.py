@@ -1,0 +1,107 @@
+"""Training objectives: how a batch becomes per-term loss *sums* and target counts.
+
+The Trainer normalises: it counts every term's targets over all micro-batches of a step (and all processes)
+before the first backward, then back-propagates ``sum_t loss_sum_t / global_count_t``. The accumulated gradient
+is then the full-batch gradient even when micro-batches hold different numbers of targets, which averaging
+per-micro-batch means (``transformers``' long-standing bug) gets wrong.
+
+An objective is a callable ``objective(model, batch) -> (loss sums, metric sums)`` with a ``count(batch)``
+method; both return dicts keyed by term (``"lm"``, ``"nsp"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+Sums = dict[str, torch.Tensor]
+
+
+def _inputs(batch: dict[str, torch.Tensor], exclude: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k not in exclude}
+
+
+def _token_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and number of correct argmaxes over (N, V) logits and (N,) targets, -100 ignored."""
+    logits = logits.reshape(-1, logits.size(-1)).float()
+    targets = targets.reshape(-1)
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    with torch.no_grad():
+        correct = ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
+    return loss, correct
+
+
+class CausalLM:
+    """Next-token prediction: ``labels`` (B, T) as for HF (the ids themselves; position t predicts t + 1)."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Scored positions per term."""
+        return {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
+        logits = model(**_inputs(batch, ("labels",))).logits  # (B, T, V)
+        loss, correct = _token_sums(logits[:, :-1], batch["labels"][:, 1:])
+        return {"lm": loss}, {"lm_correct": correct}
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    forward = getattr(model, "module", model).forward
+    return name in inspect.signature(forward).parameters
+
+
+class MaskedLM:
+    """Masked-token prediction: ``labels`` (B, T) original ids at masked positions, -100 elsewhere.
+
+    When the model's ``forward`` takes ``masked_only``, the vocabulary projection runs only at the masked
+    positions (about 15% of them), which is most of the head's cost for a large vocabulary.
+    """
+
+    logits_field = "logits"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Masked positions per term."""
+        return {"lm": int((batch["labels"] != IGNORE_INDEX).sum())}
+
+    def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        labels = batch["labels"]
+        inputs = _inputs(batch, ("labels", "next_sentence_label"))
+        if _accepts(model, "masked_only"):
+            out = model(**inputs, labels=labels, masked_only=True)
+            return out, labels[labels != IGNORE_INDEX]  # logits (M, V) for the M masked positions
+        return model(**inputs), labels
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
+        out, targets = self._forward(model, batch)
+        loss, correct = _token_sums(getattr(out, self.logits_field), targets)
+        return {"lm": loss}, {"lm_correct": correct}
+
+
+class MaskedLMWithNSP(MaskedLM):
+    """BERT's pretraining loss: masked LM (per masked token) + next-sentence prediction (per pair)."""
+
+    logits_field = "prediction_logits"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Masked positions and sentence pairs."""
+        return {**super().count(batch), "nsp": len(batch["next_sentence_label"])}
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
+        out, targets = self._forward(model, batch)
+        lm_loss, lm_correct = _token_sums(out.prediction_logits, targets)
+        nsp_loss, nsp_correct = _token_sums(out.seq_relationship_logits, batch["next_sentence_label"])
+        return {"lm": lm_loss, "nsp": nsp_loss}, {"lm_correct": lm_correct, "nsp_correct": nsp_correct}
+
+
+OBJECTIVES = {"causal-lm": CausalLM, "masked-lm": MaskedLM, "pretraining": MaskedLMWithNSP}
+
+
+def objective_for(model: nn.Module):
+    """The objective matching a model's ``task`` (causal-lm, masked-lm, pretraining)."""
+    task = getattr(getattr(model, "module", model), "task", None)
+    if task not in OBJECTIVES:
+        raise ValueError(f"no default objective for task {task!r}; pass objective= (known: {sorted(OBJECTIVES)})")
+    return OBJECTIVES[task]()

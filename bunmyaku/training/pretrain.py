@@ -1,0 +1,210 @@
+"""Pretraining from raw text: causal LM, masked LM, or BERT's masked LM + next-sentence prediction.
+
+``run_pretraining`` wires the layers together: a tokenizer (a folder, or ``"char"`` for a character vocabulary
+built from the data), a model (a HF ``config.json``-style JSON / YAML file, or ``init_from`` an existing
+checkpoint for domain-adaptive pretraining), a token corpus built from the raw files, the objective's examples
+and collator, and the Trainer. The output folder is HF layout: ``transformers`` loads the model with
+``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` / ``BertForPreTraining`` and the tokenizer with
+``AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from bunmyaku.data import (
+    CausalLMCollator,
+    MaskingCollator,
+    PackedBlocks,
+    SegmentPairs,
+    TokenCorpus,
+    build_corpus,
+    wordpiece_continuation,
+)
+from bunmyaku.data.corpus import INDEX_NAME, expand_sources
+from bunmyaku.training import distributed as dist_utils
+from bunmyaku.training.args import OBJECTIVE_TASKS, PretrainArgs, TrainArgs
+from bunmyaku.training.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def run_pretraining(pargs: PretrainArgs, targs: TrainArgs) -> dict[str, float]:
+    """Pretrain as described by ``pargs`` and ``targs``; returns the final evaluation metrics.
+
+    Raises:
+        ValueError: for inconsistent options (a tokenizer without the special tokens the objective needs, a
+            vocabulary larger than the model's, bad corpus files).
+    """
+    output_dir = Path(targs.output_dir)
+    tokenizer = _load_tokenizer(pargs)
+    model = _load_model(pargs, tokenizer)
+    corpus = _corpus(pargs, tokenizer, output_dir, targs.seed)
+    train_data, eval_data, collator = _examples(pargs, tokenizer, corpus, targs.seed)
+    if dist_utils.is_main():
+        logger.info(
+            "Pretraining %s (%s, %s parameters) on %s train / %s valid examples",
+            type(model).__name__,
+            pargs.objective,
+            f"{model.num_parameters():,}",
+            f"{len(train_data):,}",
+            f"{len(eval_data) if eval_data is not None else 0:,}",
+        )
+    trainer = Trainer(model, targs, train_data, eval_data, collator, tokenizer=tokenizer)
+    metrics = trainer.fit()
+    if dist_utils.is_main():
+        summary = {"step": targs.max_steps, **metrics, "best_step": trainer.best["step"]}
+        if trainer.best["step"] is not None:
+            summary["best_eval_loss"] = trainer.best["eval_loss"]
+        summary["exported"] = "best" if targs.export_best and trainer.best["step"] is not None else "last"
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return metrics
+
+
+def _load_tokenizer(pargs: PretrainArgs):
+    from bunmyaku.tokenization import Tokenizer
+
+    source = pargs.tokenizer or pargs.init_from
+    if source is None:
+        raise ValueError("no tokenizer: give --tokenizer (a folder, a tokenizer.json, or 'char')")
+    if source == "char":
+        from bunmyaku.data.char_tokenizer import build_char_tokenizer
+
+        files = [p for p in pargs.data if not (Path(p) / INDEX_NAME).is_file()]
+        if not files:
+            raise ValueError("tokenizer 'char' needs raw text files in data to collect the characters from")
+        return build_char_tokenizer(files, model_max_length=pargs.block_size)
+    return Tokenizer.from_pretrained(source)
+
+
+def read_model_config(path: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A HF ``config.json``-style dict from a JSON or YAML file (or the dict itself, written inline in a recipe)."""
+    import yaml
+
+    if isinstance(path, dict):
+        if "model_type" not in path:
+            raise ValueError("the inline model config needs a 'model_type' (bert, gpt2, llama, ...)")
+        return dict(path)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"model config {path} must be a mapping with a 'model_type' (bert, gpt2, llama, ...)")
+    return data
+
+
+def _load_model(pargs: PretrainArgs, tokenizer):
+    from bunmyaku.models.auto import from_pretrained, model_class
+
+    task = OBJECTIVE_TASKS[pargs.objective]
+    if pargs.init_from is not None:
+        model = from_pretrained(pargs.init_from, task=task)
+    else:
+        hf = read_model_config(pargs.model_config)
+        hf.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos", "eos", "pad"):
+            token_id = getattr(tokenizer, f"{name}_token_id", None)
+            if token_id is not None and f"{name}_token_id" not in hf:
+                hf[f"{name}_token_id"] = token_id
+        cls = model_class(hf["model_type"], task)
+        model = cls.from_config(cls.config_class.from_hf(hf))
+    vocab = model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
+    max_len = getattr(model.config, "max_seq_len", None)
+    if max_len is not None and pargs.block_size > max_len:
+        raise ValueError(f"block_size {pargs.block_size} exceeds the model's max_seq_len {max_len}")
+    return model.train()
+
+
+def _corpus(pargs: PretrainArgs, tokenizer, output_dir: Path, seed: int) -> TokenCorpus:
+    if len(pargs.data) == 1 and (Path(pargs.data[0]) / INDEX_NAME).is_file():
+        return TokenCorpus(pargs.data[0])
+    corpus_dir = Path(pargs.corpus_dir) if pargs.corpus_dir else output_dir / "corpus"
+    wanted = {
+        "vocab_size": tokenizer.vocab_size,
+        "doc_split": pargs.doc_split,
+        "word_starts": _needs_word_starts(pargs),
+    }
+    if dist_utils.is_main() and not _matches(corpus_dir, pargs.data, wanted):
+        build_corpus(
+            pargs.data,
+            tokenizer,
+            corpus_dir,
+            doc_split=pargs.doc_split,
+            text_field=pargs.text_field,
+            valid_fraction=pargs.valid_fraction,
+            word_starts=wanted["word_starts"],
+            seed=seed,
+        )
+    dist_utils.barrier()
+    return TokenCorpus(corpus_dir)
+
+
+def _needs_word_starts(pargs: PretrainArgs) -> bool:
+    """Store word starts for whole-word masking unless the vocabulary marks continuations with ``##``."""
+    return pargs.whole_word_masking and pargs.objective != "clm"
+
+
+def _matches(corpus_dir: Path, data: list[str], wanted: dict[str, Any]) -> bool:
+    index_path = corpus_dir / INDEX_NAME
+    if not index_path.is_file():
+        return False
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    sources_match = [Path(s).resolve() for s in index["sources"]] == _resolved_files(data)
+    return sources_match and all(index.get(k) == v for k, v in wanted.items())
+
+
+def _resolved_files(data: list[str]) -> list[Path]:
+    return [p.resolve() for p in expand_sources(data)]
+
+
+def _examples(pargs: PretrainArgs, tokenizer, corpus: TokenCorpus, seed: int):
+    train, valid = corpus.split("train"), corpus.split("valid")
+    if pargs.objective == "clm":
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if eos is None:
+            raise ValueError("causal LM packing needs an EOS (or SEP) token in the tokenizer")
+        return (
+            PackedBlocks(train, pargs.block_size, eos, random_offset=True, seed=seed),
+            PackedBlocks(valid, pargs.block_size, eos) if valid.num_docs else None,
+            CausalLMCollator(),
+        )
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.mask_token_id is None or cls_id is None or sep_id is None:
+        raise ValueError("masked LM needs [MASK], [CLS] / <s> and [SEP] / </s> tokens in the tokenizer")
+    vocab = tokenizer.get_vocab()
+    continuation = wordpiece_continuation(vocab, len(tokenizer))
+    if pargs.whole_word_masking and not corpus.index.get("word_starts") and not continuation.any():
+        raise ValueError("whole-word masking: the vocabulary has no ## pieces and the corpus has no word starts")
+    collator = MaskingCollator(
+        vocab_size=len(tokenizer),
+        mask_id=tokenizer.mask_token_id,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        special_ids=tokenizer.all_special_ids,
+        mlm_probability=pargs.mlm_probability,
+        whole_word=pargs.whole_word_masking,
+        continuation=continuation,
+        static=pargs.static_masking,
+        seed=seed,
+    )
+    if pargs.objective == "mlm":
+        size = pargs.block_size - 2
+        return (
+            PackedBlocks(train, size, sep_id, prefix=[cls_id], suffix=[sep_id], random_offset=True, seed=seed),
+            PackedBlocks(valid, size, sep_id, prefix=[cls_id], suffix=[sep_id]) if valid.num_docs else None,
+            collator,
+        )
+    short = pargs.short_seq_prob
+    return (
+        SegmentPairs(train, pargs.block_size, cls_id, sep_id, short_seq_prob=short, seed=seed),
+        SegmentPairs(valid, pargs.block_size, cls_id, sep_id, short_seq_prob=short, seed=seed + 1)
+        if valid.num_docs >= 2
+        else None,
+        collator,
+    )

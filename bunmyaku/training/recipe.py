@@ -1,0 +1,99 @@
+"""Recipes: YAML files and CLI flags generated from the argument dataclasses, so neither repeats the fields.
+
+A recipe is a flat YAML mapping whose keys are the fields of the dataclasses a verb takes (``TrainArgs`` and
+the verb's own, e.g. ``PretrainArgs``). Flags are the same names with dashes (``--max-steps``); a flag given
+on the command line overrides the recipe, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bunmyaku.training.args import field_docs
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (or JSON) recipe: a flat mapping of field names to values."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a mapping of option names to values, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_args(classes: tuple[type, ...], values: dict[str, Any]) -> tuple[Any, ...]:
+    """Instantiate each dataclass from the shared flat ``values``; unknown keys are an error naming them."""
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+    out = []
+    for cls in classes:
+        names = {f.name for f in dataclasses.fields(cls)}
+        out.append(cls(**{k: v for k, v in values.items() if k in names}))
+    return tuple(out)
+
+
+def _cli_type(annotation: Any) -> tuple[Any, str]:
+    """The type typer parses for a field annotation, and a note on allowed values for Literals."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _cli_type(inner[0])
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), " One of: " + ", ".join(map(str, choices)) + "."
+    return annotation, ""
+
+
+def typer_command(classes: tuple[type, ...], run: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+    """A function typer turns into a command with one option per dataclass field, plus ``--config`` and ``-v``.
+
+    ``run`` receives the merged values (defaults < recipe < flags given) as a flat dict.
+    """
+    import typer
+
+    parameters, annotations = [], {}
+    config_option = typer.Option(None, "--config", help="A YAML recipe whose keys are these options' names.")
+    parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config_option))
+    annotations["config"] = typing.Optional[str]  # noqa: UP045 - typer needs a typing object here
+    verbose = typer.Option(False, "--verbose", "-v", help="Show debug logs.")
+    parameters.append(inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=verbose))
+    annotations["verbose"] = bool
+    seen = set()
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            kind, note = _cli_type(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            flag = "--" + f.name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+            help_text = f"{docs[f.name]}{note} [default: {default}]"
+            option = typer.Option(None, *decls, help=help_text, show_default=False)
+            parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option))
+            annotations[f.name] = typing.Optional[kind]  # noqa: UP045
+
+    def command(**kwargs: Any) -> None:
+        config, verbose_flag = kwargs.pop("config"), kwargs.pop("verbose")
+        values = load_recipe(config) if config else {}
+        values.update({k: v for k, v in kwargs.items() if v is not None and v != [] and v != ()})
+        run({"verbose": verbose_flag, **values})
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    return command

@@ -1,0 +1,405 @@
+"""The Trainer: one loop for pretraining and every later capability (fine-tuning, adversarial training, EMA...).
+
+Read :meth:`Trainer.fit` first; each named step below it does one thing:
+
+- ``_train_step``: count the step's targets over all micro-batches and processes, then forward / backward each
+  micro-batch with loss = sum / global count (so accumulation gives the full-batch gradient), skipping DDP's
+  gradient sync on all but the last micro-batch;
+- ``_optimizer_step``: unscale (fp16), clip, step the optimizer, scheduler and scaler;
+- ``_evaluate``: held-out loss, perplexity and token accuracy;
+- ``_save``: an atomic checkpoint with everything exact resume needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bunmyaku.data.loader import BatchStream, eval_batches
+from bunmyaku.training import checkpoint as ckpt
+from bunmyaku.training import distributed as dist_utils
+from bunmyaku.training.args import TrainArgs
+from bunmyaku.training.metrics import MetricsWriter, plot_losses
+from bunmyaku.training.objectives import objective_for
+from bunmyaku.training.optim import build_optimizer, build_scheduler
+from bunmyaku.training.plugins import EMA, Freeze, Plugin
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` with the settings in ``args``.
+
+    Args:
+        model: a bunmyaku model (or any module whose forward takes the batch's tensors by keyword).
+        args: the settings.
+        train_data: a map-style dataset of examples (``PackedBlocks``, ``SegmentPairs``, ...).
+        eval_data: the held-out examples, or None.
+        collator: ``collator(examples, epoch=, indices=)`` -> batch of tensors.
+        objective: ``objective(model, batch)`` -> (loss sums, metric sums), with ``count(batch)``; default: from the
+            model's task (causal-lm, masked-lm, pretraining).
+        plugins: hooks that change the step (see :mod:`bunmyaku.training.plugins`); ``args.ema_decay`` and the
+            freezing flags add EMA and Freeze plugins.
+        tokenizer: saved with the final model when given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainArgs,
+        train_data: Any,
+        eval_data: Any = None,
+        collator: Callable[..., Batch] | None = None,
+        objective: Any = None,
+        plugins: Sequence[Plugin] = (),
+        tokenizer: Any = None,
+    ):
+        if collator is None:
+            raise ValueError("a collator is required to turn examples into batches")
+        self.args = args
+        self.unwrapped_model = model
+        self.model: nn.Module = model
+        self.train_data, self.eval_data, self.collator = train_data, eval_data, collator
+        self.objective = objective if objective is not None else objective_for(model)
+        self.tokenizer = tokenizer
+        self.plugins = list(plugins)
+        if args.freeze_embeddings or args.freeze_layers:
+            self.plugins.append(Freeze(args.freeze_embeddings, args.freeze_layers))
+        if args.ema_decay:
+            self.plugins.append(EMA(args.ema_decay))
+        self.output_dir = Path(args.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.step = 0
+        self.best: dict[str, Any] = {"eval_loss": math.inf, "step": None}
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self.is_main = self.rank == 0
+        self.device = _pick_device(args.device)
+        self._step_batches: list[Batch] = []
+        self._step_counts: dict[str, float] = {}
+        self._last_eval: tuple[int, float] = (-1, math.inf)
+        self._eval_seconds = 0.0
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``args.max_steps`` (resuming when a checkpoint exists), export the model, return the last
+        evaluation's metrics ({} without held-out data)."""
+        self._setup()
+        last_eval: dict[str, float] = {}
+        with self._progress() as progress:
+            while self.step < self.args.max_steps:
+                stats = self._train_step([self.train_stream.next_batch() for _ in range(self.args.grad_accum_steps)])
+                self._optimizer_step()
+                self.step += 1
+                self._log_train(stats, progress)
+                if self._due(self.args.eval_every):
+                    last_eval = self._evaluate()
+                if self._due(self.args.save_every):
+                    self._save()
+        return self._finish(last_eval)
+
+    # ------------------------------------------------------------------------------------------ the steps
+
+    def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        """Forward and backward every micro-batch of one optimizer step; returns the step's summed statistics."""
+        self.model.train()
+        self._step_batches = [self._to_device(b) for b in micro_batches]
+        local_counts: dict[str, float] = {}
+        for batch in self._step_batches:
+            for term, n in self.objective.count(batch).items():
+                local_counts[term] = local_counts.get(term, 0) + n
+        self._step_counts = dist_utils.all_reduce_sums(local_counts, self.device)
+        sums = self.forward_backward()
+        sums["tokens"] = sum(_num_tokens(b) for b in self._step_batches)
+        totals = dist_utils.all_reduce_sums(sums, self.device)
+        return {**totals, **{f"count_{k}": v for k, v in self._step_counts.items()}}
+
+    def forward_backward(self) -> dict[str, float]:
+        """Accumulate the gradient of the current step's micro-batches (plugins such as SAM call it again)."""
+        sums: dict[str, float] = {}
+        last = len(self._step_batches) - 1
+        for i, batch in enumerate(self._step_batches):
+            sync = contextlib.nullcontext() if i == last or self.world_size == 1 else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    losses, metrics = self.objective(self.model, batch)
+                # DDP averages gradients over processes; the global count already covers all of them
+                loss = sum(losses[t] / max(self._step_counts[t], 1) for t in losses) * self.world_size
+                for plugin in self.plugins:
+                    plugin.before_backward(self, loss)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                for plugin in self.plugins:
+                    plugin.after_backward(self)
+            for key, value in {**losses, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+        return sums
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, step; then clear gradients."""
+        for plugin in self.plugins:
+            plugin.before_optimizer_step(self)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.args.max_grad_norm > 0:
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for plugin in self.plugins:
+            plugin.after_optimizer_step(self)
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and token accuracy on the held-out data (all of it, or ``args.eval_batches``)."""
+        if self.eval_data is None:
+            return {}
+        started = time.perf_counter()
+        model = self.unwrapped_model
+        model.eval()
+        sums: dict[str, float] = {}
+        with contextlib.ExitStack() as stack:
+            for plugin in self.plugins:
+                stack.enter_context(plugin.evaluation_context(self))
+            batches = eval_batches(self.eval_data, self.collator, self.args.batch_size, self.rank, self.world_size)
+            limit = self.args.eval_batches if self.step < self.args.max_steps else 0  # the last one sees it all
+            for i, batch in enumerate(batches):
+                if limit and i == limit:
+                    break
+                batch = self._to_device(batch)
+                with self._autocast():
+                    losses, metrics = self.objective(model, batch)
+                for key, value in {**losses, **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                for term, n in self.objective.count(batch).items():
+                    sums[f"count_{term}"] = sums.get(f"count_{term}", 0.0) + n
+        model.train()
+        totals = dist_utils.all_reduce_sums(sums, self.device)
+        metrics = _summarise(totals, prefix="eval_")
+        for plugin in self.plugins:
+            plugin.on_evaluate(self, metrics)
+        self._last_eval = (self.step, metrics.get("eval_loss", math.inf))
+        if self.is_main:
+            self.writer.write({"step": self.step, **metrics})
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            logger.info("step %d: %s", self.step, shown)
+        self._eval_seconds += time.perf_counter() - started
+        return metrics
+
+    def _save(self) -> None:
+        """Checkpoint model, optimizer, scheduler, scaler, plugins, RNG states (every process) and data position."""
+        eval_step, eval_loss = self._last_eval
+        if eval_step == self.step and eval_loss < self.best["eval_loss"]:
+            self.best = {"eval_loss": eval_loss, "step": self.step}
+        rng_states = dist_utils.gather_objects(ckpt.rng_state())
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "plugins": [p.state_dict() for p in self.plugins],
+                "rng": rng_states,
+                "data": self.train_stream.state_dict(),
+                "best": self.best,
+                "world_size": self.world_size,
+            }
+            ckpt.save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped_model, state)
+            best = {ckpt.step_dir(self.checkpoint_dir, self.best["step"])} if self.best["step"] is not None else set()
+            ckpt.rotate_checkpoints(self.checkpoint_dir, self.args.keep_last, best)
+        dist_utils.barrier()
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _setup(self) -> None:
+        args = self.args
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        torch.manual_seed(args.seed + self.rank)
+        model = self.unwrapped_model.to(self.device)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        for plugin in self.plugins:
+            plugin.on_fit_start(self)
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = _param_groups(model, args.weight_decay)
+        for plugin in self.plugins:
+            groups = plugin.param_groups(self, groups)
+        self.optimizer = build_optimizer(groups, args, self.device)
+        self.scheduler = build_scheduler(self.optimizer, args)
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
+        self.grad_norm = float("nan")
+        self.train_stream = BatchStream(
+            self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
+        )
+        resumed = self._resume() if args.resume else None
+        if self.is_main:
+            self.writer = MetricsWriter(self.output_dir, resume_step=resumed)
+        self._started = time.perf_counter()
+        self._tokens_seen = 0.0
+
+    def _resume(self) -> int | None:
+        """Load the latest checkpoint, if any; returns its step."""
+        path = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return None
+        state = torch.load(path / ckpt.STATE_NAME, map_location="cpu", weights_only=False)
+        ckpt.load_model(self.unwrapped_model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        for plugin, plugin_state in zip(self.plugins, state["plugins"], strict=False):
+            plugin.load_state_dict(plugin_state)
+        self.train_stream.load_state_dict(state["data"])
+        rng = state["rng"]
+        if state["world_size"] != self.world_size:
+            logger.warning("resuming %d processes from a %d-process run: RNG streams differ", self.world_size, len(rng))
+        ckpt.set_rng_state(rng[self.rank % len(rng)])
+        self.step, self.best = state["step"], state["best"]
+        logger.info("Resumed from %s (step %d)", path, self.step)
+        return self.step
+
+    def _restore(self, path: Path) -> None:
+        """Load a checkpoint's weights and plugin states (EMA's average) for export."""
+        state = torch.load(path / ckpt.STATE_NAME, map_location="cpu", weights_only=False)
+        ckpt.load_model(self.unwrapped_model, path)
+        for plugin, plugin_state in zip(self.plugins, state["plugins"], strict=False):
+            plugin.load_state_dict(plugin_state)
+        logger.info("Exporting the best checkpoint, %s (eval loss %.4f)", path, self.best["eval_loss"])
+
+    def _finish(self, last_eval: dict[str, float]) -> dict[str, float]:
+        """Export the model (EMA weights when averaging) and the tokenizer; plot the losses."""
+        args = self.args
+        if self.is_main:
+            if args.export_best and self.best["step"] not in (None, self.step):
+                self._restore(ckpt.step_dir(self.checkpoint_dir, self.best["step"]))
+            with contextlib.ExitStack() as stack:
+                for plugin in self.plugins:
+                    stack.enter_context(plugin.evaluation_context(self))
+                ckpt.save_model(self.unwrapped_model, self.output_dir)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(self.output_dir)
+            self.writer.close()
+            if args.plot:
+                plot_losses(self.writer.path, self.output_dir / "loss_curves.png")
+            logger.info("Saved the model to %s", self.output_dir)
+        dist_utils.barrier()
+        return last_eval
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _due(self, every: int) -> bool:
+        return self.step == self.args.max_steps or (every > 0 and self.step % every == 0)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.args.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.args.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _progress(self) -> contextlib.AbstractContextManager:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
+            TimeRemainingColumn(),
+            disable=not (self.is_main and self.args.progress),
+        )
+        self._task = progress.add_task("train", total=self.args.max_steps, completed=self.step, loss=0.0, tps=0.0)
+        return progress
+
+    def _log_train(self, stats: dict[str, float], progress: Any) -> None:
+        self._tokens_seen += stats["tokens"]
+        if not self.is_main:
+            return
+        metrics = _summarise(stats)
+        elapsed = time.perf_counter() - self._started - self._eval_seconds
+        tokens_per_s = self._tokens_seen / max(elapsed, 1e-9)
+        progress.update(self._task, completed=self.step, loss=metrics.get("loss", 0.0), tps=tokens_per_s)
+        if self.step % self.args.log_every and self.step != self.args.max_steps:
+            return
+        record = {
+            "step": self.step,
+            **metrics,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "elapsed_s": elapsed,
+        }
+        self.writer.write(record)
+        logger.info(
+            "step %d/%d: loss %.4f, lr %.2e, %.0f tok/s",
+            self.step,
+            self.args.max_steps,
+            record.get("loss", math.nan),
+            record["lr"],
+            tokens_per_s,
+        )
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def _num_tokens(batch: Batch) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear and embedding weights); none on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _summarise(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """Turn summed losses and counts into ``loss`` (all terms), ``<term>_loss``, ``perplexity``, ``accuracy``."""
+    out: dict[str, float] = {}
+    terms = [k.removeprefix("count_") for k in sums if k.startswith("count_")]
+    total = 0.0
+    for term in terms:
+        count = max(sums[f"count_{term}"], 1.0)
+        if term not in sums:
+            continue
+        term_loss = sums[term] / count
+        total += term_loss
+        if len(terms) > 1:
+            out[f"{prefix}{term}_loss"] = term_loss
+        if f"{term}_correct" in sums:
+            name = "accuracy" if term == "lm" else f"{term}_accuracy"
+            out[f"{prefix}{name}"] = sums[f"{term}_correct"] / count
+    out[f"{prefix}loss"] = total
+    if "lm" in terms and "lm" in sums:
+        out[f"{prefix}perplexity"] = math.exp(min(sums["lm"] / max(sums["count_lm"], 1.0), 50.0))
+    return out

@@ -1,0 +1,50 @@
+"""Tiny models and corpora for the training tests (HF's tiny sizes: hidden 32, 2 layers, 4 heads, vocab 99)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bunmyaku.data import Split
+
+VOCAB = 99
+CLS, SEP, PAD, MASK, EOS = 1, 2, 0, 3, 4
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0):
+    import torch
+
+    from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=32,
+        dropout=dropout,
+        embd_dropout=dropout,
+        attention_dropout=dropout,
+    )
+    return GPT2LMHeadModel.from_config(config)
+
+
+def tiny_bert(task: str = "masked-lm", seed: int = 0):
+    import torch
+
+    from bunmyaku.models.bert import BertConfig, BertForMaskedLM, BertForPreTraining
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=32, dropout=0.0, attention_dropout=0.0
+    )
+    cls = BertForMaskedLM if task == "masked-lm" else BertForPreTraining
+    return cls.from_config(config)
+
+
+def random_split(num_docs: int = 40, seed: int = 0, low: int = 5, high: int = 60) -> Split:
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(10, VOCAB, rng.integers(low, high)) for _ in range(num_docs)]
+    tokens = np.concatenate(docs).astype(np.uint16)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    return Split(tokens, offsets)

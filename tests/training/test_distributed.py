@@ -1,0 +1,52 @@
+"""Data parallelism: 2 gloo processes with micro-batches of B match 1 process with micro-batches of 2B."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+SCRIPT = ["-m", "tests.training.run_tiny"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # a session of its own, so that a hung run is killed with every worker it started
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, start_new_session=True)
+
+
+def _wait(process: subprocess.Popen, timeout: float) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_run_matches_a_single_process(tmp_path):
+    single = _start([*SCRIPT, str(tmp_path / "single"), "6", "8", "--save-every", "3"])
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    ddp = _start([*torchrun, *SCRIPT, str(tmp_path / "ddp"), "6", "4", "--save-every", "3"])
+    assert _wait(ddp, 90) == 0
+    assert _wait(single, 90) == 0
+    expected = load_file(tmp_path / "single" / "model.safetensors")
+    got = load_file(tmp_path / "ddp" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)

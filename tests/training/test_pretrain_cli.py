@@ -1,0 +1,158 @@
+"""``bunmyaku pretrain`` end to end on a tiny corpus: the output folder loads in ``transformers``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import bunmyaku
+from bunmyaku.cli import app
+from bunmyaku.tokenization import Tokenizer
+
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "ran", "to", "a", "park", "big", "small", "red"]
+PIECES = ["##s", "##ed", "##ing"]
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    lines = [
+        " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] + ("s" if (i + j) % 4 == 0 else "") for j in range(6 + i % 5))
+        for i in range(120)
+    ]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(lines[i] + "\n" + lines[i + 1] for i in range(0, 120, 2)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def wordpiece(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *PIECES]) + "\n", encoding="utf-8")
+    return path
+
+
+def _bert_config(tmp_path):
+    path = tmp_path / "bert.json"
+    config = {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 37,
+        "max_position_embeddings": 32,
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _run(*args: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            *args,
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--eval-every",
+            "0",
+            "--no-plot",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("objective", "auto_class"), [("mlm", "AutoModelForMaskedLM"), ("mlm+nsp", "AutoModelForPreTraining")]
+)
+def test_masked_lm_pretraining_writes_a_folder_transformers_loads(tmp_path, corpus, wordpiece, objective, auto_class):
+    import transformers
+
+    out = tmp_path / "out"
+    _run(
+        "--objective",
+        objective,
+        "--model-config",
+        str(_bert_config(tmp_path)),
+        "--tokenizer",
+        str(wordpiece),
+        "--data",
+        str(corpus),
+        "--output-dir",
+        str(out),
+        "--block-size",
+        "16",
+        "--whole-word-masking",
+    )
+    theirs = getattr(transformers, auto_class).from_pretrained(out).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ours = bunmyaku.from_pretrained(out)
+    ids = Tokenizer.from_pretrained(out)(["the cats sat on a mat"])
+    assert hf_tokenizer("the cats sat on a mat")["input_ids"] == ids["input_ids"][0].tolist()
+    with torch.no_grad():
+        expected = (
+            theirs(input_ids=ids["input_ids"]).logits
+            if objective == "mlm"
+            else theirs(input_ids=ids["input_ids"]).prediction_logits
+        )
+        got = ours(input_ids=ids["input_ids"])
+        got = got.logits if objective == "mlm" else got.prediction_logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_loss"] > 0 and "eval_accuracy" in metrics
+    if objective == "mlm+nsp":
+        assert "eval_nsp_accuracy" in metrics
+
+
+def test_causal_lm_with_a_char_tokenizer_and_a_yaml_recipe_then_continued(tmp_path, corpus):
+    import transformers
+
+    recipe = tmp_path / "recipe.yaml"
+    out = tmp_path / "gpt"
+    recipe.write_text(
+        "objective: clm\ntokenizer: char\ndoc_split: line\nblock_size: 16\n"
+        f"data: [{corpus}]\noutput_dir: {out}\n"
+        "model_config: {model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 4, n_positions: 32}\n",
+        encoding="utf-8",
+    )
+    _run("--config", str(recipe))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    encoded = tokenizer("the cat", return_tensors="pt")
+    assert encoded["input_ids"].shape == (1, 7)
+    assert model(**encoded).logits.shape == (1, 7, model.config.vocab_size)
+    # domain-adaptive pretraining: continue from the exported folder (its tokenizer comes along)
+    again = tmp_path / "continued"
+    _run(
+        "--objective",
+        "clm",
+        "--init-from",
+        str(out),
+        "--data",
+        str(corpus),
+        "--output-dir",
+        str(again),
+        "--block-size",
+        "16",
+        "--doc-split",
+        "line",
+    )
+    assert transformers.AutoModelForCausalLM.from_pretrained(again).config.n_embd == 32
+
+
+def test_unknown_recipe_key_and_missing_model_are_clear_errors(tmp_path, corpus):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(
+        f"objective: clm\ntokenizer: char\ndata: [{corpus}]\nmodel_config: {{model_type: gpt2}}\nlr_max: 1\n"
+    )
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(recipe)])
+    assert result.exit_code != 0 and "lr_max" in str(result.exception)
+    result = CliRunner().invoke(app, ["pretrain", "--tokenizer", "char", "--data", str(corpus)])
+    assert result.exit_code != 0 and "model_config" in str(result.exception)
