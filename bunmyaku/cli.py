@@ -14,8 +14,10 @@ def main() -> None:
     """bunmyaku: practical NLP with Transformers, from scratch on PyTorch."""
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _setup_logging(verbose: bool, quiet_level: int = logging.INFO) -> None:
+    """Debug logs with ``--verbose``; otherwise ``quiet_level`` and up."""
+    level = logging.DEBUG if verbose else quiet_level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -28,7 +30,7 @@ def demo(
 
     from bunmyaku.demo import run_demos
 
-    _setup_logging(verbose)
+    _setup_logging(verbose, quiet_level=logging.WARNING)  # the demo's output is its printed results
     console = Console()
     for i, result in enumerate(run_demos(device), start=1):
         console.rule(f"[bold]{i}. {result.title}")

@@ -67,7 +67,10 @@ def similarity_demo(device: str | None = None) -> DemoResult:
 
 def fill_mask_demo(device: str | None = None) -> DemoResult:
     """Demo 1: Japanese fill-mask with the BERT that bunmyaku pretrained."""
-    result = DemoResult("Fill-mask in Japanese (BERT masked LM)", f"bunmyaku-bert-ja-small ({JA_BERT})")
+    result = DemoResult(
+        "Fill-mask in Japanese (BERT masked LM)",
+        f"bunmyaku-bert-ja-small, pretrained by bunmyaku (4 layers, MLM accuracy 42.4%) ({JA_BERT})",
+    )
     if not (JA_BERT / "config.json").is_file():
         result.skipped = (
             "the Japanese BERT pretrained by bunmyaku does not exist yet (it is built by `bunmyaku pretrain`, "
@@ -77,7 +80,7 @@ def fill_mask_demo(device: str | None = None) -> DemoResult:
     from bunmyaku.pipelines import pipeline
 
     pipe = pipeline("fill-mask", model=JA_BERT, device=device)
-    for text in ["吾輩は[MASK]である。", "東京は日本の[MASK]です。", "今日は天気が[MASK]。"]:
+    for text in ["吾輩は[MASK]である。", "私は学校[MASK]行きます。", "今日は天気が[MASK]。"]:
         result.rows.append({"text": text, "predictions": [(p["token_str"], round(p["score"], 3)) for p in pipe(text)]})
     return result
 

@@ -272,17 +272,30 @@ class PreTrainedModel(nn.Module):
 
     # ---------------------------------------------------------------------------------- public
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = "5GB") -> Path:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str | None = "5GB",
+        dtype: str | torch.dtype | None = None,
+    ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (or shards and an index) that HF loads.
 
         Args:
             save_directory: the folder, created if needed.
             max_shard_size: bytes, or a string such as ``"200MB"``; None for a single file.
+            dtype: store floating-point weights in this dtype (``"float16"`` halves a float32 model's size);
+                default: as they are. The model itself is not changed.
         """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        save_state_dict(self.hf_state_dict(), save_directory, _parse_size(max_shard_size))
-        write_json_atomic(save_directory / "config.json", self.hf_config())
+        state = self.hf_state_dict()
+        config = self.hf_config()
+        if dtype is not None:
+            dtype = _resolve_dtype(dtype, config)
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            config["dtype"] = str(dtype).replace("torch.", "")
+        save_state_dict(state, save_directory, _parse_size(max_shard_size))
+        write_json_atomic(save_directory / "config.json", config)
         return save_directory
 
     @classmethod

@@ -65,6 +65,8 @@ class TrainArgs:
     """Checkpoints to keep, besides the best one."""
     export_best: bool = False
     """Export the saved checkpoint with the lowest eval loss instead of the last weights (an overfitting run)."""
+    export_dtype: str | None = None
+    """Store the exported weights in this dtype ("float16" halves a float32 model); default: as trained."""
     log_every: int = 10
     """Log the training loss every N steps."""
     seed: int = 0

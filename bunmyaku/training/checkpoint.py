@@ -48,10 +48,10 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
-def save_model(model: nn.Module, directory: Path) -> None:
-    """HF layout for a bunmyaku model (``save_pretrained``), a plain state dict otherwise."""
+def save_model(model: nn.Module, directory: Path, dtype: str | None = None) -> None:
+    """HF layout for a bunmyaku model (``save_pretrained``, stored in ``dtype``), a plain state dict otherwise."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, dtype=dtype)
     else:
         torch.save(model.state_dict(), directory / "model.pt")
 

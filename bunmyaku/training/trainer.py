@@ -293,7 +293,7 @@ class Trainer:
             with contextlib.ExitStack() as stack:
                 for plugin in self.plugins:
                     stack.enter_context(plugin.evaluation_context(self))
-                ckpt.save_model(self.unwrapped_model, self.output_dir)
+                ckpt.save_model(self.unwrapped_model, self.output_dir, dtype=args.export_dtype)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.output_dir)
             self.writer.close()

@@ -195,3 +195,14 @@ def test_hub_repo_id_goes_through_snapshot_download(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a reachable hub repo id"):
         bunmyaku.from_pretrained("someone/other-bert")
+
+
+def test_save_in_half_precision(tmp_path):
+    model = _model(BertForMaskedLM)
+    model.save_pretrained(tmp_path, dtype="float16")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float16"
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.6 * sum(p.numel() * 4 for p in model.parameters())
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+    loaded = bunmyaku.from_pretrained(tmp_path)  # read back as float32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits, atol=2e-2, rtol=0)
