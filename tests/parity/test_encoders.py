@@ -133,3 +133,19 @@ def test_bert_sequence_problem_types(tmp_path, problem_type):
     labels = torch.rand(3) * 5 if num_labels == 1 else (torch.rand(3, 4) > 0.5).float()
     with torch.no_grad():
         assert_close(model(**inputs, labels=labels).loss, hf_model(**inputs, labels=labels).loss)
+
+
+def test_sharded_checkpoints_both_directions(tmp_path):
+    """Sharded safetensors with an index: HF's shards load in bunmyaku, and ours in HF."""
+    hf_model = randomize(transformers.BertForMaskedLM(_hf_config("Bert", 0)), seed=11)
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    model = bunmyaku.from_pretrained(tmp_path / "hf")
+    inputs, mask = _inputs(CONFIGS[0], "masked-lm", seed=0)
+    with torch.no_grad():
+        expected = hf_model(**inputs).logits
+        assert_close(model(**inputs).logits, expected, mask)
+        model.save_pretrained(tmp_path / "ours", max_shard_size="20KB")
+        assert len(list((tmp_path / "ours").glob("model-*-of-*.safetensors"))) > 1
+        reloaded = transformers.BertForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+        assert_close(reloaded(**inputs).logits, expected, mask)
