@@ -13,6 +13,10 @@ PIPELINES = {
     "sentence-similarity": ("bunmyaku.pipelines.similarity", "SentenceSimilarityPipeline"),
     "fill-mask": ("bunmyaku.pipelines.fill_mask", "FillMaskPipeline"),
     "text-generation": ("bunmyaku.pipelines.text_generation", "TextGenerationPipeline"),
+    "text-classification": ("bunmyaku.pipelines.classification", "TextClassificationPipeline"),
+    "token-classification": ("bunmyaku.pipelines.token_classification", "TokenClassificationPipeline"),
+    "question-answering": ("bunmyaku.pipelines.question_answering", "QuestionAnsweringPipeline"),
+    "translation": ("bunmyaku.pipelines.translation", "TranslationPipeline"),
 }
 
 

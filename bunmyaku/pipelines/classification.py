@@ -1,0 +1,124 @@
+"""Text classification: labels and scores for texts (or text pairs) from a sequence-classification head.
+
+How logits become scores follows the checkpoint's ``problem_type``: a softmax over the labels for
+single-label classification, an independent sigmoid per label for multi-label classification, and the
+raw value for regression. A head with one output and no ``problem_type`` is read as a binary sigmoid.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import torch
+
+from bunmyaku.hub import resolve_model_dir
+from bunmyaku.models import from_pretrained
+from bunmyaku.pipelines import default_device
+from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
+from bunmyaku.tokenization import Tokenizer
+
+ScoreFunction = Literal["softmax", "sigmoid", "none"]
+
+
+def score_function(config) -> ScoreFunction:
+    """The function that turns this head's logits into scores, from ``problem_type`` and the label count."""
+    if config.problem_type == "regression":
+        return "none"
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def apply_score_function(logits: torch.Tensor, function: ScoreFunction) -> torch.Tensor:
+    """(B, L) logits -> (B, L) float32 scores."""
+    logits = logits.float()
+    if function == "softmax":
+        return logits.softmax(-1)
+    if function == "sigmoid":
+        return logits.sigmoid()
+    if function == "none":
+        return logits
+    raise ValueError(f"unknown score function {function!r}; use 'softmax', 'sigmoid' or 'none'")
+
+
+class TextClassificationPipeline:
+    """Sentiment, topic, NLI, ...: the labels of a sequence-classification checkpoint, best first.
+
+    Args:
+        model: a folder (or hub id) with a sequence-classification checkpoint and its tokenizer.
+        device: where to run; default CUDA when available.
+        top_k: labels returned per text; None returns every label.
+        function_to_apply: "softmax", "sigmoid" or "none"; default from the checkpoint's ``problem_type``.
+        batch_size: texts per forward pass (texts are sorted by length first).
+        max_length: token limit per text (longer texts are truncated); default the model's.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        device: str | None = None,
+        top_k: int | None = 1,
+        function_to_apply: ScoreFunction | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ):
+        model_dir = resolve_model_dir(model)
+        self.device = default_device(device)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        self.model = from_pretrained(model_dir, task="sequence-classification", device=self.device)
+        self.labels = label_names(self.model.config)
+        self.top_k = top_k
+        self.function_to_apply = function_to_apply or score_function(self.model.config)
+        self.batch_size = batch_size
+        self.max_length = max_input_length(self.tokenizer, self.model.config, max_length)
+        self.name = str(model)
+
+    @torch.inference_mode()
+    def scores(self, texts: list[str], text_pairs: list[str] | None = None) -> torch.Tensor:
+        """(N, L) float32 scores on the CPU for N texts (or pairs), in the input order."""
+        function = self.function_to_apply
+        out = torch.empty(len(texts), len(self.labels))
+        for rows in length_sorted_batches([len(t) for t in texts], self.batch_size):
+            batch = self.tokenizer(
+                [texts[i] for i in rows],
+                None if text_pairs is None else [text_pairs[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            )
+            logits = self.model(**model_inputs(batch, self.device)).logits
+            out[rows] = apply_score_function(logits, function).cpu()
+        return out
+
+    def __call__(
+        self,
+        inputs: str | list[str],
+        text_pair: str | list[str] | None = None,
+        top_k: int | None | Literal["default"] = "default",
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Classify a text (or a list of texts), optionally as pairs with ``text_pair``.
+
+        Args:
+            inputs: a text or a list of texts.
+            text_pair: the second text of each pair (NLI, paraphrase): a string for one text, a list for a list.
+            top_k: labels per text, best first; None for all; default the pipeline's ``top_k``.
+
+        Returns:
+            For one text, a list of ``{"label", "score"}``, best first; for a list, one such list per text.
+        """
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(pairs)} text pairs")
+        k = self.top_k if top_k == "default" else top_k
+        k = len(self.labels) if k is None else min(k, len(self.labels))
+        if not texts:
+            return []
+        best = self.scores(texts, pairs).topk(k, dim=-1)
+        results = [
+            [{"label": self.labels[i], "score": v} for v, i in zip(values, indices, strict=True)]
+            for values, indices in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+        ]
+        return results[0] if single else results

@@ -1,0 +1,217 @@
+"""Token classification (NER, tagging): entities as character spans of the original text, with scores.
+
+Each token gets the label the model scores highest; ``aggregation`` then decides what comes back:
+
+- ``"none"``: one entry per token (``entity`` is its label, ``index`` its position in the window);
+- ``"simple"``: neighbouring tokens with the same entity type are grouped (a ``B-`` tag starts a new
+  group), the group's score is the mean of its tokens' scores;
+- ``"first"``: each word takes the label of its first token before grouping, so an entity never splits a
+  word (words as the tokenizer's pre-tokenizer sees them: MeCab words for Japanese, for instance).
+
+Texts longer than the model's window are cut into windows sharing ``stride`` tokens; a token seen in
+two windows keeps the scores of the window where it sits farther from the edge.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from bunmyaku.hub import resolve_model_dir
+from bunmyaku.models import from_pretrained
+from bunmyaku.pipelines import default_device
+from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
+from bunmyaku.tokenization import Tokenizer
+
+Aggregation = Literal["none", "simple", "first"]
+
+
+@dataclass
+class _Token:
+    """One scored token of a text: its piece, character span, word index, label scores and place in its window."""
+
+    piece: str  # the vocabulary entry; for the unknown token, the text it stands for
+    start: int
+    end: int
+    word: int | None
+    scores: torch.Tensor  # (L,)
+    index: int
+    margin: int  # distance to the nearer window edge, to pick the best copy of a token seen twice
+
+
+def split_tag(label: str) -> tuple[str, str]:
+    """``"B-PER"`` -> ("B", "PER"); a label without a B- / I- prefix counts as a continuation ("I", label)."""
+    if label[:2] in ("B-", "I-"):
+        return label[0], label[2:]
+    return "I", label
+
+
+class TokenClassificationPipeline:
+    """Named entities (or any token tags) with character offsets into the input text.
+
+    Args:
+        model: a folder (or hub id) with a token-classification checkpoint and its tokenizer.
+        device: where to run; default CUDA when available.
+        aggregation: "simple" (default), "first" or "none" (see the module docstring).
+        ignore_labels: labels left out of the results.
+        batch_size: windows per forward pass (sorted by length first).
+        max_length: tokens per window; default the model's limit.
+        stride: tokens shared by neighbouring windows of a long text.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        device: str | None = None,
+        aggregation: Aggregation = "simple",
+        ignore_labels: tuple[str, ...] = ("O",),
+        batch_size: int = 16,
+        max_length: int | None = None,
+        stride: int = 32,
+    ):
+        model_dir = resolve_model_dir(model)
+        self.device = default_device(device)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        self.model = from_pretrained(model_dir, task="token-classification", device=self.device)
+        self.labels = label_names(self.model.config)
+        self.aggregation = _check_aggregation(aggregation)
+        self.ignore_labels = set(ignore_labels)
+        self.batch_size = batch_size
+        self.max_length = max_input_length(self.tokenizer, self.model.config, max_length)
+        if not 0 <= stride < self.max_length - self.tokenizer.num_special_tokens_to_add():
+            raise ValueError(f"stride {stride} must be smaller than the window ({self.max_length} tokens)")
+        self.stride = stride
+        self.name = str(model)
+
+    @torch.inference_mode()
+    def tokens(self, texts: list[str]) -> list[list[_Token]]:
+        """The scored tokens of each text, special tokens left out, in text order."""
+        enc = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            stride=self.stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        owners = enc["overflow_to_sample_mapping"].tolist()
+        probs: list[torch.Tensor | None] = [None] * len(owners)
+        for rows in length_sorted_batches(enc["attention_mask"].sum(1).tolist(), self.batch_size):
+            logits = self.model(**model_inputs(enc, self.device, rows)).logits
+            for row, p in zip(rows, logits.float().softmax(-1).cpu(), strict=True):
+                probs[row] = p
+        best: list[dict[tuple[int, int], _Token]] = [{} for _ in texts]
+        unk = self.tokenizer.unk_token_id
+        for w, owner in enumerate(owners):
+            ids, offsets, word_ids = enc["input_ids"][w].tolist(), enc["offset_mapping"][w].tolist(), enc.word_ids(w)
+            special = enc["special_tokens_mask"][w].tolist()
+            content = [j for j in range(len(ids)) if not special[j] and enc["attention_mask"][w, j]]
+            for j in content:
+                start, end = offsets[j]
+                margin = min(j - content[0], content[-1] - j)
+                seen = best[owner].get((start, end))
+                if seen is None or margin > seen.margin:
+                    piece = texts[owner][start:end] if ids[j] == unk else self.tokenizer.convert_ids_to_tokens(ids[j])
+                    best[owner][(start, end)] = _Token(piece, start, end, word_ids[j], probs[w][j], j, margin)
+        return [sorted(found.values(), key=lambda t: (t.start, t.end)) for found in best]
+
+    def __call__(
+        self, inputs: str | list[str], aggregation: Aggregation | None = None
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Entities in a text (or each of a list).
+
+        Args:
+            inputs: a text or a list of texts.
+            aggregation: override the pipeline's aggregation for this call.
+
+        Returns:
+            Per text, a list of ``{"entity_group", "score", "word", "start", "end"}`` in text order
+            (``{"entity", "score", "index", "word", "start", "end"}`` per token with ``"none"``); ``start`` /
+            ``end`` are character offsets into the text, so ``text[start:end]`` is the entity as written.
+        """
+        aggregation = _check_aggregation(aggregation or self.aggregation)
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        if not texts:
+            return []
+        results = []
+        for tokens in self.tokens(texts):
+            if aggregation == "none":
+                entities = [self._token_entity(t) for t in tokens]
+                results.append([e for e in entities if e["entity"] not in self.ignore_labels])
+                continue
+            tagged = self._word_tags(tokens) if aggregation == "first" else self._token_tags(tokens)
+            groups = [self._group_entity(group) for group in _group(tagged)]
+            results.append([g for g in groups if g["entity_group"] not in self.ignore_labels])
+        return results[0] if single else results
+
+    def _token_entity(self, token: _Token) -> dict[str, Any]:
+        score, label = token.scores.max(-1)
+        return {
+            "entity": self.labels[int(label)],
+            "score": float(score),
+            "index": token.index,
+            "word": token.piece,
+            "start": token.start,
+            "end": token.end,
+        }
+
+    def _token_tags(self, tokens: list[_Token]) -> list[tuple[str, float, list[_Token]]]:
+        """(label, score, [token]) for each token: its best label."""
+        tagged = []
+        for token in tokens:
+            score, label = token.scores.max(-1)
+            tagged.append((self.labels[int(label)], float(score), [token]))
+        return tagged
+
+    def _word_tags(self, tokens: list[_Token]) -> list[tuple[str, float, list[_Token]]]:
+        """(label, score, tokens) for each word: the best label of the word's first token."""
+        words: list[list[_Token]] = []
+        for token in tokens:
+            if words and token.word is not None and token.word == words[-1][-1].word:
+                words[-1].append(token)
+            else:
+                words.append([token])
+        tagged = []
+        for word in words:
+            score, label = word[0].scores.max(-1)
+            tagged.append((self.labels[int(label)], float(score), word))
+        return tagged
+
+    def _group_entity(self, group: list[tuple[str, float, list[_Token]]]) -> dict[str, Any]:
+        tokens = [t for _, _, word in group for t in word]
+        return {
+            "entity_group": split_tag(group[0][0])[1],
+            "score": sum(score for _, score, _ in group) / len(group),
+            "word": self._join([t.piece for t in tokens]),
+            "start": tokens[0].start,
+            "end": tokens[-1].end,
+        }
+
+    def _join(self, pieces: list[str]) -> str:
+        """Pieces as text, the way the tokenizer's decoder joins them (``##`` continuations glued on)."""
+        decoder = self.tokenizer.backend.decoder
+        return decoder.decode(pieces) if decoder is not None else "".join(pieces)
+
+
+def _group(tagged: list[tuple[str, float, list[_Token]]]) -> list[list[tuple[str, float, list[_Token]]]]:
+    """Runs of neighbours with the same entity type; a ``B-`` tag always opens a new run."""
+    groups: list[list[tuple[str, float, list[_Token]]]] = []
+    for item in tagged:
+        prefix, kind = split_tag(item[0])
+        if groups and prefix != "B" and split_tag(groups[-1][-1][0])[1] == kind:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _check_aggregation(aggregation: str) -> Aggregation:
+    if aggregation not in ("none", "simple", "first"):
+        raise ValueError(f"unknown aggregation {aggregation!r}; use 'none', 'simple' or 'first'")
+    return aggregation  # type: ignore[return-value]

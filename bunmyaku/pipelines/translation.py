@@ -1,0 +1,133 @@
+"""Translation with an encoder-decoder (MarianMT): greedy or beam search, batches sorted by length.
+
+Decoding settings default to the folder's ``generation_config.json`` (Marian checkpoints ship
+``num_beams``, ``max_length`` and the forbidden padding token there), then to greedy search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bunmyaku.hub import resolve_model_dir
+from bunmyaku.models import from_pretrained
+from bunmyaku.pipelines import default_device
+from bunmyaku.pipelines.batching import length_sorted_batches, max_input_length, model_inputs
+from bunmyaku.tokenization import Tokenizer
+
+
+def generation_settings(model_dir: Path) -> dict[str, Any]:
+    """``num_beams``, ``max_new_tokens``, ``length_penalty`` and ``bad_token_ids`` from generation_config.json."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    settings: dict[str, Any] = {}
+    if config.get("num_beams"):
+        settings["num_beams"] = int(config["num_beams"])
+    if config.get("max_new_tokens"):
+        settings["max_new_tokens"] = int(config["max_new_tokens"])
+    elif config.get("max_length"):
+        settings["max_new_tokens"] = int(config["max_length"]) - 1  # max_length counts the start token
+    if config.get("length_penalty") is not None:
+        settings["length_penalty"] = float(config["length_penalty"])
+    bad = config.get("bad_words_ids") or []
+    if bad:
+        settings["bad_token_ids"] = [ids[0] for ids in bad if len(ids) == 1]
+    return settings
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The folder's tokenizer, with a clear message for a Marian folder (vocab.json + .spm, no tokenizer.json).
+
+    Raises:
+        ValueError: for a Marian tokenizer folder, which bunmyaku.Tokenizer cannot read yet.
+    """
+    try:
+        return Tokenizer.from_pretrained(model_dir)
+    except FileNotFoundError as error:
+        if (model_dir / "source.spm").is_file() and (model_dir / "vocab.json").is_file():
+            raise ValueError(
+                f"{model_dir} is a Marian tokenizer folder (source.spm, target.spm, vocab.json); bunmyaku.Tokenizer "
+                "cannot read it yet. Add a tokenizer.json whose ids follow vocab.json."
+            ) from error
+        raise
+
+
+def check_marian_vocabulary(tokenizer: Tokenizer, model_dir: Path) -> None:
+    """Refuse a Marian folder whose ``vocab.json`` numbers pieces differently from its SentencePiece model.
+
+    bunmyaku's tokenizer reads the ids from ``source.spm``; Marian models index their embeddings by
+    ``vocab.json``. Translating with mismatched ids would produce fluent-looking nonsense.
+
+    Raises:
+        ValueError: when the two vocabularies disagree on any piece's id.
+    """
+    path = model_dir / "vocab.json"
+    if not path.is_file() or not (model_dir / "source.spm").is_file():
+        return
+    expected = json.loads(path.read_text(encoding="utf-8"))
+    ours = tokenizer.get_vocab()
+    wrong = [piece for piece, index in expected.items() if ours.get(piece) != index]
+    if wrong:
+        raise ValueError(
+            f"{model_dir}: vocab.json numbers {len(wrong)} pieces differently from source.spm (e.g. {wrong[0]!r}); "
+            "bunmyaku.Tokenizer cannot yet map SentencePiece pieces through a Marian vocab.json"
+        )
+
+
+class TranslationPipeline:
+    """Translate texts with a seq2seq checkpoint (MarianMT).
+
+    Args:
+        model: a folder (or hub id) with a seq2seq-lm checkpoint and its tokenizer.
+        device: where to run; default CUDA when available.
+        batch_size: texts per ``generate`` call (sorted by length first).
+        max_length: source token limit (longer texts are truncated); default the model's.
+        generate_kwargs: defaults for ``num_beams``, ``max_new_tokens``, ``length_penalty``, ``bad_token_ids``
+            (over generation_config.json).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        device: str | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        **generate_kwargs: Any,
+    ):
+        model_dir = resolve_model_dir(model)
+        self.device = default_device(device)
+        self.tokenizer = load_tokenizer(model_dir)
+        check_marian_vocabulary(self.tokenizer, model_dir)
+        self.model = from_pretrained(model_dir, task="seq2seq-lm", device=self.device)
+        self.settings = {"num_beams": 1, "max_new_tokens": 256, **generation_settings(model_dir), **generate_kwargs}
+        self.batch_size = batch_size
+        self.max_length = max_input_length(self.tokenizer, self.model.config, max_length)
+        self.name = str(model)
+
+    @torch.inference_mode()
+    def __call__(self, inputs: str | list[str], **generate_kwargs: Any) -> list[dict[str, str]]:
+        """Translate a text or a list of texts.
+
+        Args:
+            inputs: a text or a list of texts.
+            generate_kwargs: ``num_beams``, ``max_new_tokens``, ``length_penalty``, ``bad_token_ids`` for this
+                call (see ``TransformerForSeq2SeqLM.generate``).
+
+        Returns:
+            ``[{"translation_text": ...}]``, one dict per input text, in the input order.
+        """
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        settings = {**self.settings, **generate_kwargs}
+        outputs: list[str] = [""] * len(texts)
+        for rows in length_sorted_batches([len(t) for t in texts], self.batch_size):
+            batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length)
+            source = model_inputs(batch, self.device)
+            tokens = self.model.generate(source["input_ids"], source["attention_mask"], **settings)
+            decoded = self.tokenizer.batch_decode(tokens[:, 1:].tolist(), skip_special_tokens=True)
+            for row, text in zip(rows, decoded, strict=True):
+                outputs[row] = text
+        return [{"translation_text": text} for text in outputs]
