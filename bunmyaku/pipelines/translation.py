@@ -39,45 +39,6 @@ def generation_settings(model_dir: Path) -> dict[str, Any]:
     return settings
 
 
-def load_tokenizer(model_dir: Path) -> Tokenizer:
-    """The folder's tokenizer, with a clear message for a Marian folder (vocab.json + .spm, no tokenizer.json).
-
-    Raises:
-        ValueError: for a Marian tokenizer folder, which bunmyaku.Tokenizer cannot read yet.
-    """
-    try:
-        return Tokenizer.from_pretrained(model_dir)
-    except FileNotFoundError as error:
-        if (model_dir / "source.spm").is_file() and (model_dir / "vocab.json").is_file():
-            raise ValueError(
-                f"{model_dir} is a Marian tokenizer folder (source.spm, target.spm, vocab.json); bunmyaku.Tokenizer "
-                "cannot read it yet. Add a tokenizer.json whose ids follow vocab.json."
-            ) from error
-        raise
-
-
-def check_marian_vocabulary(tokenizer: Tokenizer, model_dir: Path) -> None:
-    """Refuse a Marian folder whose ``vocab.json`` numbers pieces differently from its SentencePiece model.
-
-    bunmyaku's tokenizer reads the ids from ``source.spm``; Marian models index their embeddings by
-    ``vocab.json``. Translating with mismatched ids would produce fluent-looking nonsense.
-
-    Raises:
-        ValueError: when the two vocabularies disagree on any piece's id.
-    """
-    path = model_dir / "vocab.json"
-    if not path.is_file() or not (model_dir / "source.spm").is_file():
-        return
-    expected = json.loads(path.read_text(encoding="utf-8"))
-    ours = tokenizer.get_vocab()
-    wrong = [piece for piece, index in expected.items() if ours.get(piece) != index]
-    if wrong:
-        raise ValueError(
-            f"{model_dir}: vocab.json numbers {len(wrong)} pieces differently from source.spm (e.g. {wrong[0]!r}); "
-            "bunmyaku.Tokenizer cannot yet map SentencePiece pieces through a Marian vocab.json"
-        )
-
-
 class TranslationPipeline:
     """Translate texts with a seq2seq checkpoint (MarianMT).
 
@@ -100,8 +61,7 @@ class TranslationPipeline:
     ):
         model_dir = resolve_model_dir(model)
         self.device = default_device(device)
-        self.tokenizer = load_tokenizer(model_dir)
-        check_marian_vocabulary(self.tokenizer, model_dir)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)  # Marian folders: source.spm + vocab.json
         self.model = from_pretrained(model_dir, task="seq2seq-lm", device=self.device)
         self.settings = {"num_beams": 1, "max_new_tokens": 256, **generation_settings(model_dir), **generate_kwargs}
         self.batch_size = batch_size

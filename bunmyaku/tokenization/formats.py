@@ -435,3 +435,50 @@ def build_sentencepiece(path: Path) -> tuple[Backend, dict[str, Any]]:
     backend.post_processor = sequence_template(None, None, {})
     config["model_input_names"] = CAUSAL_INPUT_NAMES
     return backend, config
+
+
+def build_marian(source_spm: Path, vocab: dict[str, int], config: dict[str, Any]) -> tuple[Backend, dict[str, Any]]:
+    """A MarianMT folder: SentencePiece segmentation from ``source.spm``, ids from the shared ``vocab.json``.
+
+    Marian models index their embeddings by ``vocab.json`` (one vocabulary for both languages), not by the
+    SentencePiece ids. The Unigram model is rebuilt over ``vocab.json``'s pieces in its order, each scored
+    as in ``source.spm``. Pieces the source model does not have (target-language ones) must keep their ids,
+    for decoding translations, but must never be chosen when segmenting source text: they are stored behind
+    a NUL character that normalised text never contains, and the decoder drops it again. ``</s>`` ends every
+    sequence.
+
+    Raises:
+        ValueError: when ``vocab.json`` lacks ``<unk>`` or ``</s>`` or its ids have gaps.
+    """
+    backend, defaults = build_sentencepiece(source_spm)
+    for token in ("<unk>", "</s>"):
+        if token not in vocab:
+            raise ValueError(f"{source_spm.parent / 'vocab.json'} has no {token!r} entry")
+    ordered = sorted(vocab.items(), key=lambda item: item[1])
+    if [i for _, i in ordered] != list(range(len(ordered))):
+        raise ValueError(f"{source_spm.parent / 'vocab.json'}: ids must run 0..{len(ordered) - 1} without gaps")
+    scores = _sentencepiece_scores(source_spm)
+    # An unreachable piece keeps the lowest real score, so it leaves SentencePiece's unknown-piece penalty alone.
+    lowest = min(scores.values())
+    specials = [t for t in ("</s>", "<unk>", "<pad>") if t in vocab]  # matched whole, as added tokens
+    pieces = [(p, scores.get(p, lowest)) if p in scores or p in specials else (_HIDDEN + p, lowest) for p, _ in ordered]
+    backend.model = models.Unigram(pieces, unk_id=vocab["<unk>"])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.post_processor = sequence_template(None, "</s>", vocab)
+    backend.decoder = decoders.Sequence([decoders.Replace(_HIDDEN, ""), backend.decoder])
+    config = {**defaults, "tokenizer_class": "MarianTokenizer", "eos_token": "</s>", "unk_token": "<unk>", **config}
+    if "<pad>" in vocab:
+        config.setdefault("pad_token", "<pad>")
+    config["model_input_names"] = CAUSAL_INPUT_NAMES
+    return backend, config
+
+
+_HIDDEN = "\x00"
+
+
+def _sentencepiece_scores(path: Path) -> dict[str, float]:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return {p.piece: p.score for p in proto.pieces}

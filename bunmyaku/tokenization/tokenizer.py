@@ -229,6 +229,12 @@ class Tokenizer:
         if (folder / "vocab.txt").is_file():
             config.pop("model_type", None)
             return cls._from_file(folder / "vocab.txt", config)
+        if (folder / "source.spm").is_file() and (folder / "vocab.json").is_file():  # MarianMT
+            vocab = formats.read_json(folder / "vocab.json")
+            if not isinstance(vocab, dict) or not vocab:
+                raise ValueError(f"{folder / 'vocab.json'} must be a JSON object mapping pieces to ids")
+            config.pop("model_type", None)
+            return cls(*formats.build_marian(folder / "source.spm", vocab, config))
         for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
             if (folder / vocab_name).is_file():
                 if not (folder / merges_name).is_file():

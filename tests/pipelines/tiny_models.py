@@ -45,8 +45,6 @@ def marian_dir(path: Path, seed: int = 0) -> Path:
 
     The SentencePiece model is trained here on a few sentences; vocab.json numbers its pieces as the
     .spm does (``</s>`` 0, ``<unk>`` 1, then the pieces) and appends ``<pad>``, as Marian conversions do.
-    bunmyaku.Tokenizer does not read Marian folders (vocab.json + .spm), so the folder also gets a
-    tokenizer.json that bunmyaku converts from source.spm; transformers' MarianTokenizer ignores it.
     """
     import sentencepiece as spm
     import transformers
@@ -84,7 +82,6 @@ def marian_dir(path: Path, seed: int = 0) -> Path:
         "target_lang": "yy",
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
-    _add_tokenizer_json(path, tokenizer_config)
     config = transformers.MarianConfig(
         vocab_size=len(vocab),
         d_model=32,
@@ -112,15 +109,3 @@ def marian_dir(path: Path, seed: int = 0) -> Path:
         model.final_logits_bias.normal_(generator=torch.Generator().manual_seed(seed))[0, 0] = -6.0  # a late end
     model.eval().save_pretrained(path)
     return path
-
-
-def _add_tokenizer_json(path: Path, tokenizer_config: dict) -> None:
-    """bunmyaku's conversion of source.spm (``</s>`` appended, as Marian does), saved as tokenizer.json only."""
-    import tempfile
-
-    import bunmyaku
-
-    tokenizer = bunmyaku.Tokenizer.from_sentencepiece(path / "source.spm", tokenizer_config)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer.save_pretrained(scratch)
-        shutil.copy(Path(scratch) / "tokenizer.json", path / "tokenizer.json")
