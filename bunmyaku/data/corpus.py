@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -184,6 +185,7 @@ def build_corpus(
     word_starts: bool = False,
     seed: int = 0,
     progress: bool = True,
+    workers: int = 0,
 ) -> TokenCorpus:
     """Tokenize raw text files into a corpus folder (see the module docstring).
 
@@ -199,6 +201,8 @@ def build_corpus(
             for a Japanese tokenizer), for whole-word masking with tokenizers that do not mark ``##`` pieces.
         seed: the seed of the held-out document draw.
         progress: draw a progress bar.
+        workers: processes that tokenize. 0: one per CPU core when the tokenizer splits words in Python
+            (MeCab), else 1, since the Rust tokenizer already encodes a batch on every core.
 
     Returns:
         The opened corpus.
@@ -215,7 +219,9 @@ def build_corpus(
     dtype = token_dtype(vocab_size)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        docs, total = _tokenize_all(files, tokenizer, tmp, dtype, doc_split, text_field, word_starts, progress)
+        if workers == 0:
+            workers = (os.cpu_count() or 1) if _splits_words_in_python(tokenizer) else 1
+        docs, total = _tokenize_all(files, tokenizer, tmp, dtype, doc_split, text_field, word_starts, progress, workers)
         if total == 0:
             raise ValueError(f"the corpus is empty: no text in {[str(f) for f in files]}")
         splits = _write_splits(tmp, dtype, docs, total, valid_fraction, word_starts, seed)
@@ -271,6 +277,59 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
     return {name: int(i) for name, i in ids.items() if i is not None}
 
 
+def _splits_words_in_python(tokenizer: Any) -> bool:
+    """Whether the tokenizer's word splitting (MeCab) runs in Python, under the GIL, so only processes help."""
+    return getattr(tokenizer, "init_kwargs", {}).get("word_tokenizer_type") == "mecab"
+
+
+def _document_batches(files: list[Path], doc_split: DocSplit, text_field: str) -> Iterator[tuple[Path, list[str]]]:
+    """Batches of documents, file by file; an empty batch marks the end of a file (for the progress bar)."""
+    for path in files:
+        batch: list[str] = []
+        for text in read_documents(path, doc_split, text_field):
+            batch.append(text)
+            if len(batch) == _ENCODE_BATCH:
+                yield path, batch
+                batch = []
+        if batch:
+            yield path, batch
+        yield path, []
+
+
+def _encode_texts(backend: Any, texts: list[str]) -> list[tuple[list[int], list[int | None]]]:
+    return [(e.ids, e.word_ids) for e in backend.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+
+_WORKER_BACKEND: Any = None
+
+
+def _start_worker(tokenizer_dir: str) -> None:
+    global _WORKER_BACKEND
+    from bunmyaku.tokenization import Tokenizer
+
+    _WORKER_BACKEND = Tokenizer.from_pretrained(tokenizer_dir).backend
+
+
+def _encode_in_worker(item: tuple[Path, list[str]]) -> tuple[Path, list[tuple[list[int], list[int | None]]], bool]:
+    path, texts = item
+    return path, _encode_texts(_WORKER_BACKEND, texts), not texts
+
+
+def _encoded_batches(
+    files: list[Path], tokenizer: Any, doc_split: DocSplit, text_field: str, workers: int, stack: ExitStack
+) -> Iterator[tuple[Path, list[tuple[list[int], list[int | None]]], bool]]:
+    """(file, encoded documents, end of file) in corpus order, from this process or a pool of ``workers``."""
+    batches = _document_batches(files, doc_split, text_field)
+    if workers <= 1:
+        return ((path, _encode_texts(tokenizer.backend, texts), not texts) for path, texts in batches)
+    tokenizer_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bunmyaku-tokenizer-"))
+    tokenizer.save_pretrained(tokenizer_dir)
+    pool = stack.enter_context(
+        multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(tokenizer_dir,))
+    )
+    return pool.imap(_encode_in_worker, batches)  # imap keeps the order, so the corpus is the same
+
+
 def _tokenize_all(
     files: list[Path],
     tokenizer: Any,
@@ -280,49 +339,36 @@ def _tokenize_all(
     text_field: str,
     word_starts: bool,
     progress: bool,
+    workers: int = 1,
 ) -> tuple[list[int], int]:
     """Stream every document through the tokenizer into ``tmp/all.bin``; returns the offsets and token count."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    backend = tokenizer.backend
     docs = [0]
     total = 0
     size = sum(f.stat().st_size for f in files)
     done_bytes = 0
     columns = (TextColumn("tokenizing"), BarColumn(), TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn())
     with (
+        ExitStack() as stack,
         Progress(*columns, disable=not progress) as bar,
         (tmp / "all.bin").open("wb") as out,
         (tmp / "all.words.bin").open("wb") if word_starts else nullcontext() as words_out,
     ):
         task = bar.add_task("tokenizing", total=max(size, 1), tokens=0)
-        for path in files:
-            batch: list[str] = []
-            for text in read_documents(path, doc_split, text_field):
-                batch.append(text)
-                if len(batch) == _ENCODE_BATCH:
-                    total = _encode_batch(backend, batch, out, words_out, dtype, docs, total)
-                    bar.update(task, tokens=total)
-                    batch = []
-            if batch:
-                total = _encode_batch(backend, batch, out, words_out, dtype, docs, total)
-            done_bytes += path.stat().st_size
+        for path, encoded, end_of_file in _encoded_batches(files, tokenizer, doc_split, text_field, workers, stack):
+            for ids, word_ids in encoded:
+                if not ids:
+                    continue
+                out.write(np.asarray(ids, dtype=dtype).tobytes())
+                if words_out is not None:
+                    words_out.write(_word_start_flags(word_ids).tobytes())
+                total += len(ids)
+                docs.append(total)
+            if end_of_file:
+                done_bytes += path.stat().st_size
             bar.update(task, completed=done_bytes, tokens=total)
     return docs, total
-
-
-def _encode_batch(backend: Any, texts: list[str], out, words_out, dtype: np.dtype, docs: list[int], total: int) -> int:
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
-    for encoding in encodings:
-        ids = encoding.ids
-        if not ids:
-            continue
-        out.write(np.asarray(ids, dtype=dtype).tobytes())
-        if words_out is not None:
-            words_out.write(_word_start_flags(encoding.word_ids).tobytes())
-        total += len(ids)
-        docs.append(total)
-    return total
 
 
 def _word_start_flags(word_ids: list[int | None]) -> np.ndarray:
