@@ -145,3 +145,328 @@ def _pretrain_command():
 
 
 app.command("pretrain")(_pretrain_command())
+
+
+# ------------------------------------------------------------------------------------------------- finetune
+
+
+import contextlib  # noqa: E402  (appended with the finetune verbs)
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Bad input data or options end the command with the message (file:line) instead of a traceback."""
+    from bunmyaku.data.tables import DataError
+
+    try:
+        yield
+    except (DataError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from error
+
+
+def _finetune(values: dict) -> None:
+    from bunmyaku.tasks.finetune import TRAIN_DEFAULTS, FinetuneArgs, run_finetune
+    from bunmyaku.training.args import TrainArgs
+    from bunmyaku.training.recipe import build_args
+
+    _setup_logging(values.pop("verbose"))
+    with _user_errors():
+        fargs, targs = build_args((FinetuneArgs, TrainArgs), {**TRAIN_DEFAULTS, **values})
+        summary = run_finetune(fargs, targs)
+    shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float) and k != "train_seconds"}
+    typer.echo(f"eval: {shown}; written to {targs.output_dir}")
+
+
+def _finetune_command():
+    from bunmyaku.tasks.finetune import FinetuneArgs
+    from bunmyaku.training.args import TrainArgs
+    from bunmyaku.training.recipe import typer_command
+
+    command = typer_command((FinetuneArgs, TrainArgs), _finetune)
+    command.__doc__ = (
+        "Fine-tune a model for a task: --task text-classification | sentence-similarity | token-classification | "
+        "question-answering | multiple-choice | pair-classification, --model, --train, --eval (or --eval-split), "
+        "the columns, --epochs, --output-dir; or --config recipe.yaml with the same keys. Writes metrics.json, "
+        "predictions.jsonl, model/ (HF layout), the log and loss curves."
+    )
+    return command
+
+
+app.command("finetune")(_finetune_command())
+
+_COLUMN_HELP = "Override the column the model was trained with."
+
+
+@app.command("predict")
+def predict_command(
+    model: str = typer.Option(..., "--model", help="A fine-tuned model folder (DIR or DIR/model of a finetune run)."),
+    input: str = typer.Option(..., "--input", help="Examples to predict (labels not needed)."),
+    output: str = typer.Option(..., "--output", help="Where to write one JSON prediction per line."),
+    batch_size: int = typer.Option(32, help="Rows per batch."),
+    format: str = typer.Option(None, help="Input format (default: as at training, or from the suffix)."),
+    text_column: str = typer.Option(None, help=_COLUMN_HELP),
+    text_pair_column: str = typer.Option(None, help=_COLUMN_HELP),
+    choice_columns: str = typer.Option(None, help=_COLUMN_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Predict with a fine-tuned model: one JSON line per input example (labels, scores, spans or answers)."""
+    from bunmyaku.tasks.finetune import predict_file
+
+    _setup_logging(verbose)
+    overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
+    with _user_errors():
+        n = predict_file(model, input, output, batch_size, choice_columns=choice_columns, **overrides)
+    typer.echo(f"Wrote {n} predictions to {output}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: str = typer.Option(..., "--model", help="A fine-tuned model folder (DIR or DIR/model of a finetune run)."),
+    eval: str = typer.Option(..., "--eval", help="A labelled file."),
+    output_dir: str = typer.Option(None, help="Also write metrics.json and predictions.jsonl here."),
+    batch_size: int = typer.Option(32, help="Rows per batch."),
+    format: str = typer.Option(None, help="Input format (default: as at training, or from the suffix)."),
+    text_column: str = typer.Option(None, help=_COLUMN_HELP),
+    text_pair_column: str = typer.Option(None, help=_COLUMN_HELP),
+    label_column: str = typer.Option(None, help=_COLUMN_HELP),
+    choice_columns: str = typer.Option(None, help=_COLUMN_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Score a fine-tuned model on a labelled file with its task's metrics; prints them as JSON."""
+    import json
+
+    from bunmyaku.tasks.finetune import evaluate_file
+
+    _setup_logging(verbose)
+    overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
+    overrides.update(label_column=label_column, choice_columns=choice_columns)
+    with _user_errors():
+        metrics = evaluate_file(model, eval, output_dir, batch_size, **overrides)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------- pipelines
+# One verb per pipeline: texts come as arguments (or one per line on stdin when none are given), results
+# are printed as readable text, or as JSON with --json.
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="A model folder in HF layout (or a hub repo id).")]
+DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
+TextsArgument = Annotated[list[str] | None, typer.Argument(help="Texts; read one per line from stdin when none.")]
+
+
+def _texts(texts: list[str] | None) -> list[str]:
+    """The texts given, or the non-empty lines of stdin."""
+    if texts:
+        return texts
+    import sys
+
+    lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not lines:
+        raise typer.BadParameter("give texts as arguments or on stdin")
+    return lines
+
+
+def _print_json(data) -> None:
+    import json
+
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+@app.command("fill-mask")
+def fill_mask_command(
+    texts: TextsArgument = None,
+    model: ModelOption = ...,
+    top_k: int = typer.Option(5, help="Predictions per mask."),
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Predict the masked token(s) of each text (write the model's mask token, e.g. [MASK])."""
+    from bunmyaku import pipeline
+
+    texts = _texts(texts)
+    results = pipeline("fill-mask", model=model, device=device, top_k=top_k)(texts)
+    if as_json:
+        return _print_json(results)
+    for text, result in zip(texts, results, strict=True):
+        typer.echo(text)
+        for slot in result if result and isinstance(result[0], list) else [result]:
+            typer.echo("  " + ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in slot))
+
+
+@app.command("generate")
+def generate_command(
+    prompts: TextsArgument = None,
+    model: ModelOption = ...,
+    max_new_tokens: int = typer.Option(64, help="The most tokens to add."),
+    do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample instead of taking the best token."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, help="Sample from the smallest set with this much probability."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalise tokens already generated (>1)."),
+    num_beams: int = typer.Option(1, help="Beam search with this many beams (1: greedy or sampling)."),
+    seed: int | None = typer.Option(None, help="Random seed for sampling."),
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="A stop string (repeat the flag).")] = None,
+    chat: bool = typer.Option(False, "--chat", help="Send each prompt as a user message through the chat template."),
+    system: str | None = typer.Option(None, help="A system message for --chat."),
+    stream: bool = typer.Option(False, "--stream", help="Print the text as it is generated (one prompt at a time)."),
+    dtype: str | None = typer.Option(None, help="Model dtype: float32 (default), bfloat16, float16."),
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Generate text with a decoder (GPT-2, Llama / SmolLM2; a HF folder or a GGUF file)."""
+    from bunmyaku import pipeline
+
+    prompts = _texts(prompts)
+    pipe = pipeline("text-generation", model=model, device=device, dtype=dtype)
+    inputs = [_chat_messages(p, system) if chat else p for p in prompts]
+    settings = dict(do_sample=do_sample, seed=seed, num_beams=num_beams, repetition_penalty=repetition_penalty)
+    if do_sample:
+        settings.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+    if stream and not as_json:
+        for item in inputs:
+            for piece in pipe.stream(item, max_new_tokens=max_new_tokens, **settings):
+                typer.echo(piece, nl=False)
+            typer.echo()
+        return
+    results = pipe(inputs, max_new_tokens=max_new_tokens, stop=stop, **settings)
+    texts = [result[0]["generated_text"] for result in results]
+    if as_json:
+        return _print_json([{"prompt": p, "generated_text": t} for p, t in zip(prompts, texts, strict=True)])
+    for prompt, text in zip(prompts, texts, strict=True):
+        typer.echo(text if chat else prompt + text)
+
+
+def _chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+@app.command("similarity")
+def similarity_command(
+    sentences: Annotated[list[str] | None, typer.Argument(help="Sentences (queries with --search).")] = None,
+    model: ModelOption = ...,
+    search: str | None = typer.Option(None, "--search", help="A corpus file, one entry a line, to search."),
+    top_k: int = typer.Option(5, help="Hits per query with --search."),
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cosine similarity between sentences, or semantic search of a corpus file (--search) with a bi-encoder."""
+    from pathlib import Path
+
+    from bunmyaku import pipeline
+
+    sentences = _texts(sentences)
+    pipe = pipeline("sentence-similarity", model=model, device=device)
+    if search:
+        corpus = [line for line in Path(search).read_text(encoding="utf-8").splitlines() if line.strip()]
+        hits = pipe.search(sentences, corpus, top_k=top_k)
+        if as_json:
+            return _print_json([{"query": q, "hits": h} for q, h in zip(sentences, hits, strict=True)])
+        for query, found in zip(sentences, hits, strict=True):
+            typer.echo(query)
+            for hit in found:
+                typer.echo(f"  {hit['score']:+.3f}  {hit['text']}")
+        return
+    matrix = pipe(sentences)
+    if as_json:
+        return _print_json({"sentences": sentences, "similarity": matrix})
+    for i, (sentence, row) in enumerate(zip(sentences, matrix, strict=True)):
+        typer.echo("  ".join(f"{v:+.3f}" for v in row) + f"   [{i}] {sentence}")
+
+
+@app.command("classify")
+def classify_command(
+    texts: TextsArgument = None,
+    model: ModelOption = ...,
+    pair: str | None = typer.Option(None, help="A second text paired with every text (NLI, paraphrase)."),
+    top_k: int = typer.Option(1, help="Labels per text, best first (0: all)."),
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Classify texts with a sequence-classification model (softmax, sigmoid for multi-label, raw for regression)."""
+    from bunmyaku import pipeline
+
+    texts = _texts(texts)
+    pipe = pipeline("text-classification", model=model, device=device)
+    results = pipe(texts, text_pair=None if pair is None else [pair] * len(texts), top_k=top_k or None)
+    if as_json:
+        return _print_json([{"text": t, "labels": r} for t, r in zip(texts, results, strict=True)])
+    for text, result in zip(texts, results, strict=True):
+        labels = ", ".join(f"{r['label']} ({r['score']:.3f})" for r in result)
+        typer.echo(f"{labels}\t{text}")
+
+
+@app.command("ner")
+def ner_command(
+    texts: TextsArgument = None,
+    model: ModelOption = ...,
+    aggregation: str = typer.Option("simple", help="simple | first | none."),
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Named entities (or any token tags) with character offsets, from a token-classification model."""
+    from bunmyaku import pipeline
+
+    texts = _texts(texts)
+    results = pipeline("token-classification", model=model, device=device)(texts, aggregation=aggregation)
+    if as_json:
+        return _print_json([{"text": t, "entities": r} for t, r in zip(texts, results, strict=True)])
+    for text, entities in zip(texts, results, strict=True):
+        typer.echo(text)
+        for e in entities:
+            label = e.get("entity_group", e.get("entity"))
+            typer.echo(f"  {label:<8} {text[e['start'] : e['end']]!r} [{e['start']}:{e['end']}] ({e['score']:.3f})")
+
+
+@app.command("qa")
+def qa_command(
+    questions: Annotated[list[str], typer.Argument(help="Questions, all answered from the same context.")],
+    model: ModelOption = ...,
+    context: str | None = typer.Option(None, help="The context text."),
+    context_file: str | None = typer.Option(None, help="A file holding the context text."),
+    top_k: int = typer.Option(1, help="Answers per question."),
+    max_answer_len: int = typer.Option(15, help="The longest answer, in tokens."),
+    impossible: bool = typer.Option(False, "--impossible", help="Allow no answer (SQuAD 2.0 models)."),
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Extractive question answering: the span of the context that answers each question."""
+    from pathlib import Path
+
+    from bunmyaku import pipeline
+
+    if (context is None) == (context_file is None):
+        raise typer.BadParameter("give exactly one of --context and --context-file")
+    text = context if context is not None else Path(context_file).read_text(encoding="utf-8")
+    pipe = pipeline("question-answering", model=model, device=device, handle_impossible_answer=impossible)
+    results = pipe(questions, text, top_k=top_k, max_answer_len=max_answer_len)
+    results = [r if isinstance(r, list) else [r] for r in results]
+    if as_json:
+        return _print_json([{"question": q, "answers": r} for q, r in zip(questions, results, strict=True)])
+    for question, answers in zip(questions, results, strict=True):
+        typer.echo(question)
+        for a in answers:
+            typer.echo(f"  {a['answer']!r} [{a['start']}:{a['end']}] ({a['score']:.3f})")
+
+
+@app.command("translate")
+def translate_command(
+    texts: TextsArgument = None,
+    model: ModelOption = ...,
+    num_beams: int | None = typer.Option(None, help="Beams (default from generation_config.json, else 1)."),
+    max_new_tokens: int | None = typer.Option(None, help="The most tokens per translation."),
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Translate texts with an encoder-decoder (MarianMT) model, greedy or with beam search."""
+    from bunmyaku import pipeline
+
+    texts = _texts(texts)
+    settings = {k: v for k, v in dict(num_beams=num_beams, max_new_tokens=max_new_tokens).items() if v is not None}
+    results = pipeline("translation", model=model, device=device)(texts, **settings)
+    if as_json:
+        return _print_json([{"text": t, **r} for t, r in zip(texts, results, strict=True)])
+    for result in results:
+        typer.echo(result["translation_text"])

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bunmyaku.data.tables import iob1_to_bio
+import torch
 
-__all__ = ["entity_f1", "iob1_to_bio", "spans_to_token_tags", "token_tags_to_spans"]
+from bunmyaku.data.tables import LINE, DataError, iob1_to_bio, read_conll
+from bunmyaku.tasks.base import IGNORE_INDEX, Feature, Task, model_inputs, where
+
+__all__ = ["TokenClassification", "entity_f1", "iob1_to_bio", "spans_to_token_tags", "token_tags_to_spans"]
 
 
 def spans_to_token_tags(
@@ -80,3 +83,161 @@ def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, fl
         "recall": recall_score(gold, predicted),
         "f1": f1_score(gold, predicted),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# The fine-tuning task
+
+
+def _read_spans(path, text_key: str, entity_key: str) -> list[dict[str, Any]]:
+    """Texts with character-span entities: a JSON list or JSONL of ``{text, entities: [{span | start, end, type}]}``."""
+    from pathlib import Path
+
+    from bunmyaku.data.tables import read_table
+
+    path = Path(path)
+    records = read_table(path, format="jsonl" if path.suffix.lower() == ".jsonl" else "json", columns=[text_key])
+    for r in records:
+        entities = r.get(entity_key) if entity_key in r else r.get("entities", [])
+        spans = []
+        for e in entities or []:
+            if "span" in e:
+                start, end = e["span"]
+            elif "start" in e and "end" in e:
+                start, end = e["start"], e["end"]
+            else:
+                raise DataError(f"{path}:{r[LINE]}: an entity needs 'span' [start, end) or 'start' and 'end': {e}")
+            if not 0 <= start < end <= len(r[text_key]) or "type" not in e:
+                raise DataError(f"{path}:{r[LINE]}: entity {e} is outside the text or has no 'type'")
+            spans.append({"start": int(start), "end": int(end), "type": str(e["type"])})
+        r["_entities"] = spans
+    return records
+
+
+class TokenClassification(Task):
+    """NER / tagging from CoNLL files (``format: conll``, BIO or IOB1) or texts with character spans (``spans``).
+
+    Training labels go on the first sub-token of each word (``label_all_tokens`` tags the others too);
+    predictions come back as character spans (spans format) or one tag per word (CoNLL). ``f1`` is seqeval's
+    strict entity F1 on the scored tokens; ``accuracy`` is tag accuracy on them.
+    """
+
+    name = "token-classification"
+    head = "token-classification"
+    metric = "f1"
+
+    @property
+    def conll(self) -> bool:
+        return self.settings.format == "conll"
+
+    def columns(self, labelled: bool) -> list[str]:
+        return [self.settings.text_column]
+
+    def read(self, path, labelled: bool = True) -> list[dict[str, Any]]:
+        s = self.settings
+        if self.conll:
+            return read_conll(path, scheme=s.tag_scheme)
+        return _read_spans(path, s.text_column, s.label_column)
+
+    def fit_labels(self, examples: list[dict[str, Any]]) -> None:
+        if self.conll:
+            types = {t[2:] for e in examples for t in e["tags"] if t != "O"}
+        else:
+            types = {span["type"] for e in examples for span in e["_entities"]}
+        self.labels = ["O"] + [f"{p}-{t}" for t in sorted(types) for p in ("B", "I")]
+
+    def encode(self, tokenizer, examples, labelled=True, source=""):
+        s = self.settings
+        texts = [e["tokens"] for e in examples] if self.conll else [str(e[s.text_column]) for e in examples]
+        enc = tokenizer(
+            texts,
+            truncation=True,
+            max_length=s.max_length,
+            is_split_into_words=self.conll,
+            return_offsets_mapping=True,  # also makes the tokenizer keep word ids (its fast path drops them)
+            return_tensors=None,
+        )
+        ids = {name: i for i, name in enumerate(self.labels or [])}
+        features = []
+        for i, example in enumerate(examples):
+            word_ids = enc.word_ids(i)
+            first = [w is not None and (t == 0 or word_ids[t - 1] != w) for t, w in enumerate(word_ids)]
+            feature = {k: enc[k][i] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            feature.update(example=i, _first=first, _words=word_ids)
+            if not self.conll:
+                pairs = zip(enc["offset_mapping"][i], enc.sequence_ids(i), strict=True)
+                feature["_offsets"] = [tuple(o) if q is not None else None for o, q in pairs]
+            if labelled:
+                tags = self._token_tags(example, feature)
+                for tag in tags:
+                    if tag is not None and tag not in ids:
+                        raise DataError(f"{where(example, source)}: tag {tag!r} was not seen in the training data")
+                feature["labels"] = [ids[t] if t is not None else IGNORE_INDEX for t in tags]
+            features.append(feature)
+        return features
+
+    def _token_tags(self, example: dict[str, Any], feature: Feature) -> list[str | None]:
+        first, words = feature["_first"], feature["_words"]
+        label_all = self.settings.label_all_tokens
+        if self.conll:
+            tags = []
+            for is_first, w in zip(first, words, strict=True):
+                word_tag = example["tags"][w] if w is not None else None
+                if word_tag is not None and not is_first:
+                    word_tag = ("I" + word_tag[1:] if word_tag != "O" else "O") if label_all else None
+                tags.append(word_tag)
+            return tags
+        tags = spans_to_token_tags(feature["_offsets"], example["_entities"], label_all_tokens=True)
+        return [t if label_all or is_first else None for t, is_first in zip(tags, first, strict=True)]
+
+    def count(self, batch):
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def forward(self, model, batch):
+        out = model(**model_inputs(batch))
+        return out.loss, out.logits.detach().argmax(-1)  # (B, T) tag ids
+
+    def _tags(self, feature: Feature, predicted: torch.Tensor) -> list[str | None]:
+        """Predicted tag per token; a word's later sub-tokens continue its first sub-token's entity."""
+        names = self.labels or []
+        tags: list[str | None] = []
+        word_tag = None
+        for t, (is_first, w) in enumerate(zip(feature["_first"], feature["_words"], strict=True)):
+            if w is None:
+                tags.append(None)
+                continue
+            tag = names[int(predicted[t])]
+            if is_first:
+                word_tag = tag
+            elif not self.settings.label_all_tokens:
+                tag = "I" + word_tag[1:] if word_tag and word_tag != "O" else "O"
+            tags.append(tag)
+        return tags
+
+    def metrics(self, examples, features, outputs):
+        names = self.labels or []
+        gold, pred = [], []
+        for feature, predicted in zip(features, outputs, strict=True):
+            scored = [t for t, label in enumerate(feature["labels"]) if label != IGNORE_INDEX]
+            gold.append([names[feature["labels"][t]] for t in scored])
+            pred.append([names[int(predicted[t])] for t in scored])
+        scores = {k: float(v) for k, v in entity_f1(gold, pred).items()}
+        flat = [(g, p) for gs, ps in zip(gold, pred, strict=True) for g, p in zip(gs, ps, strict=True)]
+        scores["accuracy"] = sum(g == p for g, p in flat) / max(len(flat), 1)
+        return scores
+
+    def predictions(self, examples, features, outputs):
+        records = []
+        for example, feature, predicted in zip(examples, features, outputs, strict=True):
+            tags = self._tags(feature, predicted)
+            if self.conll:
+                words = [None] * len(example["tokens"])
+                for tag, is_first, w in zip(tags, feature["_first"], feature["_words"], strict=True):
+                    if w is not None and is_first:
+                        words[w] = tag
+                records.append({"tokens": example["tokens"], "tags": [t or "O" for t in words]})
+                continue
+            text = example[self.settings.text_column]
+            spans = token_tags_to_spans(tags, feature["_offsets"])
+            records.append({"text": text, "entities": [{**sp, "text": text[sp["start"] : sp["end"]]} for sp in spans]})
+        return records

@@ -11,15 +11,21 @@ beats it by more than ``null_threshold``.
 from __future__ import annotations
 
 import collections
+import json
+import logging
 import re
 import string
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from bunmyaku.data.tables import QAExample
+from bunmyaku.data.tables import LINE, QAExample, read_squad
+from bunmyaku.tasks.base import Task, model_inputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,3 +202,114 @@ def squad_metrics(predictions: list[dict[str, Any]], examples: list[QAExample]) 
         f1 += max(f1_score(pred["prediction_text"], g) for g in golds)
     n = max(len(examples), 1)
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
+
+
+# ------------------------------------------------------------------------------------------------
+# The fine-tuning task
+
+
+def article_index(path: str | Path) -> dict[str, int]:
+    """Question id -> index of its article in a SQuAD file (held-out splits keep an article together)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    return {str(qa["id"]): a for a, article in enumerate(data) for p in article["paragraphs"] for qa in p["qas"]}
+
+
+class QuestionAnswering(Task):
+    """Extractive QA on SQuAD 1.1 / 2.0 JSON: windows with ``stride`` over long contexts, n-best spans of at most
+    ``max_answer_length`` tokens, "no answer" past ``null_threshold`` (SQuAD 2.0: on when the training data has
+    unanswerable questions). Metrics ``exact_match`` and ``f1`` (character F1 for Japanese), in percent."""
+
+    name = "question-answering"
+    head = "question-answering"
+    metric = "f1"
+
+    def __init__(self, settings: Any):
+        super().__init__(settings)
+        self.allow_impossible = False
+        self._articles: dict[str, int] = {}
+
+    def read(self, path, labelled: bool = True) -> list[dict[str, Any]]:
+        self._articles.update(article_index(path))
+        return [{"qa": example, LINE: example.id} for example in read_squad(path)]
+
+    def fit_labels(self, examples):
+        self.allow_impossible = any(e["qa"].is_impossible for e in examples)
+
+    def split_groups(self, examples):
+        return [self._articles.get(e["qa"].id, e["qa"].context) for e in examples]
+
+    def num_labels(self) -> int | None:
+        return None
+
+    def encode(self, tokenizer, examples, labelled=True, source=""):
+        s = self.settings
+        qa_examples = [e["qa"] for e in examples]
+        prepared = prepare_features(
+            tokenizer, qa_examples, max_length=s.max_length, stride=self._stride(tokenizer, qa_examples)
+        )
+        features = []
+        for w, example_idx in enumerate(prepared.example_index):
+            n = int(prepared.inputs["attention_mask"][w].sum())
+            feature = {k: v[w, :n].tolist() for k, v in prepared.inputs.items()}
+            feature.update(example=example_idx, _offsets=prepared.offsets[w][:n])
+            if labelled:
+                feature["start_positions"] = int(prepared.start_positions[w])
+                feature["end_positions"] = int(prepared.end_positions[w])
+            features.append(feature)
+        return features
+
+    def _stride(self, tokenizer, examples: list[QAExample]) -> int:
+        """``stride``, lowered when the longest question leaves fewer context tokens per window than that
+        (the tokenizers library requires overlap < context room)."""
+        s = self.settings
+        longest = max(len(ids) for ids in tokenizer([e.question for e in examples], return_tensors=None)["input_ids"])
+        room = s.max_length - longest - 1  # the question's own special tokens are counted; one more [SEP]
+        if room < 2:
+            raise ValueError(
+                f"max_length {s.max_length} leaves no room for the context after a {longest}-token question"
+            )
+        if s.stride >= room:
+            logger.warning(
+                "stride %d lowered to %d: the longest question leaves %d context tokens", s.stride, room // 2, room
+            )
+            return room // 2
+        return s.stride
+
+    def forward(self, model, batch):
+        out = model(**model_inputs(batch))
+        return out.loss, torch.stack([out.start_logits, out.end_logits], dim=1).detach()  # (B, 2, T)
+
+    def _answers(self, examples, features, outputs) -> list[dict[str, Any]]:
+        s = self.settings
+        T = max(len(f["_offsets"]) for f in features)
+        logits = torch.full((len(features), 2, T), -1e4)
+        for w, out in enumerate(outputs):
+            n = len(features[w]["_offsets"])
+            logits[w, :, :n] = out[:, :n].float()
+        windows = QAFeatures({}, [f["example"] for f in features], [f["_offsets"] + [None] * T for f in features])
+        return postprocess(
+            [e["qa"] for e in examples],
+            windows,
+            logits[:, 0],
+            logits[:, 1],
+            n_best=s.n_best,
+            max_answer_length=s.max_answer_length,
+            allow_impossible=self.allow_impossible,
+            null_threshold=s.null_threshold,
+        )
+
+    def metrics(self, examples, features, outputs):
+        return squad_metrics(self._answers(examples, features, outputs), [e["qa"] for e in examples])
+
+    def predictions(self, examples, features, outputs):
+        answers = self._answers(examples, features, outputs)
+        return [
+            {"id": a["id"], "question": e["qa"].question, "prediction_text": a["prediction_text"], "score": a["score"]}
+            for a, e in zip(answers, examples, strict=True)
+        ]
+
+    def state(self):
+        return {"labels": None, "allow_impossible": self.allow_impossible}
+
+    def load_state(self, state):
+        self.allow_impossible = bool(state.get("allow_impossible", False))

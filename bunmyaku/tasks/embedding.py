@@ -1,0 +1,162 @@
+"""Sentence embeddings: a bi-encoder (one encoder, pooled, applied to each side of a pair).
+
+Two losses:
+
+- ``contrastive`` (MultipleNegativesRanking, Henderson et al. 2017): (anchor, positive) pairs; within a batch
+  every other positive is a negative; cross-entropy over ``scale * cos(a_i, b_j)`` with the diagonal as target.
+- ``cosine``: scored pairs; mean squared error between ``cos(a, b)`` and ``label / label_max``.
+
+Metrics on the held-out pairs: ``pearson`` / ``spearman`` of the cosine against the gold score when the data
+has scores, and in-batch retrieval ``accuracy`` (is the paired sentence the nearest one in its batch).
+The model saves as its encoder (HF layout) plus ``1_Pooling/config.json`` as sentence-transformers writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bunmyaku.models.base import ModelOutput
+from bunmyaku.models.pooling import pool
+from bunmyaku.tasks.base import Feature, Task, pearson, spearman, where
+
+POOLING_DIR = "1_Pooling"
+
+
+class BiEncoder(nn.Module):
+    """An encoder and a pooling mode: ``forward`` embeds ``input_ids`` and, when given, ``pair_input_ids``.
+
+    Args:
+        encoder: a bunmyaku base model (``last_hidden_state``).
+        pooling: "mean" or "cls".
+    """
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean"):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.config = encoder.config
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """(B, T) ids -> (B, C) L2-normalised sentence vectors."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling, normalize=True)
+
+    def forward(
+        self, input_ids, attention_mask, pair_input_ids=None, pair_attention_mask=None, token_type_ids=None, **_
+    ) -> ModelOutput:
+        """Embeddings of the first side in ``pooler_output`` (B, C); with a second side, ``logits`` (B, B) holds
+        the cosine of every first-side sentence with every second-side one."""
+        a = self.embed(input_ids, attention_mask)
+        if pair_input_ids is None:
+            return ModelOutput(pooler_output=a)
+        b = self.embed(pair_input_ids, pair_attention_mask)
+        return ModelOutput(pooler_output=a, logits=a @ b.T)
+
+    def save_pretrained(self, directory: str | Path, dtype: str | None = None) -> Path:
+        """The encoder in HF layout plus the pooling config sentence-transformers reads."""
+        directory = Path(directory)
+        self.encoder.save_pretrained(directory, dtype=dtype)
+        (directory / POOLING_DIR).mkdir(exist_ok=True)
+        pooling = {
+            "word_embedding_dimension": self.config.hidden_size,
+            "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+        }
+        (directory / POOLING_DIR / "config.json").write_text(json.dumps(pooling, indent=2))
+        return directory
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load the encoder's HF tensors (checkpoint restore)."""
+        self.encoder.load_hf_state_dict(state, source=source)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, pooling: str | None = None, **kwargs: Any) -> BiEncoder:
+        """Load an encoder folder; pooling from ``1_Pooling/config.json`` when present, else ``pooling`` or mean."""
+        from bunmyaku.models.auto import from_pretrained
+
+        config_path = Path(path) / POOLING_DIR / "config.json"
+        if pooling is None and config_path.is_file():
+            pooling = "cls" if json.loads(config_path.read_text()).get("pooling_mode_cls_token") else "mean"
+        return cls(from_pretrained(path, task="base", **kwargs), pooling or "mean")
+
+
+class SentenceEmbedding(Task):
+    """Bi-encoder training on sentence pairs (``text_column``, ``text_pair_column``, optional scores)."""
+
+    name = "sentence-embedding"
+    head = "base"
+
+    @property
+    def metric(self) -> str:  # type: ignore[override]
+        return "spearman" if self.settings.label_column else "accuracy"
+
+    def columns(self, labelled: bool) -> list[str]:
+        s = self.settings
+        if not s.text_pair_column:
+            raise ValueError("a bi-encoder trains on pairs: give --text-pair-column")
+        needs_label = labelled and (s.loss == "cosine")
+        return [s.text_column, s.text_pair_column] + ([s.label_column] if needs_label else [])
+
+    def num_labels(self) -> int | None:
+        return None
+
+    def encode(self, tokenizer, examples, labelled=True, source=""):
+        s = self.settings
+        kw = {"truncation": True, "max_length": s.max_length, "return_tensors": None}
+        a = tokenizer([str(e[s.text_column]) for e in examples], **kw)
+        b = tokenizer([str(e[s.text_pair_column]) for e in examples], **kw)
+        features = []
+        for i, example in enumerate(examples):
+            feature: Feature = {
+                "input_ids": a["input_ids"][i],
+                "attention_mask": a["attention_mask"][i],
+                "pair_input_ids": b["input_ids"][i],
+                "pair_attention_mask": b["attention_mask"][i],
+                "example": i,
+            }
+            if s.label_column and example.get(s.label_column) is not None:
+                try:
+                    feature["labels"] = float(example[s.label_column])
+                except (TypeError, ValueError) as e:
+                    value = example[s.label_column]
+                    raise ValueError(f"{where(example, source)}: score {value!r} is not a number") from e
+            features.append(feature)
+        return features
+
+    def forward(self, model, batch):
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pair_input_ids=batch["pair_input_ids"],
+            pair_attention_mask=batch["pair_attention_mask"],
+        )
+        cosines = out.logits  # (B, B)
+        s = self.settings
+        if s.loss == "cosine":
+            loss = F.mse_loss(cosines.diagonal(), batch["labels"].float() / s.label_max) if "labels" in batch else None
+        else:
+            targets = torch.arange(len(cosines), device=cosines.device)
+            loss = F.cross_entropy(cosines * s.scale, targets)
+        nearest = (cosines.argmax(-1) == torch.arange(len(cosines), device=cosines.device)).float()
+        return loss, torch.stack([cosines.diagonal(), nearest], dim=-1).detach()  # (B, 2)
+
+    def metrics(self, examples, features, outputs):
+        cosines = [float(o[0]) for o in outputs]
+        out = {"accuracy": sum(float(o[1]) for o in outputs) / len(outputs)}
+        if all("labels" in f for f in features):
+            gold = [f["labels"] for f in features]
+            out.update(pearson=pearson(gold, cosines), spearman=spearman(gold, cosines))
+        return out
+
+    def predictions(self, examples, features, outputs):
+        s = self.settings
+        return [
+            {"text": e[s.text_column], "text_pair": e[s.text_pair_column], "cosine": round(float(o[0]), 6)}
+            for e, o in zip(examples, outputs, strict=True)
+        ]
