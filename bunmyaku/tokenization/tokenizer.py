@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +47,21 @@ class BatchEncoding(dict):
     `special_tokens_mask` (B, T), `overflow_to_sample_mapping` (B,) the input each window came from.
     """
 
-    def __init__(self, data: dict[str, Any], encodings: list[Encoding]) -> None:
+    def __init__(
+        self,
+        data: dict[str, Any],
+        encodings: list[Encoding],
+        full_encodings: Callable[[], list[Encoding]] | None = None,
+    ) -> None:
         super().__init__(data)
         self.encodings = encodings
+        # The fast encoding path tracks no words; this re-encodes with them, once, if someone asks.
+        self._full_encodings = full_encodings
 
     def word_ids(self, batch_index: int = 0) -> list[int | None]:
         """The word each token of sequence `batch_index` belongs to (None for special and pad tokens)."""
+        if self._full_encodings is not None:
+            self.encodings, self._full_encodings = self._full_encodings(), None
         return self.encodings[batch_index].word_ids
 
     def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
@@ -62,7 +71,18 @@ class BatchEncoding(dict):
     def to(self, device: str | torch.device) -> BatchEncoding:
         """The same encoding with every tensor moved to `device`."""
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()}
-        return BatchEncoding(moved, self.encodings)
+        return BatchEncoding(moved, self.encodings, self._full_encodings)
+
+
+def _rows(encodings: list[Encoding], overflowing: bool) -> tuple[list[Encoding], list[int]]:
+    """The encodings with their overflowing windows as rows of their own, and the input of each row."""
+    if not overflowing:
+        return encodings, list(range(len(encodings)))
+    rows, sample_of_row = [], []
+    for index, encoding in enumerate(encodings):
+        rows += [encoding, *encoding.overflowing]
+        sample_of_row += [index] * (1 + len(encoding.overflowing))
+    return rows, sample_of_row
 
 
 def _special_token_property(key: str) -> property:
@@ -441,14 +461,19 @@ class Tokenizer:
             encodings = encode(inputs, is_pretokenized=split_into_words, add_special_tokens=add_special_tokens)
         except Exception as error:  # tokenizers raises bare Exceptions, e.g. a side too short to truncate
             raise ValueError(f"Could not encode the batch: {error}") from error
+        rows, sample_of_row = _rows(encodings, return_overflowing_tokens)
+        full_encodings = None
+        if not return_offsets_mapping:
+            settings = (padding, truncation, max_length, stride, pad_to_multiple_of, padding_side or self.padding_side)
+            original = texts if pairs is None else list(zip(texts, pairs, strict=True))
 
-        if return_overflowing_tokens:
-            rows, sample_of_row = [], []
-            for index, encoding in enumerate(encodings):
-                rows += [encoding, *encoding.overflowing]
-                sample_of_row += [index] * (1 + len(encoding.overflowing))
-        else:
-            rows = encodings
+            def full_encodings() -> list[Encoding]:
+                self._configure(*settings)
+                full = self.backend.encode_batch(
+                    original, is_pretokenized=is_split_into_words, add_special_tokens=add_special_tokens
+                )
+                return _rows(full, return_overflowing_tokens)[0]
+
         if return_token_type_ids is None:
             return_token_type_ids = "token_type_ids" in self.model_input_names
 
@@ -478,7 +503,7 @@ class Tokenizer:
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         elif not batched and not return_overflowing_tokens:
             data = {key: value[0] for key, value in data.items()}
-        return BatchEncoding(data, rows)
+        return BatchEncoding(data, rows, full_encodings)
 
     def _configure(
         self,

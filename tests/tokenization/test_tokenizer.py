@@ -223,3 +223,14 @@ def test_sentencepiece_models_match_sentencepiece(data, tmp_path):
             assert ids == reference.encode(text), (model_type, text)
             if reference.unk_id() not in ids:  # SentencePiece renders <unk> as " ⁇ "
                 assert ours.decode(ids) == reference.decode(ids), (model_type, text)
+
+
+def test_word_ids_without_offsets_match_transformers(minilm_dir):
+    """The fast path (no offsets asked) still answers word_ids(), by re-encoding once on demand."""
+    ours = Tokenizer.from_pretrained(minilm_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    texts, pairs = ["hello worldly things, unbelievably", "x"], ["second one", "a pair"]
+    got = ours(texts, pairs, padding=True)
+    expected = theirs(texts, pairs, padding=True)
+    for i in range(len(texts)):
+        assert got.word_ids(i) == expected.word_ids(i)
