@@ -1,16 +1,24 @@
 """``python -m bench``: each scenario for bunmyaku and transformers in fresh processes; ratios into BENCHMARKS.md.
 
 Options: ``--only PATTERN`` (substring of the configuration name), ``--reps N`` (timed repetitions, default
-20), ``--device cpu|cuda``, ``--no-write`` (print only).
+20), ``--budget S`` (stop timing a configuration after S seconds of timed steps, at least ``--min-reps``),
+``--warmup N``, ``--threads N`` (torch threads in the workers; default torch's), ``--device cpu|cuda``,
+``--no-write`` (print only).
+
+Results are kept per configuration in ``bench/results/speed-<device>.json``: a run with ``--only`` replaces
+its own rows and keeps the others, and the BENCHMARKS.md section is rebuilt from all of them, each row with
+the date, repetitions and load average it was measured under.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.machine import describe
@@ -21,26 +29,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("transformers", "bunmyaku")
 
 
-def run_one(config: Config, impl: str, device: str, reps: int) -> dict:
+def run_one(config: Config, impl: str, args: argparse.Namespace) -> dict:
     cmd = [
-        sys.executable,
-        "-m",
-        "bench.worker",
-        "--scenario",
-        config.scenario,
-        "--model",
-        config.model,
-        "--variant",
-        config.variant,
-        "--batch",
-        str(config.batch),
-        "--impl",
-        impl,
-        "--device",
-        device,
-        "--reps",
-        str(reps),
-    ]
+        sys.executable, "-m", "bench.worker",
+        "--scenario", config.scenario, "--model", config.model, "--variant", config.variant,
+        "--batch", str(config.batch), "--impl", impl, "--device", args.device,
+        "--reps", str(args.reps), "--warmup", str(args.warmup),
+        "--budget", str(args.budget), "--min-reps", str(args.min_reps), "--threads", str(args.threads),
+    ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -59,10 +55,12 @@ def summarize(result: dict) -> dict:
         "median": statistics.median(times),
         "p10": _pct(times, 0.1),
         "p90": _pct(times, 0.9),
-        "tokens_per_s": result["tokens"] / statistics.median(times),
+        "items_per_s": result["tokens"] / statistics.median(times),
         "peak_rss_mb": result["peak_rss_mb"],
         "peak_gpu_mb": result["peak_gpu_mb"],
         "reps": len(times),
+        "load_avg": result["load_avg"],
+        "threads": result["threads"],
     }
     for key in ("ttft", "decode_tps"):
         if key in result:
@@ -70,24 +68,32 @@ def summarize(result: dict) -> dict:
     return summary
 
 
-def table(rows: list[tuple[Config, dict, dict]], device: str) -> str:
-    unit = "sentences/s" if any(c.scenario == "similarity" for c, _, _ in rows) else "tokens/s"
+def speedup(hf: dict, ours: dict) -> float:
+    """transformers time / bunmyaku time; for generation, bunmyaku decode tokens/s / transformers decode tokens/s."""
+    if "decode_tps" in ours:
+        return ours["decode_tps"] / hf["decode_tps"]
+    return hf["median"] / ours["median"]
+
+
+def table(rows: dict[str, dict], device: str) -> str:
     lines = [
-        f"| configuration | transformers median (p10-p90) | bunmyaku median (p10-p90) | speed-up | bunmyaku {unit} "
-        "| TTFT hf / ours | decode tok/s hf / ours | peak mem hf / ours (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | transformers median (p10-p90) | bunmyaku median (p10-p90) | speed-up | bunmyaku throughput "
+        "| TTFT hf / ours | decode tok/s hf / ours | peak mem hf / ours (MB) | reps hf / ours | threads | load avg "
+        "| measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mem_key = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
-    for config, hf, ours in rows:
+    for name in [c.name for c in CONFIGS if c.name in rows]:
+        hf, ours, when = rows[name]["transformers"], rows[name]["bunmyaku"], rows[name]["when"]
+        unit = "sentences/s" if name.startswith("similarity") else "tokens/s"
         ttft = f"{hf['ttft'] * 1e3:.0f} / {ours['ttft'] * 1e3:.0f} ms" if "ttft" in ours else ""
-        decode = f"{hf['decode_tps']:.0f} / {ours['decode_tps']:.0f}" if "decode_tps" in ours else ""
-        speedup = hf["median"] / ours["median"]
-        if "decode_tps" in ours:
-            speedup = ours["decode_tps"] / hf["decode_tps"]
+        decode = f"{hf['decode_tps']:.1f} / {ours['decode_tps']:.1f}" if "decode_tps" in ours else ""
         lines.append(
-            f"| {config.name} | {hf['median'] * 1e3:.1f} ms ({hf['p10'] * 1e3:.1f}-{hf['p90'] * 1e3:.1f}) "
-            f"| {ours['median'] * 1e3:.1f} ms ({ours['p10'] * 1e3:.1f}-{ours['p90'] * 1e3:.1f}) | **{speedup:.2f}x** "
-            f"| {ours['tokens_per_s']:.0f} | {ttft} | {decode} | {hf[mem_key]:.0f} / {ours[mem_key]:.0f} |"
+            f"| {name} | {hf['median'] * 1e3:.0f} ms ({hf['p10'] * 1e3:.0f}-{hf['p90'] * 1e3:.0f}) "
+            f"| {ours['median'] * 1e3:.0f} ms ({ours['p10'] * 1e3:.0f}-{ours['p90'] * 1e3:.0f}) "
+            f"| **{speedup(hf, ours):.2f}x** | {ours['items_per_s']:.0f} {unit} | {ttft} | {decode} "
+            f"| {hf[mem_key]:.0f} / {ours[mem_key]:.0f} | {hf['reps']} / {ours['reps']} | {ours.get('threads', '')} "
+            f"| {hf['load_avg']:.1f} / {ours['load_avg']:.1f} | {when} |"
         )
     return "\n".join(lines)
 
@@ -110,6 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="", help="run configurations whose name contains this")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=0.0, help="seconds of timed steps per run; 0: no limit")
+    parser.add_argument("--min-reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: torch's default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -117,28 +127,39 @@ def main() -> None:
     configs = [c for c in CONFIGS if args.only in c.name]
     for name in sorted({c.model for c in configs}):
         model_dir(name)  # build the shared checkpoints once, before timing anything
-    rows, raw = [], []
+    store = RESULTS / f"speed-{args.device}.json"
+    saved = json.loads(store.read_text()) if store.exists() and not args.no_write else {}
+    rows, raw = saved.get("rows", {}), saved.get("raw", {})
     for config in configs:
-        results = {impl: run_one(config, impl, args.device, args.reps) for impl in IMPLS}
-        raw += list(results.values())
-        hf, ours = summarize(results["transformers"]), summarize(results["bunmyaku"])
-        rows.append((config, hf, ours))
+        results = {impl: run_one(config, impl, args) for impl in IMPLS}
+        raw[config.name] = list(results.values())
+        rows[config.name] = {impl: summarize(r) for impl, r in results.items()}
+        rows[config.name]["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        hf, ours = rows[config.name]["transformers"], rows[config.name]["bunmyaku"]
         print(
-            f"{config.name:40s} transformers {hf['median'] * 1e3:9.1f} ms  bunmyaku {ours['median'] * 1e3:9.1f} ms  "
-            f"speed-up {hf['median'] / ours['median']:.2f}x",
+            f"{config.name:34s} transformers {hf['median'] * 1e3:9.0f} ms  bunmyaku {ours['median'] * 1e3:9.0f} ms  "
+            f"speed-up {speedup(hf, ours):.2f}x  reps {hf['reps']}/{ours['reps']}  load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     machine = describe(args.device)
     markdown = (
         f"## Speed vs transformers on {args.device}\n\nMachine: {machine}. "
-        f"Each configuration ran in a fresh process per implementation: warm-up, then "
-        f"{args.reps} timed repetitions; median with p10-p90. Speed-up = transformers time / bunmyaku time "
-        f"(for generation: decode tokens/s ratio).\n\n{table(rows, args.device)}"
+        "Each configuration ran in a fresh process per implementation (transformers first, then bunmyaku): "
+        f"warm-up ({args.warmup} step{'' if args.warmup == 1 else 's'}), then up to {args.reps} timed repetitions"
+        + (
+            f", or fewer once {args.budget:.0f} s of timed steps had run (at least {args.min_reps})"
+            if args.budget
+            else ""
+        )
+        + "; median with p10-p90. Speed-up = transformers time / bunmyaku time (for generation: the ratio of decode "
+        "tokens/s, measured after the first token). Load avg: the machine's 1-minute load average at the end "
+        "of each run (2 cores: above 2 means the run shared the cores with other work).\n\n"
+        f"{table(rows, args.device)}"
     )
     print(markdown)
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"speed-{args.device}.json").write_text(json.dumps({"machine": machine, "raw": raw}, indent=1))
+        store.write_text(json.dumps({"machine": machine, "rows": rows, "raw": raw}, indent=1))
         print(f"wrote {write_section(markdown, args.device)}")
 
 

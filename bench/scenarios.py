@@ -1,7 +1,8 @@
 """The benchmark scenarios. Each builds, for one implementation, a step to time and the tokens it processes.
 
 Both implementations get the same weights (one checkpoint folder) and the same seeded inputs.
-``transformers`` runs with its default attention (SDPA); bunmyaku runs through its public API.
+``transformers`` runs with its default attention (SDPA) and cache; bunmyaku runs through its public API,
+with its defaults (unpadded encoders) and, for generation, ``cache="static"``.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def generate(impl: str, config: Config, device: str) -> tuple[Step, int]:
             if impl == "bunmyaku":
                 from bunmyaku.models.generation import generate as bunmyaku_generate
 
-                out = bunmyaku_generate(model, ids, mask, max_new_tokens=NEW, streamer=on_token)
+                out = bunmyaku_generate(model, ids, mask, max_new_tokens=NEW, streamer=on_token, cache="static")
             else:
                 out = model.generate(
                     ids,

@@ -1,12 +1,16 @@
 """Run one benchmark configuration for one implementation in this (fresh) process; print JSON.
 
 python -m bench.worker --scenario encoder-infer --model minilm --variant variable --impl bunmyaku
+
+Warm-up steps first, then up to ``--reps`` timed steps; with ``--budget``, timing stops once that many
+seconds of timed steps have run (after at least ``--min-reps``), so a heavy scenario fits a time limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -25,7 +29,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=0.0, help="seconds of timed steps at most; 0: no limit")
+    parser.add_argument("--min-reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config = Config(args.scenario, args.model, args.variant, args.batch)
     torch.manual_seed(0)
@@ -37,7 +46,7 @@ def main() -> None:
         step()
     sync()
     times, extras = [], []
-    for _ in range(args.reps):
+    while len(times) < args.reps and (not args.budget or sum(times) < args.budget or len(times) < args.min_reps):
         start = time.perf_counter()
         extra = step()
         sync()
@@ -49,6 +58,8 @@ def main() -> None:
         "impl": args.impl,
         "times": times,
         "tokens": tokens,
+        "load_avg": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
     }

@@ -11,15 +11,24 @@ with a softmax, and the output is the weighted sum of the values::
 ``eager_attention`` is that equation written out, the reference the tests compare against;
 ``F.scaled_dot_product_attention`` computes the same thing with fused kernels and is the default.
 Masks are boolean, ``True`` where a query may attend to a key.
+
+Two fast paths sit behind the same modules: a :class:`Packing` lets an encoder run on its real tokens
+only, (N, C) instead of (B, T, C), and a :class:`StaticKVCache` decodes without growing tensors.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch without variable-length flash attention: packed batches re-pad for attention
+    varlen_attn = None
 
 
 def eager_attention(
@@ -124,6 +133,46 @@ def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: in
     # producing NaN. Not to every key: a shifted LM loss reads the last padding position's logits (they predict
     # the first real token), and those must not see that token.
     return mask | (causal & ~mask.any(dim=-1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed (unpadded) batches
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded (B, T) batch sit once packed into (N, C), N real tokens in all.
+
+    Outside attention an encoder treats every position on its own (embeddings, projections, MLP, norms),
+    so those run on the N real tokens only and padding costs nothing. Attention needs rows: it re-pads
+    (``pad``, then a key mask), or on CUDA hands the row offsets ``cu_seqlens`` to a varlen kernel.
+    """
+
+    index: torch.Tensor  # (N,) flat positions b * T + t of the real tokens, row by row
+    batch: int  # B
+    length: int  # T
+    mask: torch.Tensor  # (B, 1, 1, T) bool: the keys of the re-padded batch a query may attend to
+    cu_seqlens: torch.Tensor  # (B + 1,) int32: row b is packed[cu_seqlens[b] : cu_seqlens[b + 1]]
+    max_seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
+        """attention_mask: (B, T) 1 for real tokens, anywhere in the row (right or left padding)."""
+        real = attention_mask.bool()
+        lengths = real.sum(-1)  # (B,)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        index = real.flatten().nonzero().squeeze(1)
+        return cls(index, *real.shape, real[:, None, None, :], cu_seqlens, int(lengths.max()))
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B or 1, T, ...) -> (N, ...), the real positions only."""
+        x = x.expand(self.batch, self.length, *x.shape[2:])
+        return x.reshape(self.batch * self.length, *x.shape[2:]).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at padding."""
+        out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, *x.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +289,40 @@ class KVCache:
         self.cross = {i: (k.index_select(0, beam_idx), v.index_select(0, beam_idx)) for i, (k, v) in self.cross.items()}
 
 
+class StaticKVCache(KVCache):
+    """A KV cache of fixed capacity: each layer's buffers are allocated once and filled in place.
+
+    :class:`KVCache` concatenates at every step, copying the whole cache (O(S) per step, O(S^2) per
+    sequence); here a step writes only its own positions and attention reads a view of the filled part.
+
+    Args:
+        max_len: the most positions ever cached (prompt + new tokens).
+    """
+
+    def __init__(self, max_len: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.lengths: list[int] = []  # filled positions, per layer (layer 0 runs ahead within a step)
+
+    def __len__(self) -> int:
+        return self.lengths[0] if self.lengths else 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, K, T, D) keys and values after the filled part; return views of all of them, (B, K, S, D)."""
+        if layer_idx == len(self.keys):
+            B, K, _, D = k.shape
+            self.keys.append(k.new_empty(B, K, self.max_len, D))
+            self.values.append(v.new_empty(B, K, self.max_len, D))
+            self.lengths.append(0)
+        start, end = self.lengths[layer_idx], self.lengths[layer_idx] + k.size(-2)
+        if end > self.max_len:
+            raise ValueError(f"StaticKVCache holds {self.max_len} positions; {end} were asked for")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
 # ----------------------------------------------------------------------------------------------
 # Multi-head attention
 
@@ -274,10 +357,67 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, KD, bias=bias)
         self.v_proj = nn.Linear(C, KD, bias=bias)
         self.out_proj = nn.Linear(HD, C, bias=out_bias)
+        self._fused_qkv: tuple | None = None  # (weights' identity, (H + 2K) * D x C weight, bias), built on demand
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
+
+    def _project_qkv(self, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., C) -> q (..., H * D), k and v (..., K * D).
+
+        ``fused``: one GEMM on the concatenated weights instead of three. That pays when a call has few rows
+        (a decoding step), where each GEMM costs a weight pass and a launch more than its arithmetic. The
+        concatenation is cached, and rebuilt when a weight is updated in place (its version) or moved
+        (its address); it costs a second copy of the q, k, v weights while kept.
+        """
+        if not fused:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
+        identity = tuple((p.data_ptr(), p._version) for p in params)
+        if self._fused_qkv is None or self._fused_qkv[0] != identity:
+            weight = torch.cat([m.weight for m in projections]).detach()  # ((H + 2K) * D, C)
+            bias = torch.cat([m.bias for m in projections]).detach() if self.q_proj.bias is not None else None
+            self._fused_qkv = (identity, weight, bias)
+        _, weight, bias = self._fused_qkv
+        KD = self.num_kv_heads * self.head_dim
+        return F.linear(x, weight, bias).split([self.num_heads * self.head_dim, KD, KD], dim=-1)
+
+    def _forward_packed(self, x: torch.Tensor, packing: Packing, context: torch.Tensor | None) -> torch.Tensor:
+        """Bidirectional self-attention within each row of a packed batch: (N, C) -> (N, C).
+
+        With ``context`` (N, C), ``x`` is (B, C), one query per row, and so is the output.
+        """
+        N, H, K, D = x.size(0), self.num_heads, self.num_kv_heads, self.head_dim
+        if context is None:
+            q, k, v = self._project_qkv(x, fused=False)  # (N, H * D), (N, K * D), (N, K * D)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)  # (B, H * D), (N, K * D) x 2
+        dropout_p = self.dropout if self.training else 0.0
+        if (
+            context is None
+            and varlen_attn is not None
+            and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and dropout_p == 0.0
+            and self.attend is sdpa_attention
+        ):
+            # flash attention over the packed rows, no re-padding (varlen has no dropout, hence the guard)
+            cu, longest = packing.cu_seqlens, packing.max_seqlen
+            q, k, v = q.view(N, H, D), k.view(N, K, D), v.view(N, K, D)
+            y = varlen_attn(q, k, v, cu, cu, longest, longest, scale=self.scale, enable_gqa=K != H)  # (N, H, D)
+            return self.out_proj(y.reshape(N, H * D))
+        k = self._heads(packing.pad(k), K)  # (B, K, T, D)
+        v = self._heads(packing.pad(v), K)  # (B, K, T, D)
+        if context is not None:
+            q = q.view(packing.batch, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+            y = self.attend(q, k, v, mask=packing.mask, dropout_p=dropout_p, scale=self.scale)  # (B, H, 1, D)
+            return self.out_proj(y.reshape(packing.batch, H * D))  # (B, C)
+        q = self._heads(packing.pad(q), H)  # (B, H, T, D)
+        y = self.attend(q, k, v, mask=packing.mask, dropout_p=dropout_p, scale=self.scale)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(packing.batch, packing.length, H * D)  # (B, T, H * D)
+        return self.out_proj(packing.unpad(y))  # (N, C)
 
     def forward(
         self,
@@ -287,25 +427,31 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         memory: torch.Tensor | None = None,
+        packing: Packing | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` to itself, or to ``memory`` for cross-attention.
 
         Args:
-            x: (B, T, C) inputs.
+            x: (B, T, C) inputs, or (N, C) real tokens with ``packing``.
             mask: bool, broadcastable to (B, H, T, S); True where attending is allowed.
             is_causal: use a plain causal mask (only when ``mask`` is None and nothing is cached).
             rotary: cos, sin (B, 1, T, D) to rotate queries and keys by.
             cache: a KV cache to read and extend.
             memory: (B, S, C) encoder states for cross-attention.
+            packing: ``x`` holds the real tokens of a padded batch (bidirectional self-attention only).
+            context: self-attention computed for some positions only: ``x`` (B, T', C) holds their inputs and
+                ``context`` (B, T, C) every position's, which keys and values come from (no cache, no rotary).
+                With ``packing``: ``x`` (B, C) one position per row, ``context`` (N, C).
 
         Returns:
-            (B, T, C)
+            (B, T, C), or (N, C) with ``packing`` ((B, C) with ``context`` too).
         """
+        if packing is not None:
+            return self._forward_packed(x, packing, context)
         B, T, _ = x.shape
-        q = self._heads(self.q_proj(x), self.num_heads)  # (B, H, T, D)
-        if rotary is not None:
-            q = apply_rotary(q, *rotary)
         if self.is_cross:
+            q = self.q_proj(x)
             if cache is not None and self.layer_idx in cache.cross:
                 k, v = cache.cross[self.layer_idx]  # encoder keys / values, computed at the first step
             else:
@@ -314,12 +460,19 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache.cross[self.layer_idx] = (k, v)
         else:
-            k = self._heads(self.k_proj(x), self.num_kv_heads)  # (B, K, T, D)
-            v = self._heads(self.v_proj(x), self.num_kv_heads)  # (B, K, T, D)
+            if context is None:
+                q, k, v = self._project_qkv(x, fused=cache is not None and not torch.is_grad_enabled())
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
+            k = self._heads(k, self.num_kv_heads)  # (B, K, T, D)
+            v = self._heads(v, self.num_kv_heads)  # (B, K, T, D)
             if rotary is not None:
                 k = apply_rotary(k, *rotary)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        q = self._heads(q, self.num_heads)  # (B, H, T, D)
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
         dropout_p = self.dropout if self.training else 0.0
         y = self.attend(q, k, v, mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout_p, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H * D)

@@ -73,6 +73,7 @@ def from_pretrained(
     task: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    compile: bool = False,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a model in HF layout (or a GGUF file) with the head for ``task``.
@@ -82,6 +83,8 @@ def from_pretrained(
         task: one of ``TASK_NAMES``; default: the head named in the checkpoint's ``architectures``.
         dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``, ``"auto"`` (the checkpoint's) or a torch dtype.
         device: ``"cpu"``, ``"cuda"``, ...
+        compile: compile the model's forward with ``torch.compile`` (in place, ``nn.Module.compile``): the
+            first calls for each new input shape are slow, later ones faster; parameter names are unchanged.
         kwargs: passed to the class's ``from_pretrained`` (``num_labels``, ``ignore_mismatched_sizes``,
             config overrides such as ``attn_implementation="eager"``).
 
@@ -97,12 +100,16 @@ def from_pretrained(
     if gguf is not None:
         from bunmyaku.models.llama import from_gguf
 
-        return from_gguf(gguf, task=task or "causal-lm", dtype=dtype, device=device)
-    model_dir = resolve_model_dir(path_or_repo_id)
-    config = read_config(model_dir)
-    model_type = config.get("model_type")
-    if model_type is None:
-        raise ValueError(f"{model_dir / 'config.json'} has no 'model_type' field; expected e.g. 'bert' or 'gpt2'")
-    architectures = config.get("architectures") or [None]
-    cls = model_class(model_type, task, architectures[0])
-    return cls.from_pretrained(model_dir, dtype=dtype, device=device, **kwargs)
+        model = from_gguf(gguf, task=task or "causal-lm", dtype=dtype, device=device)
+    else:
+        model_dir = resolve_model_dir(path_or_repo_id)
+        config = read_config(model_dir)
+        model_type = config.get("model_type")
+        if model_type is None:
+            raise ValueError(f"{model_dir / 'config.json'} has no 'model_type' field; expected e.g. 'bert' or 'gpt2'")
+        architectures = config.get("architectures") or [None]
+        cls = model_class(model_type, task, architectures[0])
+        model = cls.from_pretrained(model_dir, dtype=dtype, device=device, **kwargs)
+    if compile:
+        model.compile()
+    return model

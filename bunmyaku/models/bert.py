@@ -7,6 +7,10 @@ Notation: B batch, T sequence length, C hidden size, V vocabulary, N choices, L 
         -> num_layers x post-LN Block (self-attention, GELU MLP)       (layers.Block)
         -> last_hidden_state (B, T, C); pooler: tanh(W h[CLS]) (B, C)
 
+A right-padded batch runs unpadded (``config.unpad``, the default): the N real tokens are packed into (N, C)
+before the embeddings' LayerNorm and scattered back to (B, T, C) after the last block, so nothing but
+attention ever sees padding. Outputs at padding positions are then zeros (they are meaningless anyway).
+
 Heads: masked LM, next-sentence prediction, both (pretraining), sequence classification (single-label,
 multi-label, regression), token classification, extractive QA, multiple choice.
 """
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import KeyMap
-from bunmyaku.models.attention import padding_mask
+from bunmyaku.models.attention import Packing, padding_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
@@ -41,6 +45,7 @@ class BertConfig(ModelConfig):
         "max_seq_len": "max_position_embeddings",
         "norm_eps": "layer_norm_eps",
     }
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (*ModelConfig.RUNTIME_FIELDS, "unpad")
     # fixed by the architecture, read by the shared blocks
     pre_norm: ClassVar[bool] = False
     norm: ClassVar[str] = "layernorm"
@@ -62,6 +67,7 @@ class BertConfig(ModelConfig):
     classifier_dropout: float | None = None
     tie_word_embeddings: bool = True
     position_embedding_type: str = "absolute"
+    unpad: bool = True  # run padded batches on their real tokens only; False: the plain (B, T, C) path
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -200,6 +206,23 @@ class BertModel(BertPreTrainedModel):
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
         self.pooler = BertPooler(config) if add_pooler else None
 
+    def _pack_inputs(self, packing, input_ids, token_type_ids, position_ids, inputs_embeds):
+        """The real tokens' ids, segments, positions (N,) and embeddings (N, C), defaults filled in on (B, T) first.
+
+        Positions must come from the padded layout: RoBERTa counts them along each row, skipping padding.
+        """
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if position_ids is None:
+            position_ids = self.embed.default_positions(input_ids, ref.shape[:2], ref.device)  # (B or 1, T)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(1, ref.size(1), dtype=torch.long, device=ref.device)
+        return (
+            None if input_ids is None else packing.unpad(input_ids),
+            packing.unpad(token_type_ids),
+            packing.unpad(position_ids),
+            None if inputs_embeds is None else packing.unpad(inputs_embeds),
+        )
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -208,8 +231,10 @@ class BertModel(BertPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        unpad: bool | None = None,
+        first_token_only: bool = False,
     ) -> ModelOutput:
-        """Encode a batch.
+        """Encode a batch (unpadded inside when it has padding and ``config.unpad``).
 
         Args:
             input_ids: (B, T) token ids.
@@ -218,17 +243,44 @@ class BertModel(BertPreTrainedModel):
             position_ids: (B, T); default 0..T-1.
             inputs_embeds: (B, T, C) instead of ``input_ids``.
             output_hidden_states: also return the embeddings and every layer's output.
+            unpad: run on the real tokens only (outputs at padding are then zeros); default ``config.unpad``.
+            first_token_only: only position 0 ([CLS]) is read, as by the pooler: the last layer computes its
+                query, attention and MLP for position 0 alone (keys and values still for every position), and
+                ``last_hidden_state`` is (B, 1, C). Not with ``output_hidden_states``.
 
         Returns:
             ``last_hidden_state`` (B, T, C), ``pooler_output`` (B, C) when the pooler exists, ``hidden_states``.
         """
-        x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
-        mask = padding_mask(attention_mask)
+        if first_token_only and output_hidden_states:
+            raise ValueError("first_token_only=True cannot return hidden_states: the last layer skips positions")
+        unpad = self.config.unpad if unpad is None else unpad
+        mask = padding_mask(attention_mask)  # None when nothing is padded
+        # Right padding only: the pooler reads position 0, which must be computed, not a zero of the packing.
+        if mask is not None and unpad and bool(attention_mask[:, 0].all()):
+            packing = Packing.from_mask(attention_mask)
+        else:
+            packing = None
+        if packing is not None:
+            input_ids, token_type_ids, position_ids, inputs_embeds = self._pack_inputs(
+                packing, input_ids, token_type_ids, position_ids, inputs_embeds
+            )
+            mask = None  # the packing carries its own
+        x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C), or (N, C) packed
         hidden = [x] if output_hidden_states else None
-        for block in self.layers:
-            x = block(x, mask)
+        last = len(self.layers) - 1
+        for i, block in enumerate(self.layers):
+            if first_token_only and i == last:
+                first = x[:, :1] if packing is None else x[packing.cu_seqlens[:-1].long()]  # (B, 1, C) or (B, C)
+                x = block(first, mask, packing=packing, context=x)
+            else:
+                x = block(x, mask, packing=packing)
             if hidden is not None:
                 hidden.append(x)
+        if packing is not None and first_token_only:
+            x = x[:, None]  # (B, 1, C)
+        elif packing is not None:
+            x = packing.pad(x)  # (B, T, C)
+            hidden = [packing.pad(h) for h in hidden] if hidden is not None else None
         return ModelOutput(
             last_hidden_state=x,
             pooler_output=self.pooler(x) if self.pooler is not None else None,
@@ -263,6 +315,13 @@ def _masked_positions(
     return hidden[scored], labels[scored]
 
 
+def _scores_padding(labels: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
+    """Whether (B, T) per-token labels score a padding position (a label other than -100 where the mask is 0)."""
+    if labels is None or attention_mask is None:
+        return False
+    return bool(((labels != -100) & (attention_mask == 0)).any())
+
+
 class _BertHeadModel(BertPreTrainedModel):
     """A head on top of ``self.backbone``; subclasses set the key map and build ``self.head``."""
 
@@ -274,7 +333,23 @@ class _BertHeadModel(BertPreTrainedModel):
         self.backbone = self.base_class(config, add_pooler=self.add_pooler)
         self.head = nn.Module()
 
-    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states):
+    def _encode(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        inputs_embeds,
+        output_hidden_states,
+        outputs_at_padding: bool = False,
+        first_token_only: bool = False,
+    ):
+        """The backbone's output.
+
+        ``outputs_at_padding``: a loss reads padding positions too, so the batch runs padded (an unpadded run
+        leaves them at zero) and the loss is the one HF computes. ``first_token_only``: the head reads position 0
+        only (see :meth:`BertModel.forward`); ignored when hidden states are asked for.
+        """
         return self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -282,6 +357,8 @@ class _BertHeadModel(BertPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            unpad=False if outputs_at_padding else None,
+            first_token_only=first_token_only and not output_hidden_states,
         )
 
     def _classifier_dropout(self) -> nn.Dropout:
@@ -316,7 +393,15 @@ class BertForMaskedLM(_BertHeadModel):
         With ``masked_only`` (needs ``labels``), the vocabulary projection runs only where ``labels`` != -100:
         logits are then (M, V), one row per masked position in row-major order (cheap MLM pretraining).
         """
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        out = self._encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            _scores_padding(labels, attention_mask),
+        )
         hidden, labels = _masked_positions(out.last_hidden_state, labels, masked_only)
         logits = self.head.mlm(hidden)
         loss = token_loss(logits, labels) if labels is not None else None
@@ -346,7 +431,15 @@ class BertForNextSentencePrediction(_BertHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """``labels``: (B,) 0 when B follows A, 1 otherwise. Returns logits (B, 2)."""
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        out = self._encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            first_token_only=True,
+        )
         logits = self.head.nsp(out.pooler_output)
         loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
@@ -381,7 +474,15 @@ class BertForPreTraining(_BertHeadModel):
 
         ``masked_only``: as for :class:`BertForMaskedLM`, ``prediction_logits`` (M, V) at the masked positions only.
         """
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        out = self._encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            _scores_padding(labels, attention_mask),
+        )
         hidden, labels = _masked_positions(out.last_hidden_state, labels, masked_only)
         mlm_logits = self.head.mlm(hidden)
         nsp_logits = self.head.nsp(out.pooler_output)
@@ -420,7 +521,15 @@ class BertForSequenceClassification(_BertHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns logits (B, L). ``labels``: (B,) ids, (B,) floats (regression) or (B, L) multi-hot."""
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        out = self._encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            first_token_only=True,
+        )
         logits = self.head.classifier(self.head.dropout(out.pooler_output))
         loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
@@ -449,7 +558,15 @@ class BertForTokenClassification(_BertHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns logits (B, T, L). ``labels``: (B, T) tag ids, -100 on positions not scored."""
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        out = self._encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            _scores_padding(labels, attention_mask),
+        )
         logits = self.head.classifier(self.head.dropout(out.last_hidden_state))
         loss = token_loss(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
@@ -478,7 +595,11 @@ class BertForQuestionAnswering(_BertHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns ``start_logits`` and ``end_logits`` (B, T); loss when both positions (B,) are given."""
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        # the span loss is a softmax over every position, padding included
+        with_loss = start_positions is not None and end_positions is not None
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, with_loss
+        )
         start_logits, end_logits = self.head.qa_outputs(out.last_hidden_state).unbind(-1)
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -523,6 +644,7 @@ class BertForMultipleChoice(_BertHeadModel):
             flat(position_ids),
             flat(inputs_embeds),
             output_hidden_states,
+            first_token_only=True,
         )
         logits = self.head.classifier(self.head.dropout(out.pooler_output)).view(B, N)
         loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None

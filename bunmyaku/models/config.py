@@ -23,6 +23,8 @@ class ModelConfig:
     model_type: ClassVar[str] = ""
     # our field name -> HF config.json key, where they differ
     HF_NAMES: ClassVar[dict[str, str]] = {}
+    # fields that say how bunmyaku runs the model, not what it is: never written to config.json
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("attn_implementation", "gradient_checkpointing")
 
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
@@ -76,7 +78,7 @@ class ModelConfig:
         """The HF ``config.json`` dict for this config."""
         out: dict[str, Any] = dict(self.extra)
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "attn_implementation", "gradient_checkpointing"):
+            if f.name == "extra" or f.name in self.RUNTIME_FIELDS:
                 continue
             value = getattr(self, f.name)
             if value is None and f.name in ("id2label", "label2id", "problem_type", "architectures"):

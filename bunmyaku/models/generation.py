@@ -13,18 +13,24 @@ Any decoder works whose ``forward`` takes ``input_ids``, ``attention_mask``, ``p
 tokens alone or in a batch.
 
 Greedy decoding, sampling, and beam search (:func:`beam_search`, shared with the encoder-decoder
-Transformer). Stop strings are left to the caller, through the ``stop`` callback. A static
-(pre-allocated, CUDA-graph friendly) cache is not implemented yet.
+Transformer). Stop strings are left to the caller, through the ``stop`` callback.
+
+Per-token overhead is kept low: a decoder that takes ``logits_to_keep`` projects only the last position
+onto the vocabulary (the prefill would otherwise compute (B, T, V) logits to read one row); the output
+ids and the attention mask are allocated once for the whole run; ``cache="static"`` pre-allocates the
+KV cache instead of growing it by concatenation at every step.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
-from bunmyaku.models.attention import positions_from_mask
+from bunmyaku.models.attention import StaticKVCache, positions_from_mask
 
 
 def penalize_repeats(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -89,6 +95,11 @@ def sample(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` for a decoder whose forward takes it, else nothing (any decoder still works)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -120,6 +131,7 @@ def generate(
     seed: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    cache: Literal["dynamic", "static"] = "dynamic",
 ) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -143,6 +155,8 @@ def generate(
         seed: seeds a private random generator, so sampling is reproducible without touching the global one.
         num_beams: > 1 runs beam search (no sampling, streaming or repetition penalty with it).
         length_penalty: beam search scores a finished beam sum(log p) / generated_length ** length_penalty.
+        cache: "dynamic" grows the KV cache step by step; "static" allocates it once for T + N positions
+            (:class:`~bunmyaku.models.attention.StaticKVCache`): the same tokens, no copying per step.
 
     Returns:
         (B, T + n) the prompts followed by the n <= N generated tokens.
@@ -151,8 +165,10 @@ def generate(
         ValueError: an argument out of range.
     """
     _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
     device = input_ids.device
-    B = input_ids.size(0)
+    (B, T), N = input_ids.shape, max_new_tokens
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -161,56 +177,67 @@ def generate(
         if do_sample or streamer is not None or repetition_penalty != 1.0 or stop is not None:
             raise ValueError("num_beams > 1 cannot be combined with do_sample, streamer, stop or repetition_penalty")
         return _decoder_beam_search(
-            model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad
+            model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, cache
         )
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    tokens, step_ids, cache = input_ids, input_ids, None
+    keep = _last_logits_only(model)
+    # The whole run's ids and mask, allocated once; step i reads and writes the first T + i columns.
+    tokens = torch.cat([input_ids, input_ids.new_full((B, N), pad)], dim=1)  # (B, T + N)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, T + N)
+    kv = StaticKVCache(T + N) if cache == "static" else None
+    step_ids, length = input_ids, T
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        positions = positions_from_mask(attention_mask, step_ids.size(1), tokens.size(1) - step_ids.size(1), device)
+    while length < T + N:
         out = model(
             input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
+            attention_mask=mask[:, :length],
+            position_ids=positions_from_mask(mask[:, :length], step_ids.size(1), length - step_ids.size(1), device),
+            past_key_values=kv,
             use_cache=True,
+            **keep,
         )
-        cache = out.past_key_values
+        kv = out.past_key_values
         logits = out.logits[:, -1].float()  # (B, V)
         if repetition_penalty != 1.0:
-            logits = penalize_repeats(logits, tokens, attention_mask, repetition_penalty)
+            logits = penalize_repeats(logits, tokens[:, :length], mask[:, :length], repetition_penalty)
         if do_sample:
             next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         else:
             next_ids = logits.argmax(dim=-1)  # (B,)
         next_ids = next_ids.masked_fill(finished, pad)
         finished |= torch.isin(next_ids, eos)
-        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+        tokens[:, length] = next_ids
+        length += 1
         if stop is not None:
-            finished |= stop(tokens).to(device=device, dtype=torch.bool)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            finished |= stop(tokens[:, :length]).to(device=device, dtype=torch.bool)
         if streamer is not None:
             streamer(next_ids)
         if bool(finished.all()):
             break
         step_ids = next_ids[:, None]  # (B, 1)
-    return tokens
+    return tokens[:, :length].contiguous()
 
 
-def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor):
+def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor, cache: StaticKVCache | None):
     """A decoder's next-token function for :func:`beam_search`, with its cache and growing mask."""
-    state: dict = {"cache": None, "mask": attention_mask}
+    state: dict = {"cache": cache, "mask": attention_mask, "started": False}
+    keep = _last_logits_only(model)
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         mask, cache = state["mask"], state["cache"]
         grow = tokens.size(1) - mask.size(1)
         mask = state["mask"] = torch.cat([mask, mask.new_ones(mask.size(0), grow)], dim=1) if grow else mask
-        step_ids = tokens if cache is None else tokens[:, -1:]
+        step_ids = tokens[:, -1:] if state["started"] else tokens
         positions = positions_from_mask(mask, step_ids.size(1), tokens.size(1) - step_ids.size(1), tokens.device)
         out = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **keep,
         )
-        state["cache"] = out.past_key_values
+        state["cache"], state["started"] = out.past_key_values, True
         return out.logits[:, -1].float()
 
     def reorder(rows: torch.Tensor) -> None:
@@ -220,8 +247,9 @@ def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor):
     return step, reorder
 
 
-def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad):
-    step, reorder = _decoder_step(model, attention_mask.repeat_interleave(num_beams, dim=0))
+def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, cache):
+    kv = StaticKVCache(input_ids.size(1) + max_new_tokens) if cache == "static" else None
+    step, reorder = _decoder_step(model, attention_mask.repeat_interleave(num_beams, dim=0), kv)
     return beam_search(
         step,
         reorder,

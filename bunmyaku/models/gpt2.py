@@ -422,15 +422,24 @@ class GPT2LMHeadModel(_GPT2WithLMHead):
         token_type_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Inputs as in :meth:`GPT2Model.forward`.
 
         Args:
             labels: (B, T) target ids, usually ``input_ids`` itself (shifted inside); -100 where not scored.
+            logits_to_keep: > 0 computes logits for the last that many positions only (generation needs one:
+                the vocabulary projection of a whole prompt is wasted); 0 for all. Not with ``labels``.
 
         Returns:
-            ``logits`` (B, T, V), ``loss`` when labels are given, ``past_key_values``, ``hidden_states``.
+            ``logits`` (B, T, V) (T = ``logits_to_keep`` when set), ``loss`` when labels are given,
+            ``past_key_values``, ``hidden_states``.
+
+        Raises:
+            ValueError: ``logits_to_keep`` together with ``labels``.
         """
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position's logits")
         out = self._decode(
             input_ids,
             attention_mask,
@@ -441,7 +450,7 @@ class GPT2LMHeadModel(_GPT2WithLMHead):
             inputs_embeds,
             output_hidden_states,
         )
-        logits = self.head.lm_head(out.last_hidden_state)
+        logits = self.head.lm_head(out.last_hidden_state[:, -logits_to_keep:])  # (B, T or logits_to_keep, V)
         loss = shifted_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states

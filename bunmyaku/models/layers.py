@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bunmyaku.models.attention import Attention, KVCache
+from bunmyaku.models.attention import Attention, KVCache, Packing
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +140,14 @@ class Block(nn.Module):
             return x + self.dropout(fn(norm(x)))
         return norm(x + self.dropout(fn(x)))
 
-    def _forward(self, x, mask, is_causal, rotary, cache, memory, memory_mask):
-        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, is_causal, rotary, cache))
+    def _forward(self, x, mask, is_causal, rotary, cache, memory, memory_mask, packing, context):
+        if context is not None and self.pre_norm:
+            context = self.attn_norm(context)  # keys and values see what the queries see: normed inputs
+
+        def attend(h):
+            return self.attn(h, mask, is_causal, rotary, cache, packing=packing, context=context)
+
+        x = self._sublayer(x, self.attn_norm, attend)
         if self.cross_attn is not None:
             x = self._sublayer(
                 x, self.cross_norm, lambda h: self.cross_attn(h, memory_mask, cache=cache, memory=memory)
@@ -157,11 +163,16 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        packing: Packing | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C). ``memory``: (B, S, C) encoder states for cross-attention."""
+        """x: (B, T, C) -> (B, T, C), or (N, C) -> (N, C) packed real tokens with ``packing``.
+
+        ``memory``: (B, S, C) encoder states for cross-attention. ``context``: the layer's input at every
+        position when ``x`` holds only the positions whose output is wanted (see :class:`Attention`).
+        """
+        args = (x, mask, is_causal, rotary, cache, memory, memory_mask, packing, context)
         if self.gradient_checkpointing and self.training and cache is None:
             # Recompute this layer's activations in the backward pass instead of storing them.
-            return checkpoint(
-                self._forward, x, mask, is_causal, rotary, cache, memory, memory_mask, use_reentrant=False
-            )
-        return self._forward(x, mask, is_causal, rotary, cache, memory, memory_mask)
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)

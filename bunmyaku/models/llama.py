@@ -329,6 +329,7 @@ class LlamaForCausalLM(_LlamaHeadModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Logits for the next token at every new position.
 
@@ -337,10 +338,17 @@ class LlamaForCausalLM(_LlamaHeadModel):
                 :meth:`LlamaModel.forward`.
             labels: (B, T) the input ids themselves, -100 where not scored; shifted inside, as in HF, so
                 position t is scored on token t + 1.
+            logits_to_keep: > 0 computes logits for the last that many positions only (generation needs one:
+                the vocabulary projection of a whole prompt is wasted); 0 for all. Not with ``labels``.
 
         Returns:
-            ``logits`` (B, T, V), ``loss``, ``past_key_values``, ``hidden_states``.
+            ``logits`` (B, T, V) (T = ``logits_to_keep`` when set), ``loss``, ``past_key_values``, ``hidden_states``.
+
+        Raises:
+            ValueError: ``logits_to_keep`` together with ``labels``.
         """
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position's logits")
         out = self._decode(
             input_ids,
             attention_mask,
@@ -350,7 +358,7 @@ class LlamaForCausalLM(_LlamaHeadModel):
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        logits = self.head.lm_head(out.last_hidden_state)
+        logits = self.head.lm_head(out.last_hidden_state[:, -logits_to_keep:])  # (B, T or logits_to_keep, V)
         loss = token_loss(logits[:, :-1], labels[:, 1:]) if labels is not None else None
         return ModelOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states

@@ -141,7 +141,15 @@ class RobertaForSequenceClassification(_RobertaHeadModel, bert.BertForSequenceCl
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns logits (B, L). ``labels``: (B,) ids, (B,) floats (regression) or (B, L) multi-hot."""
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        out = self._encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            first_token_only=True,
+        )
         logits = self.head.classifier(out.last_hidden_state)
         loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

@@ -2,8 +2,9 @@
 
 Works with sentence-transformers folders (all-MiniLM-L6-v2): the pooling mode comes from
 ``1_Pooling/config.json``, L2 normalisation from ``modules.json``, the length limit from
-``sentence_bert_config.json``. Sentences are sorted by length before batching, so each batch pads
-to similar lengths and little compute is spent on padding.
+``sentence_bert_config.json``. All sentences are tokenized in one batched call (the Rust tokenizer
+runs them in parallel), then sorted by token count and cut into batches, so each batch pads to
+similar lengths and little compute is spent on padding.
 """
 
 from __future__ import annotations
@@ -80,20 +81,23 @@ class SentenceSimilarityPipeline:
         normalize = self.normalize if normalize is None else normalize
         if isinstance(sentences, str):
             sentences = [sentences]
-        lengths = [len(s) for s in sentences]
-        order = sorted(range(len(sentences)), key=lambda i: -lengths[i])
-        out = torch.empty(len(sentences), self.model.config.hidden_size)
+        ids = self.tokenizer(sentences, truncation=True, max_length=self.max_length, return_tensors=None)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out = torch.empty(len(ids), self.model.config.hidden_size)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            batch = self.tokenizer(
-                [sentences[i] for i in rows], padding=True, truncation=True, max_length=self.max_length
-            )
-            batch = {
-                k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
-            }
+            batch = self._pad([ids[i] for i in rows])
             hidden = self.model(**batch).last_hidden_state
             out[rows] = pool(hidden, batch["attention_mask"], self.pooling, normalize).float().cpu()
         return out
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Token ids of one batch, longest first -> right-padded (B, T) ``input_ids`` and ``attention_mask``."""
+        T = len(ids[0])
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([row + [pad] * (T - len(row)) for row in ids])
+        mask = torch.tensor([[1] * len(row) + [0] * (T - len(row)) for row in ids])
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def similarity(self, sentences: list[str], others: list[str] | None = None) -> list[list[float]]:
         """Cosine similarity of every sentence with every other (or with every one of ``others``)."""
