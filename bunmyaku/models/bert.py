@@ -530,9 +530,13 @@ class BertForSequenceClassification(_BertHeadModel):
             output_hidden_states,
             first_token_only=True,
         )
-        logits = self.head.classifier(self.head.dropout(out.pooler_output))
+        logits = self._classify(out)
         loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+    def _classify(self, out: ModelOutput) -> torch.Tensor:
+        """Encoder output -> (B, L) logits: a linear layer on the pooled [CLS] state."""
+        return self.head.classifier(self.head.dropout(out.pooler_output))
 
 
 class BertForTokenClassification(_BertHeadModel):

@@ -21,7 +21,6 @@ from torch import nn
 from bunmyaku.hub import KeyMap
 from bunmyaku.models import bert
 from bunmyaku.models.base import ModelOutput
-from bunmyaku.models.heads import sequence_classification_loss
 
 
 @dataclass
@@ -130,29 +129,9 @@ class RobertaForSequenceClassification(_RobertaHeadModel, bert.BertForSequenceCl
         bert._BertHeadModel.__init__(self, config)  # BERT's classifier is replaced, not built and discarded
         self.head.classifier = RobertaClassificationHead(config)
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> ModelOutput:
-        """Returns logits (B, L). ``labels``: (B,) ids, (B,) floats (regression) or (B, L) multi-hot."""
-        out = self._encode(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            output_hidden_states,
-            first_token_only=True,
-        )
-        logits = self.head.classifier(out.last_hidden_state)
-        loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+    def _classify(self, out: ModelOutput) -> torch.Tensor:
+        """The small MLP on the ``<s>`` state (no pooler): (B, T, C) -> (B, L) logits."""
+        return self.head.classifier(out.last_hidden_state)
 
 
 class RobertaForTokenClassification(_RobertaHeadModel, bert.BertForTokenClassification):
