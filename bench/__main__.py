@@ -1,8 +1,9 @@
 """``python -m bench``: each scenario for bunmyaku and transformers in fresh processes; ratios into BENCHMARKS.md.
 
-Options: ``--only PATTERN`` (substring of the configuration name), ``--reps N`` (timed repetitions, default
+Options: ``--only PATTERN[,PATTERN]`` (substrings of the configuration name), ``--reps N`` (timed repetitions, default
 20), ``--budget S`` (stop timing a configuration after S seconds of timed steps, at least ``--min-reps``),
 ``--warmup N``, ``--threads N`` (torch threads in the workers; default torch's), ``--device cpu|cuda``,
+``--dtype`` (default float32 on CPU, bfloat16 on CUDA; both libraries load in it, training runs under autocast),
 ``--no-write`` (print only).
 
 Results are kept per configuration in ``bench/results/speed-<device>.json``: a run with ``--only`` replaces
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from bench.machine import describe
 from bench.scenarios import CONFIGS, Config, model_dir
+from bunmyaku.hub.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +38,7 @@ def run_one(config: Config, impl: str, args: argparse.Namespace) -> dict:
         "--batch", str(config.batch), "--impl", impl, "--device", args.device,
         "--reps", str(args.reps), "--warmup", str(args.warmup),
         "--budget", str(args.budget), "--min-reps", str(args.min_reps), "--threads", str(args.threads),
+        "--dtype", args.dtype,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -61,6 +64,7 @@ def summarize(result: dict) -> dict:
         "reps": len(times),
         "load_avg": result["load_avg"],
         "threads": result["threads"],
+        "dtype": result.get("dtype", "float32"),
     }
     for key in ("ttft", "decode_tps"):
         if key in result:
@@ -78,9 +82,9 @@ def speedup(hf: dict, ours: dict) -> float:
 def table(rows: dict[str, dict], device: str) -> str:
     lines = [
         "| configuration | transformers median (p10-p90) | bunmyaku median (p10-p90) | speed-up | bunmyaku throughput "
-        "| TTFT hf / ours | decode tok/s hf / ours | peak mem hf / ours (MB) | reps hf / ours | threads | load avg "
-        "| measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TTFT hf / ours | decode tok/s hf / ours | peak mem hf / ours (MB) | reps hf / ours | dtype | threads "
+        "| load avg | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mem_key = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
     for name in [c.name for c in CONFIGS if c.name in rows]:
@@ -92,7 +96,8 @@ def table(rows: dict[str, dict], device: str) -> str:
             f"| {name} | {hf['median'] * 1e3:.0f} ms ({hf['p10'] * 1e3:.0f}-{hf['p90'] * 1e3:.0f}) "
             f"| {ours['median'] * 1e3:.0f} ms ({ours['p10'] * 1e3:.0f}-{ours['p90'] * 1e3:.0f}) "
             f"| **{speedup(hf, ours):.2f}x** | {ours['items_per_s']:.0f} {unit} | {ttft} | {decode} "
-            f"| {hf[mem_key]:.0f} / {ours[mem_key]:.0f} | {hf['reps']} / {ours['reps']} | {ours.get('threads', '')} "
+            f"| {hf[mem_key]:.0f} / {ours[mem_key]:.0f} | {hf['reps']} / {ours['reps']} "
+            f"| {ours.get('dtype', 'float32')} | {ours.get('threads', '')} "
             f"| {hf['load_avg']:.1f} / {ours['load_avg']:.1f} | {when} |"
         )
     return "\n".join(lines)
@@ -114,52 +119,57 @@ def write_section(markdown: str, device: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default="", help="run configurations whose name contains this")
+    parser.add_argument(
+        "--only", default="", help="run configurations whose name contains this (comma-separated: any of these)"
+    )
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.0, help="seconds of timed steps per run; 0: no limit")
     parser.add_argument("--min-reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: torch's default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA (training: autocast)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
-    configs = [c for c in CONFIGS if args.only in c.name]
+    patterns = args.only.split(",")
+    configs = [c for c in CONFIGS if any(p in c.name for p in patterns)]
     for name in sorted({c.model for c in configs}):
         model_dir(name)  # build the shared checkpoints once, before timing anything
     store = RESULTS / f"speed-{args.device}.json"
     saved = json.loads(store.read_text()) if store.exists() and not args.no_write else {}
     rows, raw = saved.get("rows", {}), saved.get("raw", {})
+    # the machine the rows were measured on; re-rendering (``--only`` matching nothing) keeps the stored one
+    machine = describe(args.device) if configs else saved.get("machine", describe(args.device))
     for config in configs:
         results = {impl: run_one(config, impl, args) for impl in IMPLS}
         raw[config.name] = list(results.values())
         rows[config.name] = {impl: summarize(r) for impl, r in results.items()}
         rows[config.name]["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        rows[config.name]["settings"] = {"warmup": args.warmup, "budget_s": args.budget, "max_reps": args.reps}
         hf, ours = rows[config.name]["transformers"], rows[config.name]["bunmyaku"]
         print(
             f"{config.name:34s} transformers {hf['median'] * 1e3:9.0f} ms  bunmyaku {ours['median'] * 1e3:9.0f} ms  "
             f"speed-up {speedup(hf, ours):.2f}x  reps {hf['reps']}/{ours['reps']}  load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-    machine = describe(args.device)
+        if not args.no_write:  # after every configuration: a run cut short keeps what it measured
+            RESULTS.mkdir(exist_ok=True)
+            write_json_atomic(store, {"machine": machine, "rows": rows, "raw": raw})
     markdown = (
         f"## Speed vs transformers on {args.device}\n\nMachine: {machine}. "
         "Each configuration ran in a fresh process per implementation (transformers first, then bunmyaku): "
-        f"warm-up ({args.warmup} step{'' if args.warmup == 1 else 's'}), then up to {args.reps} timed repetitions"
-        + (
-            f", or fewer once {args.budget:.0f} s of timed steps had run (at least {args.min_reps})"
-            if args.budget
-            else ""
-        )
-        + "; median with p10-p90. Speed-up = transformers time / bunmyaku time (for generation: the ratio of decode "
-        "tokens/s, measured after the first token). Load avg: the machine's 1-minute load average at the end "
-        "of each run (2 cores: above 2 means the run shared the cores with other work).\n\n"
+        "warm-up steps, then up to 20 timed repetitions, or fewer where a time budget per configuration stopped "
+        "the timing earlier (the reps column says how many ran; warm-up and budget per row are in "
+        f"`bench/results/speed-{args.device}.json`); median with p10-p90. Speed-up = transformers time / bunmyaku "
+        "time (for generation: the ratio of decode tokens/s, measured after the first token). Load avg: the "
+        "machine's 1-minute load average at the end of each run (2 cores: above 2 means the run shared the cores "
+        "with other work).\n\n"
         f"{table(rows, args.device)}"
     )
     print(markdown)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        store.write_text(json.dumps({"machine": machine, "rows": rows, "raw": raw}, indent=1))
         print(f"wrote {write_section(markdown, args.device)}")
 
 

@@ -52,11 +52,11 @@ def model_dir(name: str) -> Path:
     """A HF folder for a benchmark model, created once (random weights for the *-shape models)."""
     from bunmyaku.hub.packaged import packaged_model
 
+    path = CACHE / name
+    if (path / "config.json").is_file():  # built earlier, or placed there (a GPU machine without the packages)
+        return path
     if name == "minilm":
         return packaged_model("all-MiniLM-L6-v2")
-    path = CACHE / name
-    if (path / "config.json").is_file():
-        return path
     torch.manual_seed(0)
     if name == "bert-base":
         from bunmyaku.models.bert import BertConfig, BertModel
@@ -110,11 +110,11 @@ def similarity_sentences(n: int = 10_000) -> list[str]:
 Step = Callable[[], dict | None]
 
 
-def _load(impl: str, path: Path, task: str, device: str, **kw):
+def _load(impl: str, path: Path, task: str, device: str, dtype: torch.dtype = torch.float32, **kw):
     if impl == "bunmyaku":
         import bunmyaku
 
-        return bunmyaku.from_pretrained(path, task=task, device=device, **kw)
+        return bunmyaku.from_pretrained(path, task=task, device=device, dtype=dtype, **kw)
     import transformers
 
     auto = {
@@ -122,11 +122,11 @@ def _load(impl: str, path: Path, task: str, device: str, **kw):
         "sequence-classification": transformers.AutoModelForSequenceClassification,
         "causal-lm": transformers.AutoModelForCausalLM,
     }[task]
-    return auto.from_pretrained(path, dtype=torch.float32, **kw).to(device)
+    return auto.from_pretrained(path, dtype=dtype, **kw).to(device)
 
 
-def encoder_infer(impl: str, config: Config, device: str) -> tuple[Step, int]:
-    model = _load(impl, model_dir(config.model), "base", device).eval()
+def encoder_infer(impl: str, config: Config, device: str, dtype: torch.dtype) -> tuple[Step, int]:
+    model = _load(impl, model_dir(config.model), "base", device, dtype).eval()
     ids, mask = encoder_batch(config, model.config.vocab_size)
     ids, mask = ids.to(device), mask.to(device)
 
@@ -137,15 +137,18 @@ def encoder_infer(impl: str, config: Config, device: str) -> tuple[Step, int]:
     return step, int(mask.sum())
 
 
-def encoder_train(impl: str, config: Config, device: str) -> tuple[Step, int]:
+def encoder_train(impl: str, config: Config, device: str, dtype: torch.dtype) -> tuple[Step, int]:
+    """Float32 weights and optimizer; with a 16-bit ``dtype``, forward and backward under autocast (mixed precision)."""
     model = _load(impl, model_dir(config.model), "sequence-classification", device, num_labels=4).train()
     ids, mask = encoder_batch(config, model.config.vocab_size)
     ids, mask = ids.to(device), mask.to(device)
     labels = torch.arange(config.batch, device=device) % 4
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    mixed = dtype != torch.float32
 
     def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=mixed):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -156,8 +159,8 @@ def encoder_train(impl: str, config: Config, device: str) -> tuple[Step, int]:
 PROMPT, NEW = 128, 128
 
 
-def generate(impl: str, config: Config, device: str) -> tuple[Step, int]:
-    model = _load(impl, model_dir(config.model), "causal-lm", device).eval()
+def generate(impl: str, config: Config, device: str, dtype: torch.dtype) -> tuple[Step, int]:
+    model = _load(impl, model_dir(config.model), "causal-lm", device, dtype).eval()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (config.batch, PROMPT), generator=gen).to(device)
     mask = torch.ones_like(ids)
@@ -207,13 +210,13 @@ class _FirstTokenStreamer:
         pass
 
 
-def similarity(impl: str, config: Config, device: str) -> tuple[Step, int]:
+def similarity(impl: str, config: Config, device: str, dtype: torch.dtype) -> tuple[Step, int]:
     sentences = similarity_sentences()
     path = model_dir("minilm")
     if impl == "bunmyaku":
         import bunmyaku
 
-        pipe = bunmyaku.pipeline("sentence-similarity", model=path, device=device, batch_size=config.batch)
+        pipe = bunmyaku.pipeline("sentence-similarity", model=path, device=device, batch_size=config.batch, dtype=dtype)
 
         def step():
             pipe.encode(sentences)
@@ -224,7 +227,7 @@ def similarity(impl: str, config: Config, device: str) -> tuple[Step, int]:
         from bunmyaku.models.pooling import mean_pool
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        model = transformers.AutoModel.from_pretrained(path).to(device).eval()
+        model = transformers.AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
 
         def step():  # the loop a transformers user writes: batches in the order given
             with torch.inference_mode():
@@ -237,7 +240,7 @@ def similarity(impl: str, config: Config, device: str) -> tuple[Step, int]:
                         return_tensors="pt",
                     ).to(device)
                     hidden = model(**batch).last_hidden_state
-                    torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1).cpu()
+                    torch.nn.functional.normalize(mean_pool(hidden.float(), batch["attention_mask"]), dim=-1).cpu()
 
     return step, len(sentences)
 

@@ -32,13 +32,14 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.0, help="seconds of timed steps at most; 0: no limit")
     parser.add_argument("--min-reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (training: autocast)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     config = Config(args.scenario, args.model, args.variant, args.batch)
     torch.manual_seed(0)
-    step, tokens = BUILDERS[config.scenario](args.impl, config, args.device)
+    step, tokens = BUILDERS[config.scenario](args.impl, config, args.device, getattr(torch, args.dtype))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -60,6 +61,7 @@ def main() -> None:
         "tokens": tokens,
         "load_avg": os.getloadavg()[0],
         "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
     }

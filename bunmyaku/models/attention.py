@@ -18,6 +18,7 @@ only, (N, C) instead of (B, T, C), and a :class:`StaticKVCache` decodes without 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -27,8 +28,12 @@ from torch import nn
 
 try:
     from torch.nn.attention.varlen import varlen_attn
+
+    # the keyword set grew across torch releases (2.10 has neither ``scale`` nor ``enable_gqa``)
+    _VARLEN_KWARGS = frozenset(inspect.signature(varlen_attn).parameters)
 except ImportError:  # torch without variable-length flash attention: packed batches re-pad for attention
     varlen_attn = None
+    _VARLEN_KWARGS = frozenset()
 
 
 def eager_attention(
@@ -398,15 +403,20 @@ class Attention(nn.Module):
         if (
             context is None
             and varlen_attn is not None
-            and x.is_cuda
-            and x.dtype in (torch.float16, torch.bfloat16)
+            and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)  # bf16 weights, or autocast
             and dropout_p == 0.0
             and self.attend is sdpa_attention
+            and ("scale" in _VARLEN_KWARGS or self.scale in (None, self.head_dim**-0.5))
+            and ("enable_gqa" in _VARLEN_KWARGS or K == H)
         ):
             # flash attention over the packed rows, no re-padding (varlen has no dropout, hence the guard)
             cu, longest = packing.cu_seqlens, packing.max_seqlen
             q, k, v = q.view(N, H, D), k.view(N, K, D), v.view(N, K, D)
-            y = varlen_attn(q, k, v, cu, cu, longest, longest, scale=self.scale, enable_gqa=K != H)  # (N, H, D)
+            kwargs = {"scale": self.scale} if "scale" in _VARLEN_KWARGS else {}
+            if K != H:
+                kwargs["enable_gqa"] = True
+            y = varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)  # (N, H, D)
             return self.out_proj(y.reshape(N, H * D))
         k = self._heads(packing.pad(k), K)  # (B, K, T, D)
         v = self._heads(packing.pad(v), K)  # (B, K, T, D)

@@ -49,6 +49,8 @@ class TrainArgs:
     """fp32, bf16 autocast, or fp16 autocast with a GradScaler."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    compile: bool = False
+    """Compile the model's forward with torch.compile (in place: parameter names and checkpoints unchanged)."""
     freeze_embeddings: bool = False
     """Do not train the embeddings."""
     freeze_layers: int = 0

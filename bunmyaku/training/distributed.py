@@ -47,9 +47,10 @@ def is_main() -> bool:
 def all_reduce_sums(values: Mapping[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Sum each value over processes (one collective for all of them); returns plain floats."""
     keys = sorted(values)
-    flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(flat)
+    if not dist.is_initialized():  # one process: nothing to sum, and host numbers need no device round trip
+        return {k: float(values[k]) for k in keys}
+    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device).reshape(()) for k in keys])
+    dist.all_reduce(flat)
     return dict(zip(keys, flat.tolist(), strict=True))
 
 

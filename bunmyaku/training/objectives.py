@@ -35,7 +35,18 @@ def _token_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return loss, correct
 
 
-class CausalLM:
+class TokenObjective:
+    """Shared by the token-level objectives: the loss and accuracy sums over logits, compilable."""
+
+    token_sums = staticmethod(_token_sums)
+
+    def compile(self) -> None:
+        """Compile the loss: the float32 upcast, log-softmax, NLL and argmax over (N, V) logits fuse into a few
+        reductions instead of several full-size float32 copies (the largest tensors of a language-model step)."""
+        self.token_sums = torch.compile(_token_sums)
+
+
+class CausalLM(TokenObjective):
     """Next-token prediction: ``labels`` (B, T) as for HF (the ids themselves; position t predicts t + 1)."""
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -44,7 +55,7 @@ class CausalLM:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
         logits = model(**_inputs(batch, ("labels",))).logits  # (B, T, V)
-        loss, correct = _token_sums(logits[:, :-1], batch["labels"][:, 1:])
+        loss, correct = self.token_sums(logits[:, :-1], batch["labels"][:, 1:])
         return {"lm": loss}, {"lm_correct": correct}
 
 
@@ -53,7 +64,7 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(forward).parameters
 
 
-class MaskedLM:
+class MaskedLM(TokenObjective):
     """Masked-token prediction: ``labels`` (B, T) original ids at masked positions, -100 elsewhere.
 
     When the model's ``forward`` takes ``masked_only``, the vocabulary projection runs only at the masked
@@ -76,7 +87,7 @@ class MaskedLM:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
         out, targets = self._forward(model, batch)
-        loss, correct = _token_sums(getattr(out, self.logits_field), targets)
+        loss, correct = self.token_sums(getattr(out, self.logits_field), targets)
         return {"lm": loss}, {"lm_correct": correct}
 
 
@@ -91,7 +102,7 @@ class MaskedLMWithNSP(MaskedLM):
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
         out, targets = self._forward(model, batch)
-        lm_loss, lm_correct = _token_sums(out.prediction_logits, targets)
+        lm_loss, lm_correct = self.token_sums(out.prediction_logits, targets)
         nsp_loss, nsp_correct = _token_sums(out.seq_relationship_logits, batch["next_sentence_label"])
         return {"lm": lm_loss, "nsp": nsp_loss}, {"lm_correct": lm_correct, "nsp_correct": nsp_correct}
 

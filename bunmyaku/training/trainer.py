@@ -110,23 +110,31 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the steps
 
-    def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
-        """Forward and backward every micro-batch of one optimizer step; returns the step's summed statistics."""
+    def _train_step(self, micro_batches: list[Batch]) -> dict[str, float | torch.Tensor]:
+        """Forward and backward every micro-batch of one optimizer step; returns the step's summed statistics.
+
+        Target counts and tokens are read from the host batches, and on one process the loss sums stay on the
+        device until a logging step reads them: no step waits for the GPU (several host syncs per step would
+        leave it idle while the next batch is prepared and launched).
+        """
         self.model.train()
-        self._step_batches = [self._to_device(b) for b in micro_batches]
         local_counts: dict[str, float] = {}
-        for batch in self._step_batches:
+        for batch in micro_batches:  # host tensors: counting them needs no device round trip
             for term, n in self.objective.count(batch).items():
                 local_counts[term] = local_counts.get(term, 0) + n
+        tokens = sum(_num_tokens(b) for b in micro_batches)
+        self._step_batches = [self._to_device(b) for b in micro_batches]
         self._step_counts = dist_utils.all_reduce_sums(local_counts, self.device)
-        sums = self.forward_backward()
-        sums["tokens"] = sum(_num_tokens(b) for b in self._step_batches)
-        totals = dist_utils.all_reduce_sums(sums, self.device)
-        return {**totals, **{f"count_{k}": v for k, v in self._step_counts.items()}}
+        sums: dict[str, float | torch.Tensor] = {**self.forward_backward(), "tokens": tokens}
+        if self.world_size > 1:
+            sums = dist_utils.all_reduce_sums(sums, self.device)
+        return {**sums, **{f"count_{k}": v for k, v in self._step_counts.items()}}
 
-    def forward_backward(self) -> dict[str, float]:
-        """Accumulate the gradient of the current step's micro-batches (plugins such as SAM call it again)."""
-        sums: dict[str, float] = {}
+    def forward_backward(self) -> dict[str, torch.Tensor]:
+        """Accumulate the gradient of the current step's micro-batches (plugins such as SAM call it again).
+
+        Returns the summed loss and metric terms as float64 device tensors."""
+        sums: dict[str, torch.Tensor] = {}
         last = len(self._step_batches) - 1
         for i, batch in enumerate(self._step_batches):
             sync = contextlib.nullcontext() if i == last or self.world_size == 1 else self.model.no_sync()
@@ -141,7 +149,8 @@ class Trainer:
                 for plugin in self.plugins:
                     plugin.after_backward(self)
             for key, value in {**losses, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+                value = value.detach().to(torch.float64)
+                sums[key] = sums[key] + value if key in sums else value
         return sums
 
     def _optimizer_step(self) -> None:
@@ -151,7 +160,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.args.max_grad_norm > 0:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm))
+            # a device tensor: read (one sync) only when a step is logged
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -232,6 +242,10 @@ class Trainer:
         model = self.unwrapped_model.to(self.device)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if args.compile:
+            model.compile()  # nn.Module.compile: the module and its state-dict keys stay as they are
+            if hasattr(self.objective, "compile"):
+                self.objective.compile()  # the loss over the logits, outside the model's forward
         for plugin in self.plugins:
             plugin.on_fit_start(self)
         if self.world_size > 1:
@@ -309,7 +323,12 @@ class Trainer:
         return self.step == self.args.max_steps or (every > 0 and self.step % every == 0)
 
     def _to_device(self, batch: Batch) -> Batch:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        """Host batch -> device; through pinned memory on CUDA (a copy from pageable memory waits for the GPU)."""
+        pin = self.device.type == "cuda"
+        return {
+            k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.args.precision == "fp32":
@@ -331,21 +350,23 @@ class Trainer:
         self._task = progress.add_task("train", total=self.args.max_steps, completed=self.step, loss=0.0, tps=0.0)
         return progress
 
-    def _log_train(self, stats: dict[str, float], progress: Any) -> None:
+    def _log_train(self, stats: dict[str, float | torch.Tensor], progress: Any) -> None:
         self._tokens_seen += stats["tokens"]
         if not self.is_main:
             return
-        metrics = _summarise(stats)
+        if self.step % self.args.log_every and self.step != self.args.max_steps:
+            elapsed = time.perf_counter() - self._started - self._eval_seconds
+            progress.update(self._task, completed=self.step, tps=self._tokens_seen / max(elapsed, 1e-9))
+            return
+        metrics = _summarise(_host_floats(stats))  # waits for the device: the step's work is done after this
         elapsed = time.perf_counter() - self._started - self._eval_seconds
         tokens_per_s = self._tokens_seen / max(elapsed, 1e-9)
         progress.update(self._task, completed=self.step, loss=metrics.get("loss", 0.0), tps=tokens_per_s)
-        if self.step % self.args.log_every and self.step != self.args.max_steps:
-            return
         record = {
             "step": self.step,
             **metrics,
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": self.grad_norm,
+            "grad_norm": float(self.grad_norm),
             "tokens_per_s": tokens_per_s,
             "elapsed_s": elapsed,
         }
@@ -367,6 +388,14 @@ def _pick_device(device: str | None) -> torch.device:
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+def _host_floats(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Plain floats, with one device-to-host copy for all the tensors among the values."""
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    copied = torch.stack([values[k].reshape(()).double() for k in keys]).tolist() if keys else []
+    host = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    return {**host, **dict(zip(keys, copied, strict=True))}
 
 
 def _num_tokens(batch: Batch) -> int:

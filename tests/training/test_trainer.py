@@ -191,6 +191,22 @@ def test_gradient_checkpointing_flag_trains_the_same(tmp_path):
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
+def test_compiled_model_and_loss_train_the_same(tmp_path):
+    train, _ = _clm_data()
+    results = []
+    for compile in (False, True):
+        args = _args(tmp_path, batch_size=4, compile=compile)
+        trainer = Trainer(tiny_gpt2(), args, train, None, CausalLMCollator())
+        trainer._setup()
+        stats = trainer._train_step([trainer.train_stream.next_batch()])
+        results.append((stats, _grads(trainer.model)))
+    assert trainer.objective.token_sums is not type(trainer.objective).token_sums, "the loss was compiled"
+    assert list(results[0][1]) == list(results[1][1]), "compiling keeps parameter names"
+    torch.testing.assert_close(results[1][0]["lm"], results[0][0]["lm"], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_export_best_writes_the_checkpoint_with_the_lowest_eval_loss(tmp_path):
     from bunmyaku.hub import load_state_dict
     from bunmyaku.training import Plugin

@@ -1,0 +1,102 @@
+"""CUDA fast paths against the padded reference on the same GPU. Skipped without CUDA (CI has none); run on a
+lent GPU with ``pytest tests/speed/test_cuda.py``.
+
+bf16 results differ from fp32 by rounding, so the comparisons are between two bf16 paths (tolerances of bf16),
+and against fp32 for a sanity bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bunmyaku.models import attention
+from bunmyaku.models.bert import BertConfig, BertForSequenceClassification, BertModel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SHAPE = dict(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512, max_seq_len=512)
+
+
+def _batch(seed: int = 0, batch: int = 16, longest: int = 300):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, longest, (batch,), generator=gen)
+    lengths[0] = longest
+    mask = (torch.arange(longest)[None] < lengths[:, None]).long()
+    ids = torch.randint(3, 1000, (batch, longest), generator=gen).masked_fill(mask == 0, 0)
+    return ids.cuda(), mask.cuda()
+
+
+def _pair(model_cls, **kw):
+    torch.manual_seed(0)
+    packed = model_cls.from_config(BertConfig(**SHAPE, **kw)).cuda()
+    padded = model_cls(BertConfig(**SHAPE, unpad=False, **kw)).cuda()
+    padded.load_state_dict(packed.state_dict())
+    return packed, padded
+
+
+def test_varlen_kernel_is_available_and_used(monkeypatch):
+    assert attention.varlen_attn is not None, "this torch has no torch.nn.attention.varlen"
+    calls = []
+    original = attention.varlen_attn
+    monkeypatch.setattr(attention, "varlen_attn", lambda *a, **k: calls.append(1) or original(*a, **k))
+    packed, _ = _pair(BertModel)
+    ids, mask = _batch()
+    with torch.inference_mode():
+        packed.to(torch.bfloat16).eval()(input_ids=ids, attention_mask=mask)
+    assert len(calls) == SHAPE["num_layers"]
+
+
+def test_bf16_varlen_equals_bf16_padded_and_fp32():
+    packed, padded = _pair(BertModel)
+    ids, mask = _batch(1)
+    real = mask.bool()
+    with torch.inference_mode():
+        reference = padded.eval()(input_ids=ids, attention_mask=mask).last_hidden_state[real].float()
+        packed_bf16 = packed.to(torch.bfloat16).eval()(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+        padded_bf16 = padded.to(torch.bfloat16)(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+    torch.testing.assert_close(packed_bf16, padded_bf16, atol=6e-2, rtol=3e-2)
+    torch.testing.assert_close(packed_bf16.float(), reference, atol=1e-1, rtol=5e-2)
+
+
+def test_autocast_training_gradients_match_padded():
+    """Fine-tuning under bf16 autocast (dropout off: varlen has no dropout): gradients close to the padded path's."""
+    packed, padded = (m.train() for m in _pair(BertForSequenceClassification, dropout=0.0, attention_dropout=0.0))
+    ids, mask = _batch(2)
+    labels = torch.arange(ids.size(0), device="cuda") % 2
+    grads = []
+    for model in (packed, padded):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
+    cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cosine > 0.999, f"gradient directions differ: cosine {cosine:.5f}"
+    torch.testing.assert_close(grads[0].norm(), grads[1].norm(), rtol=2e-2, atol=0)
+
+
+def test_fp32_cuda_unpadded_equals_padded():
+    """fp32 on CUDA takes the re-padding route (no varlen): equal to the padded path like on CPU."""
+    packed, padded = (m.eval() for m in _pair(BertModel))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids, mask = _batch(3)
+    real = mask.bool()
+    with torch.inference_mode():
+        a = packed(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+        b = padded(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_static_cache_generation_matches_dynamic_on_cuda():
+    from bunmyaku.models.generation import generate
+    from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_config(GPT2Config(vocab_size=500, num_layers=2, num_heads=4, hidden_size=64)).cuda().eval()
+    ids = torch.randint(0, 500, (3, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.inference_mode():
+        dynamic = generate(model, ids, mask, max_new_tokens=20)
+        static = generate(model, ids, mask, max_new_tokens=20, cache="static")
+    assert torch.equal(dynamic, static)
