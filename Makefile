@@ -27,13 +27,13 @@ demo: $(VENV)/.installed-demo
 	HF_HUB_OFFLINE=1 $(BIN)/bunmyaku demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check bunmyaku tests bench
-	$(BIN)/ruff format --check bunmyaku tests bench
+	$(BIN)/ruff check bunmyaku tests bench recipes
+	$(BIN)/ruff format --check bunmyaku tests bench recipes
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check --fix bunmyaku tests bench
-	$(BIN)/ruff format bunmyaku tests bench
+	$(BIN)/ruff check --fix bunmyaku tests bench recipes
+	$(BIN)/ruff format bunmyaku tests bench recipes
 
 bench: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench

@@ -18,8 +18,11 @@ from pathlib import Path
 def documents(data: Path):
     for path in sorted((data / "aozora").glob("*.txt")):
         yield from path.read_text(encoding="utf-8").splitlines()
-    for name, fields in [("jsts", ("sentence1", "sentence2")), ("jnli", ("sentence1", "sentence2")),
-                         ("jcommonsenseqa", ("question",))]:
+    for name, fields in [
+        ("jsts", ("sentence1", "sentence2")),
+        ("jnli", ("sentence1", "sentence2")),
+        ("jcommonsenseqa", ("question",)),
+    ]:
         for split in ("train", "valid"):  # never test
             path = data / "jglue" / name / f"{split}.jsonl"
             if path.exists():

@@ -92,7 +92,9 @@ def test_static_cache_generation_matches_dynamic_on_cuda():
     from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel.from_config(GPT2Config(vocab_size=500, num_layers=2, num_heads=4, hidden_size=64)).cuda().eval()
+    model = (
+        GPT2LMHeadModel.from_config(GPT2Config(vocab_size=500, num_layers=2, num_heads=4, hidden_size=64)).cuda().eval()
+    )
     ids = torch.randint(0, 500, (3, 12), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
