@@ -2,7 +2,7 @@
 
 Both implementations get the same weights (one checkpoint folder) and the same seeded inputs.
 ``transformers`` runs with its default attention (SDPA) and cache; bunmyaku runs through its public API,
-with its defaults (unpadded encoders) and, for generation, ``cache="static"``.
+with its defaults (unpadded encoders) and, for generation, ``cache="static"`` (CPU) or ``cache="graph"`` (CUDA).
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ PROMPT, NEW = 128, 128
 
 def generate(impl: str, config: Config, device: str, dtype: torch.dtype) -> tuple[Step, int]:
     model = _load(impl, model_dir(config.model), "causal-lm", device, dtype).eval()
+    cache = "graph" if device.startswith("cuda") else "static"  # CUDA: decode steps replayed as a CUDA graph
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (config.batch, PROMPT), generator=gen).to(device)
     mask = torch.ones_like(ids)
@@ -177,7 +178,7 @@ def generate(impl: str, config: Config, device: str, dtype: torch.dtype) -> tupl
             if impl == "bunmyaku":
                 from bunmyaku.models.generation import generate as bunmyaku_generate
 
-                out = bunmyaku_generate(model, ids, mask, max_new_tokens=NEW, streamer=on_token, cache="static")
+                out = bunmyaku_generate(model, ids, mask, max_new_tokens=NEW, streamer=on_token, cache=cache)
             else:
                 out = model.generate(
                     ids,

@@ -114,6 +114,13 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask.bool()[:, None, None, :]
 
 
+def key_length(attention_mask: torch.Tensor | None, default: int) -> int:
+    """How many key positions a decoder step attends over: the mask's width when there is a mask (it covers
+    cached and new positions, as in HF), else ``default`` (cached + new). They differ only for fixed-shape
+    steps, whose mask spans the whole static cache."""
+    return attention_mask.size(1) if attention_mask is not None else default
+
+
 def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: int, device) -> torch.Tensor | None:
     """The decoder mask: query i (at absolute position key_len - query_len + i) sees keys <= itself.
 
@@ -126,10 +133,8 @@ def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: in
         bool (B or 1, 1, T, S), or ``None`` when a plain causal mask suffices (no padding, T == S),
         which callers pass to SDPA as ``is_causal=True``.
     """
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    if attention_mask is None and query_len == key_len:
-        return None
+    if query_len == key_len and (attention_mask is None or bool(attention_mask.all())):
+        return None  # (the .all() waits for the device: asked only where it can pick SDPA's causal fast path)
     causal = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)[None, None]
     if attention_mask is None:
         return causal
@@ -300,6 +305,11 @@ class StaticKVCache(KVCache):
     :class:`KVCache` concatenates at every step, copying the whole cache (O(S) per step, O(S^2) per
     sequence); here a step writes only its own positions and attention reads a view of the filled part.
 
+    With ``write_index`` set (a (T,) device tensor of positions), a step writes there and attention reads all
+    ``max_len`` positions, the unwritten ones hidden by the attention mask: every step then has the same shapes
+    and addresses, which is what a CUDA graph needs (see ``generate(cache="graph")``). The buffers start as
+    zeros so that masked, never-written positions hold numbers, not NaNs from uninitialised memory.
+
     Args:
         max_len: the most positions ever cached (prompt + new tokens).
     """
@@ -308,17 +318,23 @@ class StaticKVCache(KVCache):
         super().__init__()
         self.max_len = max_len
         self.lengths: list[int] = []  # filled positions, per layer (layer 0 runs ahead within a step)
+        self.write_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.lengths[0] if self.lengths else 0
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, K, T, D) keys and values after the filled part; return views of all of them, (B, K, S, D)."""
+        """Write (B, K, T, D) keys and values after the filled part (or at ``write_index``); return views of the
+        filled part (B, K, S, D) (or all ``max_len`` positions)."""
         if layer_idx == len(self.keys):
             B, K, _, D = k.shape
-            self.keys.append(k.new_empty(B, K, self.max_len, D))
-            self.values.append(v.new_empty(B, K, self.max_len, D))
+            self.keys.append(k.new_zeros(B, K, self.max_len, D))
+            self.values.append(v.new_zeros(B, K, self.max_len, D))
             self.lengths.append(0)
+        if self.write_index is not None:
+            self.keys[layer_idx].index_copy_(2, self.write_index, k)
+            self.values[layer_idx].index_copy_(2, self.write_index, v)
+            return self.keys[layer_idx], self.values[layer_idx]
         start, end = self.lengths[layer_idx], self.lengths[layer_idx] + k.size(-2)
         if end > self.max_len:
             raise ValueError(f"StaticKVCache holds {self.max_len} positions; {end} were asked for")

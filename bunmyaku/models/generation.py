@@ -18,7 +18,12 @@ Transformer). Stop strings are left to the caller, through the ``stop`` callback
 Per-token overhead is kept low: a decoder that takes ``logits_to_keep`` projects only the last position
 onto the vocabulary (the prefill would otherwise compute (B, T, V) logits to read one row); the output
 ids and the attention mask are allocated once for the whole run; ``cache="static"`` pre-allocates the
-KV cache instead of growing it by concatenation at every step.
+KV cache instead of growing it by concatenation at every step. ``cache="graph"`` goes further for GPUs,
+where a small model's decoding step is bound by launching its few hundred kernels from Python, not by the
+arithmetic: every step gets the same shapes and addresses (the static cache read at all its positions under
+the attention mask, the inputs copied into fixed buffers), so the step is captured once as a CUDA graph and
+replayed for each token. Off CUDA the same fixed-shape step runs eagerly (slower than "static"; it exists
+there so the path is tested everywhere).
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ def generate(
     seed: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    cache: Literal["dynamic", "static"] = "dynamic",
+    cache: Literal["dynamic", "static", "graph"] = "dynamic",
 ) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -156,7 +161,9 @@ def generate(
         num_beams: > 1 runs beam search (no sampling, streaming or repetition penalty with it).
         length_penalty: beam search scores a finished beam sum(log p) / generated_length ** length_penalty.
         cache: "dynamic" grows the KV cache step by step; "static" allocates it once for T + N positions
-            (:class:`~bunmyaku.models.attention.StaticKVCache`): the same tokens, no copying per step.
+            (:class:`~bunmyaku.models.attention.StaticKVCache`): the same tokens, no copying per step;
+            "graph": the static cache with fixed-shape decoding steps, replayed as one CUDA graph per token on
+            CUDA (see the module docstring); beam search treats it as "static".
 
     Returns:
         (B, T + n) the prompts followed by the n <= N generated tokens.
@@ -165,8 +172,8 @@ def generate(
         ValueError: an argument out of range.
     """
     _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
-    if cache not in ("dynamic", "static"):
-        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if cache not in ("dynamic", "static", "graph"):
+        raise ValueError(f"cache must be 'dynamic', 'static' or 'graph', got {cache!r}")
     device = input_ids.device
     (B, T), N = input_ids.shape, max_new_tokens
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
@@ -184,20 +191,26 @@ def generate(
     # The whole run's ids and mask, allocated once; step i reads and writes the first T + i columns.
     tokens = torch.cat([input_ids, input_ids.new_full((B, N), pad)], dim=1)  # (B, T + N)
     mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)  # (B, T + N)
-    kv = StaticKVCache(T + N) if cache == "static" else None
+    kv = StaticKVCache(T + N) if cache in ("static", "graph") else None
+    fixed_step = None
     step_ids, length = input_ids, T
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     while length < T + N:
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask[:, :length],
-            position_ids=positions_from_mask(mask[:, :length], step_ids.size(1), length - step_ids.size(1), device),
-            past_key_values=kv,
-            use_cache=True,
-            **keep,
-        )
-        kv = out.past_key_values
-        logits = out.logits[:, -1].float()  # (B, V)
+        if fixed_step is not None:
+            logits = fixed_step(step_ids, length)  # (B, V)
+        else:
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask[:, :length],
+                position_ids=positions_from_mask(mask[:, :length], step_ids.size(1), length - step_ids.size(1), device),
+                past_key_values=kv,
+                use_cache=True,
+                **keep,
+            )
+            kv = out.past_key_values
+            logits = out.logits[:, -1].float()  # (B, V)
+            if cache == "graph":  # the prompt is in the cache: the one-token steps from here on have fixed shapes
+                fixed_step = FixedShapeStep(model, kv, mask, length, keep)
         if repetition_penalty != 1.0:
             logits = penalize_repeats(logits, tokens[:, :length], mask[:, :length], repetition_penalty)
         if do_sample:
@@ -216,6 +229,76 @@ def generate(
             break
         step_ids = next_ids[:, None]  # (B, 1)
     return tokens[:, :length].contiguous()
+
+
+class FixedShapeStep:
+    """A one-token decoding step whose shapes and buffers never change, replayed as a CUDA graph on CUDA.
+
+    The inputs live in fixed buffers: the new token ids (B, 1), the attention mask over all T + N positions
+    (zeros after the last real one, which hides the cache slots not yet written) and the cache slot to write,
+    a (1,) device tensor that the static cache reads as ``write_index``. Positions come from the mask (real
+    tokens so far, minus one), so nothing in the step depends on a Python number that changes per token.
+    On CUDA the first call warms the step up on a side stream (building lazily cached weights, such as the
+    fused q/k/v) and captures it; every call then copies its inputs into the buffers and replays the graph.
+
+    Args:
+        model: the decoder, after the prefill filled ``cache``.
+        cache: a :class:`StaticKVCache` holding the prompt.
+        mask: (B, T + N) the run's attention mask (prompt mask, then ones).
+        length: the number of positions filled (the prompt length T).
+        keep: extra keyword arguments for the model (``logits_to_keep``).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, mask: torch.Tensor, length: int, keep: dict):
+        self.model, self.cache, self.keep = model, cache, keep
+        self.full_mask = mask
+        self.mask = mask.clone()
+        self.mask[:, length:] = 0
+        self.ids = torch.zeros(mask.size(0), 1, dtype=torch.long, device=mask.device)
+        self.index = torch.zeros(1, dtype=torch.long, device=mask.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        positions = self.mask.sum(dim=-1, keepdim=True) - 1  # (B, 1) the new token's position in each row
+        self.cache.write_index = self.index
+        try:
+            out = self.model(
+                input_ids=self.ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                **self.keep,
+            )
+        finally:
+            self.cache.write_index = None
+        return out.logits[:, -1].float()  # (B, V)
+
+    def __call__(self, step_ids: torch.Tensor, length: int) -> torch.Tensor:
+        """step_ids (B, 1): the tokens at column ``length - 1``; returns the next-token logits (B, V)."""
+        slot = length - 1
+        self.ids.copy_(step_ids)
+        self.index.fill_(slot)
+        self.mask[:, slot] = self.full_mask[:, slot]
+        if not self.ids.is_cuda:
+            return self._forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits.clone()
+
+    def _capture(self) -> None:
+        # Warm-up runs write the same keys and values to the same slot as the captured step will: harmless.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
 
 
 def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor, cache: StaticKVCache | None):
@@ -248,7 +331,7 @@ def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor, cache: S
 
 
 def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, cache):
-    kv = StaticKVCache(input_ids.size(1) + max_new_tokens) if cache == "static" else None
+    kv = StaticKVCache(input_ids.size(1) + max_new_tokens) if cache in ("static", "graph") else None
     step, reorder = _decoder_step(model, attention_mask.repeat_interleave(num_beams, dim=0), kv)
     return beam_search(
         step,

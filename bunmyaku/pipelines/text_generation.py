@@ -77,7 +77,8 @@ class TextGenerationPipeline:
             stop: strings that end generation; the output is cut before the first one.
             return_full_text: prepend the prompt to the output.
             generate_kwargs: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
-                ``num_beams``, ``seed`` (see :func:`bunmyaku.models.generation.generate`).
+                ``num_beams``, ``seed``, ``cache`` ("graph" on CUDA replays each step as a CUDA graph; see
+                :func:`bunmyaku.models.generation.generate`).
 
         Returns:
             For one input, ``[{"generated_text": ...}]``; for a list, one such list per input.

@@ -102,3 +102,31 @@ def test_static_cache_generation_matches_dynamic_on_cuda():
         dynamic = generate(model, ids, mask, max_new_tokens=20)
         static = generate(model, ids, mask, max_new_tokens=20, cache="static")
     assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_graph_cache_replays_a_cuda_graph_and_matches_dynamic(family, monkeypatch):
+    from bunmyaku.models.generation import generate
+    from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel.from_config(GPT2Config(vocab_size=500, num_layers=2, num_heads=4, hidden_size=64))
+    else:
+        config = LlamaConfig(
+            vocab_size=500, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96
+        )
+        model = LlamaForCausalLM.from_config(config)
+    model = model.cuda().eval()
+    replays = []
+    original = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or original(self))
+    ids = torch.randint(0, 500, (3, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.inference_mode():
+        dynamic = generate(model, ids, mask, max_new_tokens=24)
+        graph = generate(model, ids, mask, max_new_tokens=24, cache="graph")
+    assert torch.equal(dynamic, graph)
+    assert len(replays) == 23, "one replay per token after the prefill"

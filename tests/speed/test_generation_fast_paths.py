@@ -1,4 +1,5 @@
-"""Generation fast paths: static KV cache, last-position logits and fused q/k/v give the same tokens and logits."""
+"""Generation fast paths: static KV cache, fixed-shape (CUDA graph) steps, last-position logits and fused q/k/v
+give the same tokens and logits."""
 
 from __future__ import annotations
 
@@ -39,13 +40,46 @@ def _prompts():
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("settings", [{}, {"do_sample": True, "top_k": 5, "seed": 3}, {"num_beams": 3}])
-def test_static_cache_gives_the_same_tokens_as_the_dynamic_one(name, settings):
+@pytest.mark.parametrize("cache", ["static", "graph"])
+def test_static_and_graph_caches_give_the_same_tokens_as_the_dynamic_one(name, settings, cache):
     model = MODELS[name]()
     ids, mask = _prompts()
     dynamic = generate(model, ids, mask, max_new_tokens=12, **settings)
-    static = generate(model, ids, mask, max_new_tokens=12, cache="static", **settings)
+    fast = generate(model, ids, mask, max_new_tokens=12, cache=cache, **settings)
     assert dynamic.shape[1] > ids.shape[1]
-    assert torch.equal(static, dynamic)
+    assert torch.equal(fast, dynamic)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_graph_steps_stream_the_same_tokens_with_eos_and_penalty(name):
+    """The graph path's step reads every cache slot under the mask: the same token at every step as the growing cache,
+    with an end-of-sequence id that stops one row early and a repetition penalty reading the ids."""
+    model = MODELS[name]()
+    ids, mask = _prompts()
+    seen = {}
+    for cache in ("dynamic", "graph"):
+        steps = []
+        out = generate(
+            model, ids, mask, max_new_tokens=10, cache=cache, eos_token_id=int(ids[0, 2]), repetition_penalty=1.2,
+            streamer=lambda new, steps=steps: steps.append(new.clone()),
+        )  # fmt: skip
+        seen[cache] = (out, torch.stack(steps))
+    assert torch.equal(seen["graph"][0], seen["dynamic"][0])
+    assert torch.equal(seen["graph"][1], seen["dynamic"][1])
+
+
+def test_a_written_index_makes_the_cache_fixed_shape():
+    cache = StaticKVCache(max_len=6)
+    k = torch.randn(2, 3, 4, 8)
+    cache.update(0, k, k)  # a prefill: 4 positions
+    cache.write_index = torch.tensor([4])
+    new = torch.randn(2, 3, 1, 8)
+    keys, _ = cache.update(0, new, new)
+    assert keys.shape == (2, 3, 6, 8), "all max_len positions, every step"
+    torch.testing.assert_close(keys[:, :, :4], k)
+    torch.testing.assert_close(keys[:, :, 4:5], new)
+    assert not keys[:, :, 5].any(), "an unwritten slot is zeros, never uninitialised memory"
+    assert len(cache) == 4, "fixed-shape steps leave the host-side length alone"
 
 
 def test_static_cache_grows_in_place_and_refuses_overflow():
