@@ -173,7 +173,8 @@ def _finetune(values: dict) -> None:
     _setup_logging(values.pop("verbose"))
     with _user_errors():
         fargs, targs = build_args((FinetuneArgs, TrainArgs), {**TRAIN_DEFAULTS, **values})
-        summary = run_finetune(fargs, targs)
+        # epochs set the run's length; --max-steps (flag or recipe key), when given, stops it earlier
+        summary = run_finetune(fargs, targs, step_limit=values.get("max_steps"))
     shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float) and k != "train_seconds"}
     typer.echo(f"eval: {shown}; written to {targs.output_dir}")
 

@@ -336,8 +336,12 @@ def _log_to(path: Path):
         handler.close()
 
 
-def run_finetune(fargs: FinetuneArgs, targs: TrainArgs) -> dict[str, Any]:
+def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, step_limit: int | None = None) -> dict[str, Any]:
     """Fine-tune as described by ``fargs`` with the loop settings ``targs``; returns what ``metrics.json`` holds.
+
+    ``fargs.epochs`` sets the length of the run (``targs.max_steps`` is not used: its default would cut
+    every run at 1,000 steps); ``step_limit`` stops it earlier, after that many optimizer steps (the CLI
+    passes ``--max-steps`` here when it is given).
 
     Raises:
         DataError, FileNotFoundError, ValueError: bad input data (naming file and line) or options.
@@ -345,10 +349,10 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs) -> dict[str, Any]:
     out = Path(targs.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "finetune.log"):
-        return _run(fargs, targs, out)
+        return _run(fargs, targs, out, step_limit)
 
 
-def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path) -> dict[str, Any]:
+def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, step_limit: int | None) -> dict[str, Any]:
     from bunmyaku.tokenization import Tokenizer
     from bunmyaku.training.trainer import Trainer
 
@@ -367,6 +371,8 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path) -> dict[str, Any]:
     eval_data = GroupedBatches(eval_features, fargs.eval_batch_size or targs.batch_size)
     steps_per_epoch = max(1, len(train_data) // targs.grad_accum_steps)
     max_steps = max(1, round(fargs.epochs * steps_per_epoch))
+    if step_limit is not None:
+        max_steps = max(1, min(max_steps, step_limit))
     warmup = round(fargs.warmup_ratio * max_steps) if fargs.warmup_ratio else targs.warmup_steps
     model_dir = out / "model"
     loop_args = dataclasses.replace(

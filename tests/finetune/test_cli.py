@@ -116,6 +116,10 @@ def test_recipe_and_eval_split(tmp_path, tiny_bert_dir):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_examples"] == 8 and metrics["train_examples"] == 32
+    assert metrics["step"] == 4, "1 epoch of 32 rows in batches of 8"
+    result = invoke("finetune", "--config", recipe, "--max-steps", 3, "--output-dir", tmp_path / "capped")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "capped" / "metrics.json").read_text())["step"] == 3, "--max-steps stops earlier"
 
 
 @pytest.mark.parametrize(
