@@ -164,8 +164,13 @@ def main() -> None:
         "the timing earlier (the reps column says how many ran; warm-up and budget per row are in "
         f"`bench/results/speed-{args.device}.json`); median with p10-p90. Speed-up = transformers time / bunmyaku "
         "time (for generation: the ratio of decode tokens/s, measured after the first token). Load avg: the "
-        "machine's 1-minute load average at the end of each run (2 cores: above 2 means the run shared the cores "
-        "with other work).\n\n"
+        "machine's 1-minute load average at the end of each run"
+        + (
+            f" ({os.cpu_count()} cores: above that, the run shared them with other work)"
+            if args.device == "cpu"
+            else ""
+        )
+        + ".\n\n"
         f"{table(rows, args.device)}"
     )
     print(markdown)
