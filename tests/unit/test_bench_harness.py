@@ -1,0 +1,45 @@
+"""The benchmark harness's bookkeeping (no timing is asserted): summaries, ratios, and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import pytest
+
+import bench.__main__ as harness
+from bench.pretrain_mfu import flops_per_token, steady_rate
+
+
+def _result(times, **extra):
+    return {"times": times, "tokens": 1000, "peak_rss_mb": 1.0, "peak_gpu_mb": None, "load_avg": 0.5, "threads": 2,
+            **extra}  # fmt: skip
+
+
+def test_summary_median_percentiles_and_throughput():
+    summary = harness.summarize(_result([4.0, 1.0, 3.0, 2.0, 5.0], ttft=[0.1, 0.3, 0.2], decode_tps=[10.0, 30.0, 20.0]))
+    assert (summary["median"], summary["p10"], summary["p90"]) == (3.0, 1.0, 5.0)
+    assert summary["items_per_s"] == pytest.approx(1000 / 3.0)
+    assert summary["ttft"] == 0.2 and summary["decode_tps"] == 20.0 and summary["reps"] == 5
+
+
+def test_speedup_is_time_ratio_or_decode_rate_ratio():
+    assert harness.speedup({"median": 3.0}, {"median": 1.5}) == 2.0
+    # generation: decode tokens/s after the first token, not whole-call time
+    assert harness.speedup({"median": 1.0, "decode_tps": 50.0}, {"median": 1.0, "decode_tps": 75.0}) == 1.5
+
+
+def test_write_section_replaces_only_its_own_markers(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n\nintro\n")
+    harness.write_section("cpu table v1", "cpu")
+    harness.write_section("cuda table", "cuda")
+    harness.write_section("cpu table v2", "cpu")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "intro" in text and "cuda table" in text and "cpu table v2" in text and "v1" not in text
+    assert text.count("<!-- bench:cpu:start -->") == 1
+
+
+def test_mfu_formula_and_steady_rate():
+    # GPT-2 124M, context 1024: 6 N + 12 L d T
+    assert flops_per_token(123_689_472, 12, 768, 1024) == 6 * 123_689_472 + 12 * 12 * 768 * 1024
+    records = [{"step": s, "elapsed_s": 10.0 + 0.1 * s} for s in (5, 10, 15, 20, 25)] + [{"step": 25, "eval_loss": 1.0}]
+    rate, steps = steady_rate(records, tokens_per_step=1000, skip=10)
+    assert steps == 10 and rate == pytest.approx(10 * 1000 / 1.0)  # steps 15 -> 25, compilation left out
