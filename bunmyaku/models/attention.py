@@ -114,25 +114,22 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask.bool()[:, None, None, :]
 
 
-def key_length(attention_mask: torch.Tensor | None, default: int) -> int:
-    """How many key positions a decoder step attends over: the mask's width when there is a mask (it covers
-    cached and new positions, as in HF), else ``default`` (cached + new). They differ only for fixed-shape
-    steps, whose mask spans the whole static cache."""
-    return attention_mask.size(1) if attention_mask is not None else default
-
-
 def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: int, device) -> torch.Tensor | None:
     """The decoder mask: query i (at absolute position key_len - query_len + i) sees keys <= itself.
 
     Args:
-        attention_mask: (B, S) with 1 for real tokens (left padding allowed), or None.
+        attention_mask: (B, S) with 1 for real tokens (left padding allowed), or None. It covers cached and new
+            positions (as in HF), so its width is the key length; a fixed-shape decoding step passes one that
+            spans the whole static cache, unwritten slots masked.
         query_len: T, the number of new positions.
-        key_len: S, cached plus new positions.
+        key_len: S, cached plus new positions; used without a mask.
 
     Returns:
         bool (B or 1, 1, T, S), or ``None`` when a plain causal mask suffices (no padding, T == S),
         which callers pass to SDPA as ``is_causal=True``.
     """
+    if attention_mask is not None:
+        key_len = attention_mask.size(1)
     if query_len == key_len and (attention_mask is None or bool(attention_mask.all())):
         return None  # (the .all() waits for the device: asked only where it can pick SDPA's causal fast path)
     causal = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)[None, None]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import KeyMap
-from bunmyaku.models.attention import KVCache, causal_mask, key_length, positions_from_mask
+from bunmyaku.models.attention import KVCache, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
@@ -336,7 +336,7 @@ class GPT2Model(GPT2PreTrainedModel):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, T, past_len, device)  # (B or 1, T)
         x = self.embed(input_ids, position_ids, token_type_ids, inputs_embeds)
-        mask = causal_mask(attention_mask, T, key_length(attention_mask, past_len + T), device)  # None: SDPA causal
+        mask = causal_mask(attention_mask, T, past_len + T, device)  # None: plain causal, SDPA's fast path
         hidden = [x] if output_hidden_states else None
         for block in self.layers:
             x = block(x, mask, is_causal=mask is None, cache=cache)

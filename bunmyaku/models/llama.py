@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from bunmyaku.hub import KeyMap
-from bunmyaku.models.attention import KVCache, RotaryEmbedding, causal_mask, key_length, positions_from_mask
+from bunmyaku.models.attention import KVCache, RotaryEmbedding, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resolve_dtype
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
@@ -247,7 +247,7 @@ class LlamaModel(LlamaPreTrainedModel):
         past = len(cache) if cache is not None else 0
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, T, past, x.device)
-        mask = causal_mask(attention_mask, T, key_length(attention_mask, past + T), x.device)
+        mask = causal_mask(attention_mask, T, past + T, x.device)
         rotary = self.rotary(position_ids, x.dtype)
         hidden = [] if output_hidden_states else None
         for block in self.layers:

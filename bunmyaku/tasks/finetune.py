@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -45,14 +45,15 @@ from bunmyaku.training.plugins import Plugin
 logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "finetune.json"
-TASK_NAMES = (
+TaskName = Literal[
     "text-classification",
     "sentence-similarity",
     "token-classification",
     "question-answering",
     "multiple-choice",
     "pair-classification",
-)
+]
+TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 # TrainArgs defaults that suit fine-tuning better than pretraining's; flags and recipe keys override them
 TRAIN_DEFAULTS = {"lr": 5e-5, "schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01, "log_every": 20}
 
@@ -61,14 +62,7 @@ TRAIN_DEFAULTS = {"lr": 5e-5, "schedule": "linear", "min_lr_ratio": 0.0, "weight
 class FinetuneArgs:
     """What to fine-tune on what: the task, the model, the data files and columns, the task's options."""
 
-    task: Literal[
-        "text-classification",
-        "sentence-similarity",
-        "token-classification",
-        "question-answering",
-        "multiple-choice",
-        "pair-classification",
-    ] = "text-classification"
+    task: TaskName = "text-classification"
     """The task family."""
     model: str | None = None
     """A model folder in HF layout (or a hub repo id when online), loaded with the task's head."""
