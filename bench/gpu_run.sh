@@ -1,26 +1,39 @@
 #!/bin/bash
-# The GPU runs of BENCHMARKS.md in one command on a lent machine (see bench/gpu_prepare.sh for the layout and
-# the calls before this one). Results land in $OUT (or ./gpu-out): logs, JSON, metrics. About 9 minutes at most
-# (each step has its own timeout), so one device call of timeout_s 600 holds it.
+# The GPU runs of BENCHMARKS.md on a lent machine, in two stages of under 5 minutes each (one device call each;
+# see bench/gpu_prepare.sh). Results land in $OUT (or ./gpu-out): logs, JSON rows, profiles, metrics.
+#   bash bench/gpu_run.sh train    CUDA tests; fine-tuning rows (python -m bench); fine-tuning step profiles
+#   bash bench/gpu_run.sh decode   generation rows; GPT-2 124M pretraining MFU (bunmyaku pretrain, compiled)
 export PYTHONUNBUFFERED=1
+STAGE=${1:?usage: gpu_run.sh train|decode}
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 G=.device/gpu
 python3 -c "import bunmyaku" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# all-MiniLM-L6-v2, reassembled and checked; SmolLM2's shape with random weights (speed only)
-mkdir -p bench/.cache/minilm && cp -r $G/common/minilm/. bench/.cache/minilm/
-cat /tmp/stash/part00 /tmp/stash/part01 $G/p2/part02 > bench/.cache/minilm/model.safetensors
-echo "$(cat $G/common/minilm.sha256)  bench/.cache/minilm/model.safetensors" | sha256sum -c - || exit 3
-[ -f bench/.cache/smollm2/config.json ] || python3 -m bench.random_like $G/common/smollm2 bench/.cache/smollm2 >/dev/null
-export BUNMYAKU_DATA=$G/common/data
-
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/speed/test_cuda.py 2>&1 | tail -3
-timeout 150 python3 -m bench --device cuda --only generate --reps 20 --warmup 2 --budget 6 --min-reps 10 \
-  > "$OUT/bench_gen.log" 2>&1; echo "bench generate rc=$?"
-timeout 100 python3 -m bench --device cuda --only encoder-train --reps 20 --warmup 3 > "$OUT/bench_train.log" 2>&1
-echo "bench train rc=$?"
-timeout 180 python3 -m bench.pretrain_mfu --data $G/common/data/tinyshakespeare/input.txt \
-  --tokenizer $G/common/data/gpt2-tokenizer --output-dir /tmp/mfu --steps 80 --skip 30 --batch-size 32 \
-  > "$OUT/mfu.log" 2>&1; echo "mfu rc=$?"; grep RESULT "$OUT/mfu.log"
-grep -h "speed-up" "$OUT"/bench_*.log
-cp bench/results/speed-cuda.json bench/results/pretrain-mfu-cuda.json "$OUT/" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+# the real models' shapes with random weights (speed only)
+for m in minilm smollm2; do
+  [ -f bench/.cache/$m/config.json ] || python3 -m bench.random_like $G/$m bench/.cache/$m >/dev/null
+done
+start=$SECONDS
+if [ "$STAGE" = train ]; then
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/speed/test_cuda.py 2>&1 | tail -8
+  echo "tests: $((SECONDS - start)) s"
+  timeout 150 python3 -m bench --device cuda --only encoder-train --reps 20 --warmup 3 --budget 4 --min-reps 20 \
+    > "$OUT/bench_train.log" 2>&1; echo "bench train rc=$? at $((SECONDS - start)) s"
+  grep -h "speed-up\|failed\|Error" "$OUT/bench_train.log" | head -20
+  for impl in bunmyaku transformers; do
+    timeout 40 python3 -m bench.profile_step --scenario encoder-train --model bert-base --variant variable \
+      --device cuda --impl $impl --steps 5 > "$OUT/profile_train_$impl.txt" 2>&1
+    echo "profile $impl rc=$? at $((SECONDS - start)) s"; grep -i "kernels\|launch" "$OUT/profile_train_$impl.txt" | head -3
+  done
+  cp bench/results/speed-cuda.json "$OUT/" 2>/dev/null
+else
+  timeout 170 python3 -m bench --device cuda --only generate --reps 20 --warmup 2 --budget 5 --min-reps 10 \
+    > "$OUT/bench_gen.log" 2>&1; echo "bench generate rc=$? at $((SECONDS - start)) s"
+  grep -h "speed-up\|failed\|Error" "$OUT/bench_gen.log" | head -20
+  timeout 170 python3 -m bench.pretrain_mfu --data $G/data/tinyshakespeare/input.txt \
+    --tokenizer $G/data/gpt2-tokenizer --output-dir /tmp/mfu --steps 70 --skip 30 --batch-size 32 \
+    > "$OUT/mfu.log" 2>&1; echo "mfu rc=$? at $((SECONDS - start)) s"; grep RESULT "$OUT/mfu.log" || tail -20 "$OUT/mfu.log"
+  cp /tmp/mfu/metrics.jsonl "$OUT/pretrain-mfu-cuda-metrics.jsonl" 2>/dev/null
+  cp bench/results/speed-cuda.json bench/results/pretrain-mfu-cuda.json "$OUT/" 2>/dev/null
+fi

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 try:
     from torch.nn.attention.varlen import varlen_attn
 
@@ -34,6 +35,43 @@ try:
 except ImportError:  # torch without variable-length flash attention: packed batches re-pad for attention
     varlen_attn = None
     _VARLEN_KWARGS = frozenset()
+
+
+class _FlashVarlenDropout(torch.autograd.Function):
+    """Flash attention over packed rows *with* dropout on the attention weights (training).
+
+    ``varlen_attn`` fixes dropout at 0, so it only serves inference; training with BERT's attention dropout would
+    otherwise re-pad every layer. This calls the same flash kernel through its aten op, which draws the dropout
+    mask from a Philox state it returns; backward hands that state back, so the gradient sees the same mask.
+    The 3rd and 4th outputs are (rng_state, unused) on recent torch and (seed, offset) on older releases: both
+    are passed back positionally, as the backward op expects them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float, scale: float | None):
+        out, lse, rng_a, rng_b, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_a, rng_b)
+        ctx.max_seqlen, ctx.dropout_p, ctx.scale = max_seqlen, dropout_p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, rng_a, rng_b = ctx.saved_tensors
+        n = ctx.max_seqlen
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, n, n, ctx.dropout_p, False, rng_a, rng_b, scale=ctx.scale
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def varlen_dropout_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float, scale: float | None = None):
+    """Bidirectional attention within each packed row, dropout ``dropout_p`` on its weights (CUDA, fp16/bf16).
+
+    q, k, v: (N, H, D) packed rows; ``cu_seqlens`` (B + 1,) int32 row offsets. Returns (N, H, D).
+    """
+    return _FlashVarlenDropout.apply(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
 
 
 def eager_attention(
@@ -418,14 +456,17 @@ class Attention(nn.Module):
             and varlen_attn is not None
             and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16)  # bf16 weights, or autocast
-            and dropout_p == 0.0
             and self.attend is sdpa_attention
             and ("scale" in _VARLEN_KWARGS or self.scale in (None, self.head_dim**-0.5))
             and ("enable_gqa" in _VARLEN_KWARGS or K == H)
+            and (dropout_p == 0.0 or K == H)
         ):
-            # flash attention over the packed rows, no re-padding (varlen has no dropout, hence the guard)
+            # flash attention over the packed rows, no re-padding
             cu, longest = packing.cu_seqlens, packing.max_seqlen
             q, k, v = q.view(N, H, D), k.view(N, K, D), v.view(N, K, D)
+            if dropout_p > 0.0:  # training: varlen_attn has no dropout; the same kernel through its aten op
+                y = varlen_dropout_attention(q, k, v, cu, longest, dropout_p, self.scale)
+                return self.out_proj(y.reshape(N, H * D))
             kwargs = {"scale": self.scale} if "scale" in _VARLEN_KWARGS else {}
             if K != H:
                 kwargs["enable_gqa"] = True

@@ -60,7 +60,7 @@ def test_bf16_varlen_equals_bf16_padded_and_fp32():
 
 
 def test_autocast_training_gradients_match_padded():
-    """Fine-tuning under bf16 autocast (dropout off: varlen has no dropout): gradients close to the padded path's."""
+    """Fine-tuning under bf16 autocast (dropout off, so both paths compute the same function): gradients close."""
     packed, padded = (m.train() for m in _pair(BertForSequenceClassification, dropout=0.0, attention_dropout=0.0))
     ids, mask = _batch(2)
     labels = torch.arange(ids.size(0), device="cuda") % 2
@@ -130,3 +130,70 @@ def test_graph_cache_replays_a_cuda_graph_and_matches_dynamic(family, monkeypatc
         graph = generate(model, ids, mask, max_new_tokens=24, cache="graph")
     assert torch.equal(dynamic, graph)
     assert len(replays) == 23, "one replay per token after the prefill"
+
+
+def _packed_qkv(seed: int, dtype=torch.float16, heads: int = 4, dim: int = 32):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([37, 5, 128, 64])
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
+    q, k, v = (torch.randn(int(lengths.sum()), heads, dim, generator=gen).to("cuda", dtype) for _ in range(3))
+    return q, k, v, cu, int(lengths.max())
+
+
+def test_varlen_dropout_kernel_at_p0_equals_varlen_attn():
+    """The aten call behind training's varlen path (p = 0): the same outputs and gradients as the public varlen_attn."""
+    q, k, v, cu, longest = _packed_qkv(0)
+    results = []
+    for fn in (
+        lambda q, k, v: attention.varlen_dropout_attention(q, k, v, cu, longest, 0.0),
+        lambda q, k, v: attention.varlen_attn(q, k, v, cu, cu, longest, longest),
+    ):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.float().square().sum().backward()
+        results.append([out, *(t.grad for t in leaves)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_varlen_dropout_backward_uses_the_forward_mask():
+    """y = A v with A the dropped-out attention weights, so <y, g> = <v, A^T g> = <v, dL/dv> exactly; a backward
+    that drew a different dropout mask would break the identity. Also: dropout is active, and seeded."""
+    q, k, v, cu, longest = _packed_qkv(1)
+    g = torch.randn_like(q)
+    v = v.clone().requires_grad_()
+    torch.manual_seed(0)
+    y = attention.varlen_dropout_attention(q, k, v, cu, longest, 0.5)
+    (y * g).float().sum().backward()
+    lhs, rhs = (y.float() * g.float()).sum(), (v.detach().float() * v.grad.float()).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-2, atol=1e-2 * g.numel() ** 0.5)
+    no_dropout = attention.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.0)
+    assert (y.detach() - no_dropout).abs().max() > 0.1, "dropout had no effect"
+    torch.manual_seed(0)
+    again = attention.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.5)
+    assert torch.equal(y.detach(), again), "the same seed must draw the same mask"
+
+
+def test_training_with_attention_dropout_takes_varlen(monkeypatch):
+    """BERT fine-tuning with its default dropout under bf16 autocast runs the packed rows through the varlen kernel
+    (no per-layer re-padding), and the loss decreases."""
+    calls = []
+    original = attention.varlen_dropout_attention
+    monkeypatch.setattr(attention, "varlen_dropout_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model, _ = _pair(BertForSequenceClassification)
+    assert model.config.attention_dropout > 0
+    model.train()
+    ids, mask = _batch(4)
+    labels = torch.arange(ids.size(0), device="cuda") % 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    # every layer but the last, which computes the [CLS] query alone (first_token_only) over the packed keys
+    assert len(calls) == 8 * (SHAPE["num_layers"] - 1)
+    assert losses[-1] < losses[0], losses

@@ -127,3 +127,43 @@ def test_first_token_only_head_equals_the_full_encoder(config_cls, head_cls, unp
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_dropout_function_hands_the_forward_rng_state_to_backward(monkeypatch):
+    """The training varlen path's autograd wiring, on CPU with stand-ins for the flash kernels (the real kernels are
+    tested in test_cuda.py): backward receives the Philox state forward returned, and q, k, v gradients in order."""
+    from bunmyaku.models import attention
+
+    def rows(q, k, v, cu, p, seed):
+        gen = torch.Generator().manual_seed(int(seed))
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            w = torch.einsum("thd,shd->hts", q[a:b], k[a:b]).div(q.size(-1) ** 0.5).softmax(-1)
+            keep = (torch.rand(w.shape, generator=gen) >= p).to(w.dtype) / (1 - p)
+            outs.append(torch.einsum("hts,shd->thd", w * keep, v[a:b]))
+        return torch.cat(outs)
+
+    seeds = iter([11, 12, 13])
+
+    def fake_forward(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug, scale=None):
+        seed = next(seeds)
+        return rows(q, k, v, cu_q, p, seed), torch.empty(0), torch.tensor([seed]), torch.empty(0), torch.empty(0)
+
+    def fake_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, p, causal, rng, unused, scale=None):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            return torch.autograd.grad(rows(*leaves, cu_q, p, rng.item()), leaves, grad)
+
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", fake_forward)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", fake_backward)
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, 2, 4, requires_grad=True) for _ in range(3))
+    g = torch.randn(12, 2, 4)
+    attention.varlen_dropout_attention(q, k, v, cu, 7, 0.4).backward(g)
+    ours = [t.grad.clone() for t in (q, k, v)]
+    reference = torch.autograd.grad(rows(q, k, v, cu, 0.4, 11), (q, k, v), g)  # the first seed: forward's own mask
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b)
+    wrong = torch.autograd.grad(rows(q, k, v, cu, 0.4, 12), (q, k, v), g)
+    assert not torch.allclose(ours[2], wrong[2]), "a different mask must give different gradients"
