@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bunmyaku.models.linear import Linear, linear
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -409,10 +410,10 @@ class Attention(nn.Module):
         bias = getattr(config, "attention_bias", True)
         out_bias = getattr(config, "attention_out_bias", bias)
         C, HD, KD = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(C, HD, bias=bias)
-        self.k_proj = nn.Linear(C, KD, bias=bias)
-        self.v_proj = nn.Linear(C, KD, bias=bias)
-        self.out_proj = nn.Linear(HD, C, bias=out_bias)
+        self.q_proj = Linear(C, HD, bias=bias)
+        self.k_proj = Linear(C, KD, bias=bias)
+        self.v_proj = Linear(C, KD, bias=bias)
+        self.out_proj = Linear(HD, C, bias=out_bias)
         self._fused_qkv: tuple | None = None  # (weights' identity, (H + 2K) * D x C weight, bias), built on demand
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -438,7 +439,7 @@ class Attention(nn.Module):
             self._fused_qkv = (identity, weight, bias)
         _, weight, bias = self._fused_qkv
         KD = self.num_kv_heads * self.head_dim
-        return F.linear(x, weight, bias).split([self.num_heads * self.head_dim, KD, KD], dim=-1)
+        return linear(x, weight, bias).split([self.num_heads * self.head_dim, KD, KD], dim=-1)
 
     def _forward_packed(self, x: torch.Tensor, packing: Packing, context: torch.Tensor | None) -> torch.Tensor:
         """Bidirectional self-attention within each row of a packed batch: (N, C) -> (N, C).

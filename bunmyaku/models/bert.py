@@ -30,6 +30,7 @@ from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
+from bunmyaku.models.linear import Linear, linear
 
 
 @dataclass
@@ -119,7 +120,7 @@ class BertPooler(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(hidden[:, 0]))
@@ -293,14 +294,14 @@ class BertMLMHead(nn.Module):
 
     def __init__(self, config: BertConfig, embedding: nn.Embedding):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.act = activation(config.hidden_act)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.embedding = [embedding]  # a list, so the tied matrix is not registered (and saved) twice
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(self.act(self.dense(hidden))), self.embedding[0].weight, self.bias)
+        return linear(self.norm(self.act(self.dense(hidden))), self.embedding[0].weight, self.bias)
 
 
 def _masked_positions(
@@ -418,7 +419,7 @@ class BertForNextSentencePrediction(_BertHeadModel):
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.head.nsp = nn.Linear(config.hidden_size, 2)
+        self.head.nsp = Linear(config.hidden_size, 2)
 
     def forward(
         self,
@@ -456,7 +457,7 @@ class BertForPreTraining(_BertHeadModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.head.mlm = BertMLMHead(config, self.backbone.embed.tokens)
-        self.head.nsp = nn.Linear(config.hidden_size, 2)
+        self.head.nsp = Linear(config.hidden_size, 2)
 
     def forward(
         self,
@@ -508,7 +509,7 @@ class BertForSequenceClassification(_BertHeadModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.head.dropout = self._classifier_dropout()
-        self.head.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.head.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(
         self,
@@ -549,7 +550,7 @@ class BertForTokenClassification(_BertHeadModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.head.dropout = self._classifier_dropout()
-        self.head.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.head.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(
         self,
@@ -585,7 +586,7 @@ class BertForQuestionAnswering(_BertHeadModel):
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.head.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.head.qa_outputs = Linear(config.hidden_size, 2)
 
     def forward(
         self,
@@ -622,7 +623,7 @@ class BertForMultipleChoice(_BertHeadModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.head.dropout = self._classifier_dropout()
-        self.head.classifier = nn.Linear(config.hidden_size, 1)
+        self.head.classifier = Linear(config.hidden_size, 1)
 
     def forward(
         self,

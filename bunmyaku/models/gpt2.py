@@ -40,6 +40,7 @@ from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
+from bunmyaku.models.linear import Linear
 
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 
@@ -169,7 +170,7 @@ class SequenceSummary(nn.Module):
         self.first_dropout = nn.Dropout(config.summary_first_dropout)
         # one score per choice (HF forces num_labels = 1 for this model), or a hidden_size summary
         out_dim = 1 if config.summary_proj_to_labels else config.hidden_size
-        self.proj = nn.Linear(config.hidden_size, out_dim) if config.summary_use_proj else nn.Identity()
+        self.proj = Linear(config.hidden_size, out_dim) if config.summary_use_proj else nn.Identity()
         self.act = activation(config.summary_activation) if config.summary_activation else None
         self.last_dropout = nn.Dropout(config.summary_last_dropout)
 
@@ -388,7 +389,7 @@ class _GPT2WithLMHead(_GPT2HeadModel):
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
-        self.head.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tied_weights(self) -> dict[str, str]:
@@ -466,7 +467,7 @@ class GPT2ForSequenceClassification(_GPT2HeadModel):
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
-        self.head.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.head.score = Linear(config.hidden_size, config.num_labels, bias=False)
 
     def last_token_index(self, input_ids: torch.Tensor | None, batch_size: int, length: int) -> torch.Tensor | int:
         """Per row, the rightmost token that is not ``pad_token_id`` (left or right padding alike), as HF finds it.
@@ -526,7 +527,7 @@ class GPT2ForTokenClassification(_GPT2HeadModel):
         super().__init__(config)
         p = config.classifier_dropout
         self.head.dropout = nn.Dropout(0.1 if p is None else p)
-        self.head.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.head.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(
         self,
@@ -556,7 +557,7 @@ class GPT2ForQuestionAnswering(_GPT2HeadModel):
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
-        self.head.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.head.qa_outputs = Linear(config.hidden_size, 2)
 
     def forward(
         self,

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bunmyaku.models.attention import Attention, KVCache, Packing
+from bunmyaku.models.linear import Linear
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         bias = getattr(config, "mlp_bias", True)
-        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = activation(config.hidden_act)
         self.dropout = nn.Dropout(getattr(config, "activation_dropout", 0.0))
 
@@ -102,9 +103,9 @@ class SwiGLU(nn.Module):
     def __init__(self, config):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.fc_gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.fc_gate = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

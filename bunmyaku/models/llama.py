@@ -35,6 +35,7 @@ from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resolve_dtype
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, RMSNorm, activation
+from bunmyaku.models.linear import Linear
 
 ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -309,7 +310,7 @@ class LlamaForCausalLM(_LlamaHeadModel):
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
-        self.head.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tied_weights(self) -> dict[str, str]:
@@ -374,7 +375,7 @@ class LlamaForSequenceClassification(_LlamaHeadModel):
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
-        self.head.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.head.score = Linear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(
         self,
@@ -409,7 +410,7 @@ class LlamaForTokenClassification(_LlamaHeadModel):
         super().__init__(config)
         p = config.classifier_dropout
         self.head.dropout = nn.Dropout(0.1 if p is None else p)
-        self.head.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.head.score = Linear(config.hidden_size, config.num_labels)
 
     def forward(
         self,
@@ -437,7 +438,7 @@ class LlamaForQuestionAnswering(_LlamaHeadModel):
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
-        self.head.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.head.qa_outputs = Linear(config.hidden_size, 2)
 
     def forward(
         self,

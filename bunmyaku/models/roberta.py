@@ -21,6 +21,7 @@ from torch import nn
 from bunmyaku.hub import KeyMap
 from bunmyaku.models import bert
 from bunmyaku.models.base import ModelOutput
+from bunmyaku.models.linear import Linear
 
 
 @dataclass
@@ -78,8 +79,8 @@ class RobertaClassificationHead(nn.Module):
         super().__init__()
         p = config.dropout if config.classifier_dropout is None else config.classifier_dropout
         self.dropout = nn.Dropout(p)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = Linear(config.hidden_size, config.num_labels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.dropout(torch.tanh(self.dense(self.dropout(hidden[:, 0]))))

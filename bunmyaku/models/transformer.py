@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import CheckpointError, KeyMap
@@ -45,6 +44,7 @@ from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.generation import beam_search
 from bunmyaku.models.heads import IGNORE_INDEX, token_loss
 from bunmyaku.models.layers import Block, activation
+from bunmyaku.models.linear import Linear, linear
 
 # BART-era Marian config keys that would mean another architecture: key -> the only value we accept
 _FIXED_HF_KEYS = {"normalize_before": False, "add_final_layer_norm": False, "normalize_embedding": False}
@@ -404,14 +404,14 @@ class TransformerLMHead(nn.Module):
     def __init__(self, config: TransformerConfig, target_tokens: nn.Embedding):
         super().__init__()
         untied = not config.tie_word_embeddings
-        self.proj = nn.Linear(config.hidden_size, config.decoder_vocab_size, bias=False) if untied else None
+        self.proj = Linear(config.hidden_size, config.decoder_vocab_size, bias=False) if untied else None
         self.target_tokens = [target_tokens]  # a list, so the tied matrix is not registered (and saved) twice
         self.register_buffer("final_logits_bias", torch.zeros(1, config.decoder_vocab_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, V)"""
         weight = self.target_tokens[0].weight if self.proj is None else self.proj.weight
-        return F.linear(hidden, weight) + self.final_logits_bias
+        return linear(hidden, weight) + self.final_logits_bias
 
 
 class TransformerForSeq2SeqLM(TransformerPreTrainedModel):

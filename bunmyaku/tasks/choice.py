@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bunmyaku.models.linear import Linear
 from bunmyaku.tasks.base import Feature, Task, accuracy, model_inputs, where
 
 GPT_TOKENS = {"start": "<|start|>", "delimiter": "<|delimiter|>", "extract": "<|extract|>"}
@@ -158,7 +159,7 @@ def grow_token_embeddings(model: nn.Module, size: int) -> None:
     model.config.vocab_size = size
     lm_head = getattr(model.head, "lm_head", None)
     if lm_head is not None and not model.config.tie_word_embeddings:
-        new_head = nn.Linear(dim, size, bias=False).to(grown.weight.device, grown.weight.dtype)
+        new_head = Linear(dim, size, bias=False).to(grown.weight.device, grown.weight.dtype)
         with torch.no_grad():
             new_head.weight[:old] = lm_head.weight
             new_head.weight[old:] = lm_head.weight.mean(0)

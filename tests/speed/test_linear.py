@@ -1,0 +1,90 @@
+"""The CPU inference path of ``bunmyaku.models.linear``: taken only where no gradient is needed, and it computes
+what ``F.linear`` computes (to float32 rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bunmyaku.models import linear as linear_module
+from bunmyaku.models.linear import Linear, linear
+
+needs_onednn = pytest.mark.skipif(not linear_module.CPU_ONEDNN, reason="oneDNN linear is used on x86 CPUs only")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    calls = []
+    op = linear_module._ONEDNN_OP
+    monkeypatch.setattr(linear_module, "_ONEDNN_OP", lambda *a: calls.append(a[0].shape) or op(*a))
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 48), (8, 48), (300, 48), (2, 7, 48), (0, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_takes_onednn_and_equals_f_linear(shape, bias, onednn_calls):
+    torch.manual_seed(0)
+    layer = Linear(48, 96, bias=bias)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        y = layer(x)
+    assert onednn_calls == [x.shape]
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_no_grad_and_frozen_weights_take_onednn(onednn_calls):
+    layer = Linear(16, 8)
+    with torch.no_grad():
+        layer(torch.randn(3, 16))
+    layer.requires_grad_(False)
+    layer(torch.randn(3, 16))  # grad mode on, but nothing here needs a gradient
+    assert len(onednn_calls) == 2
+
+
+def test_gradients_and_bf16_stay_on_f_linear(onednn_calls):
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    layer(x).square().sum().backward()  # training: autograd through F.linear
+    reference = torch.randn(4, 16)
+    layer(reference).sum().backward()  # weights need grad even when the input does not
+    with torch.inference_mode():
+        layer.to(torch.bfloat16)(reference.bfloat16())
+    assert onednn_calls == []
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+@needs_onednn
+def test_transposed_weight_view(onednn_calls):
+    """A tied or transposed weight may be a non-contiguous view: same numbers."""
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64).t()  # (64, 32) view
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    assert len(onednn_calls) == 1
+
+
+def test_switch_off_gives_f_linear(monkeypatch, onednn_calls):
+    monkeypatch.setattr(linear_module, "CPU_ONEDNN", False)
+    with torch.inference_mode():
+        Linear(4, 4)(torch.randn(2, 4))
+    assert onednn_calls == []
+
+
+@needs_onednn
+def test_greedy_generation_is_token_identical_with_and_without_onednn(monkeypatch):
+    from bunmyaku.models.generation import generate
+    from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_config(GPT2Config(vocab_size=500, num_layers=2, num_heads=4, hidden_size=64)).eval()
+    ids = torch.randint(0, 500, (3, 10))
+    with torch.inference_mode():
+        fast = generate(model, ids, max_new_tokens=20, cache="static")
+        monkeypatch.setattr(linear_module, "CPU_ONEDNN", False)
+        plain = generate(model, ids, max_new_tokens=20, cache="static")
+    assert torch.equal(fast, plain)
