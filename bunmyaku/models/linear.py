@@ -1,13 +1,18 @@
-"""The linear layer every model uses: ``nn.Linear`` with a faster CPU path for inference.
+"""The linear layer every model uses: ``nn.Linear`` with a faster CPU path.
 
 On x86 CPUs, PyTorch's ``F.linear`` goes to MKL's GEMM, which reads a large weight at well under the machine's
 memory bandwidth when few rows multiply it: a decoding step (1 to 8 rows) is such a call for every weight of
 the model, so generation on a CPU is bound by it. oneDNN's inner product (the kernel behind
 ``torch.ops.mkldnn._linear_pointwise``, which ``torch.compile`` uses for CPU inference) streams the same
 weight about twice as fast at 1-8 rows and is still 5-15 % faster at thousands of rows (measured on a 2-core
-AMD EPYC, fp32; BENCHMARKS.md). It has no autograd formula, so it serves only calls that need no gradient:
-inference under ``torch.no_grad()`` / ``torch.inference_mode()``, or frozen weights on inputs without grad.
-Everything else (training, CUDA, other dtypes, ``torch.compile`` graphs) is plain ``F.linear``.
+AMD EPYC, fp32; BENCHMARKS.md).
+
+The kernel has no autograd formula. Calls that need no gradient (inference, frozen weights on inputs without
+grad) call it directly; training goes through :class:`_OneDNNLinear`, which also computes the input's gradient
+``dY W`` on oneDNN (the same product with the weight transposed) and the weight's gradient ``dY^T X`` on
+MKL's GEMM, which is the faster of the two for that shape. Not on this path: CUDA, dtypes other than
+float32, CPU autocast (it must see ``F.linear`` to cast), ``torch.compile`` graphs (the compiler picks its
+own kernels) and double backward.
 
 The two kernels sum in different orders, so results differ by float32 rounding (~1e-6 relative), like
 ``F.linear`` on two machines. ``CPU_ONEDNN = False`` turns the path off (for A/B measurements).
@@ -20,6 +25,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 _ONEDNN_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 # the gain was measured on x86 (AVX-512); on other CPUs oneDNN may be built on a different backend
@@ -30,22 +36,46 @@ CPU_ONEDNN = (
 )
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not CPU_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    if needs_grad and torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    if torch.compiler.is_compiling():
-        return False  # let the compiler see (and fuse) a plain linear
     return type(weight) is torch.Tensor or type(weight) is nn.Parameter
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b on oneDNN, with its backward: dX = dY W (oneDNN), dW = dY^T X (GEMM), db = sum dY."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_OP(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _ONEDNN_OP(grad, weight.t(), None, "none", [], "")  # (..., out) @ (out, in)
+        flat = grad.reshape(-1, grad.size(-1))  # (rows, out)
+        if ctx.needs_input_grad[1]:
+            grad_weight = flat.t() @ x.reshape(-1, x.size(-1))  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat.sum(0)
+        return grad_x, grad_weight, grad_bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: (..., in) @ (out, in)^T + (out,) -> (..., out), on oneDNN where it pays."""
-    if _onednn_applies(x, weight, bias):
-        return _ONEDNN_OP(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    if not _onednn_applies(x, weight):
+        return F.linear(x, weight, bias)
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if needs_grad and torch.is_grad_enabled():
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _ONEDNN_OP(x, weight, bias, "none", [], "")
 
 
 class Linear(nn.Linear):

@@ -197,3 +197,26 @@ def test_training_with_attention_dropout_takes_varlen(monkeypatch):
     # every layer but the last, which computes the [CLS] query alone (first_token_only) over the packed keys
     assert len(calls) == 8 * (SHAPE["num_layers"] - 1)
     assert losses[-1] < losses[0], losses
+
+
+def test_graph_generation_memory_does_not_grow_with_calls():
+    """Each graph-decoding call captures its own graph; nothing of it may outlive the call. (The H100 bench run of
+    2026-11-26 saw peak memory grow ~36 MB per generate call in one worker process.)"""
+    import gc
+
+    from bunmyaku.models.generation import generate
+    from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=5000, num_layers=4, num_heads=8, hidden_size=512)
+    model = GPT2LMHeadModel.from_config(config).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, 5000, (2, 64), device="cuda")
+    allocated = []
+    with torch.inference_mode():
+        for _ in range(6):
+            generate(model, ids, max_new_tokens=32, cache="graph")
+            gc.collect()
+            torch.cuda.synchronize()
+            allocated.append(torch.cuda.memory_allocated() / 2**20)
+    growth = allocated[-1] - allocated[1]
+    assert growth < 1.0, f"memory allocated after each call (MB): {[round(a, 1) for a in allocated]}"

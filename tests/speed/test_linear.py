@@ -44,17 +44,35 @@ def test_no_grad_and_frozen_weights_take_onednn(onednn_calls):
     assert len(onednn_calls) == 2
 
 
-def test_gradients_and_bf16_stay_on_f_linear(onednn_calls):
+@needs_onednn
+@pytest.mark.parametrize("shape", [(5, 24), (2, 7, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("trainable", ["all", "input-only", "weights-only"])
+def test_training_gradients_equal_f_linear(shape, bias, trainable, onednn_calls):
+    """Forward and backward through the oneDNN path: the output and the gradients of x, W and b equal F.linear's."""
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias)
+    layer.requires_grad_(trainable != "input-only")
+    x = torch.randn(*shape, requires_grad=trainable != "weights-only")
+    g = torch.randn(*shape[:-1], 40)
+    leaves = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
+    ours = torch.autograd.grad(layer(x), leaves, g)
+    assert len(onednn_calls) == 1 + (trainable != "weights-only")  # forward, and dX in backward
+    reference = torch.autograd.grad(F.linear(x, layer.weight, layer.bias), leaves, g)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_and_bf16_stay_on_f_linear(onednn_calls):
     torch.manual_seed(0)
     layer = Linear(16, 8)
-    x = torch.randn(4, 16, requires_grad=True)
-    layer(x).square().sum().backward()  # training: autograd through F.linear
-    reference = torch.randn(4, 16)
-    layer(reference).sum().backward()  # weights need grad even when the input does not
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16, "CPU autocast must still cast the linear"
     with torch.inference_mode():
-        layer.to(torch.bfloat16)(reference.bfloat16())
+        layer.to(torch.bfloat16)(x.bfloat16())
     assert onednn_calls == []
-    assert x.grad is not None and layer.weight.grad is not None
 
 
 @needs_onednn
