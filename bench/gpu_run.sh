@@ -17,6 +17,7 @@ done
 start=$SECONDS
 if [ "$STAGE" = train ]; then
   timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/speed/test_cuda.py 2>&1 | tail -8
+  timeout 30 python3 -m pytest -q -s -p no:cacheprovider tests/speed/test_cuda.py -k memory 2>&1 | grep "after each"
   echo "tests: $((SECONDS - start)) s"
   timeout 150 python3 -m bench --device cuda --only encoder-train --reps 20 --warmup 3 --budget 4 --min-reps 20 \
     > "$OUT/bench_train.log" 2>&1; echo "bench train rc=$? at $((SECONDS - start)) s"

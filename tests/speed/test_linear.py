@@ -1,5 +1,5 @@
-"""The CPU inference path of ``bunmyaku.models.linear``: taken only where no gradient is needed, and it computes
-what ``F.linear`` computes (to float32 rounding)."""
+"""The CPU path of ``bunmyaku.models.linear`` (oneDNN's inner product): taken for float32 on x86 outside autocast
+and compiled graphs, and it computes what ``F.linear`` computes, outputs and gradients, to float32 rounding."""
 
 from __future__ import annotations
 
