@@ -231,6 +231,20 @@ def generate(
     return tokens[:, :length].contiguous()
 
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for the warm-up before a graph capture, reused by every call.
+
+    Each stream that runs a GEMM gets its own cuBLAS workspace (tens of MB on recent GPUs), held by the
+    allocator until the process ends: a fresh stream per ``generate`` call would keep one more per call.
+    """
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 class FixedShapeStep:
     """A one-token decoding step whose shapes and buffers never change, replayed as a CUDA graph on CUDA.
 
@@ -290,7 +304,7 @@ class FixedShapeStep:
 
     def _capture(self) -> None:
         # Warm-up runs write the same keys and values to the same slot as the captured step will: harmless.
-        side = torch.cuda.Stream()
+        side = _warmup_stream(self.ids.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
