@@ -28,6 +28,7 @@ there so the path is tested everywhere).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -231,18 +232,14 @@ def generate(
     return tokens[:, :length].contiguous()
 
 
-_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
+@functools.cache
 def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for the warm-up before a graph capture, reused by every call.
 
     Each stream that runs a GEMM gets its own cuBLAS workspace (tens of MB on recent GPUs), held by the
     allocator until the process ends: a fresh stream per ``generate`` call would keep one more per call.
     """
-    if device not in _WARMUP_STREAMS:
-        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
-    return _WARMUP_STREAMS[device]
+    return torch.cuda.Stream(device)
 
 
 class FixedShapeStep:

@@ -36,6 +36,11 @@ CPU_ONEDNN = (
 )
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b on oneDNN's inner product (no post-op)."""
+    return _ONEDNN_OP(x, weight, bias, "none", [], "")
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not CPU_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
@@ -51,7 +56,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _ONEDNN_OP(x, weight, bias, "none", [], "")
+        return _onednn(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -59,7 +64,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _ONEDNN_OP(grad, weight.t(), None, "none", [], "")  # (..., out) @ (out, in)
+            grad_x = _onednn(grad, weight.t())  # (..., out) @ (out, in)
         flat = grad.reshape(-1, grad.size(-1))  # (rows, out)
         if ctx.needs_input_grad[1]:
             grad_weight = flat.t() @ x.reshape(-1, x.size(-1))  # (out, in)
@@ -75,7 +80,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if needs_grad and torch.is_grad_enabled():
         return _OneDNNLinear.apply(x, weight, bias)
-    return _ONEDNN_OP(x, weight, bias, "none", [], "")
+    return _onednn(x, weight, bias)
 
 
 class Linear(nn.Linear):
