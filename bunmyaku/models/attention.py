@@ -164,13 +164,14 @@ def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: in
         key_len: S, cached plus new positions; used without a mask.
 
     Returns:
-        bool (B or 1, 1, T, S), or ``None`` when a plain causal mask suffices (no padding, T == S),
-        which callers pass to SDPA as ``is_causal=True``.
+        bool (B or 1, 1, T, S), or ``None`` when nothing is padded and no mask is needed: a plain causal mask
+        (T == S; callers pass ``is_causal=True``, which :class:`Attention` applies only when T > 1) or a single
+        query, which sees every key (a decoding step).
     """
     if attention_mask is not None:
         key_len = attention_mask.size(1)
-    if query_len == key_len and (attention_mask is None or bool(attention_mask.all())):
-        return None  # (the .all() waits for the device: asked only where it can pick SDPA's causal fast path)
+    if (query_len == key_len or query_len == 1) and (attention_mask is None or bool(attention_mask.all())):
+        return None  # (the .all() waits for the device: asked only where SDPA can then run without a mask)
     causal = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)[None, None]
     if attention_mask is None:
         return causal
@@ -430,6 +431,11 @@ class Attention(nn.Module):
         """
         if not fused:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        KD = self.num_kv_heads * self.head_dim
+        return self._fused_projection(x).split([self.num_heads * self.head_dim, KD, KD], dim=-1)
+
+    def _fused_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., (H + 2K) * D): q, k and v side by side, from one GEMM on the concatenated weights."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
         identity = tuple((p.data_ptr(), p._version) for p in params)
@@ -438,8 +444,23 @@ class Attention(nn.Module):
             bias = torch.cat([m.bias for m in projections]).detach() if self.q_proj.bias is not None else None
             self._fused_qkv = (identity, weight, bias)
         _, weight, bias = self._fused_qkv
-        KD = self.num_kv_heads * self.head_dim
-        return linear(x, weight, bias).split([self.num_heads * self.head_dim, KD, KD], dim=-1)
+        return linear(x, weight, bias)
+
+    def _decode_qkv(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decoding step's q (B, H, T, D), rotated k and v (B, K, T, D) from x (B, T, C), in few operations.
+
+        Queries and keys lie side by side in the fused projection's output, so one rotation covers both (half the
+        small operations of rotating them apart, which count when a step is one token through many layers).
+        """
+        B, T, _ = x.shape
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._fused_projection(x)  # (B, T, (H + 2K) * D)
+        cos, sin = rotary  # (B, 1, T, D)
+        qk = apply_rotary(qkv[..., : (H + K) * D].view(B, T, H + K, D), cos.transpose(1, 2), sin.transpose(1, 2))
+        v = qkv[..., (H + K) * D :].view(B, T, K, D)
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
 
     def _forward_packed(self, x: torch.Tensor, packing: Packing, context: torch.Tensor | None) -> torch.Tensor:
         """Bidirectional self-attention within each row of a packed batch: (N, C) -> (N, C).
@@ -516,7 +537,7 @@ class Attention(nn.Module):
             return self._forward_packed(x, packing, context)
         B, T, _ = x.shape
         if self.is_cross:
-            q = self.q_proj(x)
+            q = self._heads(self.q_proj(x), self.num_heads)  # (B, H, T, D)
             if cache is not None and self.layer_idx in cache.cross:
                 k, v = cache.cross[self.layer_idx]  # encoder keys / values, computed at the first step
             else:
@@ -524,21 +545,24 @@ class Attention(nn.Module):
                 v = self._heads(self.v_proj(memory), self.num_kv_heads)  # (B, K, S, D)
                 if cache is not None:
                     cache.cross[self.layer_idx] = (k, v)
+        elif context is None and cache is not None and rotary is not None and not torch.is_grad_enabled():
+            q, k, v = self._decode_qkv(x, rotary)  # (B, H, T, D), (B, K, T, D) x 2; q and k rotated
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         else:
             if context is None:
                 q, k, v = self._project_qkv(x, fused=cache is not None and not torch.is_grad_enabled())
             else:
                 q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
+            q = self._heads(q, self.num_heads)  # (B, H, T, D)
             k = self._heads(k, self.num_kv_heads)  # (B, K, T, D)
             v = self._heads(v, self.num_kv_heads)  # (B, K, T, D)
             if rotary is not None:
-                k = apply_rotary(k, *rotary)
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        q = self._heads(q, self.num_heads)  # (B, H, T, D)
-        if rotary is not None:
-            q = apply_rotary(q, *rotary)
         dropout_p = self.dropout if self.training else 0.0
-        y = self.attend(q, k, v, mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout_p, scale=self.scale)
+        # a single query (a decoding step) sees every key: SDPA's is_causal would align it with the first one
+        is_causal = is_causal and mask is None and T > 1
+        y = self.attend(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H * D)
         return self.out_proj(y)

@@ -23,11 +23,14 @@ where a small model's decoding step is bound by launching its few hundred kernel
 arithmetic: every step gets the same shapes and addresses (the static cache read at all its positions under
 the attention mask, the inputs copied into fixed buffers), so the step is captured once as a CUDA graph and
 replayed for each token. Off CUDA the same fixed-shape step runs eagerly (slower than "static"; it exists
-there so the path is tested everywhere).
+there so the path is tested everywhere). On a CPU in float32, batched decoding (2 or more rows, 16 or more new
+tokens) reads weights that are re-laid out for oneDNN once per call (:func:`~bunmyaku.models.linear.packed_weights`:
+a second copy of the weights while generating, freed at the end).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -37,6 +40,7 @@ from typing import Literal
 import torch
 
 from bunmyaku.models.attention import StaticKVCache, positions_from_mask
+from bunmyaku.models.linear import packed_weights
 
 
 def penalize_repeats(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -104,6 +108,15 @@ def sample(
 def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
     """``{"logits_to_keep": 1}`` for a decoder whose forward takes it, else nothing (any decoder still works)."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def decoding_weights(rows: int, new_tokens: int) -> contextlib.AbstractContextManager:
+    """The weights a decoding loop of ``rows`` sequences reads: packed for oneDNN when that repays its cost.
+
+    Packing all weights takes about as long as 4 batched decoding steps and saves a quarter of each step's
+    time on the 2-core EPYC (BENCHMARKS.md); one row gains nothing from it.
+    """
+    return packed_weights(rows) if rows >= 2 and new_tokens >= 16 else contextlib.nullcontext()
 
 
 def _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
@@ -196,39 +209,41 @@ def generate(
     fixed_step = None
     step_ids, length = input_ids, T
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    while length < T + N:
-        if fixed_step is not None:
-            logits = fixed_step(step_ids, length)  # (B, V)
-        else:
-            out = model(
-                input_ids=step_ids,
-                attention_mask=mask[:, :length],
-                position_ids=positions_from_mask(mask[:, :length], step_ids.size(1), length - step_ids.size(1), device),
-                past_key_values=kv,
-                use_cache=True,
-                **keep,
-            )
-            kv = out.past_key_values
-            logits = out.logits[:, -1].float()  # (B, V)
-            if cache == "graph":  # the prompt is in the cache: the one-token steps from here on have fixed shapes
-                fixed_step = FixedShapeStep(model, kv, mask, length, keep)
-        if repetition_penalty != 1.0:
-            logits = penalize_repeats(logits, tokens[:, :length], mask[:, :length], repetition_penalty)
-        if do_sample:
-            next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        else:
-            next_ids = logits.argmax(dim=-1)  # (B,)
-        next_ids = next_ids.masked_fill(finished, pad)
-        finished |= torch.isin(next_ids, eos)
-        tokens[:, length] = next_ids
-        length += 1
-        if stop is not None:
-            finished |= stop(tokens[:, :length]).to(device=device, dtype=torch.bool)
-        if streamer is not None:
-            streamer(next_ids)
-        if bool(finished.all()):
-            break
-        step_ids = next_ids[:, None]  # (B, 1)
+    with decoding_weights(B, N):  # CPU: packed weights for batched decoding
+        while length < T + N:
+            if fixed_step is not None:
+                logits = fixed_step(step_ids, length)  # (B, V)
+            else:
+                new = step_ids.size(1)
+                out = model(
+                    input_ids=step_ids,
+                    attention_mask=mask[:, :length],
+                    position_ids=positions_from_mask(mask[:, :length], new, length - new, device),
+                    past_key_values=kv,
+                    use_cache=True,
+                    **keep,
+                )
+                kv = out.past_key_values
+                logits = out.logits[:, -1].float()  # (B, V)
+                if cache == "graph":  # the prompt is in the cache: the one-token steps from here on have fixed shapes
+                    fixed_step = FixedShapeStep(model, kv, mask, length, keep)
+            if repetition_penalty != 1.0:
+                logits = penalize_repeats(logits, tokens[:, :length], mask[:, :length], repetition_penalty)
+            if do_sample:
+                next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            else:
+                next_ids = logits.argmax(dim=-1)  # (B,)
+            next_ids = next_ids.masked_fill(finished, pad)
+            finished |= torch.isin(next_ids, eos)
+            tokens[:, length] = next_ids
+            length += 1
+            if stop is not None:
+                finished |= stop(tokens[:, :length]).to(device=device, dtype=torch.bool)
+            if streamer is not None:
+                streamer(next_ids)
+            if bool(finished.all()):
+                break
+            step_ids = next_ids[:, None]  # (B, 1)
     return tokens[:, :length].contiguous()
 
 
@@ -344,16 +359,17 @@ def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor, cache: S
 def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, cache):
     kv = StaticKVCache(input_ids.size(1) + max_new_tokens) if cache in ("static", "graph") else None
     step, reorder = _decoder_step(model, attention_mask.repeat_interleave(num_beams, dim=0), kv)
-    return beam_search(
-        step,
-        reorder,
-        input_ids.repeat_interleave(num_beams, dim=0),
-        num_beams,
-        max_new_tokens,
-        eos,
-        length_penalty,
-        pad,
-    )
+    with decoding_weights(input_ids.size(0) * num_beams, max_new_tokens):
+        return beam_search(
+            step,
+            reorder,
+            input_ids.repeat_interleave(num_beams, dim=0),
+            num_beams,
+            max_new_tokens,
+            eos,
+            length_penalty,
+            pad,
+        )
 
 
 def beam_search(

@@ -41,7 +41,7 @@ from bunmyaku.hub import CheckpointError, KeyMap
 from bunmyaku.models.attention import KVCache, causal_mask, padding_mask, sinusoidal_positions
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
-from bunmyaku.models.generation import beam_search
+from bunmyaku.models.generation import beam_search, decoding_weights
 from bunmyaku.models.heads import IGNORE_INDEX, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear, linear
@@ -512,9 +512,12 @@ class TransformerForSeq2SeqLM(TransformerPreTrainedModel):
         if bad_token_ids is None:
             bad_token_ids = [] if self.config.pad_token_id is None else [self.config.pad_token_id]
         memory = self.encode(input_ids, attention_mask)
-        if num_beams == 1:
-            return self._greedy_search(memory, attention_mask, max_new_tokens, eos, bad_token_ids)
-        return self._beam_search(memory, attention_mask, max_new_tokens, num_beams, length_penalty, eos, bad_token_ids)
+        with decoding_weights(input_ids.size(0) * num_beams, max_new_tokens):  # CPU: packed weights when batched
+            if num_beams == 1:
+                return self._greedy_search(memory, attention_mask, max_new_tokens, eos, bad_token_ids)
+            return self._beam_search(
+                memory, attention_mask, max_new_tokens, num_beams, length_penalty, eos, bad_token_ids
+            )
 
     def _start_tokens(self, rows: int, device) -> torch.Tensor:
         return torch.full((rows, 1), self.config.decoder_start_token_id, dtype=torch.long, device=device)

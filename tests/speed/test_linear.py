@@ -3,6 +3,8 @@ and compiled graphs, and it computes what ``F.linear`` computes, outputs and gra
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +108,85 @@ def test_greedy_generation_is_token_identical_with_and_without_onednn(monkeypatc
         monkeypatch.setattr(linear_module, "CPU_ONEDNN", False)
         plain = generate(model, ids, max_new_tokens=20, cache="static")
     assert torch.equal(fast, plain)
+
+
+@pytest.fixture
+def reorders(monkeypatch):
+    """Counts the weights packed for oneDNN."""
+    calls = []
+    op = linear_module._REORDER_OP
+    monkeypatch.setattr(
+        linear_module, "_REORDER_OP", lambda w, rows: calls.append((tuple(w.shape), rows)) or op(w, rows)
+    )
+    return calls
+
+
+@needs_onednn
+def test_packed_weights_are_packed_once_used_for_few_rows_and_freed(reorders):
+    torch.manual_seed(0)
+    layer = Linear(48, 96)
+    with torch.inference_mode(), linear_module.packed_weights(8):
+        for rows in (1, 8, 2):  # every call of at most 8 rows reads the one packed copy
+            x = torch.randn(rows, 48)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        x = torch.randn(4, 9, 48)  # 36 rows: a prefill, on the plain weight
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert reorders == [((96, 48), 8)]
+        assert linear_module._PACKS.get() is not None
+    assert linear_module._PACKS.get() is None  # the copies go with the block
+
+
+@needs_onednn
+def test_a_weight_changed_in_place_is_packed_again(reorders):
+    layer = Linear(16, 8, bias=False)
+    x = torch.randn(2, 16)
+    with linear_module.packed_weights(2):
+        with torch.no_grad():
+            layer(x)
+            layer.weight.mul_(2.0)
+            y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, layer.weight), atol=1e-5, rtol=1e-5)
+    assert len(reorders) == 2
+
+
+@needs_onednn
+def test_packing_stops_at_the_memory_budget(monkeypatch, reorders):
+    monkeypatch.setattr(linear_module, "_available_memory", lambda: 2 * 16 * 8 * 4)  # room for one 16x8 weight
+    first, second = Linear(16, 8, bias=False), Linear(16, 8, bias=False)
+    x = torch.randn(2, 16)
+    with torch.inference_mode(), linear_module.packed_weights(2):
+        first(x)
+        y = second(x)
+    assert len(reorders) == 1
+    torch.testing.assert_close(y, F.linear(x, second.weight), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_training_never_reads_packed_weights(reorders):
+    layer = Linear(16, 8)
+    x = torch.randn(2, 16, requires_grad=True)
+    with linear_module.packed_weights(2):
+        layer(x).sum().backward()
+    assert reorders == [] and layer.weight.grad is not None
+
+
+@needs_onednn
+@pytest.mark.parametrize("beams", [1, 2])
+def test_batched_generation_packs_weights_and_keeps_the_tokens(monkeypatch, reorders, beams):
+    from bunmyaku.models import generation
+    from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96
+    )
+    model = LlamaForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 300, (2, 6))
+    with torch.inference_mode():
+        packed = generation.generate(model, ids, max_new_tokens=16, cache="static", num_beams=beams, eos_token_id=[])
+        # each layer's fused q/k/v, output, gate, up and down projections, and the LM head, packed once
+        assert len(reorders) == 2 * 5 + 1 and {rows for _, rows in reorders} == {2 * beams}
+        monkeypatch.setattr(generation, "packed_weights", lambda rows: contextlib.nullcontext())
+        plain = generation.generate(model, ids, max_new_tokens=16, cache="static", num_beams=beams, eos_token_id=[])
+    assert len(reorders) == 2 * 5 + 1
+    assert torch.equal(packed, plain)

@@ -55,8 +55,12 @@ def test_masks():
     assert padding_mask(torch.ones(2, 3)) is None  # nothing padded: the fast kernel path
     assert padding_mask(torch.tensor([[1, 1, 0]])).tolist() == [[[[True, True, False]]]]
     assert causal_mask(None, 4, 4, "cpu") is None
-    # one new query with 3 cached keys sees all 4 keys
-    assert causal_mask(None, 1, 4, "cpu").tolist() == [[[[True, True, True, True]]]]
+    # one new query with 3 cached keys sees all 4 keys: no mask needed unless something is padded
+    assert causal_mask(None, 1, 4, "cpu") is None
+    assert causal_mask(torch.ones(2, 4), 1, 4, "cpu") is None
+    assert causal_mask(torch.tensor([[0, 1, 1, 1]]), 1, 4, "cpu").tolist() == [[[[False, True, True, True]]]]
+    # two new queries after 2 cached keys: the first sees 3 keys, the second all 4
+    assert causal_mask(None, 2, 4, "cpu")[0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
     m = causal_mask(torch.tensor([[0, 1, 1]]), 3, 3, "cpu")[0, 0]
     assert m[2].tolist() == [False, True, True] and m[1].tolist() == [False, True, False]
     assert m[0].tolist() == [True, False, False]  # a padding query row sees its causal (padding) keys, not NaN
@@ -100,3 +104,39 @@ def test_kv_cache_appends_and_reorders():
     assert k.shape == (2, 1, 4, 4) and len(cache) == 4
     cache.reorder(torch.tensor([1, 1]))
     torch.testing.assert_close(cache.keys[0][0, :, :3], k1[1])
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_a_decoding_step_equals_the_last_row_of_causal_attention(rotary):
+    """The decode path (fused q/k/v, q and k rotated together, static cache, no mask for one query) is exact."""
+    from types import SimpleNamespace
+
+    from bunmyaku.models.attention import Attention, StaticKVCache
+
+    torch.manual_seed(0)
+    config = SimpleNamespace(hidden_size=24, num_heads=6, num_kv_heads=2, attn_implementation="sdpa")
+    attn = Attention(config).eval()
+    x = torch.randn(2, 7, 24)
+    rope = RotaryEmbedding(4)
+    positions = torch.arange(7)[None].expand(2, -1)
+    angles = rope(positions, torch.float32) if rotary else None
+    full = attn(x, causal_mask(None, 7, 7, "cpu"), is_causal=True, rotary=angles)  # (2, 7, 24), grad mode
+    cache = StaticKVCache(7)
+    with torch.no_grad():
+        attn(
+            x[:, :6],
+            None,
+            is_causal=True,
+            rotary=rope(positions[:, :6], torch.float32) if rotary else None,
+            cache=cache,
+        )
+        mask = causal_mask(torch.ones(2, 7), 1, 7, "cpu")
+        assert mask is None  # one query, nothing padded: attention runs without a mask
+        step = attn(
+            x[:, 6:],
+            mask,
+            is_causal=True,
+            rotary=rope(positions[:, 6:], torch.float32) if rotary else None,
+            cache=cache,
+        )
+    torch.testing.assert_close(step, full[:, 6:], atol=1e-5, rtol=1e-5)
