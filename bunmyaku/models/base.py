@@ -182,7 +182,11 @@ class PreTrainedModel(nn.Module):
         )
 
     def load_hf_state_dict(
-        self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint", ignore_mismatched_sizes: bool = False
+        self,
+        hf_state: dict[str, torch.Tensor],
+        source: str = "checkpoint",
+        ignore_mismatched_sizes: bool = False,
+        assign: bool = False,
     ) -> None:
         """Load tensors named as in a HF checkpoint into this model.
 
@@ -191,6 +195,9 @@ class PreTrainedModel(nn.Module):
             source: where they come from, for error messages.
             ignore_mismatched_sizes: re-initialise head tensors whose shape differs (a classifier with a
                 different number of labels) instead of failing.
+            assign: where dtype, device and layout already fit, the model's tensors become ``hf_state``'s
+                instead of copies of them: for state dicts nobody else holds, such as a safetensors file's
+                memory-mapped tensors, which are then not also copied (about half the peak memory of loading).
 
         Raises:
             CheckpointError: naming every missing, unexpected and mis-shaped tensor.
@@ -246,8 +253,14 @@ class PreTrainedModel(nn.Module):
         if new or reinit:
             logger.warning("%s: newly initialised %s (train this model before using it)", source, sorted(new) + reinit)
         with torch.no_grad():
+            owners = dict(self.named_parameters(remove_duplicate=False))
+            owners.update(self.named_buffers(remove_duplicate=False))
             for key, tensor in ours.items():
-                expected[key].copy_(tensor)
+                owner = owners[key]
+                if assign and (tensor.dtype, tensor.device) == (owner.dtype, owner.device) and tensor.is_contiguous():
+                    owner.data = tensor  # a Parameter keeps its identity (ties, optimizers); its storage changes
+                else:
+                    owner.copy_(tensor)  # converts dtype, device and layout (GPT-2's transposed Conv1D weights)
         self.tie_weights()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -335,8 +348,11 @@ class PreTrainedModel(nn.Module):
         model = cls(config)
         model.init_weights()
         model.gradient_checkpointing_enable(config.gradient_checkpointing)
-        model.load_hf_state_dict(
-            load_state_dict(model_dir), source=str(model_dir), ignore_mismatched_sizes=ignore_mismatched_sizes
+        model.load_hf_state_dict(  # the model takes over the (memory-mapped) tensors: one copy in memory, not two
+            load_state_dict(model_dir),
+            source=str(model_dir),
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            assign=True,
         )
         model.to(dtype=_resolve_dtype(dtype, hf_config), device=device)
         return model.eval()

@@ -22,7 +22,7 @@ blocked format for that row count: 23-30 GB/s instead of 13-19 on the 2-core EPY
 (which ``generate`` enters for batches of 2 or more), inference calls with few rows pack each weight on first
 use and reuse it; the packed copies are dropped when the block ends. They cost a second copy of the weights
 while it lasts, so packing stops once they would take more than half of the memory that was available when the
-block started.
+block started; ``PACKED_DECODING = False`` turns packing off.
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ CPU_ONEDNN = (
 )
 
 
+PACKED_DECODING = True  # see packed_weights
+
+
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b on oneDNN's inner product (no post-op)."""
     return _ONEDNN_OP(x, weight, bias, "none", [], "")
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not CPU_ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if not CPU_ONEDNN or not x.is_cpu or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
@@ -127,7 +130,7 @@ def packed_weights(rows: int) -> Iterator[None]:
     Each weight is packed on its first such call (and again if it is modified in place); the copies are freed
     when the block ends. A no-op where the oneDNN path does not apply (CUDA, other dtypes: see the module notes).
     """
-    if not CPU_ONEDNN or _REORDER_OP is None or _PACKS.get() is not None:
+    if not (CPU_ONEDNN and PACKED_DECODING) or _REORDER_OP is None or _PACKS.get() is not None:
         yield
         return
     packs = _Packs(rows, _available_memory() // 2)

@@ -162,6 +162,14 @@ def test_packing_stops_at_the_memory_budget(monkeypatch, reorders):
 
 
 @needs_onednn
+def test_packing_switched_off(monkeypatch, reorders):
+    monkeypatch.setattr(linear_module, "PACKED_DECODING", False)
+    with torch.inference_mode(), linear_module.packed_weights(2):
+        Linear(16, 8)(torch.randn(2, 16))
+    assert reorders == []
+
+
+@needs_onednn
 def test_training_never_reads_packed_weights(reorders):
     layer = Linear(16, 8)
     x = torch.randn(2, 16, requires_grad=True)

@@ -206,3 +206,29 @@ def test_save_in_half_precision(tmp_path):
     loaded = bunmyaku.from_pretrained(tmp_path)  # read back as float32
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits, atol=2e-2, rtol=0)
+
+
+def test_from_pretrained_takes_over_the_loaded_tensors_and_leaves_the_file_alone(tmp_path, monkeypatch):
+    """One copy in memory: the model adopts the checkpoint's (memory-mapped) tensors; training writes stay private."""
+    import bunmyaku.models.base as base
+
+    _model(BertForMaskedLM).save_pretrained(tmp_path)
+    held = {}
+
+    def load_and_hold(model_dir):
+        held.update(load_state_dict(model_dir))
+        return held
+
+    monkeypatch.setattr(base, "load_state_dict", load_and_hold)
+    model = BertForMaskedLM.from_pretrained(tmp_path)
+    query = model.backbone.layers[0].attn.q_proj.weight
+    assert query.data_ptr() == held["bert.encoder.layer.0.attention.self.query.weight"].data_ptr()
+    copied = _model(BertForMaskedLM, seed=1)
+    copied.load_hf_state_dict(held)  # the public default copies: the caller's tensors stay its own
+    assert copied.backbone.layers[0].attn.q_proj.weight.data_ptr() != query.data_ptr()
+    torch.testing.assert_close(copied(_ids()).logits, model(_ids()).logits, rtol=0, atol=0)
+
+    before = load_state_dict(tmp_path)["bert.encoder.layer.0.attention.self.query.weight"].clone()
+    with torch.no_grad():
+        query.add_(1.0)  # an optimizer step on the adopted tensor
+    assert torch.equal(load_state_dict(tmp_path)["bert.encoder.layer.0.attention.self.query.weight"], before)
