@@ -166,12 +166,15 @@ def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: in
     Returns:
         bool (B or 1, 1, T, S), or ``None`` when nothing is padded and no mask is needed: a plain causal mask
         (T == S; callers pass ``is_causal=True``, which :class:`Attention` applies only when T > 1) or a single
-        query, which sees every key (a decoding step).
+        query, which sees every key (a decoding step; off CUDA only, see below).
     """
     if attention_mask is not None:
         key_len = attention_mask.size(1)
-    if (query_len == key_len or query_len == 1) and (attention_mask is None or bool(attention_mask.all())):
-        return None  # (the .all() waits for the device: asked only where SDPA can then run without a mask)
+    # The .all() waits for the device, so it is asked only where SDPA can then run without a mask. On CUDA, not
+    # for decoding steps: there it would wait once per token, and fail inside a CUDA graph capture.
+    single_query = query_len == 1 and (attention_mask is None or not attention_mask.is_cuda)
+    if (query_len == key_len or single_query) and (attention_mask is None or bool(attention_mask.all())):
+        return None
     causal = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)[None, None]
     if attention_mask is None:
         return causal

@@ -389,7 +389,9 @@ class _GPT2WithLMHead(_GPT2HeadModel):
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
-        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        # tied: the embedding matrix, so no (V, C) weight of its own is allocated, not even for a moment
+        tied = config.tie_word_embeddings
+        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device="meta" if tied else None)
         self.tie_weights()
 
     def tied_weights(self) -> dict[str, str]:

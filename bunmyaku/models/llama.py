@@ -310,7 +310,9 @@ class LlamaForCausalLM(_LlamaHeadModel):
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
-        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        # tied: the embedding matrix, so no (V, C) weight of its own is allocated, not even for a moment
+        tied = config.tie_word_embeddings
+        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device="meta" if tied else None)
         self.tie_weights()
 
     def tied_weights(self) -> dict[str, str]:
