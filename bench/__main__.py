@@ -4,6 +4,8 @@ Options: ``--only PATTERN[,PATTERN]`` (substrings of the configuration name), ``
 20), ``--budget S`` (stop timing a configuration after S seconds of timed steps, at least ``--min-reps``),
 ``--warmup N``, ``--threads N`` (torch threads in the workers; default torch's), ``--device cpu|cuda``,
 ``--dtype`` (default float32 on CPU, bfloat16 on CUDA; both libraries load in it, training runs under autocast),
+``--rounds N`` (alternate the two implementations' processes N times per configuration, each with 1/N of the
+repetitions and budget, and pool their times: a machine whose speed drifts over minutes then slows both alike),
 ``--no-write`` (print only).
 
 Results are kept per configuration in ``bench/results/speed-<device>.json``: a run with ``--only`` replaces
@@ -32,19 +34,42 @@ IMPLS = ("transformers", "bunmyaku")
 
 
 def run_one(config: Config, impl: str, args: argparse.Namespace) -> dict:
+    rounds = args.rounds
     cmd = [
         sys.executable, "-m", "bench.worker",
         "--scenario", config.scenario, "--model", config.model, "--variant", config.variant,
         "--batch", str(config.batch), "--impl", impl, "--device", args.device,
-        "--reps", str(args.reps), "--warmup", str(args.warmup),
-        "--budget", str(args.budget), "--min-reps", str(args.min_reps), "--threads", str(args.threads),
-        "--dtype", args.dtype,
+        "--reps", str(-(-args.reps // rounds)), "--warmup", str(args.warmup),
+        "--budget", str(args.budget / rounds), "--min-reps", str(-(-args.min_reps // rounds)),
+        "--threads", str(args.threads), "--dtype", args.dtype,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{config.name} [{impl}] failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT ") :])
+
+
+def run_config(config: Config, args: argparse.Namespace) -> dict[str, dict]:
+    """Both implementations, their worker processes alternating ``args.rounds`` times; times pooled per side."""
+    parts: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+    for _ in range(args.rounds):
+        for impl in IMPLS:
+            parts[impl].append(run_one(config, impl, args))
+    return {impl: pool(results) for impl, results in parts.items()}
+
+
+def pool(results: list[dict]) -> dict:
+    """One worker result from several of the same configuration: times and per-step extras joined, peaks maxed."""
+    out = dict(results[0])
+    for key in ("times", "ttft", "decode_tps"):
+        if key in out:
+            out[key] = [value for r in results for value in r[key]]
+    for key in ("peak_rss_mb", "peak_gpu_mb", "load_avg"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        out[key] = max(values) if values else None
+    out["rounds"] = len(results)
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -62,6 +87,7 @@ def summarize(result: dict) -> dict:
         "peak_rss_mb": result["peak_rss_mb"],
         "peak_gpu_mb": result["peak_gpu_mb"],
         "reps": len(times),
+        "rounds": result.get("rounds", 1),
         "load_avg": result["load_avg"],
         "threads": result["threads"],
         "dtype": result.get("dtype", "float32"),
@@ -83,8 +109,8 @@ def table(rows: dict[str, dict], device: str) -> str:
     lines = [
         "| configuration | transformers median (p10-p90) | bunmyaku median (p10-p90) | speed-up | bunmyaku throughput "
         "| TTFT hf / ours | decode tok/s hf / ours | peak mem hf / ours (MB) | reps hf / ours | dtype | threads "
-        "| load avg | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rounds | load avg | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mem_key = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
     for name in [c.name for c in CONFIGS if c.name in rows]:
@@ -97,7 +123,7 @@ def table(rows: dict[str, dict], device: str) -> str:
             f"| {ours['median'] * 1e3:.0f} ms ({ours['p10'] * 1e3:.0f}-{ours['p90'] * 1e3:.0f}) "
             f"| **{speedup(hf, ours):.2f}x** | {ours['items_per_s']:.0f} {unit} | {ttft} | {decode} "
             f"| {hf[mem_key]:.0f} / {ours[mem_key]:.0f} | {hf['reps']} / {ours['reps']} "
-            f"| {ours.get('dtype', 'float32')} | {ours.get('threads', '')} "
+            f"| {ours.get('dtype', 'float32')} | {ours.get('threads', '')} | {ours.get('rounds', 1)} "
             f"| {hf['load_avg']:.1f} / {ours['load_avg']:.1f} | {when} |"
         )
     return "\n".join(lines)
@@ -129,8 +155,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: torch's default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA (training: autocast)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations' processes N times")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     patterns = args.only.split(",")
@@ -143,11 +172,16 @@ def main() -> None:
     # the machine the rows were measured on; re-rendering (``--only`` matching nothing) keeps the stored one
     machine = describe(args.device) if configs else saved.get("machine", describe(args.device))
     for config in configs:
-        results = {impl: run_one(config, impl, args) for impl in IMPLS}
+        results = run_config(config, args)
         raw[config.name] = list(results.values())
         rows[config.name] = {impl: summarize(r) for impl, r in results.items()}
         rows[config.name]["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        rows[config.name]["settings"] = {"warmup": args.warmup, "budget_s": args.budget, "max_reps": args.reps}
+        rows[config.name]["settings"] = {
+            "warmup": args.warmup,
+            "budget_s": args.budget,
+            "max_reps": args.reps,
+            "rounds": args.rounds,
+        }
         hf, ours = rows[config.name]["transformers"], rows[config.name]["bunmyaku"]
         print(
             f"{config.name:34s} transformers {hf['median'] * 1e3:9.0f} ms  bunmyaku {ours['median'] * 1e3:9.0f} ms  "
@@ -159,9 +193,10 @@ def main() -> None:
             write_json_atomic(store, {"machine": machine, "rows": rows, "raw": raw})
     markdown = (
         f"## Speed vs transformers on {args.device}\n\nMachine: {machine}. "
-        "Each configuration ran in a fresh process per implementation (transformers first, then bunmyaku): "
-        "warm-up steps, then up to 20 timed repetitions, or fewer where a time budget per configuration stopped "
-        "the timing earlier (the reps column says how many ran; warm-up and budget per row are in "
+        "Each configuration ran in fresh processes per implementation (transformers first, then bunmyaku; with "
+        "rounds > 1, the two alternating that many times and their times pooled): warm-up steps, then up to 20 "
+        "timed repetitions, or fewer where a time budget per configuration stopped the timing earlier (the reps "
+        "column says how many ran, the rounds column in how many alternations; warm-up and budget per row are in "
         f"`bench/results/speed-{args.device}.json`); median with p10-p90. Speed-up = transformers time / bunmyaku "
         "time (for generation: the ratio of decode tokens/s, measured after the first token). Load avg: the "
         "machine's 1-minute load average at the end of each run"

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bunmyaku.models.attention import Attention, KVCache, Packing
-from bunmyaku.models.linear import Linear
+from bunmyaku.models.linear import Linear, linear_act
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,12 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(getattr(config, "activation_dropout", 0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.dropout(self.act(self.fc_in(x))))
+        fc_in = self.fc_in
+        if type(fc_in) is Linear and not (fc_in._forward_hooks or fc_in._forward_pre_hooks):
+            h = linear_act(x, fc_in.weight, fc_in.bias, self.act)  # act(fc_in(x)), fused where it pays
+        else:  # a replaced or hooked projection runs as a module
+            h = self.act(fc_in(x))
+        return self.fc_out(self.dropout(h))
 
 
 class SwiGLU(nn.Module):

@@ -198,3 +198,41 @@ def test_batched_generation_packs_weights_and_keeps_the_tokens(monkeypatch, reor
         plain = generation.generate(model, ids, max_new_tokens=16, cache="static", num_beams=beams, eos_token_id=[])
     assert len(reorders) == 2 * 5 + 1
     assert torch.equal(packed, plain)
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", [F.gelu, F.relu])
+def test_activation_inside_the_product_equals_the_two_steps(act, onednn_calls):
+    torch.manual_seed(0)
+    layer = Linear(48, 96)
+    x = torch.randn(300, 48)
+    with torch.inference_mode():
+        y = linear_module.linear_act(x, layer.weight, layer.bias, act)
+    assert onednn_calls == [x.shape]
+    torch.testing.assert_close(y, act(F.linear(x, layer.weight, layer.bias)), atol=1e-5, rtol=1e-5)
+
+
+def test_activation_in_training_or_without_a_post_op_is_applied_after():
+    torch.manual_seed(0)
+    layer = Linear(8, 16)
+    x = torch.randn(4, 8, requires_grad=True)
+    y = linear_module.linear_act(x, layer.weight, layer.bias, F.gelu)
+    y.sum().backward()  # differentiable: the two-step path
+    expected = F.gelu(F.linear(x, layer.weight, layer.bias))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        tanh = linear_module.linear_act(x.detach(), layer.weight, layer.bias, torch.tanh)
+    torch.testing.assert_close(tanh, torch.tanh(F.linear(x, layer.weight, layer.bias)).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_runs_a_hooked_projection_as_a_module():
+    from types import SimpleNamespace
+
+    from bunmyaku.models.layers import MLP
+
+    mlp = MLP(SimpleNamespace(hidden_size=8, intermediate_size=16, hidden_act="gelu")).eval()
+    seen = []
+    mlp.fc_in.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        y = mlp(torch.randn(3, 8))
+    assert seen == [(3, 16)] and y.shape == (3, 8)

@@ -26,6 +26,27 @@ def test_speedup_is_time_ratio_or_decode_rate_ratio():
     assert harness.speedup({"median": 1.0, "decode_tps": 50.0}, {"median": 1.0, "decode_tps": 75.0}) == 1.5
 
 
+def test_rounds_alternate_the_implementations_and_pool_their_times(monkeypatch):
+    from argparse import Namespace
+
+    from bench.scenarios import Config
+
+    calls = []
+
+    def fake_run_one(config, impl, args):
+        calls.append(impl)
+        n = len(calls)
+        return _result([float(n)], peak_rss_mb=float(10 * n), decode_tps=[float(n)])
+
+    monkeypatch.setattr(harness, "run_one", fake_run_one)
+    results = harness.run_config(Config("generate", "smollm2", "b1", 1), Namespace(rounds=3))
+    assert calls == ["transformers", "bunmyaku"] * 3  # alternating, so drift over time hits both sides
+    hf, ours = results["transformers"], results["bunmyaku"]
+    assert hf["times"] == [1.0, 3.0, 5.0] and ours["times"] == [2.0, 4.0, 6.0]
+    assert ours["decode_tps"] == [2.0, 4.0, 6.0] and ours["peak_rss_mb"] == 60.0 and ours["rounds"] == 3
+    assert harness.summarize(ours)["rounds"] == 3 and harness.summarize(ours)["median"] == 4.0
+
+
 def test_write_section_replaces_only_its_own_markers(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "ROOT", tmp_path)
     (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n\nintro\n")
