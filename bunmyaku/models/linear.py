@@ -17,12 +17,12 @@ own kernels) and double backward.
 The two kernels sum in different orders, so results differ by float32 rounding (~1e-6 relative), like
 ``F.linear`` on two machines. ``CPU_ONEDNN = False`` turns the path off (for A/B measurements).
 
-Batched decoding (2 to 32 rows per call) is faster still when the weight is first re-laid out into oneDNN's
-blocked format for that row count: 23-30 GB/s instead of 13-19 on the 2-core EPYC. Inside :func:`packed_weights`
-(which ``generate`` enters for batches of 2 or more), inference calls with few rows pack each weight on first
-use and reuse it; the packed copies are dropped when the block ends. They cost a second copy of the weights
-while it lasts, so packing stops once they would take more than half of the memory that was available when the
-block started; ``PACKED_DECODING = False`` turns packing off.
+Batched decoding (a few rows per call; 2 to 8 were measured) is faster still when the weight is first re-laid out
+into oneDNN's blocked format for that row count: 23-30 GB/s instead of 13-19 on the 2-core EPYC. Inside
+:func:`packed_weights` (which ``generate`` enters for batches of 2 or more), inference calls with few rows pack each
+weight on first use and reuse it; the packed copies are dropped when the block ends. They cost a second copy of the
+weights while it lasts, so packing stops once they would take more than half of the memory that was available when
+the block started; ``PACKED_DECODING = False`` turns packing off.
 """
 
 from __future__ import annotations
