@@ -196,13 +196,15 @@ class PreTrainedModel(nn.Module):
             ignore_mismatched_sizes: re-initialise head tensors whose shape differs (a classifier with a
                 different number of labels) instead of failing.
             assign: where dtype, device and layout already fit, the model's tensors become ``hf_state``'s
-                instead of copies of them: for state dicts nobody else holds, such as a safetensors file's
-                memory-mapped tensors, which are then not also copied (about half the peak memory of loading).
+                instead of copies of them, and ``hf_state`` is emptied as it is taken over, so that what must be
+                copied (another dtype, a transposed layout) is released tensor by tensor: for state dicts
+                nobody else holds, such as a safetensors file's memory-mapped tensors (about half the peak
+                memory of loading).
 
         Raises:
             CheckpointError: naming every missing, unexpected and mis-shaped tensor.
         """
-        hf_state = self.preprocess_hf(dict(hf_state))
+        given, hf_state = hf_state, self.preprocess_hf(dict(hf_state))
         expected = self.state_dict()
         tied = self.tied_weights()
         ours: dict[str, torch.Tensor] = {}
@@ -252,10 +254,14 @@ class PreTrainedModel(nn.Module):
             logger.info("%s: ignored %d tensors this model has no use for: %s", source, len(ignored), ignored)
         if new or reinit:
             logger.warning("%s: newly initialised %s (train this model before using it)", source, sorted(new) + reinit)
+        if assign:  # from here on ``ours`` holds the only references: each tensor goes once it is taken over
+            given.clear()
+            hf_state.clear()
         with torch.no_grad():
             owners = dict(self.named_parameters(remove_duplicate=False))
             owners.update(self.named_buffers(remove_duplicate=False))
-            for key, tensor in ours.items():
+            while ours:
+                key, tensor = ours.popitem()
                 owner = owners[key]
                 if assign and (tensor.dtype, tensor.device) == (owner.dtype, owner.device) and tensor.is_contiguous():
                     owner.data = tensor  # a Parameter keeps its identity (ties, optimizers); its storage changes
