@@ -294,3 +294,21 @@ def test_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_batched_translation_is_the_same_with_packed_weights(monkeypatch, beams):
+    """Batched decoding of 16+ tokens on a CPU reads oneDNN-packed weights: the same tokens as the plain ones."""
+    from bunmyaku.models import linear
+
+    if not linear.CPU_ONEDNN:
+        pytest.skip("oneDNN linear is used on x86 CPUs only")
+    packed_calls = []
+    reorder = linear._REORDER_OP
+    monkeypatch.setattr(linear, "_REORDER_OP", lambda w, rows: packed_calls.append(rows) or reorder(w, rows))
+    model = _model(seed=5)
+    ids, mask, _ = _batch(model.config, seed=5)
+    packed = model.generate(ids, mask, max_new_tokens=16, num_beams=beams, eos_token_id=[2])
+    assert packed_calls and set(packed_calls) == {ids.size(0) * beams}
+    monkeypatch.setattr(linear, "PACKED_DECODING", False)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=16, num_beams=beams, eos_token_id=[2]), packed)
