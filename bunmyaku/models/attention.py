@@ -539,6 +539,7 @@ class Attention(nn.Module):
         if packing is not None:
             return self._forward_packed(x, packing, context)
         B, T, _ = x.shape
+        decoding = cache is not None and not torch.is_grad_enabled()  # one GEMM for q, k and v pays off here
         if self.is_cross:
             q = self._heads(self.q_proj(x), self.num_heads)  # (B, H, T, D)
             if cache is not None and self.layer_idx in cache.cross:
@@ -548,12 +549,12 @@ class Attention(nn.Module):
                 v = self._heads(self.v_proj(memory), self.num_kv_heads)  # (B, K, S, D)
                 if cache is not None:
                     cache.cross[self.layer_idx] = (k, v)
-        elif context is None and cache is not None and rotary is not None and not torch.is_grad_enabled():
+        elif decoding and context is None and rotary is not None:
             q, k, v = self._decode_qkv(x, rotary)  # (B, H, T, D), (B, K, T, D) x 2; q and k rotated
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         else:
             if context is None:
-                q, k, v = self._project_qkv(x, fused=cache is not None and not torch.is_grad_enabled())
+                q, k, v = self._project_qkv(x, fused=decoding)
             else:
                 q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
             q = self._heads(q, self.num_heads)  # (B, H, T, D)

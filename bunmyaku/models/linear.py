@@ -54,9 +54,11 @@ CPU_ONEDNN = (
 PACKED_DECODING = True  # see packed_weights
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b on oneDNN's inner product (no post-op)."""
-    return _ONEDNN_OP(x, weight, bias, "none", [], "")
+def _onednn(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, post_op: tuple[str, str] = ("none", "")
+) -> torch.Tensor:
+    """post_op(x W^T + b) on oneDNN's inner product; ``post_op`` is (oneDNN's name, its algorithm)."""
+    return _ONEDNN_OP(x, weight, bias, post_op[0], [], post_op[1])
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -99,9 +101,9 @@ class _Packs:
         self.packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id -> (weight, version, packed)
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
-        entry = self.packed.get(id(weight))
+        entry = self.packed.get(id(weight))  # the entry holds its weight, so no other tensor can take this id
         version = 0 if weight.is_inference() else weight._version  # (inference tensors cannot be modified)
-        if entry is not None and entry[0] is weight and entry[1] == version:
+        if entry is not None and entry[1] == version:
             return entry[2]
         if entry is None:
             nbytes = weight.numel() * weight.element_size()
@@ -148,32 +150,35 @@ def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: (..., in) @ (out, in)^T + (out,) -> (..., out), on oneDNN where it pays."""
-    if not _onednn_applies(x, weight):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and _needs_grad(x, weight, bias):
-        return _OneDNNLinear.apply(x, weight, bias)
-    packs = _PACKS.get()
-    if packs is not None and x.numel() <= packs.rows * x.size(-1):
-        weight = packs.get(weight)
-    return _onednn(x, weight, bias)
-
-
 # activations that oneDNN can apply inside the product (a post-op), with the algorithm names it takes
 _POST_OPS = {F.gelu: ("gelu", "none"), F.relu: ("relu", "")}
 
 
-def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act) -> torch.Tensor:
-    """``act(linear(x, weight, bias))``; in CPU inference, GELU (erf) and ReLU run inside oneDNN's product.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: (..., in) @ (out, in)^T + (out,) -> (..., out), on oneDNN where it pays."""
+    return linear_act(x, weight, bias, None)
 
-    Saves a pass over the (rows, out) activations, the widest tensor of a feed-forward block: worth it for
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act) -> torch.Tensor:
+    """``act(linear(x, weight, bias))`` (``act=None``: none); in CPU inference, GELU (erf) and ReLU run inside
+    oneDNN's product.
+
+    That saves a pass over the (rows, out) activations, the widest tensor of a feed-forward block: worth it for
     thousands of rows (an encoder's batch), nothing for a decoding step.
     """
-    post_op = _POST_OPS.get(act)
-    if post_op is None or not _onednn_applies(x, weight) or (torch.is_grad_enabled() and _needs_grad(x, weight, bias)):
-        return act(linear(x, weight, bias))
-    return _ONEDNN_OP(x, weight, bias, post_op[0], [], post_op[1])
+    if not _onednn_applies(x, weight):
+        y = F.linear(x, weight, bias)
+    elif torch.is_grad_enabled() and _needs_grad(x, weight, bias):
+        y = _OneDNNLinear.apply(x, weight, bias)
+    else:
+        packs = _PACKS.get()
+        if packs is not None and x.numel() <= packs.rows * x.size(-1):
+            weight = packs.get(weight)
+        post_op = ("none", "") if act is None else _POST_OPS.get(act)
+        if post_op is not None:
+            return _onednn(x, weight, bias, post_op)
+        y = _onednn(x, weight, bias)
+    return y if act is None else act(y)
 
 
 class Linear(nn.Linear):
