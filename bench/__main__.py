@@ -6,7 +6,8 @@ Options: ``--only PATTERN[,PATTERN]`` (substrings of the configuration name), ``
 ``--dtype`` (default float32 on CPU, bfloat16 on CUDA; both libraries load in it, training runs under autocast),
 ``--rounds N`` (alternate the two implementations' processes N times per configuration, each with 1/N of the
 repetitions and budget, and pool their times: a machine whose speed drifts over minutes then slows both alike),
-``--no-write`` (print only).
+``--compile [MODE]`` (both libraries' models compiled with ``torch.compile``, mode ``default`` unless given, for the
+encoder scenarios only; rows named ``<configuration>+compile``, or ``+compile:MODE``), ``--no-write`` (print only).
 
 Results are kept per configuration in ``bench/results/speed-<device>.json``: a run with ``--only`` replaces
 its own rows and keeps the others, and the BENCHMARKS.md section is rebuilt from all of them, each row with
@@ -16,6 +17,7 @@ the date, repetitions and load average it was measured under.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.machine import describe
-from bench.scenarios import CONFIGS, Config, model_dir
+from bench.scenarios import COMPILABLE, CONFIGS, Config, model_dir
 from bunmyaku.hub.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def run_one(config: Config, impl: str, args: argparse.Namespace) -> dict:
         "--batch", str(config.batch), "--impl", impl, "--device", args.device,
         "--reps", str(-(-args.reps // rounds)), "--warmup", str(args.warmup),
         "--budget", str(args.budget / rounds), "--min-reps", str(-(-args.min_reps // rounds)),
-        "--threads", str(args.threads), "--dtype", args.dtype,
+        "--threads", str(args.threads), "--dtype", args.dtype, "--compile", config.compile,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -113,7 +115,7 @@ def table(rows: dict[str, dict], device: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mem_key = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
-    for name in [c.name for c in CONFIGS if c.name in rows]:
+    for name in ordered_names(rows):
         hf, ours, when = rows[name]["transformers"], rows[name]["bunmyaku"], rows[name]["when"]
         unit = "sentences/s" if name.startswith("similarity") else "tokens/s"
         ttft = f"{hf['ttft'] * 1e3:.0f} / {ours['ttft'] * 1e3:.0f} ms" if "ttft" in ours else ""
@@ -127,6 +129,15 @@ def table(rows: dict[str, dict], device: str) -> str:
             f"| {hf['load_avg']:.1f} / {ours['load_avg']:.1f} | {when} |"
         )
     return "\n".join(lines)
+
+
+def ordered_names(rows: dict) -> list[str]:
+    """The stored rows in table order: the configurations' order, each followed by its compiled variants."""
+    names = []
+    for config in CONFIGS:
+        names += [config.name] if config.name in rows else []
+        names += sorted(n for n in rows if n.startswith(config.name + "+compile"))
+    return names
 
 
 def write_section(markdown: str, device: str) -> Path:
@@ -156,6 +167,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA (training: autocast)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations' processes N times")
+    parser.add_argument(
+        "--compile", nargs="?", const="default", default="", help="compile both models (encoder scenarios)"
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -164,6 +178,8 @@ def main() -> None:
 
     patterns = args.only.split(",")
     configs = [c for c in CONFIGS if any(p in c.name for p in patterns)]
+    if args.compile:
+        configs = [dataclasses.replace(c, compile=args.compile) for c in configs if c.scenario in COMPILABLE]
     for name in sorted({c.model for c in configs}):
         model_dir(name)  # build the shared checkpoints once, before timing anything
     store = RESULTS / f"speed-{args.device}.json"

@@ -26,10 +26,14 @@ class Config:
     model: str  # bert-base | minilm | gpt2-small | smollm2
     variant: str = ""  # fixed | variable (encoders); b1 | b8 (generation)
     batch: int = 32
+    compile: str = ""  # a torch.compile mode ("default", "reduce-overhead", ...) for both models; "": eager
 
     @property
     def name(self) -> str:
-        return "/".join(p for p in (self.scenario, self.model, self.variant) if p)
+        name = "/".join(p for p in (self.scenario, self.model, self.variant) if p)
+        if self.compile:
+            name += "+compile" if self.compile == "default" else f"+compile:{self.compile}"
+        return name
 
 
 CONFIGS = [
@@ -110,23 +114,28 @@ def similarity_sentences(n: int = 10_000) -> list[str]:
 Step = Callable[[], dict | None]
 
 
-def _load(impl: str, path: Path, task: str, device: str, dtype: torch.dtype = torch.float32, **kw):
+def _load(impl: str, path: Path, task: str, device: str, dtype: torch.dtype = torch.float32, compile: str = "", **kw):
+    """The model of one implementation; with ``compile``, compiled in place (``nn.Module.compile``) in that mode."""
     if impl == "bunmyaku":
         import bunmyaku
 
-        return bunmyaku.from_pretrained(path, task=task, device=device, dtype=dtype, **kw)
-    import transformers
+        model = bunmyaku.from_pretrained(path, task=task, device=device, dtype=dtype, **kw)
+    else:
+        import transformers
 
-    auto = {
-        "base": transformers.AutoModel,
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-    }[task]
-    return auto.from_pretrained(path, dtype=dtype, **kw).to(device)
+        auto = {
+            "base": transformers.AutoModel,
+            "sequence-classification": transformers.AutoModelForSequenceClassification,
+            "causal-lm": transformers.AutoModelForCausalLM,
+        }[task]
+        model = auto.from_pretrained(path, dtype=dtype, **kw).to(device)
+    if compile:
+        model.compile(mode=compile)
+    return model
 
 
 def encoder_infer(impl: str, config: Config, device: str, dtype: torch.dtype) -> tuple[Step, int]:
-    model = _load(impl, model_dir(config.model), "base", device, dtype).eval()
+    model = _load(impl, model_dir(config.model), "base", device, dtype, config.compile).eval()
     ids, mask = encoder_batch(config, model.config.vocab_size)
     ids, mask = ids.to(device), mask.to(device)
 
@@ -138,15 +147,22 @@ def encoder_infer(impl: str, config: Config, device: str, dtype: torch.dtype) ->
 
 
 def encoder_train(impl: str, config: Config, device: str, dtype: torch.dtype) -> tuple[Step, int]:
-    """Float32 weights and optimizer; with a 16-bit ``dtype``, forward and backward under autocast (mixed precision)."""
-    model = _load(impl, model_dir(config.model), "sequence-classification", device, num_labels=4).train()
+    """Float32 weights and optimizer; with a 16-bit ``dtype``, forward and backward under autocast (mixed precision).
+
+    The optimizer is PyTorch's fused AdamW for both: what both libraries' trainers use by default (transformers'
+    ``adamw_torch_fused`` since torch 2.8, bunmyaku's ``build_optimizer``).
+    """
+    path = model_dir(config.model)
+    model = _load(impl, path, "sequence-classification", device, compile=config.compile, num_labels=4).train()
     ids, mask = encoder_batch(config, model.config.vocab_size)
     ids, mask = ids.to(device), mask.to(device)
     labels = torch.arange(config.batch, device=device) % 4
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     mixed = dtype != torch.float32
 
     def step():
+        if config.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # "reduce-overhead" graphs: the last step's outputs are dead
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=mixed):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -245,6 +261,8 @@ def similarity(impl: str, config: Config, device: str, dtype: torch.dtype) -> tu
 
     return step, len(sentences)
 
+
+COMPILABLE = ("encoder-infer", "encoder-train")  # the scenarios that take ``Config.compile``
 
 BUILDERS = {
     "encoder-infer": encoder_infer,

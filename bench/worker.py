@@ -33,11 +33,12 @@ def main() -> None:
     parser.add_argument("--min-reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (training: autocast)")
+    parser.add_argument("--compile", default="", help="torch.compile mode for the model (encoder scenarios)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = Config(args.scenario, args.model, args.variant, args.batch)
+    config = Config(args.scenario, args.model, args.variant, args.batch, args.compile)
     torch.manual_seed(0)
     step, tokens = BUILDERS[config.scenario](args.impl, config, args.device, getattr(torch, args.dtype))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

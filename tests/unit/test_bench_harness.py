@@ -64,3 +64,35 @@ def test_mfu_formula_and_steady_rate():
     records = [{"step": s, "elapsed_s": 10.0 + 0.1 * s} for s in (5, 10, 15, 20, 25)] + [{"step": 25, "eval_loss": 1.0}]
     rate, steps = steady_rate(records, tokens_per_step=1000, skip=10)
     assert steps == 10 and rate == pytest.approx(10 * 1000 / 1.0)  # steps 15 -> 25, compilation left out
+
+
+def test_compiled_rows_are_named_apart_and_listed_after_their_eager_row(monkeypatch):
+    from argparse import Namespace
+
+    from bench.scenarios import Config
+
+    eager = Config("encoder-train", "minilm", "variable")
+    assert Config("encoder-train", "minilm", "variable", compile="default").name == eager.name + "+compile"
+    overhead = Config("encoder-train", "minilm", "variable", compile="reduce-overhead")
+    assert overhead.name == eager.name + "+compile:reduce-overhead"
+    names = (overhead.name, "generate/smollm2/b1", eager.name + "+compile", "encoder-infer/minilm/fixed", eager.name)
+    rows = {n: {} for n in names}
+    assert harness.ordered_names(rows) == [
+        "encoder-infer/minilm/fixed",
+        eager.name,
+        eager.name + "+compile",
+        overhead.name,
+        "generate/smollm2/b1",
+    ]
+
+    commands = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = 'RESULT {"times": [1.0]}\n'
+
+    monkeypatch.setattr(harness.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or Done())
+    args = Namespace(rounds=1, device="cpu", reps=3, warmup=1, budget=0.0, min_reps=1, threads=2, dtype="float32")
+    harness.run_one(overhead, "bunmyaku", args)
+    command = commands[0]
+    assert command[command.index("--compile") + 1] == "reduce-overhead"  # the worker compiles in that mode
