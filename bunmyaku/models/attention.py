@@ -190,12 +190,75 @@ def causal_mask(attention_mask: torch.Tensor | None, query_len: int, key_len: in
 
 
 @dataclass
+class RowGroup:
+    """Some rows of a packed batch, re-padded together for attention to the longest of them (see :class:`Packing`).
+
+    ``rows`` holds b row ids, ``tokens`` the n packed positions of their tokens (row by row); a row of L' < L
+    tokens gets L - L' zeros, hidden from the queries by ``mask``. Without padding, ``slots`` and ``mask`` are None.
+    """
+
+    rows: torch.Tensor  # (b,) row ids
+    tokens: torch.Tensor  # (n,) positions in the packed (N, ...) layout
+    length: int  # L, the group's longest row
+    slots: torch.Tensor | None  # (n,) flat positions j * L + t of those tokens in the group's (b, L) layout
+    mask: torch.Tensor | None  # (b, 1, 1, L) bool
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, F) packed -> (b, L, F), this group's rows, zeros at padding."""
+        x = x.index_select(0, self.tokens)  # (n, F)
+        if self.slots is not None:
+            x = x.new_zeros(self.rows.numel() * self.length, x.size(-1)).index_copy(0, self.slots, x)
+        return x.view(self.rows.numel(), self.length, x.size(-1))
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """(b, L, F) -> (n, F), the real positions only, in the order of ``tokens``."""
+        y = y.reshape(-1, y.size(-1))
+        return y if self.slots is None else y.index_select(0, self.slots)
+
+
+# A batch is split into row groups where its rows' lengths spread widely: rows sorted by length, a group takes
+# rows down to this fraction of its longest (padding then costs at most 1 / 0.75^2 = 1.8x of a row's attention
+# scores), and every row of at most GROUP_MIN_LENGTH tokens goes into one last group (short rows cost little
+# padded, and each group costs a few extra small operations per layer).
+GROUP_RATIO = 0.75
+GROUP_MIN_LENGTH = 32
+
+
+def _row_groups(lengths: list[int], cu_seqlens: list[int]) -> list[RowGroup] | None:
+    """Groups of rows of similar length; None when one group would hold them all (re-pad the batch as a whole),
+    or when a row is empty (no keys to attend to: the whole-batch path handles that as before)."""
+    if min(lengths) == 0:
+        return None
+    spans: list[list[int]] = []
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        longest = lengths[spans[-1][0]] if spans else 0
+        if spans and (lengths[b] >= GROUP_RATIO * longest or longest <= GROUP_MIN_LENGTH):
+            spans[-1].append(b)
+        else:
+            spans.append([b])
+    if len(spans) == 1:
+        return None
+    groups = []
+    for rows in spans:
+        L = lengths[rows[0]]
+        tokens = torch.cat([torch.arange(cu_seqlens[b], cu_seqlens[b + 1]) for b in rows])
+        real = torch.arange(L)[None] < torch.tensor([lengths[b] for b in rows])[:, None]  # (b, L)
+        padded = not bool(real.all())
+        slots = real.flatten().nonzero().squeeze(1) if padded else None  # row by row, as ``tokens``
+        groups.append(RowGroup(torch.tensor(rows), tokens, L, slots, real[:, None, None] if padded else None))
+    return groups
+
+
+@dataclass
 class Packing:
     """Where the real tokens of a padded (B, T) batch sit once packed into (N, C), N real tokens in all.
 
     Outside attention an encoder treats every position on its own (embeddings, projections, MLP, norms),
-    so those run on the N real tokens only and padding costs nothing. Attention needs rows: it re-pads
-    (``pad``, then a key mask), or on CUDA hands the row offsets ``cu_seqlens`` to a varlen kernel.
+    so those run on the N real tokens only and padding costs nothing. Attention needs rows: on CUDA it hands
+    the row offsets ``cu_seqlens`` to a varlen kernel; otherwise it re-pads (``pad``, then a key mask), on the
+    CPU group by group (``groups``) where the rows' lengths differ widely, since attention's cost grows with the
+    square of the padded length: one row of 256 among rows of ~64 would otherwise make every row cost 16 times
+    its own attention.
     """
 
     index: torch.Tensor  # (N,) flat positions b * T + t of the real tokens, row by row
@@ -204,6 +267,8 @@ class Packing:
     mask: torch.Tensor  # (B, 1, 1, T) bool: the keys of the re-padded batch a query may attend to
     cu_seqlens: torch.Tensor  # (B + 1,) int32: row b is packed[cu_seqlens[b] : cu_seqlens[b + 1]]
     max_seqlen: int
+    groups: list[RowGroup] | None = None  # CPU: rows re-padded group by group for attention
+    restore: torch.Tensor | None = None  # (N,) with groups: packed position of each token of the groups' order
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
@@ -212,7 +277,14 @@ class Packing:
         lengths = real.sum(-1)  # (B,)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         index = real.flatten().nonzero().squeeze(1)
-        return cls(index, *real.shape, real[:, None, None, :], cu_seqlens, int(lengths.max()))
+        packing = cls(index, *real.shape, real[:, None, None, :], cu_seqlens, int(lengths.max()))
+        # (on CUDA, reading the lengths would wait for the device, and varlen attention needs no groups; a compiled
+        # graph keeps the one padded batch rather than specialise on each batch's grouping)
+        if real.is_cpu and not torch.compiler.is_compiling():
+            packing.groups = _row_groups(lengths.tolist(), cu_seqlens.tolist())
+            if packing.groups is not None:
+                packing.restore = torch.cat([g.tokens for g in packing.groups]).argsort()
+        return packing
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B or 1, T, ...) -> (N, ...), the real positions only."""
@@ -497,6 +569,8 @@ class Attention(nn.Module):
                 kwargs["enable_gqa"] = True
             y = varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)  # (N, H, D)
             return self.out_proj(y.reshape(N, H * D))
+        if packing.groups is not None:
+            return self.out_proj(self._attend_groups(q, k, v, packing, context is not None, dropout_p))
         k = self._heads(packing.pad(k), K)  # (B, K, T, D)
         v = self._heads(packing.pad(v), K)  # (B, K, T, D)
         if context is not None:
@@ -507,6 +581,29 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, mask=packing.mask, dropout_p=dropout_p, scale=self.scale)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(packing.batch, packing.length, H * D)  # (B, T, H * D)
         return self.out_proj(packing.unpad(y))  # (N, C)
+
+    def _attend_groups(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, one_query: bool, dropout_p: float
+    ) -> torch.Tensor:
+        """Attention within each row, one row group at a time: q (N, H * D) (or (B, H * D), one query per row),
+        k and v (N, K * D) -> (N, H * D) (or (B, H * D))."""
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        outputs = []
+        for group in packing.groups:
+            b, L = group.rows.numel(), group.length
+            k_g = group.pad(k).view(b, L, K, D).transpose(1, 2)  # (b, K, L, D)
+            v_g = group.pad(v).view(b, L, K, D).transpose(1, 2)
+            if one_query:
+                q_g = q.index_select(0, group.rows).view(b, 1, H, D).transpose(1, 2)  # (b, H, 1, D)
+            else:
+                q_g = group.pad(q).view(b, L, H, D).transpose(1, 2)  # (b, H, L, D)
+            y = self.attend(q_g, k_g, v_g, mask=group.mask, dropout_p=dropout_p, scale=self.scale)  # (b, H, L', D)
+            y = y.transpose(1, 2).reshape(b, -1, H * D)
+            outputs.append(y.reshape(b, H * D) if one_query else group.unpad(y))
+        y = torch.cat(outputs)  # the groups' order
+        if one_query:
+            return y.index_select(0, torch.cat([g.rows for g in packing.groups]).argsort())  # (B, H * D)
+        return y.index_select(0, packing.restore)  # (N, H * D)
 
     def forward(
         self,

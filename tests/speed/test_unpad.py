@@ -1,15 +1,53 @@
-"""Unpadded (packed) encoder batches: the same outputs and gradients as the padded path (``unpad=False``)."""
+"""Unpadded (packed) encoder batches: the same outputs and gradients as the padded path (``unpad=False``).
+
+Every test runs twice: attention re-padding the packed batch as a whole, and group by group (``RowGroup``, the CPU
+path for rows of widely different lengths; the tiny batches here only form groups with the short-row rule off).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from bunmyaku.models import attention
+from bunmyaku.models.attention import Packing
 from bunmyaku.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 from bunmyaku.models.roberta import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
 TINY = dict(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, max_seq_len=64)
 FAMILIES = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel)}
+
+
+@pytest.fixture(autouse=True, params=["whole-batch", "row-groups"])
+def attention_rows(request, monkeypatch):
+    if request.param == "row-groups":
+        monkeypatch.setattr(attention, "GROUP_MIN_LENGTH", 0)
+    else:
+        monkeypatch.setattr(attention, "GROUP_RATIO", 0.0)  # every row joins the first group: no groups
+    return request.param
+
+
+def test_row_groups_split_rows_by_length(attention_rows):
+    mask = (torch.arange(13)[None] < torch.tensor([13, 2, 9, 13, 4, 10, 1])[:, None]).long()
+    packing = Packing.from_mask(mask)
+    if attention_rows == "whole-batch":
+        assert packing.groups is None
+        return
+    lengths = mask.sum(-1)
+    rows = [g.rows.tolist() for g in packing.groups]
+    assert sorted(r for group in rows for r in group) == list(range(7))  # every row once
+    for group in packing.groups:
+        longest = int(lengths[group.rows].max())
+        assert group.length == longest and (lengths[group.rows] >= 0.75 * longest).all()
+        assert (group.mask is None) == bool((lengths[group.rows] == longest).all())
+    assert rows == [[0, 3, 5], [2], [4], [1], [6]]  # longest first; 10 >= 0.75 * 13 joins the full rows, 9 does not
+    # the groups' tokens, restored, are the packed order
+    order = torch.cat([g.tokens for g in packing.groups])
+    assert torch.equal(order[packing.restore], torch.arange(int(lengths.sum())))
+    assert Packing.from_mask(torch.ones(3, 5, dtype=torch.long)).groups is None  # one length: one group
+    empty_row = mask.clone()
+    empty_row[1] = 0
+    assert Packing.from_mask(empty_row).groups is None  # a row without keys: the whole-batch path
 
 
 def _batch(pad_id: int, seed: int, left: bool = False):
