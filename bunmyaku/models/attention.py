@@ -219,7 +219,8 @@ class RowGroup:
 # A batch is split into row groups where its rows' lengths spread widely: rows sorted by length, a group takes
 # rows down to this fraction of its longest (padding then costs at most 1 / 0.75^2 = 1.8x of a row's attention
 # scores), and every row of at most GROUP_MIN_LENGTH tokens goes into one last group (short rows cost little
-# padded, and each group costs a few extra small operations per layer).
+# padded, and each group costs a few extra small operations per layer). GROUP_RATIO = 0 turns grouping off.
+# (Same-process timings at 0.6-0.9 and 16-64 were within 5% of each other on the bench's ragged batches.)
 GROUP_RATIO = 0.75
 GROUP_MIN_LENGTH = 32
 
