@@ -3,7 +3,7 @@
 # A session has ~11 minutes of device time after the machine starts: train (~6.5 min) and decode (~4 min) fit;
 # mfu (~3 min) is for a session that has time left. Results land in $OUT (or ./gpu-out): logs, JSON rows, metrics.
 #   bash bench/gpu_run.sh train    CUDA tests; variable-length fine-tuning rows, eager and compiled (+compile,
-#                                  +compile:reduce-overhead); the fixed-length rows and step profiles if time is left
+#                                  +compile:reduce-overhead); the fixed-length rows if time is left
 #   bash bench/gpu_run.sh decode   generation rows
 #   bash bench/gpu_run.sh mfu      GPT-2 124M pretraining MFU (bunmyaku pretrain, compiled)
 export PYTHONUNBUFFERED=1
