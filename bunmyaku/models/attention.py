@@ -269,7 +269,6 @@ class Packing:
     cu_seqlens: torch.Tensor  # (B + 1,) int32: row b is packed[cu_seqlens[b] : cu_seqlens[b + 1]]
     max_seqlen: int
     groups: list[RowGroup] | None = None  # CPU: rows re-padded group by group for attention
-    restore: torch.Tensor | None = None  # (N,) with groups: packed position of each token of the groups' order
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
@@ -283,8 +282,6 @@ class Packing:
         # graph keeps the one padded batch rather than specialise on each batch's grouping)
         if real.is_cpu and not torch.compiler.is_compiling():
             packing.groups = _row_groups(lengths.tolist(), cu_seqlens.tolist())
-            if packing.groups is not None:
-                packing.restore = torch.cat([g.tokens for g in packing.groups]).argsort()
         return packing
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
@@ -589,7 +586,7 @@ class Attention(nn.Module):
         """Attention within each row, one row group at a time: q (N, H * D) (or (B, H * D), one query per row),
         k and v (N, K * D) -> (N, H * D) (or (B, H * D))."""
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        outputs = []
+        out = q.new_empty(q.size(0), H * D)
         for group in packing.groups:
             b, L = group.rows.numel(), group.length
             k_g = group.pad(k).view(b, L, K, D).transpose(1, 2)  # (b, K, L, D)
@@ -600,11 +597,11 @@ class Attention(nn.Module):
                 q_g = group.pad(q).view(b, L, H, D).transpose(1, 2)  # (b, H, L, D)
             y = self.attend(q_g, k_g, v_g, mask=group.mask, dropout_p=dropout_p, scale=self.scale)  # (b, H, L', D)
             y = y.transpose(1, 2).reshape(b, -1, H * D)
-            outputs.append(y.reshape(b, H * D) if one_query else group.unpad(y))
-        y = torch.cat(outputs)  # the groups' order
-        if one_query:
-            return y.index_select(0, torch.cat([g.rows for g in packing.groups]).argsort())  # (B, H * D)
-        return y.index_select(0, packing.restore)  # (N, H * D)
+            if one_query:
+                out.index_copy_(0, group.rows, y.reshape(b, H * D))
+            else:
+                out.index_copy_(0, group.tokens, group.unpad(y))
+        return out
 
     def forward(
         self,
