@@ -5,11 +5,12 @@
 #   tests    the CUDA-only tests (tests/speed/test_cuda.py)
 #   train    variable-length fine-tuning rows, eager and compiled (+compile)
 #   extra    +compile:reduce-overhead (CUDA graphs) for BERT-base, then the fixed-length fine-tuning rows
+#   diag     compiled BERT-base fine-tuning step profiled: kernels, GPU busy time, graphs and graph breaks
 #   mfu      GPT-2 124M pretraining MFU (bunmyaku pretrain, compiled)
 #   decode   generation rows
 #   e.g. OUT=$OUT bash bench/gpu_run.sh tests train mfu decode
 export PYTHONUNBUFFERED=1
-[ $# -gt 0 ] || { echo "usage: gpu_run.sh STAGE... (tests train extra mfu decode)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_run.sh STAGE... (tests train extra diag mfu decode)"; exit 2; }
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-500}
 G=.device/gpu
@@ -46,6 +47,9 @@ for STAGE in "$@"; do
     run 60 python3 -m bench --device cuda --only encoder-train/bert-base/fixed,encoder-train/minilm/fixed $ROWS \
       > "$OUT/bench_train_fixed.log" 2>&1
     grep -h "speed-up\|failed\|Error" "$OUT/bench_train_ro.log" "$OUT/bench_train_fixed.log" | head -20 ;;
+  diag)
+    run 150 python3 -m bench.profile_step --device cuda --compile > "$OUT/profile_compile.txt" 2>&1
+    grep -h "^==\|kernels per step\|^compiler\|graph break\|recompile" "$OUT/profile_compile.txt" ;;
   mfu)
     run 170 python3 -m bench.pretrain_mfu --data $G/data/tinyshakespeare/input.txt \
       --tokenizer $G/data/gpt2-tokenizer --output-dir /tmp/mfu --steps 70 --skip 30 --batch-size 32 \
@@ -57,7 +61,7 @@ for STAGE in "$@"; do
     run 230 python3 -m bench --device cuda --only generate --reps 20 --warmup 2 --budget 5 --min-reps 10 \
       > "$OUT/bench_gen.log" 2>&1
     grep -h "speed-up\|failed\|Error" "$OUT/bench_gen.log" | head -20 ;;
-  *) echo "unknown stage $STAGE (tests train extra mfu decode)" ;;
+  *) echo "unknown stage $STAGE (tests train extra diag mfu decode)" ;;
   esac
   cp bench/results/speed-cuda.json "$OUT/" 2>/dev/null
 done

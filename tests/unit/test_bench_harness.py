@@ -96,3 +96,23 @@ def test_compiled_rows_are_named_apart_and_listed_after_their_eager_row(monkeypa
     harness.run_one(overhead, "bunmyaku", args)
     command = commands[0]
     assert command[command.index("--compile") + 1] == "reduce-overhead"  # the worker compiles in that mode
+
+
+def test_profile_step_reports_the_compilers_graph_breaks():
+    import torch
+
+    from bench.profile_step import _compiler_account
+
+    torch._dynamo.reset()
+
+    def f(x):
+        y = x * 2
+        if y.sum().item() > 0:  # reading a value on the host breaks the graph
+            return y + 1
+        return y - 1
+
+    torch.compile(f, backend="eager")(torch.ones(3))
+    report = _compiler_account()
+    assert report.startswith("compiler: 2 graphs"), report
+    assert "graph break x1: Unsupported Tensor.item()" in report, report
+    assert _compiler_account().startswith("compiler: 0 graphs"), "the counters start again after each report"
