@@ -38,7 +38,7 @@ from bunmyaku.hub import KeyMap
 from bunmyaku.models.attention import KVCache, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
-from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
+from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear
 
@@ -400,11 +400,6 @@ class _GPT2WithLMHead(_GPT2HeadModel):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.head.lm_head.weight = self.backbone.embed.tokens.weight
-
-
-def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss: logits (..., T, V) at position t are scored against labels (..., T) at t + 1; -100 ignored."""
-    return token_loss(logits[..., :-1, :], labels[..., 1:])
 
 
 class GPT2LMHeadModel(_GPT2WithLMHead):

@@ -39,6 +39,22 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(..., T) labels -> each position's target: the label one to the right; the last position scores nothing.
+
+    A causal LM's loss shifts the labels rather than the logits: slicing (B, T, V) logits to T - 1 positions
+    copies them to flatten, and the slice's backward writes a zero-filled full-size gradient, both the size of
+    the largest tensor of a language-model step.
+    """
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss (HF's convention): logits (..., T, V) at position t are scored against labels (..., T) at
+    t + 1, -100 ignored, averaged over the scored positions."""
+    return token_loss(logits, next_token_labels(labels))
+
+
 def span_loss(
     start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
 ) -> torch.Tensor:

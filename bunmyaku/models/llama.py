@@ -33,7 +33,7 @@ from bunmyaku.hub import KeyMap
 from bunmyaku.models.attention import KVCache, RotaryEmbedding, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resolve_dtype
 from bunmyaku.models.config import ModelConfig
-from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
+from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, RMSNorm, activation
 from bunmyaku.models.linear import Linear
 
@@ -362,7 +362,7 @@ class LlamaForCausalLM(_LlamaHeadModel):
             use_cache=use_cache,
         )
         logits = self.head.lm_head(out.last_hidden_state[:, -logits_to_keep:])  # (B, T or logits_to_keep, V)
-        loss = token_loss(logits[:, :-1], labels[:, 1:]) if labels is not None else None
+        loss = shifted_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
         )

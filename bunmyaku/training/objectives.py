@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from bunmyaku.models.heads import IGNORE_INDEX, next_token_labels
+
 Sums = dict[str, torch.Tensor]
 
 
@@ -55,11 +56,7 @@ class CausalLM(TokenObjective):
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
         logits = model(**_inputs(batch, ("labels",))).logits  # (B, T, V)
-        # Shift the labels, not the logits: position t is scored against t + 1 and the last position against
-        # nothing. Slicing the (B, T, V) logits instead would copy them to flatten, and its backward would write
-        # a zero-filled full-size gradient (the largest tensors of a language-model step, for one column less).
-        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-        loss, correct = self.token_sums(logits, targets)
+        loss, correct = self.token_sums(logits, next_token_labels(batch["labels"]))  # labels shifted, not logits
         return {"lm": loss}, {"lm_correct": correct}
 
 
