@@ -243,10 +243,11 @@ def _row_groups(lengths: list[int], cu_seqlens: list[int]) -> list[RowGroup] | N
     for rows in spans:
         L = lengths[rows[0]]
         tokens = torch.cat([torch.arange(cu_seqlens[b], cu_seqlens[b + 1]) for b in rows])
-        real = torch.arange(L)[None] < torch.tensor([lengths[b] for b in rows])[:, None]  # (b, L)
-        padded = not bool(real.all())
-        slots = real.flatten().nonzero().squeeze(1) if padded else None  # row by row, as ``tokens``
-        groups.append(RowGroup(torch.tensor(rows), tokens, L, slots, real[:, None, None] if padded else None))
+        slots = mask = None
+        if lengths[rows[-1]] < L:  # (rows run longest first: the last is the shortest)
+            real = torch.arange(L)[None] < torch.tensor([lengths[b] for b in rows])[:, None]  # (b, L)
+            slots, mask = real.flatten().nonzero().squeeze(1), real[:, None, None]  # slots row by row, as ``tokens``
+        groups.append(RowGroup(torch.tensor(rows), tokens, L, slots, mask))
     return groups
 
 

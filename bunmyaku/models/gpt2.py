@@ -39,7 +39,7 @@ from bunmyaku.models.attention import KVCache, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
-from bunmyaku.models.layers import Block, activation
+from bunmyaku.models.layers import Block, activation, lm_head
 from bunmyaku.models.linear import Linear
 
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
@@ -389,9 +389,7 @@ class _GPT2WithLMHead(_GPT2HeadModel):
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
-        # tied: the embedding matrix, so no (V, C) weight of its own is allocated, not even for a moment
-        tied = config.tie_word_embeddings
-        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device="meta" if tied else None)
+        self.head.lm_head = lm_head(config)
         self.tie_weights()
 
     def tied_weights(self) -> dict[str, str]:

@@ -104,6 +104,14 @@ class MLP(nn.Module):
         return self.fc_out(self.dropout(h))
 
 
+def lm_head(config) -> Linear:
+    """The (V, C) vocabulary projection of a decoder, without bias. Tied (``tie_word_embeddings``), it is built on
+    the meta device: the model's ``tie_weights`` puts the embedding matrix in its place, so no (V, C) weight of its
+    own is allocated, not even for a moment."""
+    device = "meta" if config.tie_word_embeddings else None
+    return Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+
+
 class SwiGLU(nn.Module):
     """Gated feed-forward (Shazeer 2020): fc_out(act(fc_gate(x)) * fc_in(x)), SiLU as the gate in Llama."""
 

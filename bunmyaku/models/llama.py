@@ -34,7 +34,7 @@ from bunmyaku.models.attention import KVCache, RotaryEmbedding, causal_mask, pos
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resolve_dtype
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
-from bunmyaku.models.layers import Block, RMSNorm, activation
+from bunmyaku.models.layers import Block, RMSNorm, activation, lm_head
 from bunmyaku.models.linear import Linear
 
 ROPE_TYPES = ("default", "llama3")
@@ -310,9 +310,7 @@ class LlamaForCausalLM(_LlamaHeadModel):
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
-        # tied: the embedding matrix, so no (V, C) weight of its own is allocated, not even for a moment
-        tied = config.tie_word_embeddings
-        self.head.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device="meta" if tied else None)
+        self.head.lm_head = lm_head(config)
         self.tie_weights()
 
     def tied_weights(self) -> dict[str, str]:

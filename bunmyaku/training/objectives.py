@@ -52,7 +52,7 @@ class CausalLM(TokenObjective):
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         """Scored positions per term."""
-        return {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
+        return {"lm": int((next_token_labels(batch["labels"]) != IGNORE_INDEX).sum())}
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
         logits = model(**_inputs(batch, ("labels",))).logits  # (B, T, V)
