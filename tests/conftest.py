@@ -28,6 +28,21 @@ def require(thing: Path | None, why: str):
     return thing
 
 
+def require_module(name: str, reason: str | None = None):
+    """Import ``name``, or skip the test (the module, at module level) when it is not installed.
+
+    Under CI=true a missing oracle (``transformers``), optional extra or weights package is a failure, so that
+    parity tests can never vanish silently because the test extras were not installed.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        message = f"{reason or 'this test needs ' + name}: could not import {name!r} ({error})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; it is required under CI=true", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
 def package_dir(module: str, sub: str = "") -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:

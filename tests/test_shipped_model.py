@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import bunmyaku
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require_module
 from tests.parity.helpers import assert_close
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("fugashi")
+transformers = require_module("transformers")
+require_module("fugashi")
 MODEL = ROOT / "models" / "bunmyaku-bert-ja-small"
 
 

@@ -7,6 +7,8 @@ from bunmyaku.hub.files import (
     resolve_model_dir,
     save_state_dict,
     write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
 )
 from bunmyaku.hub.keymap import KeyMap
 
@@ -18,4 +20,6 @@ __all__ = [
     "resolve_model_dir",
     "save_state_dict",
     "write_json_atomic",
+    "write_jsonl_atomic",
+    "write_text_atomic",
 ]

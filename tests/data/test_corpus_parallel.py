@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from bunmyaku.data.corpus import build_corpus
+from tests.conftest import require_module
 
-pytest.importorskip("fugashi")
+require_module("fugashi")
 
 
 def test_parallel_corpus_equals_serial(shared_data, tmp_path):

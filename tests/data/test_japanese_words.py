@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from bunmyaku.data import MaskingCollator, PackedBlocks, build_corpus
+from tests.conftest import require_module
 
 TEXT = (
     "吾輩は猫である。名前はまだ無い。\n"
@@ -15,7 +15,7 @@ TEXT = (
 
 
 def test_corpus_word_starts_follow_mecab_words_and_whole_words_are_masked(tmp_path):
-    pytest.importorskip("fugashi")
+    require_module("fugashi")
     from bunmyaku import train_tokenizer
 
     src = tmp_path / "ja.txt"

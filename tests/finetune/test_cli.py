@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import bunmyaku
 from bunmyaku.cli import app
 from bunmyaku.tasks.finetune import FinetuneArgs, TaskEvaluation, build_task
+from tests.conftest import require_module
 from tests.finetune.helpers import sentiment_rows
 
 runner = CliRunner()
@@ -65,7 +66,7 @@ def test_headerless_tsv_outputs(tsv_run):
 
 
 def test_transformers_loads_the_model(tsv_run):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     _, data, out = tsv_run
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "model")

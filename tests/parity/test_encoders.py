@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.parity.helpers import assert_close, randomize, right_padded_batch, save
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 CONFIGS = [
     dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37),

@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 import bunmyaku
 from bunmyaku.models.gpt2 import GPT2Config
+from tests.conftest import require_module
 from tests.parity.helpers import assert_close, randomize, right_padded_batch, save
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 PAD = 0  # pad_token_id; real ids are drawn from [3, vocab)
 SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.parity.helpers import assert_close, left_padded_batch, randomize, save
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 LLAMA3_ROPE = dict(
     rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16

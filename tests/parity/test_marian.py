@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.parity.helpers import assert_close, randomize, right_padded_batch, save
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding  # noqa: E402
 
 CONFIGS = [

@@ -7,9 +7,10 @@ import torch
 
 import bunmyaku
 from bunmyaku.models.pooling import pool
+from tests.conftest import require_module
 from tests.parity.helpers import assert_close
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 SENTENCES = [
     "A man is eating food.",

@@ -11,10 +11,11 @@ import torch
 
 import bunmyaku
 from bunmyaku.models.generation import generate
+from tests.conftest import require_module
 from tests.parity.helpers import assert_close
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+transformers = require_module("transformers")
+require_module("gguf")
 
 PROMPTS = [
     "The capital of France is",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.pipelines.tiny_models import bert_head_dir
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 TEXTS = ["I loved this film.", "A dull, far too long and badly acted movie that nobody should see.", "ok"]
 HEADS = {

@@ -10,10 +10,11 @@ from typer.testing import CliRunner
 
 import bunmyaku
 from bunmyaku.cli import app
+from tests.conftest import require_module
 from tests.parity.helpers import randomize
 from tests.pipelines.tiny_models import NER_LABELS, bert_head_dir, marian_dir
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 runner = CliRunner()
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"

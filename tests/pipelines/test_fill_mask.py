@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.parity.helpers import randomize
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 
 @pytest.fixture(scope="module")

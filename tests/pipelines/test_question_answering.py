@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.pipelines.tiny_models import bert_head_dir
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 CONTEXT = (
     "The Transformer was introduced in 2017 by researchers at Google. It relies entirely on attention. "

@@ -7,9 +7,10 @@ import unicodedata
 import pytest
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.pipelines.tiny_models import NER_LABELS, bert_head_dir
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 TEXTS = [
     "Hugging Face Inc. is a company based in New York City, founded by Clément Delangue.",

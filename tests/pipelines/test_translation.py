@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import bunmyaku
+from tests.conftest import require_module
 from tests.pipelines.tiny_models import MARIAN_TEXT, marian_dir
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 
 

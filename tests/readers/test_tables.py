@@ -14,6 +14,7 @@ from bunmyaku.data.tables import (
     read_squad,
     read_table,
 )
+from tests.conftest import require_module
 
 
 def test_agnews_tsv_without_header_and_with_quotes(shared_data):
@@ -37,14 +38,14 @@ def test_csv_parquet_json_and_datasets(tmp_path):
     (tmp_path / "a.csv").write_text('text,label\n"hello, world",pos\n"say ""hi""",neg\n', encoding="utf-8")
     rows = read_table(tmp_path / "a.csv", columns=["text", "label"])
     assert [r["text"] for r in rows] == ["hello, world", 'say "hi"'] and rows[1]["_line"] == 3
-    pa = pytest.importorskip("pyarrow")
+    pa = require_module("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), tmp_path / "a.parquet")
     assert [r["label"] for r in read_table(tmp_path / "a.parquet", columns=["label"])] == [0, 1]
     (tmp_path / "a.json").write_text(json.dumps([{"text": "x", "label": 1}]), encoding="utf-8")
     assert read_table(tmp_path / "a.json")[0]["text"] == "x"
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     ds = datasets.Dataset.from_dict({"text": ["p", "q"], "label": [1, 0]})
     assert [r["text"] for r in from_dataset(ds)] == ["p", "q"]
 

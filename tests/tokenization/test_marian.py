@@ -9,9 +9,10 @@ import shutil
 import pytest
 
 import bunmyaku
+from tests.conftest import require_module
 
-transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
+transformers = require_module("transformers")
+spm = require_module("sentencepiece")
 
 
 @pytest.fixture(scope="module")

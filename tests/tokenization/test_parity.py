@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bunmyaku.tokenization import Tokenizer
+from tests.conftest import require_module
 
-transformers = pytest.importorskip("transformers", reason="parity tests compare against transformers")
+transformers = require_module("transformers", reason="parity tests compare against transformers")
 
 FAST_KEYS = ("input_ids", "token_type_ids", "attention_mask", "offset_mapping")
 

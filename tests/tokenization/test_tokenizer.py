@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from bunmyaku.tokenization import Tokenizer
+from tests.conftest import require_module
 
-transformers = pytest.importorskip("transformers", reason="these tests compare against transformers")
+transformers = require_module("transformers", reason="these tests compare against transformers")
 
 TEXTS = ["Hello world, this is a longer sentence than the others.", "Short one.", "", "日本語の文も。"]
 PAIRS = ["A question?", "Another, much longer second segment of text here.", "x", "です"]
@@ -204,7 +205,7 @@ def test_bert_vocab_txt_folder(minilm_dir, tmp_path, fixture_strings):
 
 
 def test_sentencepiece_models_match_sentencepiece(data, tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    spm = require_module("sentencepiece")
     lines = [line for line in (data / "botchan-en" / "botchan.txt").read_text(encoding="utf-8").splitlines() if line]
     for model_type in ("unigram", "bpe"):
         prefix = tmp_path / model_type

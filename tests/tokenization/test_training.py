@@ -8,8 +8,9 @@ import pytest
 
 from bunmyaku.tokenization import Tokenizer, train_tokenizer
 from bunmyaku.tokenization.training import read_texts
+from tests.conftest import require_module
 
-transformers = pytest.importorskip("transformers", reason="the saved folders are checked with transformers")
+transformers = require_module("transformers", reason="the saved folders are checked with transformers")
 
 ENGLISH = ["The quick brown fox jumps over the lazy dog.", "I can't believe it's not butter!", "  spaced   out  ", ""]
 

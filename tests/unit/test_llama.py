@@ -11,6 +11,7 @@ import bunmyaku
 from bunmyaku.hub import CheckpointError
 from bunmyaku.hub.gguf import hf_tensor_name, unpermute_rotary_rows
 from bunmyaku.models.llama import TASKS, LlamaConfig, LlamaForCausalLM, LlamaModel
+from tests.conftest import require_module
 
 B, T, V = 3, 7, 99
 LLAMA3 = {
@@ -221,7 +222,7 @@ def test_gguf_tensor_names():
 
 def write_gguf(path, model: LlamaForCausalLM, quantize_embeddings: bool = False) -> None:
     """A GGUF file as llama.cpp's converter writes one: its metadata, its names, Q and K rows permuted."""
-    gguf = pytest.importorskip("gguf")
+    gguf = require_module("gguf")
     c = model.config
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(c.num_layers)
@@ -280,7 +281,7 @@ def test_from_gguf_equals_the_model_written(tmp_path, tied):
 
 
 def test_from_gguf_dequantizes(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    gguf = require_module("gguf")
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_config(tiny()).eval()
     write_gguf(tmp_path / "q8.gguf", model, quantize_embeddings=True)
@@ -294,7 +295,7 @@ def test_from_gguf_dequantizes(tmp_path):
 
 
 def test_from_gguf_errors(tmp_path):
-    pytest.importorskip("gguf")
+    require_module("gguf")
     with pytest.raises(FileNotFoundError):
         bunmyaku.models.llama.from_gguf(tmp_path / "absent.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
