@@ -84,11 +84,7 @@ class KeyMap:
         """Whether ``hf_key`` is mapped (renamed or dropped on purpose)."""
         return self._lookup(hf_key, self._exact, self._patterns) is not _DROP
 
-    def prefixed(self, hf_prefix: str, our_prefix: str) -> KeyMap:
-        """The same map with a prefix on both sides, e.g. ``bert.`` -> ``backbone.``."""
-        return KeyMap(
-            {hf_prefix + hf: (None if ours is None else our_prefix + ours) for hf, ours in self.from_hf.items()}
-        )
 
-    def __or__(self, other: KeyMap) -> KeyMap:
-        return KeyMap({**self.from_hf, **other.from_hf})
+def linear_map(hf: str, ours: str) -> dict[str, str]:
+    """A linear layer's weight and bias under both names: ``linear_map("classifier", "head.classifier")``."""
+    return {f"{hf}.weight": f"{ours}.weight", f"{hf}.bias": f"{ours}.bias"}

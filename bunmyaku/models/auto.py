@@ -100,7 +100,7 @@ def from_pretrained(
     if gguf is not None:
         from bunmyaku.models.llama import from_gguf
 
-        model = from_gguf(gguf, task=task or "causal-lm", dtype=dtype, device=device)
+        model = from_gguf(gguf, task=task or "causal-lm", dtype=dtype, device=device, **kwargs)
     else:
         model_dir = resolve_model_dir(path_or_repo_id)
         config = read_config(model_dir)

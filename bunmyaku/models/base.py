@@ -95,9 +95,30 @@ class PreTrainedModel(nn.Module):
 
     # ---------------------------------------------------------------------------------- weights
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The (V, C) token embedding table: a head model's is its base model's."""
+        backbone = getattr(self, self.our_base_prefix.rstrip("."), None) if self.our_base_prefix else None
+        if isinstance(backbone, PreTrainedModel):
+            return backbone.get_input_embeddings()
+        raise NotImplementedError(f"{type(self).__name__} does not say where its token embeddings are")
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The (V, C) vocabulary projection that ``tie_word_embeddings`` ties to the token table; None without one."""
+        return None
+
+    def _ties_word_embeddings(self) -> bool:
+        return self.get_output_embeddings() is not None and bool(getattr(self.config, "tie_word_embeddings", False))
+
     def tied_weights(self) -> dict[str, str]:
-        """Our parameter names that share storage with another one: {tied name: source name}. Not saved."""
-        return {}
+        """Our parameter names that share storage with another one: {tied name: source name}. Not saved.
+
+        By default the vocabulary projection, when the config ties it to the token table.
+        """
+        if not self._ties_word_embeddings():
+            return {}
+        names = {id(module): name for name, module in self.named_modules(remove_duplicate=False)}
+        output, tokens = self.get_output_embeddings(), self.get_input_embeddings()
+        return {f"{names[id(output)]}.weight": f"{names[id(tokens)]}.weight"}
 
     def init_weights(self) -> None:
         """HF's initialisation: normal(0, initializer_range) for weights, zeros for biases, ones for norms."""
@@ -117,7 +138,77 @@ class PreTrainedModel(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Make tied parameters share storage again (after init or load)."""
+        """Make the vocabulary projection share the token table again (after init, load or resize), when tied.
+
+        A tied projection is built on the meta device (``layers.lm_head``): its weight only ever is the table's.
+        """
+        if self._ties_word_embeddings():
+            self.get_output_embeddings().weight = self.get_input_embeddings().weight
+
+    def resize_token_embeddings(self, new_num_tokens: int) -> nn.Embedding:
+        """Give the vocabulary ``new_num_tokens`` ids, with the semantics of HF's method of the same name.
+
+        The ids kept keep their vectors; added rows of the token table (and of an untied vocabulary projection)
+        start at the mean of the old rows (HF samples them around that mean with a covariance of 1e-9 times the
+        old rows', which is the mean to float32 precision); a tied projection stays tied; fewer ids drop the
+        last rows; ``config.vocab_size`` follows. Parameters are replaced in place, on their device and dtype:
+        build the optimizer after resizing.
+
+        Args:
+            new_num_tokens: the new vocabulary size, e.g. ``len(tokenizer)`` after adding special tokens.
+
+        Returns:
+            The token embedding module.
+
+        Raises:
+            ValueError: ``new_num_tokens`` < 1.
+            NotImplementedError: a model that does not say where its token table is.
+        """
+        if new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be at least 1, got {new_num_tokens}")
+        tokens = self.get_input_embeddings()
+        tokens.weight = _resized_rows(tokens.weight, new_num_tokens)
+        tokens.num_embeddings = new_num_tokens
+        if tokens.padding_idx is not None and tokens.padding_idx >= new_num_tokens:
+            tokens.padding_idx = None
+        output = self.get_output_embeddings()
+        if output is not None and not self._ties_word_embeddings():
+            output.weight = _resized_rows(output.weight, new_num_tokens)
+            if output.bias is not None:
+                output.bias = _resized_rows(output.bias, new_num_tokens)
+            output.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return tokens
+
+    def last_token_index(self, input_ids: torch.Tensor | None, batch_size: int, length: int) -> torch.Tensor | int:
+        """Per row, the rightmost token that is not ``config.pad_token_id`` (left or right padding alike): where a
+        decoder's sequence classifier reads, found as HF's ``*ForSequenceClassification`` find it.
+
+        Without ``pad_token_id``, or from ``inputs_embeds`` (where padding cannot be seen), the last position.
+
+        Args:
+            input_ids: (B, T) ids, or None when the model was given embeddings.
+            batch_size: B.
+            length: T.
+
+        Returns:
+            (B,) indices, or -1 (the last position of every row).
+
+        Raises:
+            ValueError: a batch of several rows and no ``pad_token_id`` in the config (the attention mask is not
+                used: HF does not use it either, and a model must read the same token as HF's).
+        """
+        pad = self.config.pad_token_id
+        if pad is None and batch_size != 1:
+            raise ValueError(
+                f"a batch of {batch_size} rows needs config.pad_token_id to find each row's last token "
+                "(set it to the id the tokenizer pads with, e.g. eos_token_id for GPT-2 and Llama)"
+            )
+        if pad is None or input_ids is None:
+            return -1
+        positions = torch.arange(length, device=input_ids.device)
+        return (positions * (input_ids != pad)).argmax(-1)  # (B,)
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Recompute each block's activations during backward instead of keeping them (less memory, ~30% slower)."""
@@ -345,22 +436,56 @@ class PreTrainedModel(nn.Module):
         """
         model_dir = resolve_model_dir(path_or_repo_id)
         hf_config = read_config(model_dir)
+        return cls.from_hf_state_dict(
+            cls.configure(hf_config, **config_overrides),
+            load_state_dict(model_dir),
+            source=str(model_dir),
+            dtype=_resolve_dtype(dtype, hf_config),
+            device=device,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            assign=True,  # the model takes over the (memory-mapped) tensors: one copy in memory, not two
+        )
+
+    @classmethod
+    def configure(cls, hf_config: dict[str, Any], **config_overrides: Any) -> ModelConfig:
+        """This class's config from a HF ``config.json`` dict, with ``num_labels`` and other fields overridden."""
         config = cls.config_class.from_hf(hf_config)
         num_labels = config_overrides.pop("num_labels", None)
         if num_labels is not None and num_labels != config.num_labels:
             config = config.with_labels(num_labels)
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)
-        model = cls(config)
-        model.init_weights()
-        model.gradient_checkpointing_enable(config.gradient_checkpointing)
-        model.load_hf_state_dict(  # the model takes over the (memory-mapped) tensors: one copy in memory, not two
-            load_state_dict(model_dir),
-            source=str(model_dir),
-            ignore_mismatched_sizes=ignore_mismatched_sizes,
-            assign=True,
+        return config
+
+    @classmethod
+    def from_hf_state_dict(
+        cls,
+        config: ModelConfig,
+        hf_state: dict[str, torch.Tensor],
+        source: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        ignore_mismatched_sizes: bool = False,
+        assign: bool = False,
+    ) -> PreTrainedModel:
+        """Build a model from ``config``, load HF-named tensors into it, move it: what every loader shares.
+
+        Args:
+            config: the model's config.
+            hf_state: tensors by HF name (a checkpoint's, or a GGUF file's renamed).
+            source: where they come from, for error messages.
+            dtype: the model's dtype; default float32.
+            device: where to put the model.
+            ignore_mismatched_sizes, assign: as in :meth:`load_hf_state_dict`.
+
+        Returns:
+            The model in eval mode.
+        """
+        model = cls.from_config(config)
+        model.load_hf_state_dict(
+            hf_state, source=source, ignore_mismatched_sizes=ignore_mismatched_sizes, assign=assign
         )
-        model.to(dtype=_resolve_dtype(dtype, hf_config), device=device)
+        model.to(dtype=dtype or torch.float32, device=device)
         return model.eval()
 
 
@@ -373,3 +498,13 @@ def _parse_size(size: int | str | None) -> int | None:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '200MB' or '5GB'")
+
+
+def _resized_rows(weight: torch.Tensor, rows: int) -> nn.Parameter:
+    """(V, ...) -> (rows, ...): the first min(V, rows) rows kept, added rows set to the mean of the old ones."""
+    with torch.no_grad():
+        resized = weight.new_empty(rows, *weight.shape[1:])
+        kept = min(rows, weight.size(0))
+        resized[:kept] = weight[:kept]
+        resized[kept:] = weight.mean(0)
+    return nn.Parameter(resized, requires_grad=weight.requires_grad)

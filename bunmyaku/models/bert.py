@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import KeyMap
+from bunmyaku.hub.keymap import linear_map
 from bunmyaku.models.attention import Packing, padding_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
@@ -149,10 +150,6 @@ for _hf, _ours in [
 ]:
     for _p in ("weight", "bias"):
         BERT_FROM_HF[f"encoder.layer.{{}}.{_hf}.{_p}"] = f"layers.{{}}.{_ours}.{_p}"
-
-
-def linear_map(hf: str, ours: str) -> dict[str, str]:
-    return {f"{hf}.weight": f"{ours}.weight", f"{hf}.bias": f"{ours}.bias"}
 
 
 MLM_FROM_HF = {
@@ -373,10 +370,11 @@ class BertForMaskedLM(_BertHeadModel):
     task = "masked-lm"
     hf_architecture = "BertForMaskedLM"
     head_key_map = KeyMap(MLM_FROM_HF)
+    mlm_head_class: ClassVar[type[BertMLMHead]] = BertMLMHead  # RoBERTa's differs
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.head.mlm = BertMLMHead(config, self.backbone.embed.tokens)
+        self.head.mlm = self.mlm_head_class(config, self.backbone.embed.tokens)
 
     def forward(
         self,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import KeyMap
+from bunmyaku.hub.keymap import linear_map
 from bunmyaku.models.attention import KVCache, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import ModelConfig
@@ -81,7 +82,7 @@ class GPT2Config(ModelConfig):
     initializer_range: float = 0.02
     scale_attn_weights: bool = True  # False: softmax(QK^T) without 1 / sqrt(D)
     # Stanford CRFM's Mistral tricks for stable mixed-precision training: divide layer i's scores by i + 1, and
-    # scale K before QK^T with the softmax in fp32. The second gives the default path's numbers in fp32: accepted.
+    # compute the scores and their softmax in fp32 (upcast_reordered_attention; eager path only, as in HF).
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False
     add_cross_attention: bool = False
@@ -134,6 +135,35 @@ def attention_scale(config: GPT2Config, layer_idx: int) -> float | None:
         return None
     scale = (config.hidden_size // config.num_heads) ** -0.5 if config.scale_attn_weights else 1.0
     return scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
+
+
+def upcast_reordered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention for ``reorder_and_upcast_attn`` (Stanford CRFM's Mistral): fp16 / bf16 inputs, fp32 scores.
+
+    QK^T is computed in float32 with autocast off and the scale inside the product ("reordered": no half-precision
+    scores to overflow before they are scaled), the softmax in float32; only the weights go back to V's dtype.
+    Arguments and result as in :func:`bunmyaku.models.attention.eager_attention` (one K/V head per query head).
+    """
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q.float() * scale, k.float().transpose(-2, -1))  # (B, H, T, S) in fp32
+    if is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v  # (B, H, T, D)
 
 
 class GPT2Embeddings(nn.Module):
@@ -216,15 +246,11 @@ for _part in "qkv":  # the thirds of the fused c_attn, as split by GPT2PreTraine
         GPT2_FROM_HF[f"h.{{}}.attn.c_attn.{_p}[{_part}]"] = f"layers.{{}}.attn.{_part}_proj.{_p}"
 
 
-def _linear_map(hf: str, ours: str) -> dict[str, str]:
-    return {f"{hf}.weight": f"{ours}.weight", f"{hf}.bias": f"{ours}.bias"}
-
-
 LM_FROM_HF = {"lm_head.weight": "head.lm_head.weight"}  # absent from checkpoints when tied to wte
 SCORE_FROM_HF = {"score.weight": "head.score.weight"}  # no bias
-CLASSIFIER_FROM_HF = _linear_map("classifier", "head.classifier")
-QA_FROM_HF = _linear_map("qa_outputs", "head.qa_outputs")
-SUMMARY_FROM_HF = _linear_map("multiple_choice_head.summary", "head.summary.proj")
+CLASSIFIER_FROM_HF = linear_map("classifier", "head.classifier")
+QA_FROM_HF = linear_map("qa_outputs", "head.qa_outputs")
+SUMMARY_FROM_HF = linear_map("multiple_choice_head.summary", "head.summary.proj")
 
 # OpenAI's checkpoints come from TensorFlow, where these projections are 1x1 convolutions ("Conv1D") that store
 # their weight as (in, out): the transpose of nn.Linear's (out, in).
@@ -294,7 +320,12 @@ class GPT2Model(GPT2PreTrainedModel):
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
         for i, block in enumerate(self.layers):
             block.attn.scale = attention_scale(config, i)
+            if config.reorder_and_upcast_attn and config.attn_implementation == "eager":
+                block.attn.attend = upcast_reordered_attention  # HF's SDPA path ignores the option: so do we
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed.tokens
 
     def forward(
         self,
@@ -392,12 +423,8 @@ class _GPT2WithLMHead(_GPT2HeadModel):
         self.head.lm_head = lm_head(config)
         self.tie_weights()
 
-    def tied_weights(self) -> dict[str, str]:
-        return {"head.lm_head.weight": "backbone.embed.tokens.weight"} if self.config.tie_word_embeddings else {}
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.head.lm_head.weight = self.backbone.embed.tokens.weight
+    def get_output_embeddings(self) -> Linear:
+        return self.head.lm_head
 
 
 class GPT2LMHeadModel(_GPT2WithLMHead):
@@ -463,25 +490,6 @@ class GPT2ForSequenceClassification(_GPT2HeadModel):
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.head.score = Linear(config.hidden_size, config.num_labels, bias=False)
-
-    def last_token_index(self, input_ids: torch.Tensor | None, batch_size: int, length: int) -> torch.Tensor | int:
-        """Per row, the rightmost token that is not ``pad_token_id`` (left or right padding alike), as HF finds it.
-
-        Without ``pad_token_id``, or from ``inputs_embeds``, where padding cannot be seen, the last position.
-
-        Raises:
-            ValueError: a batch of several rows and no ``pad_token_id`` in the config.
-        """
-        pad = self.config.pad_token_id
-        if pad is None and batch_size != 1:
-            raise ValueError(
-                "a batch of several rows needs config.pad_token_id to find each row's last token "
-                "(GPT-2 has no padding token; set it to the id the tokenizer pads with, e.g. eos_token_id)"
-            )
-        if pad is None or input_ids is None:
-            return length - 1
-        positions = torch.arange(length, device=input_ids.device)
-        return (positions * (input_ids != pad)).argmax(-1)  # (B,)
 
     def forward(
         self,

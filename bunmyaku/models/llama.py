@@ -20,7 +20,6 @@ GGUF files (llama.cpp) load through :func:`from_gguf`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -218,6 +217,9 @@ class LlamaModel(LlamaPreTrainedModel):
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -263,25 +265,6 @@ class LlamaModel(LlamaPreTrainedModel):
         )
 
 
-def last_token_index(
-    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad_token_id: int | None, length: int
-) -> torch.Tensor | int:
-    """Where each row's last real token is, for left or right padding: HF's rule, the rightmost non-pad token.
-
-    Without a pad token the attention mask decides; without either, the last position.
-
-    Returns:
-        (B,) indices, or -1.
-    """
-    if pad_token_id is not None and input_ids is not None:
-        real = input_ids != pad_token_id
-    elif attention_mask is not None:
-        real = attention_mask.bool()
-    else:
-        return -1
-    return (torch.arange(length, device=real.device) * real).argmax(-1)
-
-
 class _LlamaHeadModel(LlamaPreTrainedModel):
     """A head on top of ``self.backbone``; subclasses set the key map and build ``self.head``."""
 
@@ -313,12 +296,8 @@ class LlamaForCausalLM(_LlamaHeadModel):
         self.head.lm_head = lm_head(config)
         self.tie_weights()
 
-    def tied_weights(self) -> dict[str, str]:
-        return {"head.lm_head.weight": "backbone.embed.weight"} if self.config.tie_word_embeddings else {}
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.head.lm_head.weight = self.backbone.embed.weight
+    def get_output_embeddings(self) -> Linear:
+        return self.head.lm_head
 
     def forward(
         self,
@@ -388,13 +367,13 @@ class LlamaForSequenceClassification(_LlamaHeadModel):
     ) -> ModelOutput:
         """Returns logits (B, L). ``labels``: (B,) ids, (B,) floats (regression) or (B, L) multi-hot.
 
-        The last real token is the rightmost one that is not ``pad_token_id`` (HF's rule), so left and right
-        padding both work; a config without a pad token falls back on ``attention_mask``.
+        The last real token is the rightmost one that is not ``pad_token_id`` (HF's rule, see
+        :meth:`~bunmyaku.models.base.PreTrainedModel.last_token_index`), so left and right padding both work.
         """
         out = self._decode(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
-        hidden = out.last_hidden_state
-        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, hidden.size(1))
-        logits = self.head.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last])  # (B, L)
+        h = out.last_hidden_state
+        B, T = h.shape[:2]
+        logits = self.head.score(h[torch.arange(B, device=h.device), self.last_token_index(input_ids, B, T)])  # (B, L)
         loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
@@ -476,6 +455,7 @@ def from_gguf(
     task: str = "causal-lm",
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    ignore_mismatched_sizes: bool = False,
     **config_overrides: Any,
 ) -> LlamaPreTrainedModel:
     """Load a llama.cpp GGUF file (quantized weights are dequantized) into a Llama model.
@@ -485,7 +465,8 @@ def from_gguf(
         task: which head; a head other than ``causal-lm`` / ``base`` starts newly initialised.
         dtype: torch dtype or its name; default float32 (the dequantized weights).
         device: where to put the model.
-        config_overrides: config fields to change, e.g. ``attn_implementation="eager"``.
+        ignore_mismatched_sizes: as in :meth:`~bunmyaku.models.base.PreTrainedModel.from_pretrained`.
+        config_overrides: config fields to change, e.g. ``num_labels=3`` or ``attn_implementation="eager"``.
 
     Returns:
         The model in eval mode.
@@ -498,12 +479,13 @@ def from_gguf(
     if task not in TASKS:
         raise ValueError(f"llama has no {task!r} head; available: {sorted(TASKS)}")
     hf_config, hf_state = read_gguf(path)
-    config = LlamaConfig.from_hf(hf_config)
-    if config_overrides:
-        config = dataclasses.replace(config, **config_overrides)
-    model = TASKS[task](config)
-    model.init_weights()
-    model.gradient_checkpointing_enable(config.gradient_checkpointing)
-    model.load_hf_state_dict(hf_state, source=str(path))
-    model.to(dtype=_resolve_dtype(dtype, {}), device=device)
-    return model.eval()
+    cls = TASKS[task]
+    return cls.from_hf_state_dict(
+        cls.configure(hf_config, **config_overrides),
+        hf_state,
+        source=str(path),
+        dtype=_resolve_dtype(dtype, hf_config),
+        device=device,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+        assign=True,  # read_gguf's tensors are copies nobody else holds
+    )

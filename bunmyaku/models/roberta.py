@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import KeyMap
+from bunmyaku.hub.keymap import linear_map
 from bunmyaku.models import bert
 from bunmyaku.models.base import ModelOutput
 from bunmyaku.models.linear import Linear
@@ -96,15 +97,15 @@ class _RobertaHeadModel:
 
 
 LM_FROM_HF = {
-    **bert.linear_map("lm_head.dense", "head.mlm.dense"),
-    **bert.linear_map("lm_head.layer_norm", "head.mlm.norm"),
+    **linear_map("lm_head.dense", "head.mlm.dense"),
+    **linear_map("lm_head.layer_norm", "head.mlm.norm"),
     "lm_head.bias": "head.mlm.bias",
     "lm_head.decoder.weight": None,  # tied to the token embeddings
     "lm_head.decoder.bias": None,  # tied to lm_head.bias
 }
 CLASSIFIER_FROM_HF = {
-    **bert.linear_map("classifier.dense", "head.classifier.dense"),
-    **bert.linear_map("classifier.out_proj", "head.classifier.out_proj"),
+    **linear_map("classifier.dense", "head.classifier.dense"),
+    **linear_map("classifier.out_proj", "head.classifier.out_proj"),
 }
 
 
@@ -113,10 +114,7 @@ class RobertaForMaskedLM(_RobertaHeadModel, bert.BertForMaskedLM):
 
     hf_architecture = "RobertaForMaskedLM"
     head_key_map = KeyMap(LM_FROM_HF)
-
-    def __init__(self, config: RobertaConfig):
-        super().__init__(config)
-        self.head.mlm = RobertaMLMHead(config, self.backbone.embed.tokens)
+    mlm_head_class = RobertaMLMHead
 
 
 class RobertaForSequenceClassification(_RobertaHeadModel, bert.BertForSequenceClassification):

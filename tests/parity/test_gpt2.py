@@ -143,6 +143,22 @@ def test_gpt2_sequence_problem_types(tmp_path, problem_type):
         assert_close(model(**ours, labels=labels).loss, hf_model(**theirs, labels=labels).loss)
 
 
+def test_gpt2_sequence_classification_without_pad_token(tmp_path):
+    """No pad_token_id: HF refuses a batch of several rows and reads one row at its last position, padded or not."""
+    config = transformers.GPT2Config(**CONFIGS[0], bos_token_id=1, eos_token_id=2, num_labels=2)
+    hf_model = randomize(transformers.GPT2ForSequenceClassification(config), seed=8)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    ours, theirs, _ = _batch(0, "sequence-classification", seed=8, padding="right")
+    with pytest.raises(ValueError, match="batch sizes > 1"), torch.no_grad():
+        hf_model(**theirs)
+    with pytest.raises(ValueError, match="pad_token_id"), torch.no_grad():
+        model(**ours)
+    row = {k: v[2:] for k, v in ours.items()}  # one right-padded row
+    assert row["attention_mask"][0, -1] == 0
+    with torch.no_grad():
+        assert_close(model(**row).logits, hf_model(**{k: v[2:] for k, v in theirs.items()}).logits)
+
+
 def test_gpt2_untied_lm_head(tmp_path):
     hf_model = randomize(transformers.GPT2LMHeadModel(_hf_config(0, tie_word_embeddings=False)), seed=7)
     model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), task="causal-lm")

@@ -160,6 +160,25 @@ def test_llama_sequence_classification_right_padding(tmp_path):
         )
 
 
+def test_llama_sequence_classification_without_pad_token(tmp_path):
+    """No pad_token_id: HF refuses a batch of several rows and reads one row at its last position, padded or not
+    (the attention mask is not consulted)."""
+    config = transformers.LlamaConfig(**{**CONFIGS[0], "pad_token_id": None}, num_labels=2)
+    hf_model = randomize(transformers.LlamaForSequenceClassification(config), seed=8)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    ids, mask, _ = _inputs(CONFIGS[0], seed=8)
+    with pytest.raises(ValueError, match="batch sizes > 1"), torch.no_grad():
+        hf_model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="pad_token_id"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    # one right-padded row; positions given, as our default gives padding positions values of its own
+    positions = torch.arange(ids.size(1))[None]
+    row = dict(input_ids=ids[2:].flip(-1), attention_mask=mask[2:].flip(-1), position_ids=positions)
+    assert row["attention_mask"][0, -1] == 0
+    with torch.no_grad():
+        assert_close(model(**row).logits, hf_model(**row).logits)
+
+
 def test_llama_heads_share_a_base_across_hf_prefixes(tmp_path):
     """HF's QA head keeps the base under ``transformer.``, the others under ``model.``: either loads into any head."""
     hf_qa = randomize(transformers.LlamaForQuestionAnswering(transformers.LlamaConfig(**CONFIGS[0])), seed=7)

@@ -212,10 +212,40 @@ def test_unpermute_rotary_rows_inverts_llama_cpp():
     assert llama_cpp_permute(torch.arange(8.0), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
+# llama.cpp's tensor names (its gguf-py TENSOR_NAMES for LLM_ARCH_LLAMA) and HF Llama's, written out here rather
+# than taken from bunmyaku's table, so that a swapped pair in that table cannot round-trip through write_gguf.
+LLAMA_CPP_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LLAMA_CPP_LAYER_TO_HF = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def llama_cpp_names(config: LlamaConfig) -> dict[str, str]:
+    """llama.cpp name -> HF name of every tensor of a Llama model without biases."""
+    names = dict(LLAMA_CPP_TO_HF)
+    if config.tie_word_embeddings:
+        del names["output.weight"]  # llama.cpp stores no output matrix for tied embeddings
+    for i in range(config.num_layers):
+        for cpp, hf in LLAMA_CPP_LAYER_TO_HF.items():
+            names[f"blk.{i}.{cpp}"] = f"model.layers.{i}.{hf}"
+    return names
+
+
 def test_gguf_tensor_names():
-    assert hf_tensor_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
-    assert hf_tensor_name("output.weight") == "lm_head.weight"
-    assert hf_tensor_name("blk.0.ffn_gate.weight") == "model.layers.0.mlp.gate_proj.weight"
+    for gguf_name, hf_name in llama_cpp_names(tiny(num_layers=13)).items():
+        assert hf_tensor_name(gguf_name) == hf_name, gguf_name
     with pytest.raises(KeyError):
         hf_tensor_name("blk.0.attn_q_norm.weight")
 
@@ -233,11 +263,12 @@ def write_gguf(path, model: LlamaForCausalLM, quantize_embeddings: bool = False)
     writer.add_head_count_kv(c.num_kv_heads)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     hf_state = model.hf_state_dict()
-    for gguf_name in _gguf_names(c):
-        tensor = hf_state[hf_tensor_name(gguf_name)]
+    for gguf_name, hf_name in llama_cpp_names(c).items():
+        tensor = hf_state[hf_name]
         if ".attn_q." in gguf_name:
             tensor = llama_cpp_permute(tensor, c.num_heads)
         elif ".attn_k." in gguf_name:
@@ -252,12 +283,6 @@ def write_gguf(path, model: LlamaForCausalLM, quantize_embeddings: bool = False)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def _gguf_names(config: LlamaConfig) -> list[str]:
-    names = ["token_embd.weight", "output_norm.weight"] + ([] if config.tie_word_embeddings else ["output.weight"])
-    per_layer = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-    return names + [f"blk.{i}.{n}.weight" for i in range(config.num_layers) for n in per_layer]
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -278,6 +303,22 @@ def test_from_gguf_equals_the_model_written(tmp_path, tied):
         )
     base = bunmyaku.from_pretrained(tmp_path, task="base")  # a folder holding one .gguf file
     assert isinstance(base, LlamaModel)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_from_gguf_equals_transformers_gguf_loader(tmp_path, tied):
+    """The same file read by transformers' own GGUF loader (its names, its un-permutation of Q and K rows)."""
+    transformers = require_module("transformers")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_config(tiny(num_heads=8, num_kv_heads=2, tie_word_embeddings=tied)).eval()
+    write_gguf(tmp_path / "tiny.gguf", model)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    ours = bunmyaku.from_pretrained(tmp_path / "tiny.gguf")
+    ids, _ = ids_and_left_padding()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected)
+    assert not torch.allclose(expected, LlamaForCausalLM.from_config(model.config)(input_ids=ids).logits)
 
 
 def test_from_gguf_dequantizes(tmp_path):
