@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from bunmyaku.models.linear import Linear
 from bunmyaku.tasks.base import Feature, Task, accuracy, model_inputs, where
 
 GPT_TOKENS = {"start": "<|start|>", "delimiter": "<|delimiter|>", "extract": "<|extract|>"}
@@ -101,7 +99,8 @@ class GPTPairClassification(MultipleChoice):
 
     def prepare_model(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         tokenizer.add_special_tokens({"additional_special_tokens": list(GPT_TOKENS.values())})
-        grow_token_embeddings(model, len(tokenizer))
+        if len(tokenizer) > model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))
         return super().prepare_model(model, tokenizer)
 
     def encode(self, tokenizer, examples, labelled=True, source=""):
@@ -142,26 +141,3 @@ class GPTPairClassification(MultipleChoice):
     def metrics(self, examples, features, outputs):
         predicted = [int(o.argmax()) for o in outputs]
         return {"accuracy": accuracy([f["mc_labels"] for f in features], predicted)}
-
-
-def grow_token_embeddings(model: nn.Module, size: int) -> None:
-    """Give the model's token embedding table ``size`` rows (new rows: the mean of the old ones); the tied LM head
-    follows through ``tie_weights``."""
-    embed = model.backbone.embed.tokens
-    old, dim = embed.weight.shape
-    if size <= old:
-        return
-    grown = nn.Embedding(size, dim, padding_idx=embed.padding_idx).to(embed.weight.device, embed.weight.dtype)
-    with torch.no_grad():
-        grown.weight[:old] = embed.weight
-        grown.weight[old:] = embed.weight.mean(0)
-    model.backbone.embed.tokens = grown
-    model.config.vocab_size = size
-    lm_head = getattr(model.head, "lm_head", None)
-    if lm_head is not None and not model.config.tie_word_embeddings:
-        new_head = Linear(dim, size, bias=False).to(grown.weight.device, grown.weight.dtype)
-        with torch.no_grad():
-            new_head.weight[:old] = lm_head.weight
-            new_head.weight[old:] = lm_head.weight.mean(0)
-        model.head.lm_head = new_head
-    model.tie_weights()

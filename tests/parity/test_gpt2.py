@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bunmyaku
-from bunmyaku.models.gpt2 import GPT2Config
+from bunmyaku.models.attention import eager_attention
+from bunmyaku.models.gpt2 import GPT2Config, upcast_reordered_attention
 from tests.conftest import require_module
 from tests.parity.helpers import assert_close, randomize, right_padded_batch, save
 
@@ -236,3 +237,62 @@ def test_beam_search_matches_transformers(tmp_path, num_beams):
 
     assert [until_eos(r) for r in got.tolist()] == [until_eos(r) for r in expected.tolist()]
     assert any(eos in r for r in got.tolist())  # a beam did finish early, so the finishing rules were exercised
+
+
+def test_upcast_reordered_attention_equals_transformers():
+    """reorder_and_upcast_attn's attention against GPT2Attention._upcast_and_reordered_attn, on bf16 inputs."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    config = transformers.GPT2Config(
+        n_embd=32, n_head=4, reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True
+    )
+    attention = GPT2Attention(config, layer_idx=2).eval()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=gen).mul(8).to(torch.bfloat16) for _ in range(3))  # large scores
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril()[None, None] & torch.tensor([1, 1, 1, 1, 1, 0, 0]).bool()
+    additive = torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    expected, _ = attention._upcast_and_reordered_attn(q, k, v, additive)  # (B, T, H, D)
+    actual = upcast_reordered_attention(q, k, v, mask=allowed, scale=attention.scaling)  # (B, H, T, D)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.transpose(1, 2), expected, atol=0, rtol=0)
+    plain = eager_attention(q, k, v, mask=allowed, scale=attention.scaling)  # scores in bf16: not the same numbers
+    assert not torch.equal(plain.transpose(1, 2), expected)
+
+
+def test_reorder_and_upcast_attn_matches_transformers_in_bf16(tmp_path):
+    """transformers honours the option on its eager path: the scores and their softmax in fp32 under bf16 weights."""
+    config = _hf_config(0, reorder_and_upcast_attn=True)
+    config._attn_implementation = "eager"
+    hf_model = randomize(transformers.GPT2LMHeadModel(config), seed=9, scale=0.5)  # scale 0.5: large scores
+    folder = save(hf_model, tmp_path / "hf")
+    ours, theirs, mask = _batch(0, "causal-lm", seed=9, padding="right")
+    with torch.no_grad():
+        expected = hf_model.to(torch.bfloat16)(**theirs).logits
+        logits = {}
+        for upcast in (True, False):
+            model = bunmyaku.from_pretrained(
+                folder, dtype="bfloat16", attn_implementation="eager", reorder_and_upcast_attn=upcast
+            )
+            logits[upcast] = model(**ours).logits
+    effect = (logits[False].float() - expected.float())[mask.bool()].abs().max().item()
+    assert effect > 0.05  # what the option changes here, in bf16
+    assert_close(logits[True], expected, mask, atol=effect / 10)
+
+
+def test_resize_token_embeddings_as_transformers(tmp_path):
+    """Three added ids: their rows, the tied LM head and the logits as transformers' resize_token_embeddings."""
+    hf_model = randomize(transformers.GPT2LMHeadModel(_hf_config(0)), seed=10)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), task="causal-lm")
+    torch.manual_seed(0)  # transformers samples the new rows around the old rows' mean (covariance 1e-9 x theirs)
+    hf_model.resize_token_embeddings(102)
+    tokens = model.resize_token_embeddings(102)
+    assert tokens is model.backbone.embed.tokens and tokens.weight.shape == (102, 32)
+    assert model.config.vocab_size == 102 and model.head.lm_head.weight is tokens.weight  # still tied
+    assert_close(tokens.weight, hf_model.transformer.wte.weight, atol=1e-4)
+    ids = torch.tensor([[5, 99, 100, 7, 101]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert logits.shape == (1, 5, 102)
+        assert_close(logits, hf_model(input_ids=ids).logits, atol=1e-4)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(save(model, tmp_path / "ours"))
+    assert reloaded.config.vocab_size == 102

@@ -190,3 +190,23 @@ def test_llama_heads_share_a_base_across_hf_prefixes(tmp_path):
         # and a causal-LM checkpoint into the QA head
         qa = bunmyaku.from_pretrained(save(lm, tmp_path / "lm"), task="question-answering")
         assert_close(qa.backbone(input_ids=ids, attention_mask=mask).last_hidden_state, expected, mask)
+
+
+@pytest.mark.parametrize("size", [103, 90])
+def test_resize_token_embeddings_untied_as_transformers(tmp_path, size):
+    """Grown or shrunk: the token table and the untied LM head as transformers resizes them."""
+    hf_model = randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS[0])), seed=11)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), task="causal-lm")
+    old_head = hf_model.lm_head.weight.detach().clone()
+    torch.manual_seed(0)
+    hf_model.resize_token_embeddings(size)
+    model.resize_token_embeddings(size)
+    assert model.config.vocab_size == size and model.head.lm_head.weight.shape == (size, 32)
+    assert model.head.lm_head.weight is not model.backbone.embed.weight
+    assert_close(model.backbone.embed.weight, hf_model.model.embed_tokens.weight, atol=1e-4)
+    assert_close(model.head.lm_head.weight, hf_model.lm_head.weight, atol=1e-4)
+    if size > 99:
+        assert torch.equal(model.head.lm_head.weight[99:], old_head.mean(0).expand(size - 99, -1))
+    ids = torch.tensor([[5, size - 1, 7, size - 2]])
+    with torch.no_grad():  # the RMSNorm of a row near the mean magnifies transformers' sampling noise: 1e-3
+        assert_close(model(input_ids=ids).logits, hf_model(input_ids=ids).logits, atol=1e-3)
