@@ -70,3 +70,22 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * first
+
+
+def test_roberta_masked_lm_builds_only_its_own_mlm_head(monkeypatch):
+    """RoBERTa's MLM head replaces BERT's: BERT's is never built (and thrown away)."""
+    from bunmyaku.models import bert
+    from bunmyaku.models.roberta import RobertaConfig, RobertaForMaskedLM, RobertaMLMHead
+
+    built = []
+    original = bert.BertMLMHead.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(type(self))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(bert.BertMLMHead, "__init__", spy)
+    model = RobertaForMaskedLM(RobertaConfig(**TINY))
+    assert built == [RobertaMLMHead] and type(model.head.mlm) is RobertaMLMHead
+    BertForMaskedLM(BertConfig(**TINY))
+    assert built == [RobertaMLMHead, bert.BertMLMHead]

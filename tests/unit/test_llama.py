@@ -344,3 +344,20 @@ def test_from_gguf_errors(tmp_path):
         bunmyaku.models.llama.from_gguf(tmp_path / "junk.gguf")
     with pytest.raises(ValueError, match="masked-lm"):
         bunmyaku.models.llama.from_gguf(tmp_path / "junk.gguf", task="masked-lm")
+
+
+def test_from_gguf_takes_a_head_and_config_overrides(tmp_path):
+    """The loader shared with from_pretrained: num_labels and config fields apply to a GGUF file too."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_config(tiny()).eval()
+    write_gguf(tmp_path / "tiny.gguf", model)
+    classifier = bunmyaku.from_pretrained(
+        tmp_path / "tiny.gguf", task="sequence-classification", num_labels=3, attn_implementation="eager"
+    )
+    assert classifier.config.num_labels == 3 and classifier.config.attn_implementation == "eager"
+    ids = torch.randint(1, V, (1, T))
+    with torch.no_grad():
+        assert classifier(input_ids=ids).logits.shape == (1, 3)
+        torch.testing.assert_close(
+            classifier.backbone(input_ids=ids).last_hidden_state, model.backbone(input_ids=ids).last_hidden_state
+        )
