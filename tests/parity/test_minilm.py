@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bunmyaku
+from bunmyaku.models.bi_encoder import BiEncoder
 from bunmyaku.models.pooling import pool
 from tests.conftest import require_module
 from tests.parity.helpers import assert_close
@@ -34,7 +35,7 @@ SENTENCES = [
     "😀 emoji and symbols: ∑ ∫ √ → ≠",
     "x",
     "   leading and trailing spaces   ",
-    "A very long sentence " + "that keeps going and going " * 40 + "until it is truncated.",
+    "A very long sentence " + "that keeps going and going " * 60 + "until it is truncated.",
 ]
 
 
@@ -46,15 +47,27 @@ def hf_and_ours(minilm_dir):
     return tokenizer, hf_model, ours
 
 
+def sentence_transformers_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' mean pooling, written out: the masked sum of the token states / the count of real
+    tokens, (B, T, C) -> (B, C). all-MiniLM-L6-v2 then L2-normalises it."""
+    mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
 def test_minilm_embeddings_match_transformers(hf_and_ours):
     tokenizer, hf_model, ours = hf_and_ours
     batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    # the batch exercises what the pooling must get right: padded rows, and a row cut at max_length
+    mask = batch["attention_mask"]
+    assert mask.shape[1] == 256 and mask[:, -1].sum() == 1 and (mask.sum(1) < 10).any()
     with torch.no_grad():
-        expected = pool(hf_model(**batch).last_hidden_state, batch["attention_mask"], "mean", normalize=True)
-        actual = pool(ours(**batch).last_hidden_state, batch["attention_mask"], "mean", normalize=True)
-        # the token states too, on real positions
-        assert_close(ours(**batch).last_hidden_state, hf_model(**batch).last_hidden_state, batch["attention_mask"])
-    assert len(SENTENCES) >= 20
+        hidden, theirs = ours(**batch).last_hidden_state, hf_model(**batch).last_hidden_state
+        expected_mean = sentence_transformers_mean(theirs, mask)
+        expected = expected_mean / expected_mean.norm(dim=-1, keepdim=True)
+        actual = BiEncoder(ours, pooling="mean").embed(batch["input_ids"], mask)
+        # the token states too, on real positions, and the mean before normalisation
+        assert_close(hidden, theirs, mask)
+        assert_close(pool(hidden, mask, "mean"), expected_mean)
     assert_close(actual, expected)
     # and the embeddings carry meaning: the paraphrase pair is closer than an unrelated one
     assert actual[0] @ actual[1] > actual[0] @ actual[4] + 0.3
