@@ -71,12 +71,14 @@ def _load_tokenizer(pargs: PretrainArgs):
     if source is None:
         raise ValueError("no tokenizer: give --tokenizer (a folder, a tokenizer.json, or 'char')")
     if source == "char":
-        from bunmyaku.data.char_tokenizer import build_char_tokenizer
+        from bunmyaku.data.corpus import read_documents
+        from bunmyaku.tokenization import build_char_tokenizer
 
         files = [p for p in pargs.data if not (Path(p) / INDEX_NAME).is_file()]
         if not files:
             raise ValueError("tokenizer 'char' needs raw text files in data to collect the characters from")
-        return build_char_tokenizer(files, model_max_length=pargs.block_size)
+        texts = (text for path in files for text in read_documents(path, doc_split="file"))
+        return build_char_tokenizer(texts, model_max_length=pargs.block_size)
     return Tokenizer.from_pretrained(source)
 
 

@@ -6,39 +6,35 @@ saves as an ordinary ``tokenizer.json`` that ``bunmyaku.Tokenizer`` and ``transf
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-
-from bunmyaku.data.corpus import read_documents
 
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
 
 
-def build_char_tokenizer(files: Iterable[str | os.PathLike], model_max_length: int | None = None):
-    """Build a character tokenizer whose vocabulary is every character of ``files``, sorted, then EOS and UNK.
+def build_char_tokenizer(texts: Iterable[str], model_max_length: int | None = None):
+    """Build a character tokenizer whose vocabulary is every character of ``texts``, sorted, then EOS and UNK.
 
     Args:
-        files: UTF-8 text or JSONL files (read as :func:`bunmyaku.data.read_documents` reads them).
+        texts: the corpus, e.g. the documents :func:`bunmyaku.data.read_documents` reads from files.
         model_max_length: the length limit saved with the tokenizer.
 
     Returns:
         A :class:`bunmyaku.Tokenizer` with ``eos_token`` ``<|endoftext|>`` and ``unk_token`` ``<unk>``.
 
     Raises:
-        ValueError: when the files hold no text.
+        ValueError: when the texts hold no character.
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from bunmyaku.tokenization import Tokenizer
+    from bunmyaku.tokenization.tokenizer import Tokenizer
 
     chars: set[str] = set()
-    for path in files:
-        for text in read_documents(path, doc_split="file"):
-            chars.update(text)
+    for text in texts:
+        chars.update(text)
     if not chars:
-        raise ValueError(f"no characters to build a vocabulary from in {list(files)}")
+        raise ValueError("no characters to build a character vocabulary from: the texts are empty")
     vocab = {c: i for i, c in enumerate(sorted(chars))}
     vocab[EOS_TOKEN] = len(vocab)
     vocab[UNK_TOKEN] = len(vocab)
