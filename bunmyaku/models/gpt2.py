@@ -320,9 +320,10 @@ class GPT2Model(GPT2PreTrainedModel):
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
         for i, block in enumerate(self.layers):
             block.attn.scale = attention_scale(config, i)
-            if config.reorder_and_upcast_attn and config.attn_implementation == "eager":
-                block.attn.attend = upcast_reordered_attention  # HF's SDPA path ignores the option: so do we
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        if config.reorder_and_upcast_attn and config.attn_implementation == "eager":  # HF's SDPA path ignores it
+            for block in self.layers:
+                block.attn.attend = upcast_reordered_attention
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed.tokens
