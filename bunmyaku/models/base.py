@@ -1,4 +1,5 @@
-"""What every bunmyaku model shares: its output record, weight init, and HF-format load / save.
+"""What every bunmyaku model shares: its output record, weight init, token embeddings (tied, resized), the token a
+decoder's sequence classifier reads, and HF-format load / save.
 
 A model class declares how its tensors are named in a HF checkpoint:
 
@@ -107,7 +108,8 @@ class PreTrainedModel(nn.Module):
         return None
 
     def _ties_word_embeddings(self) -> bool:
-        return self.get_output_embeddings() is not None and bool(getattr(self.config, "tie_word_embeddings", False))
+        # a config whose model has a vocabulary projection says whether it is tied
+        return self.get_output_embeddings() is not None and self.config.tie_word_embeddings
 
     def tied_weights(self) -> dict[str, str]:
         """Our parameter names that share storage with another one: {tied name: source name}. Not saved.
@@ -151,8 +153,8 @@ class PreTrainedModel(nn.Module):
         The ids kept keep their vectors; added rows of the token table (and of an untied vocabulary projection)
         start at the mean of the old rows (HF samples them around that mean with a covariance of 1e-9 times the
         old rows', which is the mean to float32 precision); a tied projection stays tied; fewer ids drop the
-        last rows; ``config.vocab_size`` follows. Parameters are replaced in place, on their device and dtype:
-        build the optimizer after resizing.
+        last rows; ``config.vocab_size`` follows. The modules stay; their weights become new parameters, on the
+        same device and dtype: build the optimizer after resizing.
 
         Args:
             new_num_tokens: the new vocabulary size, e.g. ``len(tokenizer)`` after adding special tokens.
@@ -506,5 +508,5 @@ def _resized_rows(weight: torch.Tensor, rows: int) -> nn.Parameter:
         resized = weight.new_empty(rows, *weight.shape[1:])
         kept = min(rows, weight.size(0))
         resized[:kept] = weight[:kept]
-        resized[kept:] = weight.mean(0)
+        resized[kept:] = weight.float().mean(0)  # in float32, as HF averages, whatever the weights' dtype
     return nn.Parameter(resized, requires_grad=weight.requires_grad)
