@@ -56,7 +56,7 @@ def test_padding_without_pad_token(gpt2_original):
 
 
 def test_missing_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No tokenizer at"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         Tokenizer.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="expected tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
