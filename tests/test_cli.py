@@ -23,6 +23,16 @@ def test_help_lists_the_verbs():
     assert result.exit_code == 0 and "demo" in result.output
 
 
+def test_demo_describes_the_model_from_its_own_files(tmp_path):
+    """The fill-mask demo's description comes from the folder's config.json and model card, not from code."""
+    from bunmyaku.demo import model_card_summary
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "hidden_size": 48}), encoding="utf-8")
+    assert model_card_summary(tmp_path) == "3 layers, width 48"
+    (tmp_path / "README.md").write_text("| result | **MLM accuracy 12.5%** (loss 5) |\n", encoding="utf-8")
+    assert model_card_summary(tmp_path) == "3 layers, width 48, held-out MLM accuracy 12.5%"
+
+
 def test_demo_runs_offline(minilm_dir, smollm2_gguf):
     result = runner.invoke(app, ["demo"])
     assert result.exit_code == 0, result.output
