@@ -84,6 +84,9 @@ def test_malformed_files(tmp_path):
     (bpe / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(ValueError, match=r"merges.txt:2: a merge is two symbols"):
         Tokenizer.from_pretrained(bpe)
+    (bpe / "merges.txt").write_bytes(b"#version: 0.2\na \xe9\n")
+    with pytest.raises(ValueError, match=r"merges.txt is not UTF-8 \(byte offset 16\)"):
+        Tokenizer.from_pretrained(bpe)
     (bpe / "vocab.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         Tokenizer.from_pretrained(bpe)
