@@ -51,7 +51,10 @@ def is_repo_id(name: str) -> bool:
 
 
 def resolve_path(
-    path_or_repo_id: str | os.PathLike, revision: str | None = None, allow_patterns: list[str] | None = None
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    kind: str = "model",
 ) -> Path:
     """The one rule that turns a model or tokenizer argument into a local file or folder.
 
@@ -65,6 +68,7 @@ def resolve_path(
         path_or_repo_id: a local path, a hub repo id, or ``hf://`` and a repo id.
         revision: a branch, tag or commit for hub repos.
         allow_patterns: the files to download from a hub repo (default: a model folder's files).
+        kind: what is being looked for ("model", "tokenizer"), for the error message.
 
     Raises:
         FileNotFoundError: neither a local file or folder nor a reachable hub repo.
@@ -83,7 +87,7 @@ def resolve_path(
     path = Path(name).expanduser()
     if path.exists():
         return path
-    local = f"local path {path.resolve()} does not exist"
+    local = f"local {kind} path {path.resolve()} does not exist"
     if not is_repo_id(str(name)):
         raise FileNotFoundError(local)
     try:

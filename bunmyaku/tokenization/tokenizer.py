@@ -171,7 +171,7 @@ class Tokenizer:
             FileNotFoundError: when the path does not exist or holds no vocabulary.
             ValueError: when a vocabulary file is malformed.
         """
-        path = resolve_path(path, allow_patterns=_HUB_TOKENIZER_FILES)
+        path = resolve_path(path, allow_patterns=_HUB_TOKENIZER_FILES, kind="tokenizer")
         if path.is_file():
             return cls._from_file(path, {})
         return cls._from_folder(path)

@@ -51,11 +51,11 @@ def test_an_existing_folder_is_local_even_when_it_looks_like_a_repo_id(folder, h
 def test_a_missing_path_names_the_folder_and_the_hub_repo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
-    for load in (bunmyaku.from_pretrained, bunmyaku.Tokenizer.from_pretrained):
+    for kind, load in [("model", bunmyaku.from_pretrained), ("tokenizer", bunmyaku.Tokenizer.from_pretrained)]:
         with pytest.raises(FileNotFoundError) as error:
             load("runs/agnews")
         message = str(error.value)
-        assert f"local path {tmp_path / 'runs' / 'agnews'} does not exist" in message, message
+        assert f"local {kind} path {tmp_path / 'runs' / 'agnews'} does not exist" in message, message
         assert "hub repo runs/agnews is not reachable" in message and "hf://runs/agnews" in message, message
 
 
