@@ -79,10 +79,25 @@ def _user_errors(config: str | None = None) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _check_output_dir(path: str) -> None:
+    """Refuse an output folder that cannot be one before any work is done."""
+    import os
+    from pathlib import Path
+
+    folder = Path(path)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"--output-dir {path}: {existing} exists and is not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output-dir {path}: {existing} is not writable")
+
+
 def _reports_user_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def run(*args, **kwargs):
         with _user_errors(kwargs.get("config")):
+            if kwargs.get("output_dir"):  # every verb that writes a folder: refused before any work
+                _check_output_dir(kwargs["output_dir"])
             return command(*args, **kwargs)
 
     return run
@@ -209,19 +224,6 @@ def train_tokenizer_command(
     sources = resolve_training_files(settings.pop("files"), root)
     tokenizer = train_tokenizer(sources, show_progress=True, **settings)
     typer.echo(f"Trained {tokenizer!r}; saved to {settings['output_dir']}")
-
-
-def _check_output_dir(path: str) -> None:
-    """Refuse an output folder that cannot be one before any work is done."""
-    import os
-    from pathlib import Path
-
-    folder = Path(path)
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise NotADirectoryError(f"--output-dir {path}: {existing} exists and is not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--output-dir {path}: {existing} is not writable")
 
 
 # ------------------------------------------------------------------------------------------------- pretrain

@@ -66,6 +66,7 @@ def files(minilm_dir, shared_data, smollm2_gguf, tmp_path_factory):
     (root / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     (root / "bad.yaml").write_text("files: [a.txt\nkind: bpe\n", encoding="utf-8")
     (root / "a-file").write_text("not a folder\n", encoding="utf-8")
+    (root / "text.txt").write_text("The cat sat on the mat.\n\nA dog ran in the park.\n", encoding="utf-8")
     (root / "rows.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
     squad = {"data": [{"paragraphs": [{"context": "BERT came in 2018.", "qas": [{"id": "1", "answers": []}]}]}]}
     (root / "squad.json").write_text(json.dumps(squad), encoding="utf-8")
@@ -115,6 +116,13 @@ CASES = [
     (
         "output dir under a file",
         ["train-tokenizer", "{root}/latin1.txt", "--output-dir", "{root}/a-file/tok", "--data-dir", "{root}"],
+        1,
+        ["a-file", "not a folder"],
+    ),
+    (
+        "pretrain output dir is a file",
+        ["pretrain", "--objective", "mlm", "--init-from", "{mlm}", "--data", "{root}/text.txt"]
+        + ["--output-dir", "{root}/a-file", "--max-steps", "1"],
         1,
         ["a-file", "not a folder"],
     ),
@@ -172,3 +180,12 @@ def test_bugs_keep_their_traceback_and_debug_shows_user_errors(files, monkeypatc
     monkeypatch.setattr("bunmyaku.pipeline", broken)
     result = runner.invoke(app, ["fill-mask", "-m", str(files["mlm"]), "a [MASK]."])
     assert isinstance(result.exception, RuntimeError) and "error: " not in result.output
+
+
+def test_an_output_dir_that_is_not_writable_is_refused_before_training(files, monkeypatch):
+    """(Tests run as root here, where every folder is writable: the permission check itself is replaced.)"""
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    root = files["root"]
+    args = ["train-tokenizer", f"{root}/text.txt", "--output-dir", f"{root}/tok", "--data-dir", str(root)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and result.stderr == f"error: --output-dir {root}/tok: {root} is not writable\n"
