@@ -141,6 +141,7 @@ class TextGenerationPipeline(Pipeline):
         batch = self._fit(self._encode([self._prompt_text(prompt)], chat=not isinstance(prompt, str)), max_new_tokens)
         pieces: queue.Queue = queue.Queue()
         generated: list[int] = []
+        failed: list[BaseException] = []
 
         def on_token(ids: torch.Tensor) -> None:
             generated.append(int(ids[0]))
@@ -158,6 +159,8 @@ class TextGenerationPipeline(Pipeline):
                         streamer=on_token,
                         **generate_kwargs,
                     )
+            except BaseException as error:  # raised again in the caller's thread, not lost with this one
+                failed.append(error)
             finally:
                 pieces.put(None)
 
@@ -170,6 +173,8 @@ class TextGenerationPipeline(Pipeline):
                 yield text[len(shown) :]
                 shown = text
         thread.join()
+        if failed:
+            raise failed[0]
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -104,5 +104,10 @@ def test_a_prompt_too_long_for_the_positions_keeps_its_end(pipe, gpt2_dir):
 def test_bad_options_are_refused_by_name(pipe, option, value):
     with pytest.raises(ValueError, match=option):
         pipe("Once upon a time", **{"max_new_tokens": 4, "do_sample": option != "num_beams", option: value})
+
+
+def test_empty_prompts_and_errors_while_streaming_are_raised(pipe):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         pipe(["a", ""], max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_beams > 1 cannot be combined with do_sample, streamer"):
+        list(pipe.stream("Once upon a time", max_new_tokens=2, num_beams=2))  # raised in the decoding thread
