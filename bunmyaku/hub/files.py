@@ -59,7 +59,7 @@ def resolve_path(
     """The one rule that turns a model or tokenizer argument into a local file or folder.
 
     - ``hf://org/name`` is a hub repo, always downloaded (or read from the hub cache);
-    - a string that names an existing file or folder is local;
+    - a string that names an existing file or folder is local, and so is any ``os.PathLike`` (a ``Path``);
     - anything else is tried on the hub only if it is a valid repo id (``gpt2``, ``org/name``), and when
       that fails (offline, no such repo) the error names both readings: the local path it looked for, and
       the hub repo it could not reach.
@@ -88,7 +88,7 @@ def resolve_path(
     if path.exists():
         return path
     local = f"local {kind} path {path.resolve()} does not exist"
-    if not is_repo_id(str(name)):
+    if not isinstance(path_or_repo_id, str) or not is_repo_id(name):
         raise FileNotFoundError(local)
     try:
         found = _download(str(name), revision, patterns)

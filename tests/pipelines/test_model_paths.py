@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,8 @@ def test_one_repo_id_rule_for_models_and_tokenizers(folder, hub, tmp_path, monke
     calls.clear()
     with pytest.raises(FileNotFoundError, match="does not exist$"):
         bunmyaku.from_pretrained("./runs/missing")  # not a repo id: the hub is never asked
+    with pytest.raises(FileNotFoundError, match="does not exist$"):
+        bunmyaku.Tokenizer.from_pretrained(Path("runs/missing"))  # a Path is always local
     with pytest.raises(ValueError, match="not a valid hub repo id"):
         bunmyaku.Tokenizer.from_pretrained("hf://a/b/c")
     assert calls == []
