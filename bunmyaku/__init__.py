@@ -4,6 +4,7 @@ The public entry points are re-exported here lazily, so ``import bunmyaku`` stay
 
 - ``bunmyaku.from_pretrained(path_or_repo_id, task=..., dtype=..., device=...)``
 - ``bunmyaku.Tokenizer`` and ``bunmyaku.train_tokenizer``
+- ``bunmyaku.pipeline(task, model=..., device=...)``
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "from_pretrained": "bunmyaku.models.auto",
-    "AutoConfig": "bunmyaku.models.auto",
     "Tokenizer": "bunmyaku.tokenization",
     "train_tokenizer": "bunmyaku.tokenization",
     "pipeline": "bunmyaku.pipelines",
@@ -28,3 +28,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'bunmyaku' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

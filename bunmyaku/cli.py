@@ -2,16 +2,132 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Callable, Iterator
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="bunmyaku: practical NLP with Transformers.")
+# Shown as a traceback only with --debug (or BUNMYAKU_DEBUG=1): everything else a user can cause and fix.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # also CheckpointError, DataError, UnicodeDecodeError, json.JSONDecodeError
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+_debug = False
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    import yaml
+
+    from bunmyaku.training.outputs import OutputDirBusy
+
+    return (*USER_ERRORS, OutputDirBusy, yaml.YAMLError)
+
+
+def _reader_key_error(error: KeyError) -> str | None:
+    """A KeyError raised inside a data reader is a record missing a field: say which file and which field."""
+    tb, path = error.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if "bunmyaku/data/" in frame.f_code.co_filename.replace("\\", "/"):
+            path = frame.f_locals.get("path", path)
+            if path is None:
+                path = "the input data"
+        tb = tb.tb_next
+    if path is None:
+        return None
+    return f"{path}: a record has no field {error.args[0]!r}"
+
+
+def _describe(error: BaseException, config: str | None) -> str:
+    """One line for a user error, naming the file where the error has one (``config``: the --config recipe)."""
+    import yaml
+
+    if isinstance(error, yaml.YAMLError):
+        text = " ".join(str(error).split())
+        text = f"invalid YAML: {text.replace('<unicode string>', str(config))}" if config else f"invalid YAML: {text}"
+        return text if config is None or str(config) in text else f"{config}: {text}"
+    if isinstance(error, OSError) and error.filename and error.strerror and str(error).startswith("[Errno"):
+        return f"{error.filename}: {error.strerror}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"input is not UTF-8 text ({error}); convert it to UTF-8"
+    return str(error) or type(error).__name__
+
+
+@contextlib.contextmanager
+def _user_errors(config: str | None = None) -> Iterator[None]:
+    """End the command on a user error (bad file, option or data) with one red ``error:`` line on stderr and
+    exit code 1; any other exception is a bug and keeps its traceback. ``--debug`` shows tracebacks for all."""
+    try:
+        yield
+    except Exception as error:
+        if _debug:
+            raise
+        if isinstance(error, _user_error_types()):
+            message = _describe(error, config)
+        elif isinstance(error, KeyError) and (message := _reader_key_error(error)) is not None:
+            pass
+        else:
+            raise
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def _check_output_dir(path: str) -> None:
+    """Refuse an output folder that cannot be one before any work is done."""
+    import os
+    from pathlib import Path
+
+    folder = Path(path)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"--output-dir {path}: {existing} exists and is not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output-dir {path}: {existing} is not writable")
+
+
+def _reports_user_errors(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with _user_errors(kwargs.get("config")):
+            if kwargs.get("output_dir"):  # every verb that writes a folder: refused before any work
+                _check_output_dir(kwargs["output_dir"])
+            return command(*args, **kwargs)
+
+    return run
+
+
+class _Typer(typer.Typer):
+    """A ``typer.Typer`` whose every command runs under :func:`_user_errors` (one handler for all verbs)."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(function: Callable) -> Callable:
+            register(_reports_user_errors(function))
+            return function
+
+        return decorator
+
+
+app = _Typer(no_args_is_help=True, add_completion=False, help="bunmyaku: practical NLP with Transformers.")
 
 
 @app.callback()
-def main() -> None:
+def main(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="BUNMYAKU_DEBUG", help="Show the traceback of every error.")
+    ] = False,
+) -> None:
     """bunmyaku: practical NLP with Transformers, from scratch on PyTorch."""
+    global _debug
+    _debug = debug
 
 
 def _setup_logging(verbose: bool, quiet_level: int = logging.INFO) -> None:
@@ -59,9 +175,6 @@ def _print_row(console, row: dict) -> None:
         console.print(f"  {row}")
 
 
-from typing import Annotated  # noqa: E402  (appended with the train-tokenizer verb; typer reads the hints)
-
-
 @app.command("train-tokenizer")
 def train_tokenizer_command(
     files: Annotated[
@@ -87,14 +200,10 @@ def train_tokenizer_command(
 
     from bunmyaku.tokenization import train_tokenizer
     from bunmyaku.tokenization.recipes import resolve_data_dir, resolve_training_files
+    from bunmyaku.training.recipe import load_recipe
 
     _setup_logging(verbose)
-    recipe: dict = {}
-    if config:
-        import yaml
-
-        with open(config, encoding="utf-8") as handle:
-            recipe = yaml.safe_load(handle) or {}
+    recipe = load_recipe(config) if config else {}
     flags = {
         "files": files or None,
         "kind": kind,
@@ -110,6 +219,7 @@ def train_tokenizer_command(
         raise typer.BadParameter("give training files, or a --config recipe that lists them")
     if not settings.get("output_dir"):
         raise typer.BadParameter("give --output-dir (or output_dir in the recipe)")
+    _check_output_dir(settings["output_dir"])
     root = resolve_data_dir(data_dir or settings.pop("data_dir", None), os.environ.get("BUNMYAKU_DATA"), Path.cwd())
     sources = resolve_training_files(settings.pop("files"), root)
     tokenizer = train_tokenizer(sources, show_progress=True, **settings)
@@ -148,21 +258,6 @@ app.command("pretrain")(_pretrain_command())
 
 
 # ------------------------------------------------------------------------------------------------- finetune
-
-
-import contextlib  # noqa: E402  (appended with the finetune verbs)
-
-
-@contextlib.contextmanager
-def _user_errors():
-    """Bad input data or options end the command with the message (file:line) instead of a traceback."""
-    from bunmyaku.data.tables import DataError
-
-    try:
-        yield
-    except (DataError, FileNotFoundError, ValueError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from error
 
 
 def _finetune(values: dict) -> None:
@@ -204,7 +299,7 @@ def predict_command(
     model: str = typer.Option(..., "--model", help="A fine-tuned model folder (DIR or DIR/model of a finetune run)."),
     input: str = typer.Option(..., "--input", help="Examples to predict (labels not needed)."),
     output: str = typer.Option(..., "--output", help="Where to write one JSON prediction per line."),
-    batch_size: int = typer.Option(32, help="Rows per batch."),
+    batch_size: int = typer.Option(32, min=1, help="Rows per batch."),
     format: str = typer.Option(None, help="Input format (default: as at training, or from the suffix)."),
     text_column: str = typer.Option(None, help=_COLUMN_HELP),
     text_pair_column: str = typer.Option(None, help=_COLUMN_HELP),
@@ -216,8 +311,7 @@ def predict_command(
 
     _setup_logging(verbose)
     overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
-    with _user_errors():
-        n = predict_file(model, input, output, batch_size, choice_columns=choice_columns, **overrides)
+    n = predict_file(model, input, output, batch_size, choice_columns=choice_columns, **overrides)
     typer.echo(f"Wrote {n} predictions to {output}")
 
 
@@ -226,7 +320,7 @@ def evaluate_command(
     model: str = typer.Option(..., "--model", help="A fine-tuned model folder (DIR or DIR/model of a finetune run)."),
     eval: str = typer.Option(..., "--eval", help="A labelled file."),
     output_dir: str = typer.Option(None, help="Also write metrics.json and predictions.jsonl here."),
-    batch_size: int = typer.Option(32, help="Rows per batch."),
+    batch_size: int = typer.Option(32, min=1, help="Rows per batch."),
     format: str = typer.Option(None, help="Input format (default: as at training, or from the suffix)."),
     text_column: str = typer.Option(None, help=_COLUMN_HELP),
     text_pair_column: str = typer.Option(None, help=_COLUMN_HELP),
@@ -242,8 +336,7 @@ def evaluate_command(
     _setup_logging(verbose)
     overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
     overrides.update(label_column=label_column, choice_columns=choice_columns)
-    with _user_errors():
-        metrics = evaluate_file(model, eval, output_dir, batch_size, **overrides)
+    metrics = evaluate_file(model, eval, output_dir, batch_size, **overrides)
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -267,6 +360,19 @@ def _texts(texts: list[str] | None) -> list[str]:
     if not lines:
         raise typer.BadParameter("give texts as arguments or on stdin")
     return lines
+
+
+def _read_text(path: str, option: str) -> str:
+    """The UTF-8 text of a file given by ``option``, with errors that name the option and the file."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file" + (" (it is a folder)" if file.is_dir() else ""))
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{option} {path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
 def _print_json(data) -> None:
@@ -323,8 +429,8 @@ def generate_command(
     pipe = pipeline("text-generation", model=model, device=device, dtype=dtype)
     inputs = [_chat_messages(p, system) if chat else p for p in prompts]
     settings = dict(do_sample=do_sample, seed=seed, num_beams=num_beams, repetition_penalty=repetition_penalty)
-    if do_sample:
-        settings.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+    # checked by generate() with or without sampling, so an out-of-range value is never silently ignored
+    settings.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
     if stream and not as_json:
         for item in inputs:
             for piece in pipe.stream(item, max_new_tokens=max_new_tokens, **settings):
@@ -354,14 +460,15 @@ def similarity_command(
     as_json: JsonOption = False,
 ) -> None:
     """Cosine similarity between sentences, or semantic search of a corpus file (--search) with a bi-encoder."""
-    from pathlib import Path
 
     from bunmyaku import pipeline
 
     sentences = _texts(sentences)
     pipe = pipeline("sentence-similarity", model=model, device=device)
     if search:
-        corpus = [line for line in Path(search).read_text(encoding="utf-8").splitlines() if line.strip()]
+        corpus = [line for line in _read_text(search, "--search").splitlines() if line.strip()]
+        if not corpus:
+            raise ValueError(f"--search {search}: the file has no entries (one per line)")
         hits = pipe.search(sentences, corpus, top_k=top_k)
         if as_json:
             return _print_json([{"query": q, "hits": h} for q, h in zip(sentences, hits, strict=True)])
@@ -434,13 +541,12 @@ def qa_command(
     as_json: JsonOption = False,
 ) -> None:
     """Extractive question answering: the span of the context that answers each question."""
-    from pathlib import Path
 
     from bunmyaku import pipeline
 
     if (context is None) == (context_file is None):
         raise typer.BadParameter("give exactly one of --context and --context-file")
-    text = context if context is not None else Path(context_file).read_text(encoding="utf-8")
+    text = context if context is not None else _read_text(context_file, "--context-file")
     pipe = pipeline("question-answering", model=model, device=device, handle_impossible_answer=impossible)
     results = pipe(questions, text, top_k=top_k, max_answer_len=max_answer_len)
     results = [r if isinstance(r, list) else [r] for r in results]

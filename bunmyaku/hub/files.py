@@ -35,36 +35,100 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read into a model: missing files, bad JSON, wrong tensors."""
 
 
-def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """Return a local folder for a model: the folder itself, or a hub snapshot.
+HUB_PREFIX = "hf://"
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.spm", "*.bin", "*.gguf"]
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` is a valid Hugging Face hub repo id (``"gpt2"``, ``"org/name"``), by the hub's own rules."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_path(
+    path_or_repo_id: str | os.PathLike,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    kind: str = "model",
+) -> Path:
+    """The one rule that turns a model or tokenizer argument into a local file or folder.
+
+    - ``hf://org/name`` is a hub repo, always downloaded (or read from the hub cache);
+    - a string that names an existing file or folder is local, and so is any ``os.PathLike`` (a ``Path``);
+    - anything else is tried on the hub only if it is a valid repo id (``gpt2``, ``org/name``), and when
+      that fails (offline, no such repo) the error names both readings: the local path it looked for, and
+      the hub repo it could not reach.
 
     Args:
-        path_or_repo_id: a local folder in HF layout, or a hub repo id such as ``"bert-base-uncased"``.
+        path_or_repo_id: a local path, a hub repo id, or ``hf://`` and a repo id.
+        revision: a branch, tag or commit for hub repos.
+        allow_patterns: the files to download from a hub repo (default: a model folder's files).
+        kind: what is being looked for ("model", "tokenizer"), for the error message.
+
+    Raises:
+        FileNotFoundError: neither a local file or folder nor a reachable hub repo.
+        ValueError: ``hf://`` followed by something that is not a repo id.
+    """
+    name = os.fspath(path_or_repo_id)
+    patterns = allow_patterns or MODEL_FILES
+    if isinstance(name, str) and name.startswith(HUB_PREFIX):
+        repo_id = name[len(HUB_PREFIX) :]
+        if not is_repo_id(repo_id):
+            raise ValueError(f"{name}: {repo_id!r} is not a valid hub repo id (expected name or org/name)")
+        try:
+            return _download(repo_id, revision, patterns)
+        except Exception as e:
+            raise FileNotFoundError(f"hub repo {repo_id} is not reachable ({_one_line(e)})") from e
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    local = f"local {kind} path {path.resolve()} does not exist"
+    if not isinstance(path_or_repo_id, str) or not is_repo_id(name):
+        raise FileNotFoundError(local)
+    try:
+        found = _download(str(name), revision, patterns)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{name} is neither a local folder nor a reachable hub repo id: {local}, and hub repo {name} is not "
+            f"reachable ({_one_line(e)}); fix the path, or write {HUB_PREFIX}{name} when you mean the hub"
+        ) from e
+    logger.info("%s is not a local path: using hub repo %s (%s)", name, name, found)
+    return found
+
+
+def _one_line(error: Exception) -> str:
+    """The hub client's multi-line messages, as one line."""
+    return f"{type(error).__name__}: " + " ".join(str(error).split())
+
+
+def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    logger.info("fetching %s from the Hugging Face hub", repo_id)
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+
+
+def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """Return a local folder for a model: the folder itself, or a hub snapshot (see :func:`resolve_path`).
+
+    Args:
+        path_or_repo_id: a local folder in HF layout, a hub repo id such as ``"bert-base-uncased"``, or
+            ``"hf://org/name"``.
         revision: a branch, tag or commit for hub repo ids.
 
     Raises:
         FileNotFoundError: the path does not exist locally and cannot be downloaded.
+        NotADirectoryError: the path is a file.
     """
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"{path} is a file; expected a model folder holding config.json and the weights")
-    name = str(path_or_repo_id)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"model folder {name} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover - huggingface_hub is a core dependency
-        raise FileNotFoundError(f"{name} is not a local folder and huggingface_hub is not installed") from e
-    logger.info("downloading %s from the Hugging Face hub", name)
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin", "*.gguf", "merges.txt"]
-    try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
-    except Exception as e:
-        raise FileNotFoundError(
-            f"{name} is neither a local folder nor a reachable hub repo id ({type(e).__name__}: {e})"
-        ) from e
+    path = resolve_path(path_or_repo_id, revision)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; expected a model folder holding config.json and the weights")
+    return path
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -152,9 +216,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual mode, as open() would
     try:
         yield Path(tmp)
+        # mkstemp makes 0600, and so do writers that replace the file (safetensors): give the usual mode, as open()
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

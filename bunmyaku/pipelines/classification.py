@@ -12,11 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from bunmyaku.hub import resolve_model_dir
-from bunmyaku.models import from_pretrained
-from bunmyaku.pipelines import default_device
+from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
-from bunmyaku.tokenization import Tokenizer
 
 ScoreFunction = Literal["softmax", "sigmoid", "none"]
 
@@ -42,7 +39,7 @@ def apply_score_function(logits: torch.Tensor, function: ScoreFunction) -> torch
     raise ValueError(f"unknown score function {function!r}; use 'softmax', 'sigmoid' or 'none'")
 
 
-class TextClassificationPipeline:
+class TextClassificationPipeline(Pipeline):
     """Sentiment, topic, NLI, ...: the labels of a sequence-classification checkpoint, best first.
 
     Args:
@@ -54,6 +51,8 @@ class TextClassificationPipeline:
         max_length: token limit per text (longer texts are truncated); default the model's.
     """
 
+    head = "sequence-classification"
+
     def __init__(
         self,
         model: str | os.PathLike,
@@ -63,16 +62,15 @@ class TextClassificationPipeline:
         batch_size: int = 32,
         max_length: int | None = None,
     ):
-        model_dir = resolve_model_dir(model)
-        self.device = default_device(device)
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.model = from_pretrained(model_dir, task="sequence-classification", device=self.device)
+        check_at_least("top_k", top_k)
+        check_at_least("batch_size", batch_size)
+        check_at_least("max_length", max_length)
+        super().__init__(model, device)
         self.labels = label_names(self.model.config)
         self.top_k = top_k
         self.function_to_apply = function_to_apply or score_function(self.model.config)
         self.batch_size = batch_size
         self.max_length = max_input_length(self.tokenizer, self.model.config, max_length)
-        self.name = str(model)
 
     @torch.inference_mode()
     def scores(self, texts: list[str], text_pairs: list[str] | None = None) -> torch.Tensor:
@@ -113,6 +111,7 @@ class TextClassificationPipeline:
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(pairs)} text pairs")
         k = self.top_k if top_k == "default" else top_k
+        check_at_least("top_k", k)
         k = len(self.labels) if k is None else min(k, len(self.labels))
         if not texts:
             return []

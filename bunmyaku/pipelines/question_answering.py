@@ -16,15 +16,12 @@ from typing import Any
 import torch
 
 from bunmyaku.data.tables import QAExample
-from bunmyaku.hub import resolve_model_dir
-from bunmyaku.models import from_pretrained
-from bunmyaku.pipelines import default_device
+from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import length_sorted_batches, max_input_length, model_inputs
 from bunmyaku.tasks.qa import QAFeatures, prepare_features
-from bunmyaku.tokenization import Tokenizer
 
 
-class QuestionAnsweringPipeline:
+class QuestionAnsweringPipeline(Pipeline):
     """Answer questions from a context with a question-answering (start / end logits) checkpoint.
 
     Args:
@@ -37,6 +34,8 @@ class QuestionAnsweringPipeline:
         batch_size: windows per forward pass (sorted by length first).
     """
 
+    head = "question-answering"
+
     def __init__(
         self,
         model: str | os.PathLike,
@@ -47,16 +46,16 @@ class QuestionAnsweringPipeline:
         handle_impossible_answer: bool = False,
         batch_size: int = 16,
     ):
-        model_dir = resolve_model_dir(model)
-        self.device = default_device(device)
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.model = from_pretrained(model_dir, task="question-answering", device=self.device)
+        check_at_least("max_length", max_length)
+        check_at_least("stride", stride, 0)
+        check_at_least("max_answer_len", max_answer_len)
+        check_at_least("batch_size", batch_size)
+        super().__init__(model, device)
         self.max_length = min(max_length, max_input_length(self.tokenizer, self.model.config))
         self.stride = stride
         self.max_answer_len = max_answer_len
         self.handle_impossible_answer = handle_impossible_answer
         self.batch_size = batch_size
-        self.name = str(model)
 
     @torch.inference_mode()
     def _logits(self, features: QAFeatures) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +97,8 @@ class QuestionAnsweringPipeline:
         contexts = [context] * len(questions) if isinstance(context, str) else list(context)
         if len(contexts) != len(questions):
             raise ValueError(f"got {len(questions)} questions but {len(contexts)} contexts")
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        check_at_least("top_k", top_k)
+        check_at_least("max_answer_len", max_answer_len)
         max_answer_len = max_answer_len or self.max_answer_len
         impossible = self.handle_impossible_answer if handle_impossible_answer is None else handle_impossible_answer
         examples = [QAExample(str(i), q, c) for i, (q, c) in enumerate(zip(questions, contexts, strict=True))]

@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 
-from bunmyaku.hub import resolve_model_dir
-from bunmyaku.models import from_pretrained
 from bunmyaku.models.pooling import pool
-from bunmyaku.pipelines import default_device
-from bunmyaku.tokenization import Tokenizer
+from bunmyaku.pipelines.base import Pipeline, check_at_least
+from bunmyaku.pipelines.batching import length_sorted_batches
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ def sentence_transformers_settings(model_dir: Path) -> dict[str, Any]:
     return {"pooling": mode, "normalize": normalize, "max_length": bert_config.get("max_seq_length", 512)}
 
 
-class SentenceSimilarityPipeline:
+class SentenceSimilarityPipeline(Pipeline):
     """Embeddings, cosine similarities and semantic search with a bi-encoder.
 
     Args:
@@ -52,6 +50,8 @@ class SentenceSimilarityPipeline:
         dtype: model dtype ("float32" default; "bfloat16" on GPU is faster).
     """
 
+    head = "base"
+
     def __init__(
         self,
         model: str | os.PathLike,
@@ -61,16 +61,14 @@ class SentenceSimilarityPipeline:
         max_length: int | None = None,
         dtype: str | torch.dtype | None = None,
     ):
-        model_dir = resolve_model_dir(model)
-        settings = sentence_transformers_settings(model_dir)
-        self.device = default_device(device)
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.model = from_pretrained(model_dir, task="base", device=self.device, dtype=dtype)
+        check_at_least("batch_size", batch_size)
+        check_at_least("max_length", max_length)
+        super().__init__(model, device, dtype)
+        settings = sentence_transformers_settings(self.path)
         self.batch_size = batch_size
         self.pooling = pooling or settings["pooling"]
         self.normalize = settings["normalize"]
         self.max_length = max_length or settings["max_length"]
-        self.name = str(model)
 
     @torch.inference_mode()
     def encode(self, sentences: list[str], normalize: bool | None = None) -> torch.Tensor:
@@ -84,10 +82,8 @@ class SentenceSimilarityPipeline:
         if isinstance(sentences, str):
             sentences = [sentences]
         ids = self.tokenizer(sentences, truncation=True, max_length=self.max_length, return_tensors=None)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = torch.empty(len(ids), self.model.config.hidden_size)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        for rows in length_sorted_batches([len(row) for row in ids], self.batch_size):
             batch = self._pad([ids[i] for i in rows])
             hidden = self.model(**batch).last_hidden_state
             out[rows] = pool(hidden, batch["attention_mask"], self.pooling, normalize).float().cpu()
@@ -113,6 +109,7 @@ class SentenceSimilarityPipeline:
         Returns:
             Per query, a list of ``{"corpus_id", "text", "score"}``.
         """
+        check_at_least("top_k", top_k)
         if isinstance(queries, str):
             queries = [queries]
         scores = self.encode(queries, normalize=True) @ self.encode(corpus, normalize=True).T  # (Q, N)

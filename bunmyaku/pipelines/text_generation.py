@@ -7,22 +7,25 @@ Stop strings end a row as soon as its decoded continuation contains one; the tex
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from bunmyaku.models import from_pretrained
 from bunmyaku.models.generation import generate
-from bunmyaku.pipelines import default_device
-from bunmyaku.tokenization import Tokenizer
+from bunmyaku.pipelines.base import Pipeline, check_at_least
 
+logger = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
 
 
-class TextGenerationPipeline:
+class TextGenerationPipeline(Pipeline):
     """Generate continuations of prompts, or replies to chats.
+
+    A prompt that leaves no room for ``max_new_tokens`` within the model's positions keeps its last tokens,
+    with a warning.
 
     Args:
         model: a HF folder (or hub id) with a causal-LM checkpoint and tokenizer, or a GGUF file.
@@ -30,13 +33,12 @@ class TextGenerationPipeline:
         dtype: model dtype ("float32" default; "bfloat16" on GPU is faster).
     """
 
+    head = "causal-lm"
+
     def __init__(self, model: str | os.PathLike, device: str | None = None, dtype: str | None = None):
-        self.device = default_device(device)
-        self.tokenizer = Tokenizer.from_pretrained(model)
-        self.model = from_pretrained(model, task="causal-lm", device=self.device, dtype=dtype)
+        super().__init__(model, device, dtype)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.name = str(model)
 
     def _prompt_text(self, item: str | Messages, add_generation_prompt: bool = True) -> str:
         if isinstance(item, str):
@@ -48,7 +50,31 @@ class TextGenerationPipeline:
     def _encode(self, prompts: list[str], chat: bool) -> dict[str, torch.Tensor]:
         # a chat template already holds the BOS / role tokens; a plain prompt gets the tokenizer's template
         batch = self.tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=not chat)
+        empty = [i for i, n in enumerate(batch["attention_mask"].sum(1).tolist()) if n == 0]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty: it has no tokens to continue; give some text")
         return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def _fit(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> dict[str, torch.Tensor]:
+        """Keep the last tokens of prompts too long for the model's positions plus ``max_new_tokens``."""
+        limit = getattr(self.model.config, "max_seq_len", None)
+        check_at_least("max_new_tokens", max_new_tokens, 0)
+        T = batch["input_ids"].size(1)
+        if not limit or T + max_new_tokens <= limit:
+            return batch
+        if max_new_tokens >= limit:
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a prompt: the model has {limit} positions"
+            )
+        keep = limit - max_new_tokens
+        logger.warning(
+            "the prompt has %d tokens; with max_new_tokens=%d the model's %d positions hold only its last %d",
+            T,
+            max_new_tokens,
+            limit,
+            keep,
+        )
+        return {k: v[:, -keep:] for k, v in batch.items()}
 
     def _stopper(self, start: int, stop: list[str]) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if not stop:
@@ -87,7 +113,7 @@ class TextGenerationPipeline:
         items = [inputs] if single else list(inputs)
         chat = not isinstance(items[0], str)
         prompts = [self._prompt_text(item) for item in items]
-        batch = self._encode(prompts, chat)
+        batch = self._fit(self._encode(prompts, chat), max_new_tokens)
         T = batch["input_ids"].size(1)
         stop = list(stop or [])
         out = generate(
@@ -112,9 +138,10 @@ class TextGenerationPipeline:
         import queue
         import threading
 
-        batch = self._encode([self._prompt_text(prompt)], chat=not isinstance(prompt, str))
+        batch = self._fit(self._encode([self._prompt_text(prompt)], chat=not isinstance(prompt, str)), max_new_tokens)
         pieces: queue.Queue = queue.Queue()
         generated: list[int] = []
+        failed: list[BaseException] = []
 
         def on_token(ids: torch.Tensor) -> None:
             generated.append(int(ids[0]))
@@ -132,6 +159,8 @@ class TextGenerationPipeline:
                         streamer=on_token,
                         **generate_kwargs,
                     )
+            except BaseException as error:  # raised again in the caller's thread, not lost with this one
+                failed.append(error)
             finally:
                 pieces.put(None)
 
@@ -144,6 +173,8 @@ class TextGenerationPipeline:
                 yield text[len(shown) :]
                 shown = text
         thread.join()
+        if failed:
+            raise failed[0]
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -20,11 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from bunmyaku.hub import resolve_model_dir
-from bunmyaku.models import from_pretrained
-from bunmyaku.pipelines import default_device
+from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
-from bunmyaku.tokenization import Tokenizer
 
 Aggregation = Literal["none", "simple", "first"]
 
@@ -49,7 +46,7 @@ def split_tag(label: str) -> tuple[str, str]:
     return "I", label
 
 
-class TokenClassificationPipeline:
+class TokenClassificationPipeline(Pipeline):
     """Named entities (or any token tags) with character offsets into the input text.
 
     Args:
@@ -62,6 +59,8 @@ class TokenClassificationPipeline:
         stride: tokens shared by neighbouring windows of a long text.
     """
 
+    head = "token-classification"
+
     def __init__(
         self,
         model: str | os.PathLike,
@@ -72,10 +71,9 @@ class TokenClassificationPipeline:
         max_length: int | None = None,
         stride: int = 32,
     ):
-        model_dir = resolve_model_dir(model)
-        self.device = default_device(device)
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.model = from_pretrained(model_dir, task="token-classification", device=self.device)
+        check_at_least("batch_size", batch_size)
+        check_at_least("max_length", max_length)
+        super().__init__(model, device)
         self.labels = label_names(self.model.config)
         self.aggregation = _check_aggregation(aggregation)
         self.ignore_labels = set(ignore_labels)
@@ -84,7 +82,6 @@ class TokenClassificationPipeline:
         if not 0 <= stride < self.max_length - self.tokenizer.num_special_tokens_to_add():
             raise ValueError(f"stride {stride} must be smaller than the window ({self.max_length} tokens)")
         self.stride = stride
-        self.name = str(model)
 
     @torch.inference_mode()
     def tokens(self, texts: list[str]) -> list[list[_Token]]:

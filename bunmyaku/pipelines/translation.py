@@ -13,11 +13,8 @@ from typing import Any
 
 import torch
 
-from bunmyaku.hub import resolve_model_dir
-from bunmyaku.models import from_pretrained
-from bunmyaku.pipelines import default_device
+from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import length_sorted_batches, max_input_length, model_inputs
-from bunmyaku.tokenization import Tokenizer
 
 
 def generation_settings(model_dir: Path) -> dict[str, Any]:
@@ -39,7 +36,7 @@ def generation_settings(model_dir: Path) -> dict[str, Any]:
     return settings
 
 
-class TranslationPipeline:
+class TranslationPipeline(Pipeline):
     """Translate texts with a seq2seq checkpoint (MarianMT).
 
     Args:
@@ -51,6 +48,8 @@ class TranslationPipeline:
             (over generation_config.json).
     """
 
+    head = "seq2seq-lm"
+
     def __init__(
         self,
         model: str | os.PathLike,
@@ -59,14 +58,13 @@ class TranslationPipeline:
         max_length: int | None = None,
         **generate_kwargs: Any,
     ):
-        model_dir = resolve_model_dir(model)
-        self.device = default_device(device)
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)  # Marian folders: source.spm + vocab.json
-        self.model = from_pretrained(model_dir, task="seq2seq-lm", device=self.device)
-        self.settings = {"num_beams": 1, "max_new_tokens": 256, **generation_settings(model_dir), **generate_kwargs}
+        check_at_least("batch_size", batch_size)
+        check_at_least("max_length", max_length)
+        super().__init__(model, device)  # Marian folders: source.spm + vocab.json
+        self.settings = {"num_beams": 1, "max_new_tokens": 256, **generation_settings(self.path), **generate_kwargs}
+        _check_settings(self.settings)
         self.batch_size = batch_size
         self.max_length = max_input_length(self.tokenizer, self.model.config, max_length)
-        self.name = str(model)
 
     @torch.inference_mode()
     def __call__(self, inputs: str | list[str], **generate_kwargs: Any) -> list[dict[str, str]]:
@@ -82,6 +80,7 @@ class TranslationPipeline:
         """
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         settings = {**self.settings, **generate_kwargs}
+        _check_settings(settings)
         outputs: list[str] = [""] * len(texts)
         for rows in length_sorted_batches([len(t) for t in texts], self.batch_size):
             batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length)
@@ -91,3 +90,8 @@ class TranslationPipeline:
             for row, text in zip(rows, decoded, strict=True):
                 outputs[row] = text
         return [{"translation_text": text} for text in outputs]
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    check_at_least("num_beams", settings.get("num_beams"))
+    check_at_least("max_new_tokens", settings.get("max_new_tokens"), 0)

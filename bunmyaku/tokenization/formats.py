@@ -194,16 +194,19 @@ def read_merges(path: Path) -> list[tuple[str, str]]:
     Raises:
         ValueError: on a line that is not two space-separated symbols.
     """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 (byte offset {error.start}); merges hold two symbols a line") from None
     merges = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line or (number == 1 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{number}: a merge is two symbols separated by one space, got {line!r}")
-            merges.append((parts[0], parts[1]))
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: a merge is two symbols separated by one space, got {line!r}")
+        merges.append((parts[0], parts[1]))
     return merges
 
 

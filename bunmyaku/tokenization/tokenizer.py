@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -22,6 +21,7 @@ import torch
 from tokenizers import AddedToken, Encoding, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from bunmyaku.hub.files import resolve_path, write_text_atomic
 from bunmyaku.tokenization import formats
 
 logger = logging.getLogger(__name__)
@@ -164,17 +164,14 @@ class Tokenizer:
         Args:
             path: a folder (tokenizer.json; BERT vocab.txt; vocab.json + merges.txt; encoder.json + vocab.bpe;
                 a SentencePiece .model; a cl-tohoku Japanese folder; a single .gguf), a file of one of those
-                kinds, or a hub repo id when online.
+                kinds, or a hub repo id when online (``"gpt2"``, ``"org/name"``, ``"hf://org/name"``; see
+                :func:`bunmyaku.hub.files.resolve_path`).
 
         Raises:
             FileNotFoundError: when the path does not exist or holds no vocabulary.
             ValueError: when a vocabulary file is malformed.
         """
-        path = Path(path)
-        if not path.exists():
-            if _looks_like_repo_id(str(path)):
-                return cls.from_pretrained(_download(str(path)))
-            raise FileNotFoundError(f"No tokenizer at {path}: give a folder or a tokenizer/vocabulary file")
+        path = resolve_path(path, allow_patterns=_HUB_TOKENIZER_FILES, kind="tokenizer")
         if path.is_file():
             return cls._from_file(path, {})
         return cls._from_folder(path)
@@ -860,16 +857,20 @@ def _dumps(data: Any) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    """Write `text` next to `path` under a temporary name, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_text_atomic(path, text)
     return path
+
+
+_HUB_TOKENIZER_FILES = [
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "*.spm",
+    "config.json",
+    "added_tokens.json",
+]
 
 
 @lru_cache(maxsize=8)
@@ -894,26 +895,3 @@ def _compile_template(template: str) -> Any:
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return environment.from_string(template)
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
-def _download(repo_id: str) -> Path:
-    """The tokenizer files of a hub repo, for users who are online."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ModuleNotFoundError as error:
-        raise FileNotFoundError(f"No folder {repo_id!r}, and huggingface_hub is not installed to fetch it") from error
-    patterns = [
-        "tokenizer*",
-        "special_tokens_map.json",
-        "vocab*",
-        "merges.txt",
-        "*.model",
-        "config.json",
-        "added_tokens.json",
-    ]
-    return Path(snapshot_download(repo_id, allow_patterns=patterns))

@@ -116,8 +116,36 @@ def test_generate(gpt2_dir):
     sampled = ["--do-sample", "--top-k", "20", "--top-p", "0.9", "--temperature", "0.8", "--seed", "1", "--json"]
     first = invoke("generate", "-m", gpt2_dir, prompt, "--max-new-tokens", "6", *sampled)
     assert first == invoke("generate", "-m", gpt2_dir, prompt, "--max-new-tokens", "6", *sampled)
-    chat = json.loads(
-        invoke("generate", "-m", gpt2_dir, "hi", "--chat", "--system", "be brief", "--max-new-tokens", "4", "--json")
-    )
-    assert isinstance(chat[0]["generated_text"], str)
-    assert invoke("generate", "-m", gpt2_dir, prompt, "--num-beams", "2", "--max-new-tokens", "4").startswith(prompt)
+
+
+def test_generate_num_beams_gives_the_beam_search_output(gpt2_dir):
+    """--num-beams 3 prints transformers' beam search continuation, which greedy search does not produce."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    prompt = "Once upon a time"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    beams = invoke("generate", "-m", gpt2_dir, prompt, "--num-beams", "3", "--max-new-tokens", "10", "--json")
+    greedy = invoke("generate", "-m", gpt2_dir, prompt, "--max-new-tokens", "10", "--json")
+    continuation = tokenizer.decode(expected[0, ids.size(1) :], skip_special_tokens=True)
+    assert json.loads(beams)[0]["generated_text"] == continuation != json.loads(greedy)[0]["generated_text"]
+
+
+def test_generate_chat_puts_the_system_prompt_in_the_template(gpt2_dir, monkeypatch):
+    """--chat --system: the ids generation starts from are transformers' rendering of the chat template."""
+    from bunmyaku.pipelines import text_generation
+
+    seen = []
+
+    def recording_generate(model, input_ids, *args, **kwargs):
+        seen.append(input_ids.tolist())
+        return generate(model, input_ids, *args, **kwargs)
+
+    generate = text_generation.generate
+    monkeypatch.setattr(text_generation, "generate", recording_generate)
+    invoke("generate", "-m", gpt2_dir, "hi", "--chat", "--system", "be brief", "--max-new-tokens", "4", "--json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert expected == "system: be brief\nuser: hi\nassistant:"  # the template, rendered by transformers
+    assert seen == [[tokenizer(expected, add_special_tokens=False)["input_ids"]]]

@@ -48,3 +48,29 @@ def test_fill_mask_several_masks_and_errors(mlm_dir):
     assert len(pipe(["a [MASK] b", "c [MASK] d"])) == 2
     with pytest.raises(ValueError, match="no \\[MASK\\] token"):
         pipe("nothing to fill")
+
+
+def test_a_long_text_keeps_the_window_around_its_mask(mlm_dir):
+    """A text past the model's 512 tokens is cut to the 510 content tokens centred on the mask; the predictions
+    are transformers' on that window."""
+    pipe = bunmyaku.pipeline("fill-mask", model=mlm_dir, device="cpu", top_k=3)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(mlm_dir)
+    model = transformers.BertForMaskedLM.from_pretrained(mlm_dir).eval()
+    text = " ".join(["one"] * 400 + ["[MASK]"] + ["two"] * 450)
+    ids = tokenizer(text)["input_ids"]
+    content, mask = ids[1:-1], ids.index(tokenizer.mask_token_id) - 1
+    start = mask - (510 - 1) // 2
+    window = [ids[0], *content[start : start + 510], ids[-1]]
+    assert len(ids) > 512 and len(window) == 512 and tokenizer.mask_token_id in window
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([window])).logits[0, window.index(tokenizer.mask_token_id)]
+    expected = logits.softmax(-1).topk(3)
+    got = pipe(text)
+    assert [p["token"] for p in got] == expected.indices.tolist()
+    assert [p["score"] for p in got] == pytest.approx(expected.values.tolist(), abs=1e-5)
+    near_the_end = " ".join(["one"] * 900 + ["[MASK]", "two"])
+    assert len(pipe(near_the_end)) == 3  # the window stops at the text's end
+    with pytest.raises(ValueError, match="more than the model's limit of 512 tokens"):
+        pipe(" ".join(["[MASK]"] + ["one"] * 600 + ["[MASK]"]))
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1, got 0"):
+        pipe("a [MASK].", top_k=0)

@@ -1,4 +1,5 @@
-"""text-generation pipeline: greedy output equals transformers', batching, stop strings, streaming."""
+"""text-generation pipeline: greedy and beam output equal transformers', batching, stop strings, streaming,
+long prompts and bad options."""
 
 from __future__ import annotations
 
@@ -55,7 +56,58 @@ def test_stop_strings_sampling_beams_and_streaming(pipe):
     )
     sampled = pipe("Once upon a time", max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, seed=3)
     assert sampled == pipe("Once upon a time", max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, seed=3)
-    assert pipe("Once upon a time", max_new_tokens=6, num_beams=3)[0]["generated_text"]
     assert "".join(pipe.stream("Once upon a time", max_new_tokens=16)) == text
     with pytest.raises(ValueError, match="no chat template"):
         pipe([{"role": "user", "content": "hi"}])
+
+
+def test_beam_search_matches_transformers(pipe, gpt2_dir):
+    """num_beams changes the output, to exactly transformers' beam search output."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    prompt = "Once upon a time"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    greedy = pipe(prompt, max_new_tokens=10)[0]["generated_text"]
+    for num_beams, length_penalty in [(3, 1.0), (4, 0.5)]:
+        expected = model.generate(
+            ids,
+            max_new_tokens=10,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=False,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        got = pipe(prompt, max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty)[0]["generated_text"]
+        assert got == tokenizer.decode(expected[0, ids.size(1) :], skip_special_tokens=True)
+        assert got != greedy
+
+
+def test_a_prompt_too_long_for_the_positions_keeps_its_end(pipe, gpt2_dir):
+    """n_positions is 128: a 200-token prompt with 8 new tokens continues its last 120 tokens, as transformers
+    does given those tokens alone."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    prompt = " ".join(f"w{i}" for i in range(100))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids.size(1) > 128
+    expected = model.generate(ids[:, -120:], max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert pipe(prompt, max_new_tokens=8)[0]["generated_text"] == tokenizer.decode(expected[0, 120:])
+    with pytest.raises(ValueError, match="max_new_tokens 128 leaves no room"):
+        pipe("hi", max_new_tokens=128)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("num_beams", 0), ("max_new_tokens", -1), ("top_k", 0), ("top_p", 0.0), ("temperature", 0.0)],
+)
+def test_bad_options_are_refused_by_name(pipe, option, value):
+    with pytest.raises(ValueError, match=option):
+        pipe("Once upon a time", **{"max_new_tokens": 4, "do_sample": option != "num_beams", option: value})
+
+
+def test_empty_prompts_and_errors_while_streaming_are_raised(pipe):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pipe(["a", ""], max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_beams > 1 cannot be combined with do_sample, streamer"):
+        list(pipe.stream("Once upon a time", max_new_tokens=2, num_beams=2))  # raised in the decoding thread

@@ -35,6 +35,8 @@ def test_translations_match_transformers(mt_dir, num_beams):
             out = model.generate(**ids, num_beams=num_beams, max_new_tokens=10, do_sample=False, early_stopping=False)
         assert result["translation_text"] == tokenizer.decode(out[0], skip_special_tokens=True)
     assert pipe(MARIAN_TEXT[0], num_beams=num_beams, max_new_tokens=10) == [got[0]]
+    with pytest.raises(ValueError, match="num_beams must be an integer >= 1, got 0"):
+        pipe(MARIAN_TEXT[0], num_beams=0)
 
 
 def test_generation_config_defaults_and_vocab_order(mt_dir, tmp_path):

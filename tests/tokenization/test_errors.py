@@ -56,7 +56,7 @@ def test_padding_without_pad_token(gpt2_original):
 
 
 def test_missing_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No tokenizer at"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         Tokenizer.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="expected tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
@@ -83,6 +83,9 @@ def test_malformed_files(tmp_path):
     (bpe / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
     (bpe / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(ValueError, match=r"merges.txt:2: a merge is two symbols"):
+        Tokenizer.from_pretrained(bpe)
+    (bpe / "merges.txt").write_bytes(b"#version: 0.2\na \xe9\n")
+    with pytest.raises(ValueError, match=r"merges.txt is not UTF-8 \(byte offset 16\)"):
         Tokenizer.from_pretrained(bpe)
     (bpe / "vocab.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):

@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+import bunmyaku
 from bunmyaku.models.base import ModelOutput
 from bunmyaku.models.generation import generate, penalize_repeats, top_k_filter, top_p_filter
 from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
+from tests.conftest import require_module
+from tests.parity.helpers import randomize
 
 V = 61
 
@@ -155,6 +158,60 @@ def test_logit_filters():
 def test_bad_arguments_raise(lm):
     ids = torch.tensor([[1, 2]])
     assert torch.equal(generate(lm, ids, max_new_tokens=0), ids)
-    for kwargs in [dict(do_sample=True, temperature=0.0), dict(top_k=0), dict(top_p=1.5), dict(repetition_penalty=0)]:
-        with pytest.raises(ValueError):
+    bad = {
+        "temperature": dict(do_sample=True, temperature=0.0),
+        "top_k": dict(top_k=0),
+        "top_p": dict(top_p=1.5),
+        "repetition_penalty": dict(repetition_penalty=0),
+        "num_beams": dict(num_beams=0),  # once ran greedy search without a word
+        "max_new_tokens": dict(max_new_tokens=-1),
+    }
+    for name, kwargs in bad.items():
+        with pytest.raises(ValueError, match=name):
             generate(lm, ids, **kwargs)
+
+
+@pytest.mark.parametrize(("num_beams", "length_penalty"), [(2, 1.0), (3, 0.5), (4, 2.0)])
+def test_llama_beam_search_matches_transformers(tmp_path, num_beams, length_penalty):
+    """Beam search on a random Llama gives transformers' tokens (its default early_stopping=False rules), a
+    left-padded row included, and differs from greedy search: the option does what it says."""
+    transformers = require_module("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    hf_model = randomize(transformers.LlamaForCausalLM(config), seed=3, scale=0.4).eval()
+    hf_model.save_pretrained(tmp_path)
+    ours = bunmyaku.from_pretrained(tmp_path)
+    ids = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # a shorter prompt, left-padded
+    with torch.no_grad():
+        eos = int(hf_model(ids[:1]).logits[0, -1].argsort()[-3])  # an end token the model does produce
+        expected = hf_model.generate(
+            ids,
+            attention_mask=mask,
+            num_beams=num_beams,
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=eos,
+            pad_token_id=0,
+            length_penalty=length_penalty,
+            early_stopping=False,
+        )
+    settings = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    got = generate(ours, ids, mask, num_beams=num_beams, length_penalty=length_penalty, **settings)
+
+    def until_eos(row):  # transformers fills a finished row with EOS, we with the pad id: compare up to EOS
+        row = row[ids.size(1) :]
+        return row[: row.index(eos) + 1] if eos in row else row
+
+    assert [until_eos(r) for r in got.tolist()] == [until_eos(r) for r in expected.tolist()]
+    greedy = generate(ours, ids, mask, **settings)
+    assert [until_eos(r) for r in greedy.tolist()] != [until_eos(r) for r in got.tolist()]
