@@ -226,6 +226,7 @@ def evaluate_command(
     model: str = typer.Option(..., "--model", help="A fine-tuned model folder (DIR or DIR/model of a finetune run)."),
     eval: str = typer.Option(..., "--eval", help="A labelled file."),
     output_dir: str = typer.Option(None, help="Also write metrics.json and predictions.jsonl here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace metrics.json / predictions.jsonl there."),
     batch_size: int = typer.Option(32, help="Rows per batch."),
     format: str = typer.Option(None, help="Input format (default: as at training, or from the suffix)."),
     text_column: str = typer.Option(None, help=_COLUMN_HELP),
@@ -243,7 +244,7 @@ def evaluate_command(
     overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
     overrides.update(label_column=label_column, choice_columns=choice_columns)
     with _user_errors():
-        metrics = evaluate_file(model, eval, output_dir, batch_size, **overrides)
+        metrics = evaluate_file(model, eval, output_dir, batch_size, overwrite=overwrite, **overrides)
     typer.echo(json.dumps(metrics, indent=2))
 
 

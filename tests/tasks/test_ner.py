@@ -7,7 +7,9 @@ import json
 import pytest
 
 import bunmyaku
-from bunmyaku.tasks.ner import entity_f1, iob1_to_bio, spans_to_token_tags, token_tags_to_spans
+from bunmyaku.data.tables import iob1_to_bio
+from bunmyaku.tasks.metrics import entity_f1
+from bunmyaku.tasks.ner import spans_to_token_tags, token_tags_to_spans
 
 
 def _offsets(enc, i=0):

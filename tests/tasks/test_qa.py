@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import bunmyaku
-from bunmyaku.tasks.qa import QAExample, exact_match, f1_score, postprocess, prepare_features, squad_metrics
+from bunmyaku.data.tables import QAExample
+from bunmyaku.tasks.metrics import exact_match, f1_score, squad_metrics
+from bunmyaku.tasks.qa import postprocess, prepare_features
 
 FILLER = " ".join(f"word{i}" for i in range(120))
 CONTEXT = f"{FILLER} The treasure is buried under the old oak tree near the river. {FILLER}"
