@@ -221,17 +221,19 @@ def where(record: dict[str, Any], source: str = "") -> str:
 
 
 def warn_empty_texts(records: list[dict[str, Any]], columns: list[str], source: str = "") -> None:
-    """Warn, per column, how many records have an empty (or blank) text and where the first ones are."""
+    """Warn, per column, how many records have an empty (or blank) text and on which lines the first ones are."""
     for column in columns:
         empty = [r for r in records if column in r and not str(r[column] if r[column] is not None else "").strip()]
         if empty:
-            shown = ", ".join(where(r, source) for r in empty[:SHOWN]) + (", ..." if len(empty) > SHOWN else "")
+            lines = ", ".join(str(r.get(LINE, "?")) for r in empty[:SHOWN]) + (", ..." if len(empty) > SHOWN else "")
             logger.warning(
-                "%d of %d records have an empty %r (%s); they are used as empty inputs",
+                "%d of %d records%s have an empty %r (%s %s); they are used as empty inputs",
                 len(empty),
                 len(records),
+                f" in {source}" if source else "",
                 column,
-                shown,
+                "lines" if source else "rows",
+                lines,
             )
 
 
