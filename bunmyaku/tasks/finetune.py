@@ -437,7 +437,11 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, step_limit: int | None =
         with _log_to(out / "finetune.log"):
             if cleared:
                 logger.info("Cleared the earlier results in %s: %s", out, ", ".join(cleared))
-            return _run(fargs, targs, out, step_limit)
+            try:
+                return _run(fargs, targs, out, step_limit)
+            except Exception as error:
+                logger.error("Fine-tuning failed: %s", error)  # the log says why there are no results
+                raise
 
 
 def claim_output_dir(out: Path, overwrite: bool, results: Iterable[str], whole_folder: bool) -> list[str]:

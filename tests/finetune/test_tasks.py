@@ -8,29 +8,13 @@ import pytest
 import torch
 
 from bunmyaku.tasks.base import GroupedBatches, collate_features
-from bunmyaku.tasks.finetune import FinetuneArgs, build_task, run_finetune
-from bunmyaku.training.args import TrainArgs
-from tests.finetune.helpers import GOOD, ner_records, sentiment_rows, squad_file
-
-OVERFIT = {"epochs": 8, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "warmup_steps": 0, "schedule": "constant"}
-
-
-def finetune(out, **settings):
-    """run_finetune with flat settings (FinetuneArgs and TrainArgs keys), quiet and fast."""
-    settings = {"log_every": 1000, **OVERFIT, **settings}
-    loop = {k: settings.pop(k) for k in list(settings) if k in TrainArgs.__dataclass_fields__}
-    targs = TrainArgs(output_dir=str(out), progress=False, plot=False, device="cpu", **loop)
-    return run_finetune(FinetuneArgs(**settings), targs)
+from bunmyaku.tasks.finetune import FinetuneArgs, build_task
+from tests.finetune.helpers import GOOD, finetune, ner_records, sentiment_rows, squad_file, write_tsv
 
 
 def train_losses(out):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r and "eval_loss" not in r]
-
-
-def write_tsv(path, rows):
-    path.write_text("".join("\t".join(r) + "\n" for r in rows))
-    return path
 
 
 def test_single_label_overfits_and_loss_falls(tmp_path, tiny_bert_dir):
