@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bunmyaku.data.loader import check_batch_size
 from bunmyaku.data.tables import DataError, read_table
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,7 @@ class GroupedBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        check_batch_size(batch_size)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:

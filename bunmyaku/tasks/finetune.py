@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bunmyaku.data.loader import check_batch_size
 from bunmyaku.data.tables import DataError
 from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic
 from bunmyaku.tasks.base import Feature, GroupCollator, GroupedBatches, Task, pad_id
@@ -573,7 +574,7 @@ def _tidy(model_dir: Path, out: Path) -> None:
 @torch.no_grad()
 def infer(task: Task, model: nn.Module, features: list[Feature], batch_size: int, pad: int) -> list[torch.Tensor]:
     """The task's per-row outputs for ``features``, in their order (length-sorted batches, eval mode)."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     model.eval()
     device = next(model.parameters()).device
     data = GroupedBatches(features, batch_size)
@@ -621,7 +622,7 @@ def predict_file(
 ) -> int:
     """Predict every example of ``input_path`` (labels not needed) into a JSONL file, written atomically (a
     failed run leaves the file as it was); returns the count."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     task, model, tokenizer = load_finetuned(model_path, overrides)
     examples = task.read(input_path, labelled=False)
     features = task.encode(tokenizer, examples, labelled=False, source=str(input_path))
@@ -643,7 +644,7 @@ def evaluate_file(
     The output folder's lock is held while evaluating; results already there are refused unless ``overwrite``,
     which clears them first.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     with contextlib.ExitStack() as stack:
         out = None
         if output_dir is not None:
@@ -658,8 +659,3 @@ def evaluate_file(
             write_jsonl_atomic(out / "predictions.jsonl", task.predictions(examples, features, outputs))
             write_json_atomic(out / "metrics.json", metrics, sort_keys=False)
     return metrics
-
-
-def _check_batch_size(batch_size: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

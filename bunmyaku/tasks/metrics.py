@@ -15,7 +15,7 @@ import math
 import re
 import string
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,41 +37,44 @@ def accuracy(gold: Sequence[Any], predicted: Sequence[Any]) -> float | None:
     return sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold)
 
 
-def _f1(tp: int, fp: int, fn: int) -> float:
-    return 2 * tp / (2 * tp + fp + fn)
+def _macro_f1(counts: Iterable[tuple[int, int, int]], what: str) -> float | None:
+    """The mean F1 over classes from their (true positive, false positive, false negative) counts, leaving out
+    classes absent from gold and predictions alike (their F1 is 0 / 0)."""
+    scores = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts if tp + fp + fn]
+    if not scores:
+        logger.warning("%s is undefined: no class occurs in the gold labels or the predictions", what)
+        return None
+    return sum(scores) / len(scores)
 
 
 def macro_f1(gold: Sequence[int], predicted: Sequence[int], num_classes: int) -> float | None:
     """F1 per class averaged over the classes present in gold or predictions (scikit-learn's 'macro' with its
     default labels); None when no class is present."""
     gold_a, pred_a = np.asarray(gold), np.asarray(predicted)
-    scores = []
-    for c in range(num_classes):
-        tp = int(((pred_a == c) & (gold_a == c)).sum())
-        fp = int(((pred_a == c) & (gold_a != c)).sum())
-        fn = int(((pred_a != c) & (gold_a == c)).sum())
-        if tp + fp + fn:
-            scores.append(_f1(tp, fp, fn))
-    if not scores:
-        logger.warning("macro F1 is undefined: no class occurs in the gold labels or the predictions")
-        return None
-    return sum(scores) / len(scores)
+    counts = [
+        (
+            int(((pred_a == c) & (gold_a == c)).sum()),
+            int(((pred_a == c) & (gold_a != c)).sum()),
+            int(((pred_a != c) & (gold_a == c)).sum()),
+        )
+        for c in range(num_classes)
+    ]
+    return _macro_f1(counts, "macro F1")
 
 
 def multi_label_f1(gold: Sequence[Sequence[int]], predicted: Sequence[Sequence[int]], num_classes: int) -> float | None:
     """Macro F1 over classes for multi-label examples (each a list of class ids): per class, the F1 of
     "has the class", averaged over the classes present in gold or predictions; None when none is."""
-    scores = []
-    for c in range(num_classes):
-        tp = sum(c in g and c in p for g, p in zip(gold, predicted, strict=True))
-        fp = sum(c not in g and c in p for g, p in zip(gold, predicted, strict=True))
-        fn = sum(c in g and c not in p for g, p in zip(gold, predicted, strict=True))
-        if tp + fp + fn:
-            scores.append(_f1(tp, fp, fn))
-    if not scores:
-        logger.warning("multi-label F1 is undefined: no example has a label, gold or predicted")
-        return None
-    return sum(scores) / len(scores)
+    pairs = [(set(g), set(p)) for g, p in zip(gold, predicted, strict=True)]
+    counts = [
+        (
+            sum(c in g and c in p for g, p in pairs),
+            sum(c not in g and c in p for g, p in pairs),
+            sum(c in g and c not in p for g, p in pairs),
+        )
+        for c in range(num_classes)
+    ]
+    return _macro_f1(counts, "multi-label F1")
 
 
 # ------------------------------------------------------------------------------------------------

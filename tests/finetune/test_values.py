@@ -177,3 +177,17 @@ def test_constant_gold_scores_give_null_correlations_not_zero(tmp_path, tiny_ber
     assert summary["spearman"] is None and metrics["spearman"] is None and metrics["pearson"] is None
     assert metrics["mse"] > 0 and metrics["epoch"] == 1.0
     assert "spearman is undefined" in caplog.text
+
+
+@pytest.mark.parametrize("size", [0, -4, 2.0, True])
+def test_batch_sizes_must_be_positive_integers(size):
+    from bunmyaku.data.loader import BatchStream, eval_batches
+    from bunmyaku.tasks.base import GroupedBatches
+
+    rows = [{"input_ids": [1, 2]}] * 4
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer"):
+        BatchStream(rows, lambda x, **_: x, batch_size=size)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer"):
+        list(eval_batches(rows, lambda x, **_: x, batch_size=size))
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer"):
+        GroupedBatches(rows, size)
