@@ -160,20 +160,19 @@ class FinetuneArgs:
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
             raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASK_NAMES)}")
-        check_number(self, "eval_split", minimum=0.0, below=1.0)
-        check_number(self, "test_split", minimum=0.0, below=1.0)
-        check_number(self, "epochs", above=0.0)
-        check_number(self, "warmup_ratio", minimum=0.0, maximum=1.0)
-        check_number(self, "max_length", integer=True, minimum=8)
-        check_number(self, "stride", integer=True, minimum=0)
-        check_number(self, "max_answer_length", integer=True, minimum=1)
-        check_number(self, "n_best", integer=True, minimum=1)
-        check_number(self, "eval_batch_size", integer=True, minimum=0)
-        check_number(self, "patience", integer=True, minimum=0)
-        check_number(self, "scale", above=0.0)
-        check_number(self, "label_max", above=0.0)
-        check_number(self, "lm_weight", minimum=0.0)
-        check_number(self, "null_threshold")
+        for name in ("eval_split", "test_split"):
+            check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+        check_number("epochs", self.epochs, low=0.0, low_open=True)
+        check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_number("scale", self.scale, low=0.0, low_open=True)
+        check_number("label_max", self.label_max, low=0.0, low_open=True)
+        check_number("lm_weight", self.lm_weight, low=0.0)
+        check_number("null_threshold", self.null_threshold)
+        check_int("max_length", self.max_length, low=8)
+        for name in ("max_answer_length", "n_best"):
+            check_int(name, getattr(self, name), low=1)
+        for name in ("stride", "eval_batch_size", "patience"):
+            check_int(name, getattr(self, name), low=0)
         if isinstance(self.choice_columns, list):
             self.choice_columns = ",".join(self.choice_columns)
         for name in ("text_column", "text_pair_column", "label_column"):
@@ -182,47 +181,38 @@ class FinetuneArgs:
                 setattr(self, name, str(value))
 
 
+# The same contract as bunmyaku.training.args.check_number / check_int on the TrainArgs branch of issue 14: when
+# both are merged, these two are replaced by an import from there.
 def check_number(
-    args: Any,
     name: str,
-    integer: bool = False,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> None:
-    """Check the numeric option ``args.<name>`` (finite, an integer where asked, within bounds) and store it as
-    an int or float; a ValueError names the option.
+    """Raise a ValueError naming ``name`` unless ``value`` is a finite number in the given range (NaN passes
+    every comparison written the usual way, so finiteness comes first)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
 
-    Numbers written as strings (YAML reads ``1e-3`` as one) are accepted.
-    """
-    value = getattr(args, name)
-    what = "an integer" if integer else "a number"
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be {what}, got {value!r}") from None
-    if isinstance(number, bool) or not isinstance(number, int | float):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if integer:
-        if number != int(number):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        number = int(number)
-    else:
-        number = float(number)
-    if minimum is not None and number < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
-    if maximum is not None and number > maximum:
-        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
-    if above is not None and number <= above:
-        raise ValueError(f"{name} must be greater than {above}, got {value!r}")
-    if below is not None and number >= below:
-        raise ValueError(f"{name} must be less than {below}, got {value!r}")
-    setattr(args, name, number)
+
+def check_int(name: str, value: object, low: int | None = None) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer (not a float, not NaN) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 def build_task(settings: FinetuneArgs) -> Task:
@@ -468,8 +458,8 @@ def claim_output_dir(out: Path, overwrite: bool, results: Iterable[str], whole_f
     if not overwrite:
         shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
         raise ValueError(
-            f"output folder {out} is not empty ({shown}); pass --overwrite (overwrite=True in Python) to replace "
-            "its results, or choose another --output-dir"
+            f"output folder {out} already holds {shown}; pass --overwrite (overwrite=True in Python) to replace "
+            "the results there, or choose another --output-dir"
         )
     cleared = []
     for path in [out / name for name in results] + list(out.glob(".*.tmp")):  # .tmp: a killed run's partial file

@@ -90,7 +90,7 @@ def test_the_lock_is_held_for_the_whole_run(tmp_path, tiny_bert_dir, data, monke
 
 def test_a_non_empty_folder_is_refused_naming_overwrite(tmp_path, tiny_bert_dir, data):
     out = plant(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"is not empty \(.*metrics.json.*\); pass --overwrite"):
+    with pytest.raises(ValueError, match=r"already holds .*metrics.json.*; pass --overwrite"):
         quick(out, tiny_bert_dir, data)
     for name, text in STALE.items():  # untouched: the log not truncated, nothing cleared
         assert (out / name).read_text() == text, name
