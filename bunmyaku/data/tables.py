@@ -87,12 +87,29 @@ def _check_header(names: list[str], where: str) -> None:
         raise DataError(f"{where}: the header names column(s) {sorted(set(repeated))} more than once: {names}")
 
 
-def _decode_line(raw: bytes, path: Path, number: int, offset: int) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{number}: not UTF-8 (byte {offset + e.start} of the file: {e.reason})") from e
-    return text.removeprefix("\ufeff") if number == 1 else text
+def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Stream a text file's lines: (1-based line number, line without its newline), decoded strictly as UTF-8
+    (a byte order mark dropped). Lines end at ``\n`` only, never at the other characters ``str.splitlines``
+    cuts at (U+2028 inside a text is text).
+
+    Raises:
+        DataError: a line that is not UTF-8, naming the file, the line and the byte offset.
+    """
+    path = Path(path)
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start : e.end]
+                raise DataError(
+                    f"{path}:{number}: not valid UTF-8 at byte offset {offset + e.start}: {bad!r}"
+                ) from None
+            offset += len(raw)
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            yield number, line.rstrip("\r\n")
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -107,20 +124,16 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    offset = 0
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            text = _decode_line(raw, path, number, offset)
-            offset += len(raw)
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+    for number, text in utf8_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -329,24 +342,23 @@ def read_conll(
     if scheme not in ("bio", "iob1"):
         raise DataError(f"unknown tag scheme {scheme!r}; expected 'bio' or 'iob1'")
     sentences, tokens, tags, start, width = [], [], [], None, None
-    with _open_text(path) as f:
-        for line, text in enumerate(f, start=1):
-            fields = text.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                if tokens:
-                    sentences.append({"tokens": tokens, "tags": tags, LINE: start})
-                tokens, tags, start = [], [], None
-                continue
-            if width is None:
-                width = len(fields)
-            if len(fields) != width:
-                raise DataError(f"{path}:{line}: expected {width} columns (as on the first line), got {len(fields)}")
-            tag = fields[tag_column]
-            if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
-                raise DataError(f"{path}:{line}: tag {tag!r} is not O, B-TYPE or I-TYPE")
-            tokens.append(fields[token_column])
-            tags.append(tag)
-            start = start or line
+    for line, text in utf8_lines(path):
+        fields = text.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags, LINE: start})
+            tokens, tags, start = [], [], None
+            continue
+        if width is None:
+            width = len(fields)
+        if len(fields) != width:
+            raise DataError(f"{path}:{line}: expected {width} columns (as on the first line), got {len(fields)}")
+        tag = fields[tag_column]
+        if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            raise DataError(f"{path}:{line}: tag {tag!r} is not O, B-TYPE or I-TYPE")
+        tokens.append(fields[token_column])
+        tags.append(tag)
+        start = start or line
     if tokens:
         sentences.append({"tokens": tokens, "tags": tags, LINE: start})
     if not sentences:

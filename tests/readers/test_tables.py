@@ -182,13 +182,16 @@ def test_iter_jsonl_errors_name_file_and_line(tmp_path):
     for content, message in [
         (b'{"text": "a"}\n{"text": \n', r"c.jsonl:2: invalid JSON"),
         (b'{"text": "a"}\n[1, 2]\n', r"c.jsonl:2: expected a JSON object, got list"),
-        (b'{"text": "a"}\n{"text": "\xff"}\n', r"c.jsonl:2: not UTF-8 \(byte 24 of the file"),
+        (b'{"text": "a"}\n{"text": "\xff"}\n', r"c.jsonl:2: not valid UTF-8 at byte offset 24: b'\\xff'"),
     ]:
         path.write_bytes(content)
         with pytest.raises(DataError, match=message):
             list(iter_jsonl(path))
     with pytest.raises(FileNotFoundError, match="nothing.jsonl does not exist"):
         list(iter_jsonl(tmp_path / "nothing.jsonl"))
+    (tmp_path / "latin1.conll").write_bytes("EU B-ORG\ncaf\u00e9 O\n".encode("latin-1"))  # a traceback before
+    with pytest.raises(DataError, match=r"latin1.conll:2: not valid UTF-8 at byte offset 12"):
+        read_conll(tmp_path / "latin1.conll")
 
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity", float("nan"), float("inf")])
