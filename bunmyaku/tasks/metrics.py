@@ -134,16 +134,26 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 # Token classification
 
 
-def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
-    """Entity-level precision / recall / F1 over BIO tag sequences, with ``seqeval`` (strict entity match)."""
+def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float | None]:
+    """Entity-level precision / recall / F1 over BIO tag sequences: an entity counts when its type, start and end
+    all match. Entities are read by ``seqeval`` (as its ``f1_score`` reads them); precision is None without
+    predicted entities, recall None without gold ones, F1 None without either (seqeval reports 0.0 there)."""
     try:
-        from seqeval.metrics import f1_score, precision_score, recall_score
+        from seqeval.metrics.sequence_labeling import get_entities
     except ImportError as e:  # pragma: no cover - seqeval is in the train and dev extras
         raise ImportError("entity F1 needs seqeval: pip install 'bunmyaku[train]'") from e
+    gold_entities = {(i, *e) for i, tags in enumerate(gold) for e in get_entities(tags)}
+    predicted_entities = {(i, *e) for i, tags in enumerate(predicted) for e in get_entities(tags)}
+    tp = len(gold_entities & predicted_entities)
+    n_gold, n_pred = len(gold_entities), len(predicted_entities)
+    if not n_pred:
+        logger.warning("entity precision is undefined: no entity was predicted")
+    if not n_gold:
+        logger.warning("entity recall is undefined: the gold tags hold no entity")
     return {
-        "precision": float(precision_score(gold, predicted)),
-        "recall": float(recall_score(gold, predicted)),
-        "f1": float(f1_score(gold, predicted)),
+        "precision": tp / n_pred if n_pred else None,
+        "recall": tp / n_gold if n_gold else None,
+        "f1": 2 * tp / (n_gold + n_pred) if n_gold + n_pred else None,
     }
 
 

@@ -21,7 +21,7 @@ import torch
 
 from bunmyaku.data.tables import DataError, read_conll, read_table, where
 from bunmyaku.tasks.base import IGNORE_INDEX, Feature, Task, model_inputs
-from bunmyaku.tasks.metrics import entity_f1
+from bunmyaku.tasks.metrics import accuracy, entity_f1
 
 __all__ = ["TokenClassification", "group_tags", "spans_to_token_tags", "split_tag", "token_tags_to_spans"]
 
@@ -240,10 +240,8 @@ class TokenClassification(Task):
             scored = [t for t, label in enumerate(feature["labels"]) if label != IGNORE_INDEX]
             gold.append([names[feature["labels"][t]] for t in scored])
             pred.append([names[int(predicted[t])] for t in scored])
-        scores = {k: float(v) for k, v in entity_f1(gold, pred).items()}
-        flat = [(g, p) for gs, ps in zip(gold, pred, strict=True) for g, p in zip(gs, ps, strict=True)]
-        scores["accuracy"] = sum(g == p for g, p in flat) / max(len(flat), 1)
-        return scores
+        flat_gold, flat_pred = [t for tags in gold for t in tags], [t for tags in pred for t in tags]
+        return {**entity_f1(gold, pred), "accuracy": accuracy(flat_gold, flat_pred)}
 
     def predictions(self, examples, features, outputs):
         records = []

@@ -9,6 +9,7 @@ import pytest
 
 from bunmyaku.tasks.metrics import (
     accuracy,
+    entity_f1,
     macro_f1,
     mean_squared_error,
     multi_label_f1,
@@ -86,3 +87,29 @@ def test_metrics_of_nothing_are_undefined(caplog):
         assert macro_f1([], [], 3) is None
         assert multi_label_f1([[]], [[]], 3) is None
     assert caplog.text.count("undefined") == 3
+
+
+def test_entity_f1_matches_seqeval_where_defined():
+    seqeval = require_module("seqeval.metrics")
+    rng = np.random.default_rng(4)
+    tags = ["O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    for _ in range(30):
+        gold = [[str(rng.choice(tags)) for _ in range(int(rng.integers(1, 9)))] for _ in range(5)]
+        predicted = [[t if rng.random() < 0.7 else str(rng.choice(tags)) for t in sentence] for sentence in gold]
+        ours = entity_f1(gold, predicted)
+        if ours["precision"] is None or ours["recall"] is None:
+            continue
+        assert ours["precision"] == pytest.approx(seqeval.precision_score(gold, predicted), rel=1e-12, abs=1e-15)
+        assert ours["recall"] == pytest.approx(seqeval.recall_score(gold, predicted), rel=1e-12, abs=1e-15)
+        assert ours["f1"] == pytest.approx(seqeval.f1_score(gold, predicted), rel=1e-12, abs=1e-15)
+    gold = [["B-PER", "I-PER", "O", "B-LOC"]]
+    assert entity_f1(gold, [["B-PER", "O", "O", "B-LOC"]]) == {"precision": 0.5, "recall": 0.5, "f1": 0.5}  # by hand
+
+
+def test_entity_scores_without_entities_are_undefined(caplog):
+    with caplog.at_level(logging.WARNING, logger="bunmyaku.tasks.metrics"):
+        none_predicted = entity_f1([["B-PER", "O"]], [["O", "O"]])
+        none_at_all = entity_f1([["O", "O"]], [["O", "O"]])
+    assert none_predicted == {"precision": None, "recall": 0.0, "f1": 0.0}  # F1 = 2TP / (gold + predicted) = 0 / 1
+    assert none_at_all == {"precision": None, "recall": None, "f1": None}
+    assert "no entity was predicted" in caplog.text and "gold tags hold no entity" in caplog.text
