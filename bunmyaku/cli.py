@@ -30,21 +30,6 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (*USER_ERRORS, OutputDirBusy, yaml.YAMLError)
 
 
-def _reader_key_error(error: KeyError) -> str | None:
-    """A KeyError raised inside a data reader is a record missing a field: say which file and which field."""
-    tb, path = error.__traceback__, None
-    while tb is not None:
-        frame = tb.tb_frame
-        if "bunmyaku/data/" in frame.f_code.co_filename.replace("\\", "/"):
-            path = frame.f_locals.get("path", path)
-            if path is None:
-                path = "the input data"
-        tb = tb.tb_next
-    if path is None:
-        return None
-    return f"{path}: a record has no field {error.args[0]!r}"
-
-
 def _describe(error: BaseException, config: str | None) -> str:
     """One line for a user error, naming the file where the error has one (``config``: the --config recipe)."""
     import yaml
@@ -69,12 +54,9 @@ def _user_errors(config: str | None = None) -> Iterator[None]:
     except Exception as error:
         if _debug:
             raise
-        if isinstance(error, _user_error_types()):
-            message = _describe(error, config)
-        elif isinstance(error, KeyError) and (message := _reader_key_error(error)) is not None:
-            pass
-        else:
+        if not isinstance(error, _user_error_types()):
             raise
+        message = _describe(error, config)
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
 
@@ -266,10 +248,9 @@ def _finetune(values: dict) -> None:
     from bunmyaku.training.recipe import build_args
 
     _setup_logging(values.pop("verbose"))
-    with _user_errors():
-        fargs, targs = build_args((FinetuneArgs, TrainArgs), {**TRAIN_DEFAULTS, **values})
-        # epochs set the run's length; --max-steps (flag or recipe key), when given, stops it earlier
-        summary = run_finetune(fargs, targs, step_limit=values.get("max_steps"))
+    fargs, targs = build_args((FinetuneArgs, TrainArgs), {**TRAIN_DEFAULTS, **values})
+    # epochs set the run's length; --max-steps (flag or recipe key), when given, stops it earlier
+    summary = run_finetune(fargs, targs, step_limit=values.get("max_steps"))
     shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float) and k != "train_seconds"}
     typer.echo(f"eval: {shown}; written to {targs.output_dir}")
 
@@ -320,6 +301,7 @@ def evaluate_command(
     model: str = typer.Option(..., "--model", help="A fine-tuned model folder (DIR or DIR/model of a finetune run)."),
     eval: str = typer.Option(..., "--eval", help="A labelled file."),
     output_dir: str = typer.Option(None, help="Also write metrics.json and predictions.jsonl here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace metrics.json / predictions.jsonl there."),
     batch_size: int = typer.Option(32, min=1, help="Rows per batch."),
     format: str = typer.Option(None, help="Input format (default: as at training, or from the suffix)."),
     text_column: str = typer.Option(None, help=_COLUMN_HELP),
@@ -336,7 +318,7 @@ def evaluate_command(
     _setup_logging(verbose)
     overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
     overrides.update(label_column=label_column, choice_columns=choice_columns)
-    metrics = evaluate_file(model, eval, output_dir, batch_size, **overrides)
+    metrics = evaluate_file(model, eval, output_dir, batch_size, overwrite=overwrite, **overrides)
     typer.echo(json.dumps(metrics, indent=2))
 
 

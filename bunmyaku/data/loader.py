@@ -14,6 +14,13 @@ from typing import Any
 import numpy as np
 
 
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
+    """Raise a ValueError naming ``name`` unless ``batch_size`` is a positive integer (0 would loop forever or
+    divide by zero far from where it was given)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{name} must be a positive integer, got {batch_size!r}")
+
+
 class BatchStream:
     """An endless stream of micro-batches over a map-style dataset (``__len__``, ``__getitem__``).
 
@@ -37,6 +44,7 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
     ):
+        check_batch_size(batch_size)
         self.dataset = dataset
         self.collator = collator
         self.batch_size = batch_size
@@ -91,6 +99,7 @@ def eval_batches(
     dataset: Any, collator: Callable[..., dict[str, Any]], batch_size: int, rank: int = 0, world_size: int = 1
 ) -> Iterator[dict[str, Any]]:
     """One pass over ``dataset`` in order, this process's share (every ``world_size``-th example), last batch kept."""
+    check_batch_size(batch_size)
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(0)
     indices = np.arange(rank, len(dataset), world_size)

@@ -4,7 +4,7 @@ Each token gets the label the model scores highest; ``aggregation`` then decides
 
 - ``"none"``: one entry per token (``entity`` is its label, ``index`` its position in the window);
 - ``"simple"``: neighbouring tokens with the same entity type are grouped (a ``B-`` tag starts a new
-  group), the group's score is the mean of its tokens' scores;
+  group; :func:`bunmyaku.tasks.ner.group_tags`), the group's score is the mean of its tokens' scores;
 - ``"first"``: each word takes the label of its first token before grouping, so an entity never splits a
   word (words as the tokenizer's pre-tokenizer sees them: MeCab words for Japanese, for instance).
 
@@ -22,6 +22,7 @@ import torch
 
 from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
+from bunmyaku.tasks.ner import group_tags
 
 Aggregation = Literal["none", "simple", "first"]
 
@@ -37,13 +38,6 @@ class _Token:
     scores: torch.Tensor  # (L,)
     index: int
     margin: int  # distance to the nearer window edge, to pick the best copy of a token seen twice
-
-
-def split_tag(label: str) -> tuple[str, str]:
-    """``"B-PER"`` -> ("B", "PER"); a label without a B- / I- prefix counts as a continuation ("I", label)."""
-    if label[:2] in ("B-", "I-"):
-        return label[0], label[2:]
-    return "I", label
 
 
 class TokenClassificationPipeline(Pipeline):
@@ -143,7 +137,8 @@ class TokenClassificationPipeline(Pipeline):
                 results.append([e for e in entities if e["entity"] not in self.ignore_labels])
                 continue
             tagged = self._word_tags(tokens) if aggregation == "first" else self._token_tags(tokens)
-            groups = [self._group_entity(group) for group in _group(tagged)]
+            runs = group_tags([label for label, _, _ in tagged])
+            groups = [self._group_entity(tagged[first:last], kind) for first, last, kind in runs]
             results.append([g for g in groups if g["entity_group"] not in self.ignore_labels])
         return results[0] if single else results
 
@@ -180,10 +175,10 @@ class TokenClassificationPipeline(Pipeline):
             tagged.append((self.labels[int(label)], float(score), word))
         return tagged
 
-    def _group_entity(self, group: list[tuple[str, float, list[_Token]]]) -> dict[str, Any]:
+    def _group_entity(self, group: list[tuple[str, float, list[_Token]]], kind: str) -> dict[str, Any]:
         tokens = [t for _, _, word in group for t in word]
         return {
-            "entity_group": split_tag(group[0][0])[1],
+            "entity_group": kind,
             "score": sum(score for _, score, _ in group) / len(group),
             "word": self._join([t.piece for t in tokens]),
             "start": tokens[0].start,
@@ -194,18 +189,6 @@ class TokenClassificationPipeline(Pipeline):
         """Pieces as text, the way the tokenizer's decoder joins them (``##`` continuations glued on)."""
         decoder = self.tokenizer.backend.decoder
         return decoder.decode(pieces) if decoder is not None else "".join(pieces)
-
-
-def _group(tagged: list[tuple[str, float, list[_Token]]]) -> list[list[tuple[str, float, list[_Token]]]]:
-    """Runs of neighbours with the same entity type; a ``B-`` tag always opens a new run."""
-    groups: list[list[tuple[str, float, list[_Token]]]] = []
-    for item in tagged:
-        prefix, kind = split_tag(item[0])
-        if groups and prefix != "B" and split_tag(groups[-1][-1][0])[1] == kind:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    return groups
 
 
 def _check_aggregation(aggregation: str) -> Aggregation:

@@ -1,9 +1,9 @@
-"""What every fine-tuning task shares: the task interface, dynamic padding, length-grouped batches, metrics.
+"""What every fine-tuning task shares: the task interface, dynamic padding, length-grouped batches.
 
 A task turns records read from a file into *examples*, examples into *features* (token ids as lists, one
 feature per model row; a long QA context gives several), features into padded *batches*, and the model's
-outputs back into metrics and predictions. The fine-tuning driver (:mod:`bunmyaku.tasks.finetune`) only
-talks to this interface, so a new task family is one subclass.
+outputs back into metrics (:mod:`bunmyaku.tasks.metrics`) and predictions. The fine-tuning driver
+(:mod:`bunmyaku.tasks.finetune`) only talks to this interface, so a new task family is one subclass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bunmyaku.data.tables import LINE, DataError, read_table
+from bunmyaku.data.loader import check_batch_size
+from bunmyaku.data.tables import DataError, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,23 @@ class Task:
         raise NotImplementedError
 
     def read(self, path: str | Path, labelled: bool = True) -> list[dict[str, Any]]:
-        """Records from a table file, each column checked (``file:line`` errors)."""
+        """Records from a table file, each column checked, labels too when ``labelled`` (``file:line`` errors);
+        empty texts are warned about."""
         s = self.settings
-        return read_table(path, format=_table_format(s.format), columns=self.columns(labelled), header=s.header)
+        records = read_table(
+            path,
+            format=_table_format(s.format),
+            columns=self.columns(labelled),
+            header=s.header,
+            texts=self.columns(labelled=False),
+        )
+        if labelled:
+            self.check_labels(records, str(path))
+        return records
+
+    def check_labels(self, examples: list[dict[str, Any]], source: str) -> None:
+        """Refuse a label the task cannot train on (a score that is not a finite number, ...), naming
+        ``source:line``; labels that need the label set (classes) are checked when encoding."""
 
     def fit_labels(self, examples: list[dict[str, Any]]) -> None:
         """Fix the label set on the training examples (classification tasks)."""
@@ -126,11 +141,6 @@ class Task:
 
 def _table_format(fmt: str | None) -> str | None:
     return None if fmt in (None, "auto") else fmt
-
-
-def where(example: dict[str, Any], source: str) -> str:
-    """``file:line`` of an example, for error messages."""
-    return f"{source}:{example.get(LINE, '?')}"
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -209,6 +219,7 @@ class GroupedBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        check_batch_size(batch_size)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -244,51 +255,3 @@ class GroupCollator:
 
     def __call__(self, groups: Sequence[list[Feature]], epoch: int = 0, indices: Sequence[int] = ()) -> Batch:
         return self.task.collate([f for group in groups for f in group], self.pad)
-
-
-# ------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def accuracy(gold: Sequence[Any], predicted: Sequence[Any]) -> float:
-    """Share of exact matches."""
-    return float(np.mean([g == p for g, p in zip(gold, predicted, strict=True)])) if gold else 0.0
-
-
-def macro_f1(gold: Sequence[int], predicted: Sequence[int], num_classes: int) -> float:
-    """F1 per class averaged over the classes present in gold or predictions (scikit-learn's 'macro')."""
-    gold_a, pred_a = np.asarray(gold), np.asarray(predicted)
-    scores = []
-    for c in range(num_classes):
-        tp = int(((pred_a == c) & (gold_a == c)).sum())
-        fp = int(((pred_a == c) & (gold_a != c)).sum())
-        fn = int(((pred_a != c) & (gold_a == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation (0 when either side is constant)."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):
-        tied = x == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson on tie-averaged ranks)."""
-    return pearson(_ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64)))

@@ -15,7 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from bunmyaku.tasks.base import Feature, Task, accuracy, model_inputs, where
+from bunmyaku.data.tables import DataError, where
+from bunmyaku.tasks.base import Feature, Task, model_inputs
+from bunmyaku.tasks.metrics import accuracy
 
 GPT_TOKENS = {"start": "<|start|>", "delimiter": "<|delimiter|>", "extract": "<|extract|>"}
 
@@ -41,6 +43,10 @@ class MultipleChoice(Task):
     def num_labels(self) -> int | None:
         return None
 
+    def check_labels(self, examples: list[dict[str, Any]], source: str) -> None:
+        for example in examples:
+            self._target(example, source)
+
     def _target(self, example: dict[str, Any], source: str) -> int:
         value = example[self.settings.label_column]
         n = len(self.choice_columns())
@@ -49,7 +55,7 @@ class MultipleChoice(Task):
         except (TypeError, ValueError):
             label = -1
         if not 0 <= label < n:
-            raise ValueError(f"{where(example, source)}: label {value!r} is not a choice index in 0..{n - 1}")
+            raise DataError(f"{where(example, source)}: label {value!r} is not a choice index in 0..{n - 1}")
         return label
 
     def encode(self, tokenizer, examples, labelled=True, source=""):

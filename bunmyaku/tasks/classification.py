@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from bunmyaku.data.tables import LabelMap
-from bunmyaku.tasks.base import Feature, Task, accuracy, macro_f1, pearson, spearman, where
+from bunmyaku.data.tables import LabelMap, finite_number, where
+from bunmyaku.tasks.base import Feature, Task
+from bunmyaku.tasks.metrics import accuracy, macro_f1, mean_squared_error, multi_label_f1, pearson, spearman
 
 PROBLEM_TYPES = {
     "single-label": "single_label_classification",
@@ -50,6 +51,11 @@ class TextClassification(Task):
             return [str(v) for v in value]
         return [v.strip() for v in str(value).split(self.settings.label_separator) if v.strip()]
 
+    def check_labels(self, examples: list[dict[str, Any]], source: str) -> None:
+        if self.problem == "regression":
+            for example in examples:
+                finite_number(example[self.settings.label_column], where(example, source))
+
     def fit_labels(self, examples: list[dict[str, Any]]) -> None:
         if self.problem == "regression":
             self.labels = ["score"]
@@ -66,10 +72,7 @@ class TextClassification(Task):
         label_map = LabelMap(self.labels or [])
         value = example[self.settings.label_column]
         if self.problem == "regression":
-            try:
-                return float(value)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{where(example, source)}: label {value!r} is not a number") from e
+            return finite_number(value, where(example, source))
         if self.problem == "multi-label":
             hot = [0.0] * len(label_map)
             for name in self._label_names(example):
@@ -114,15 +117,15 @@ class TextClassification(Task):
         _, predicted = self._decoded(outputs)
         gold = [f["labels"] for f in features]
         if self.problem == "regression":
-            mse = float(sum((g - p) ** 2 for g, p in zip(gold, predicted, strict=True)) / len(gold))
-            return {"pearson": pearson(gold, predicted), "spearman": spearman(gold, predicted), "mse": mse}
+            return {
+                "pearson": pearson(gold, predicted),
+                "spearman": spearman(gold, predicted),
+                "mse": mean_squared_error(gold, predicted),
+            }
         num = len(self.labels or [])
         if self.problem == "multi-label":
             gold_sets = [[i for i, v in enumerate(g) if v > 0.5] for g in gold]
-            per_class = [
-                macro_f1([int(c in g) for g in gold_sets], [int(c in p) for p in predicted], 2) for c in range(num)
-            ]
-            return {"accuracy": accuracy(gold_sets, predicted), "f1": float(sum(per_class) / max(num, 1))}
+            return {"accuracy": accuracy(gold_sets, predicted), "f1": multi_label_f1(gold_sets, predicted, num)}
         return {"accuracy": accuracy(gold, predicted), "f1": macro_f1(gold, predicted, num)}
 
     def predictions(self, examples, features, outputs):

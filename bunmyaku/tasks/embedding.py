@@ -13,11 +13,15 @@ The model saves as its encoder (HF layout) plus ``1_Pooling/config.json`` as sen
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from bunmyaku.data.tables import finite_number, where
 from bunmyaku.models.bi_encoder import BiEncoder
-from bunmyaku.tasks.base import Feature, Task, pearson, spearman, where
+from bunmyaku.tasks.base import Feature, Task
+from bunmyaku.tasks.metrics import pearson, spearman
 
 __all__ = ["BiEncoder", "SentenceEmbedding"]  # the model lives in models/; the fine-tuning driver imports it here
 
@@ -42,6 +46,12 @@ class SentenceEmbedding(Task):
     def num_labels(self) -> int | None:
         return None
 
+    def check_labels(self, examples: list[dict[str, Any]], source: str) -> None:
+        column = self.settings.label_column
+        for example in examples:
+            if column and example.get(column) is not None:
+                finite_number(example[column], where(example, source), "score")
+
     def encode(self, tokenizer, examples, labelled=True, source=""):
         s = self.settings
         kw = {"truncation": True, "max_length": s.max_length, "return_tensors": None}
@@ -57,11 +67,7 @@ class SentenceEmbedding(Task):
                 "example": i,
             }
             if s.label_column and example.get(s.label_column) is not None:
-                try:
-                    feature["labels"] = float(example[s.label_column])
-                except (TypeError, ValueError) as e:
-                    value = example[s.label_column]
-                    raise ValueError(f"{where(example, source)}: score {value!r} is not a number") from e
+                feature["labels"] = finite_number(example[s.label_column], where(example, source), "score")
             features.append(feature)
         return features
 

@@ -11,19 +11,26 @@ improvement, and the best epoch's weights restored at the end. The output folder
     DIR/model/               HF layout: config.json (id2label / label2id), weights, tokenizer, finetune.json
     DIR/metrics.jsonl        the training log (loss, lr, eval metrics per epoch); DIR/finetune.log; loss_curves.png
 
+One run owns its output folder: it holds the folder's lock for the whole run, refuses a folder that already
+holds anything unless ``overwrite`` (``--overwrite``), and then clears the earlier results before training,
+so a run that fails never leaves an older run's metrics or model looking like its own. Every result file is
+written through a temporary file and a rename; ``metrics.json`` comes last, so its presence means the run
+finished.
+
 ``predict_file`` and ``evaluate_file`` load such a model folder again (``finetune.json`` says which task and
 columns it was trained with).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import shutil
 import time
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -32,7 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from bunmyaku.data.loader import check_batch_size
 from bunmyaku.data.tables import DataError
+from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic
 from bunmyaku.tasks.base import Feature, GroupCollator, GroupedBatches, Task, pad_id
 from bunmyaku.tasks.choice import GPTPairClassification, MultipleChoice
 from bunmyaku.tasks.classification import SentenceSimilarityCross, TextClassification
@@ -40,6 +49,7 @@ from bunmyaku.tasks.embedding import BiEncoder, SentenceEmbedding
 from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
 from bunmyaku.training.args import TrainArgs
+from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
 from bunmyaku.training.plugins import Plugin
 
 logger = logging.getLogger(__name__)
@@ -56,6 +66,18 @@ TaskName = Literal[
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 # TrainArgs defaults that suit fine-tuning better than pretraining's; flags and recipe keys override them
 TRAIN_DEFAULTS = {"lr": 5e-5, "schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01, "log_every": 20}
+# what a run writes into its output folder (the Trainer's files move up from model/ at the end)
+RESULTS = (
+    "metrics.json",
+    "predictions.jsonl",
+    "model",
+    "metrics.jsonl",
+    "finetune.log",
+    "loss_curves.png",
+    "tensorboard",
+    "checkpoints",
+)
+EVAL_RESULTS = ("metrics.json", "predictions.jsonl")
 
 
 @dataclass
@@ -132,23 +154,65 @@ class FinetuneArgs:
     """Stop after this many evaluations without improvement of the metric (0: never stop early)."""
     metric: str | None = None
     """The eval metric that picks the best epoch (default: the task's: accuracy, f1, spearman)."""
+    overwrite: bool = False
+    """Replace the results of an earlier run in the output folder (they are cleared before training starts)."""
 
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
             raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASK_NAMES)}")
         for name in ("eval_split", "test_split"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be at least 8, got {self.max_length}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
+            check_number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+        check_number("epochs", self.epochs, low=0.0, low_open=True)
+        check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_number("scale", self.scale, low=0.0, low_open=True)
+        check_number("label_max", self.label_max, low=0.0, low_open=True)
+        check_number("lm_weight", self.lm_weight, low=0.0)
+        check_number("null_threshold", self.null_threshold)
+        check_int("max_length", self.max_length, low=8)
+        for name in ("max_answer_length", "n_best"):
+            check_int(name, getattr(self, name), low=1)
+        for name in ("stride", "eval_batch_size", "patience"):
+            check_int(name, getattr(self, name), low=0)
         if isinstance(self.choice_columns, list):
             self.choice_columns = ",".join(self.choice_columns)
         for name in ("text_column", "text_pair_column", "label_column"):
             value = getattr(self, name)
             if isinstance(value, int):  # a position written as a number in YAML
                 setattr(self, name, str(value))
+
+
+# The same contract as bunmyaku.training.args.check_number / check_int on the TrainArgs branch of issue 14: when
+# both are merged, these two are replaced by an import from there.
+def check_number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a finite number in the given range (NaN passes
+    every comparison written the usual way, so finiteness comes first)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def check_int(name: str, value: object, low: int | None = None) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer (not a float, not NaN) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 def build_task(settings: FinetuneArgs) -> Task:
@@ -198,7 +262,9 @@ class TaskEvaluation(Plugin):
     """After each evaluation: the task's metrics (added to the log as ``eval_<name>``), the best weights kept
     in memory, early stopping after ``patience`` evaluations without improvement.
 
-    Early stopping ends the Trainer's loop by lowering ``trainer.args.max_steps`` to the current step.
+    Early stopping ends the Trainer's loop by lowering ``trainer.args.max_steps`` to the current step. A metric
+    that is undefined in an evaluation (None, e.g. the correlation of constant predictions) is no improvement;
+    one that is not finite stops the run.
     """
 
     def __init__(
@@ -224,13 +290,19 @@ class TaskEvaluation(Plugin):
     def on_evaluate(self, trainer, metrics: dict[str, float]) -> None:
         outputs = self.objective.take(len(self.features))
         scores = {"loss": metrics["eval_loss"], **self.task.metrics(self.examples, self.features, outputs)}
+        epoch = trainer.step / self.steps_per_epoch
         if self.metric not in scores:
             raise ValueError(f"metric {self.metric!r} is not computed for this task; available: {sorted(scores)}")
-        metrics.update({f"eval_{k}": v for k, v in scores.items() if k != "loss"})
-        epoch = trainer.step / self.steps_per_epoch
+        broken = sorted(k for k, v in scores.items() if isinstance(v, float) and not math.isfinite(v))
+        if broken:
+            raise ValueError(
+                f"eval {', '.join(broken)} not finite at epoch {epoch:.2f}: the model's outputs are broken"
+            )
+        metrics.update({f"eval_{k}": v for k, v in scores.items() if k != "loss" and v is not None})
         self.history.append({"epoch": epoch, **scores})
-        score = -scores["loss"] if self.metric == "loss" else scores[self.metric]
-        if score > self.best_score:
+        value = scores[self.metric]
+        score = -math.inf if value is None else -value if self.metric == "loss" else value
+        if self.best_state is None or score > self.best_score:
             self.best_score, self.bad_evals = score, 0
             self.best = {**scores, "epoch": epoch, "step": trainer.step}
             state = trainer.unwrapped_model.state_dict()
@@ -239,16 +311,21 @@ class TaskEvaluation(Plugin):
         else:
             self.bad_evals += 1
         logger.info(
-            "epoch %.2f: %s %.4f (best %.4f at epoch %.2f)",
+            "epoch %.2f: %s %s (best %s at epoch %.2f)",
             epoch,
             self.metric,
-            scores[self.metric],
-            self.best[self.metric],
+            show(value),
+            show(self.best[self.metric]),
             self.best["epoch"],
         )
         if self.patience and self.bad_evals >= self.patience and trainer.step < trainer.args.max_steps:
             logger.info("Early stopping: no improvement in %d evaluations", self.bad_evals)
             trainer.args.max_steps = trainer.step
+
+
+def show(value: float | None) -> str:
+    """A metric for a log line ("undefined" for None)."""
+    return "undefined" if value is None else f"{value:.4f}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +394,7 @@ def _read_splits(task: Task, fargs: FinetuneArgs, seed: int):
     return train, evaluation, test, source
 
 
-@contextmanager
+@contextlib.contextmanager
 def _log_to(path: Path):
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -337,13 +414,63 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, step_limit: int | None =
     every run at 1,000 steps); ``step_limit`` stops it earlier, after that many optimizer steps (the CLI
     passes ``--max-steps`` here when it is given).
 
+    The run holds ``targs.output_dir``'s lock throughout; a folder that holds anything is refused unless
+    ``fargs.overwrite``, which clears the earlier results (:data:`RESULTS`) before anything else happens.
+
     Raises:
-        DataError, FileNotFoundError, ValueError: bad input data (naming file and line) or options.
+        DataError, FileNotFoundError, ValueError: bad input data (naming file and line) or options, or an
+            output folder that is not empty without ``overwrite``.
+        bunmyaku.training.outputs.OutputDirBusy: another run is writing into the output folder.
     """
     out = Path(targs.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _log_to(out / "finetune.log"):
-        return _run(fargs, targs, out, step_limit)
+    with exclusive_output_dir(out):
+        cleared = claim_output_dir(out, fargs.overwrite, RESULTS, whole_folder=True)
+        with _log_to(out / "finetune.log"):
+            if cleared:
+                logger.info("Cleared the earlier results in %s: %s", out, ", ".join(cleared))
+            try:
+                return _run(fargs, targs, out, step_limit)
+            except Exception as error:
+                logger.error("Fine-tuning failed: %s", error)  # the log says why there are no results
+                raise
+
+
+def claim_output_dir(out: Path, overwrite: bool, results: Iterable[str], whole_folder: bool) -> list[str]:
+    """Make ``out`` ready for a run's results; returns the names cleared.
+
+    Args:
+        out: the output folder (its lock held by the caller).
+        overwrite: clear ``results`` instead of refusing.
+        results: the names a run writes there.
+        whole_folder: refuse a folder holding anything at all (a run owns its folder); otherwise refuse only
+            when one of ``results`` exists.
+
+    Raises:
+        ValueError: the folder holds results (or anything, with ``whole_folder``) and ``overwrite`` is off.
+    """
+    results = list(results)
+    if whole_folder:
+        present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    else:
+        present = [name for name in results if (out / name).exists()]
+    if not present:
+        return []
+    if not overwrite:
+        shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
+        raise ValueError(
+            f"output folder {out} already holds {shown}; pass --overwrite (overwrite=True in Python) to replace "
+            "the results there, or choose another --output-dir"
+        )
+    cleared = []
+    for path in [out / name for name in results] + list(out.glob(".*.tmp")):  # .tmp: a killed run's partial file
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        cleared.append(path.name)
+    return cleared
 
 
 def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, step_limit: int | None) -> dict[str, Any]:
@@ -400,7 +527,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, step_limit: int | Non
     trainer.fit()
 
     model.load_state_dict(evaluator.best_state)
-    logger.info("Restored the best epoch (%.2f, %s %.4f)", evaluator.best["epoch"], metric, evaluator.best[metric])
+    logger.info("Restored the best epoch (%.2f, %s %s)", evaluator.best["epoch"], metric, show(evaluator.best[metric]))
     _save(model, tokenizer, task, fargs, model_dir, targs.export_dtype)
     _tidy(model_dir, out)
     summary: dict[str, Any] = {**evaluator.best, "metric": metric, "epochs_run": trainer.step / steps_per_epoch}
@@ -410,8 +537,8 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, step_limit: int | Non
         summary["test"] = task.metrics(test, test_features, outputs)
         summary["test_examples"] = len(test)
     summary["train_seconds"] = time.perf_counter() - started
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    write_jsonl(out / "predictions.jsonl", task.predictions(evaluation, eval_features, evaluator.best_outputs))
+    write_jsonl_atomic(out / "predictions.jsonl", task.predictions(evaluation, eval_features, evaluator.best_outputs))
+    write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: it marks a finished run
     logger.info("Done: %s", {k: v for k, v in summary.items() if k != "history"})
     return summary
 
@@ -420,8 +547,8 @@ def _save(model, tokenizer, task: Task, fargs: FinetuneArgs, model_dir: Path, dt
     model.save_pretrained(model_dir, dtype=dtype)
     tokenizer.save_pretrained(model_dir)
     settings = dataclasses.asdict(fargs)
-    record = {"settings": settings, "state": task.state()}
-    (model_dir / SETTINGS_NAME).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    del settings["overwrite"]  # how this run treated its folder, not how to read data for the model
+    write_json_atomic(model_dir / SETTINGS_NAME, {"settings": settings, "state": task.state()}, sort_keys=False)
 
 
 def _tidy(model_dir: Path, out: Path) -> None:
@@ -434,16 +561,10 @@ def _tidy(model_dir: Path, out: Path) -> None:
             shutil.move(str(model_dir / name), str(out / name))
 
 
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """One JSON object per line, UTF-8."""
-    with Path(path).open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
 @torch.no_grad()
 def infer(task: Task, model: nn.Module, features: list[Feature], batch_size: int, pad: int) -> list[torch.Tensor]:
     """The task's per-row outputs for ``features``, in their order (length-sorted batches, eval mode)."""
+    check_batch_size(batch_size)
     model.eval()
     device = next(model.parameters()).device
     data = GroupedBatches(features, batch_size)
@@ -489,12 +610,14 @@ def load_finetuned(path: str | Path, overrides: dict[str, Any] | None = None, de
 def predict_file(
     model_path: str | Path, input_path: str | Path, output_path: str | Path, batch_size: int = 32, **overrides: Any
 ) -> int:
-    """Predict every example of ``input_path`` (labels not needed) into a JSONL file; returns the count."""
+    """Predict every example of ``input_path`` (labels not needed) into a JSONL file, written atomically (a
+    failed run leaves the file as it was); returns the count."""
+    check_batch_size(batch_size)
     task, model, tokenizer = load_finetuned(model_path, overrides)
     examples = task.read(input_path, labelled=False)
     features = task.encode(tokenizer, examples, labelled=False, source=str(input_path))
     outputs = infer(task, model, features, batch_size, pad_id(tokenizer))
-    write_jsonl(Path(output_path), task.predictions(examples, features, outputs))
+    write_jsonl_atomic(output_path, task.predictions(examples, features, outputs))
     return len(examples)
 
 
@@ -503,17 +626,26 @@ def evaluate_file(
     eval_path: str | Path,
     output_dir: str | Path | None = None,
     batch_size: int = 32,
+    overwrite: bool = False,
     **overrides: Any,
-) -> dict[str, float]:
-    """The task's metrics on a labelled file; with ``output_dir``, also metrics.json and predictions.jsonl."""
-    task, model, tokenizer = load_finetuned(model_path, overrides)
-    examples = task.read(eval_path)
-    features = task.encode(tokenizer, examples, source=str(eval_path))
-    outputs = infer(task, model, features, batch_size, pad_id(tokenizer))
-    metrics = task.metrics(examples, features, outputs)
-    if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_jsonl(out / "predictions.jsonl", task.predictions(examples, features, outputs))
+) -> dict[str, float | None]:
+    """The task's metrics on a labelled file; with ``output_dir``, also metrics.json and predictions.jsonl.
+
+    The output folder's lock is held while evaluating; results already there are refused unless ``overwrite``,
+    which clears them first.
+    """
+    check_batch_size(batch_size)
+    with contextlib.ExitStack() as stack:
+        out = None
+        if output_dir is not None:
+            out = stack.enter_context(exclusive_output_dir(output_dir))
+            claim_output_dir(out, overwrite, EVAL_RESULTS, whole_folder=False)
+        task, model, tokenizer = load_finetuned(model_path, overrides)
+        examples = task.read(eval_path)
+        features = task.encode(tokenizer, examples, source=str(eval_path))
+        outputs = infer(task, model, features, batch_size, pad_id(tokenizer))
+        metrics = task.metrics(examples, features, outputs)
+        if out is not None:
+            write_jsonl_atomic(out / "predictions.jsonl", task.predictions(examples, features, outputs))
+            write_json_atomic(out / "metrics.json", metrics, sort_keys=False)
     return metrics

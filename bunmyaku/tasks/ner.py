@@ -1,22 +1,61 @@
-"""Token classification / NER: character spans <-> token tags, tag schemes, entity-level F1.
+"""Token classification / NER: character spans <-> token tags, grouping tags into entities, the task.
 
 Entities are character spans ``{"start", "end", "type"}`` into the original text (the layout of
 ja-wikipedia-ner). Training tags come from the tokenizer's offsets: a token inside an entity gets
 ``B-type`` when it starts the entity and ``I-type`` after; tokens outside get ``O``. Predicted tags turn
 back into character spans through the same offsets, so spans survive the round trip exactly when
 entity boundaries fall on token boundaries.
+
+:func:`group_tags` is the one BIO grouping, shared with the token-classification pipeline; labels without a
+``B-`` / ``I-`` prefix (``PER``, or schemes with no ``O``) group as continuations of their type.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from bunmyaku.data.tables import LINE, DataError, iob1_to_bio, read_conll
-from bunmyaku.tasks.base import IGNORE_INDEX, Feature, Task, model_inputs, where
+from bunmyaku.data.tables import DataError, read_conll, read_table, where
+from bunmyaku.tasks.base import IGNORE_INDEX, Feature, Task, model_inputs
+from bunmyaku.tasks.metrics import accuracy, entity_f1
 
-__all__ = ["TokenClassification", "entity_f1", "iob1_to_bio", "spans_to_token_tags", "token_tags_to_spans"]
+__all__ = ["TokenClassification", "group_tags", "spans_to_token_tags", "split_tag", "token_tags_to_spans"]
+
+OUTSIDE = "O"
+
+
+def split_tag(label: str) -> tuple[str, str]:
+    """``"B-PER"`` -> ("B", "PER"); a label without a ``B-`` / ``I-`` prefix continues its type: ("I", label)."""
+    if label[:2] in ("B-", "I-") and len(label) > 2:
+        return label[0], label[2:]
+    return "I", label
+
+
+def continuation(label: str) -> str:
+    """The tag of a later piece of the same word or entity: ``B-PER`` -> ``I-PER``; ``O`` stays ``O``."""
+    kind = split_tag(label)[1]
+    return OUTSIDE if kind == OUTSIDE else f"I-{kind}"
+
+
+def group_tags(labels: Sequence[str]) -> list[tuple[int, int, str]]:
+    """Runs of neighbouring labels of one type, as ``(first, last + 1, type)`` index ranges in order.
+
+    A ``B-`` label always opens a new run; ``I-`` (or a plain label) continues the previous run when its type is
+    the same and opens one otherwise (an ``I-`` after ``O`` starts an entity). ``O`` labels form runs of type
+    ``O`` like any other, for the caller to drop.
+    """
+    runs: list[tuple[int, int, str]] = []
+    for i, label in enumerate(labels):
+        prefix, kind = split_tag(label)
+        if runs and prefix != "B" and runs[-1][2] == kind:
+            runs[-1] = (runs[-1][0], i + 1, kind)
+        else:
+            runs.append((i, i + 1, kind))
+    return runs
 
 
 def spans_to_token_tags(
@@ -54,62 +93,42 @@ def spans_to_token_tags(
 
 
 def token_tags_to_spans(tags: list[str | None], offsets: list[tuple[int, int] | None]) -> list[dict[str, Any]]:
-    """Group BIO token tags into character spans ``{"start", "end", "type"}`` (I- after O opens an entity)."""
-    spans: list[dict[str, Any]] = []
-    current = None
-    for tag, offset in zip(tags, offsets, strict=True):
-        if offset is None or offset[0] == offset[1] or tag is None:
-            continue
-        if tag == "O":
-            current = None
-            continue
-        prefix, kind = tag.split("-", 1)
-        if prefix == "B" or current is None or current["type"] != kind:
-            current = {"start": offset[0], "end": offset[1], "type": kind}
-            spans.append(current)
-        else:
-            current["end"] = offset[1]
-    return spans
-
-
-def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
-    """Entity-level precision / recall / F1 over BIO tag sequences, with ``seqeval`` (strict entity match)."""
-    try:
-        from seqeval.metrics import f1_score, precision_score, recall_score
-    except ImportError as e:  # pragma: no cover - seqeval is in the train and dev extras
-        raise ImportError("entity F1 needs seqeval: pip install 'bunmyaku[train]'") from e
-    return {
-        "precision": precision_score(gold, predicted),
-        "recall": recall_score(gold, predicted),
-        "f1": f1_score(gold, predicted),
-    }
+    """Group token tags into character spans ``{"start", "end", "type"}`` with :func:`group_tags`; tokens with
+    no tag or no characters (special tokens) are skipped without ending an entity."""
+    kept = [(tag, o) for tag, o in zip(tags, offsets, strict=True) if tag is not None and o is not None and o[0] < o[1]]
+    return [
+        {"start": kept[first][1][0], "end": kept[last - 1][1][1], "type": kind}
+        for first, last, kind in group_tags([tag for tag, _ in kept])
+        if kind != OUTSIDE
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
 # The fine-tuning task
 
 
-def _read_spans(path, text_key: str, entity_key: str) -> list[dict[str, Any]]:
+def _read_spans(path: str | os.PathLike, text_key: str, entity_key: str) -> list[dict[str, Any]]:
     """Texts with character-span entities: a JSON list or JSONL of ``{text, entities: [{span | start, end, type}]}``."""
-    from pathlib import Path
-
-    from bunmyaku.data.tables import read_table
-
     path = Path(path)
-    records = read_table(path, format="jsonl" if path.suffix.lower() == ".jsonl" else "json", columns=[text_key])
+    fmt = "jsonl" if path.suffix.lower() == ".jsonl" else "json"
+    records = read_table(path, format=fmt, columns=[text_key], texts=[text_key])
     for r in records:
+        at = where(r, str(path))
         entities = r.get(entity_key) if entity_key in r else r.get("entities", [])
+        if not isinstance(entities, list | type(None)):
+            raise DataError(f"{at}: {entity_key!r} must be a list of entities, got {type(entities).__name__}")
         spans = []
         for e in entities or []:
-            if "span" in e:
+            if isinstance(e, dict) and "span" in e and isinstance(e["span"], list) and len(e["span"]) == 2:
                 start, end = e["span"]
-            elif "start" in e and "end" in e:
+            elif isinstance(e, dict) and "start" in e and "end" in e:
                 start, end = e["start"], e["end"]
             else:
-                raise DataError(f"{path}:{r[LINE]}: an entity needs 'span' [start, end) or 'start' and 'end': {e}")
-            if not 0 <= start < end <= len(r[text_key]) or "type" not in e:
-                raise DataError(f"{path}:{r[LINE]}: entity {e} is outside the text or has no 'type'")
-            spans.append({"start": int(start), "end": int(end), "type": str(e["type"])})
+                raise DataError(f"{at}: an entity needs 'span' [start, end) or 'start' and 'end': {e}")
+            offsets_ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end))
+            if not offsets_ok or not 0 <= start < end <= len(r[text_key]) or "type" not in e:
+                raise DataError(f"{at}: entity {e} is outside the text or has no 'type'")
+            spans.append({"start": start, "end": end, "type": str(e["type"])})
         r["_entities"] = spans
     return records
 
@@ -184,7 +203,7 @@ class TokenClassification(Task):
             for is_first, w in zip(first, words, strict=True):
                 word_tag = example["tags"][w] if w is not None else None
                 if word_tag is not None and not is_first:
-                    word_tag = ("I" + word_tag[1:] if word_tag != "O" else "O") if label_all else None
+                    word_tag = continuation(word_tag) if label_all else None
                 tags.append(word_tag)
             return tags
         tags = spans_to_token_tags(feature["_offsets"], example["_entities"], label_all_tokens=True)
@@ -210,7 +229,7 @@ class TokenClassification(Task):
             if is_first:
                 word_tag = tag
             elif not self.settings.label_all_tokens:
-                tag = "I" + word_tag[1:] if word_tag and word_tag != "O" else "O"
+                tag = continuation(word_tag) if word_tag else OUTSIDE
             tags.append(tag)
         return tags
 
@@ -221,10 +240,8 @@ class TokenClassification(Task):
             scored = [t for t, label in enumerate(feature["labels"]) if label != IGNORE_INDEX]
             gold.append([names[feature["labels"][t]] for t in scored])
             pred.append([names[int(predicted[t])] for t in scored])
-        scores = {k: float(v) for k, v in entity_f1(gold, pred).items()}
-        flat = [(g, p) for gs, ps in zip(gold, pred, strict=True) for g, p in zip(gs, ps, strict=True)]
-        scores["accuracy"] = sum(g == p for g, p in flat) / max(len(flat), 1)
-        return scores
+        flat_gold, flat_pred = [t for tags in gold for t in tags], [t for tags in pred for t in tags]
+        return {**entity_f1(gold, pred), "accuracy": accuracy(flat_gold, flat_pred)}
 
     def predictions(self, examples, features, outputs):
         records = []

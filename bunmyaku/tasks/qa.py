@@ -11,19 +11,15 @@ beats it by more than ``null_threshold``.
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import re
-import string
-import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bunmyaku.data.tables import LINE, QAExample, read_squad
 from bunmyaku.tasks.base import Task, model_inputs
+from bunmyaku.tasks.metrics import squad_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -155,63 +151,7 @@ def postprocess(
 
 
 # ------------------------------------------------------------------------------------------------
-# Metrics: SQuAD's EM and token F1; character F1 for languages written without spaces
-
-
-def _has_cjk(text: str) -> bool:
-    return any(unicodedata.east_asian_width(ch) in ("W", "F") for ch in text)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation and English articles, squeeze whitespace (NFKC first)."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation) and unicodedata.category(ch)[0] != "P")
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def _tokens(text: str, char_level: bool) -> list[str]:
-    normalized = normalize_answer(text)
-    return [ch for ch in normalized if not ch.isspace()] if char_level else normalized.split()
-
-
-def f1_score(prediction: str, gold: str, char_level: bool | None = None) -> float:
-    """Token-overlap F1 (character overlap when ``char_level``, by default for CJK text)."""
-    char_level = _has_cjk(gold + prediction) if char_level is None else char_level
-    pred, ref = _tokens(prediction, char_level), _tokens(gold, char_level)
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    """1.0 when the normalised strings are equal."""
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def squad_metrics(predictions: list[dict[str, Any]], examples: list[QAExample]) -> dict[str, float]:
-    """``exact_match`` and ``f1`` in percent, each the max over the gold answers ("" for unanswerable)."""
-    em = f1 = 0.0
-    for pred, example in zip(predictions, examples, strict=True):
-        golds = [""] if example.is_impossible or not example.answers else [a["text"] for a in example.answers]
-        em += max(exact_match(pred["prediction_text"], g) for g in golds)
-        f1 += max(f1_score(pred["prediction_text"], g) for g in golds)
-    n = max(len(examples), 1)
-    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
-
-
-# ------------------------------------------------------------------------------------------------
 # The fine-tuning task
-
-
-def article_index(path: str | Path) -> dict[str, int]:
-    """Question id -> index of its article in a SQuAD file (held-out splits keep an article together)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
-    return {str(qa["id"]): a for a, article in enumerate(data) for p in article["paragraphs"] for qa in p["qas"]}
 
 
 class QuestionAnswering(Task):
@@ -226,17 +166,15 @@ class QuestionAnswering(Task):
     def __init__(self, settings: Any):
         super().__init__(settings)
         self.allow_impossible = False
-        self._articles: dict[str, int] = {}
 
     def read(self, path, labelled: bool = True) -> list[dict[str, Any]]:
-        self._articles.update(article_index(path))
         return [{"qa": example, LINE: example.id} for example in read_squad(path)]
 
     def fit_labels(self, examples):
         self.allow_impossible = any(e["qa"].is_impossible for e in examples)
 
     def split_groups(self, examples):
-        return [self._articles.get(e["qa"].id, e["qa"].context) for e in examples]
+        return [e["qa"].article for e in examples]
 
     def num_labels(self) -> int | None:
         return None

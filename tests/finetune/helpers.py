@@ -13,6 +13,26 @@ FILLER = ["the", "a", "movie", "film", "was", "very", "and", "plot", "cast", "is
 NAMES = ["taro", "hanako", "ken", "yuki"]
 PLACES = ["tokyo", "osaka", "kyoto", "nara"]
 WORDS = GOOD + BAD + FILLER + NAMES + PLACES + [",", ".", "?", "to", "lives", "in"]
+OVERFIT = {"epochs": 8, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "warmup_steps": 0, "schedule": "constant"}
+
+
+def finetune(out, **settings):
+    """run_finetune with flat settings (FinetuneArgs and TrainArgs keys, a key both have goes to both), quiet
+    and fast."""
+    from bunmyaku.tasks.finetune import FinetuneArgs, run_finetune
+    from bunmyaku.training.args import TrainArgs
+
+    settings = {"log_every": 1000, **OVERFIT, **settings}
+    loop = {k: v for k, v in settings.items() if k in TrainArgs.__dataclass_fields__}
+    fine = {k: v for k, v in settings.items() if k in FinetuneArgs.__dataclass_fields__}
+    targs = TrainArgs(output_dir=str(out), progress=False, plot=False, device="cpu", **loop)
+    return run_finetune(FinetuneArgs(**fine), targs)
+
+
+def write_tsv(path: Path, rows) -> Path:
+    """Rows of fields as a headerless TSV."""
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    return path
 
 
 def save_tiny(directory: Path, kind: str = "bert", seed: int = 0) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -91,6 +92,30 @@ def test_predict_and_evaluate_verbs(tsv_run, tmp_path):
     result = invoke("evaluate", "--model", out / "model", "--eval", data, "--output-dir", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"] == 1.0
+    again = ["evaluate", "--model", str(out / "model"), "--eval", str(data), "--output-dir", str(tmp_path / "ev")]
+    result = runner.invoke(app, again)
+    assert result.exit_code == 2 and "pass --overwrite" in result.output.replace("\n", "")
+    result = runner.invoke(app, [*again, "--overwrite"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_rerun_into_a_finished_run_needs_overwrite(tsv_run, tmp_path, tiny_bert_dir):
+    _, data, out = tsv_run
+    before = (out / "metrics.json").read_text()
+    args = finetune_args(
+        str(tiny_bert_dir), str(data), str(data), str(out), "--text-column", "0", "--label-column", "1"
+    )
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "pass --overwrite" in result.output.replace("\n", "")
+    assert (out / "metrics.json").read_text() == before
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    result = invoke(
+        *finetune_args(tiny_bert_dir, data, data, copy, "--text-column", "0", "--label-column", "1"), "--overwrite"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "metrics.json").read_text())["train_examples"] == 16
+    assert "Cleared the earlier results" in (copy / "finetune.log").read_text()
 
 
 def test_csv_with_header_and_pairs(tmp_path, tiny_bert_dir):

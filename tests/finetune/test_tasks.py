@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-from bunmyaku.tasks.base import GroupedBatches, collate_features, pearson, spearman
-from bunmyaku.tasks.finetune import FinetuneArgs, build_task, run_finetune
-from bunmyaku.training.args import TrainArgs
-from tests.finetune.helpers import GOOD, ner_records, sentiment_rows, squad_file
-
-OVERFIT = {"epochs": 8, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "warmup_steps": 0, "schedule": "constant"}
-
-
-def finetune(out, **settings):
-    """run_finetune with flat settings (FinetuneArgs and TrainArgs keys), quiet and fast."""
-    settings = {"log_every": 1000, **OVERFIT, **settings}
-    loop = {k: settings.pop(k) for k in list(settings) if k in TrainArgs.__dataclass_fields__}
-    targs = TrainArgs(output_dir=str(out), progress=False, plot=False, device="cpu", **loop)
-    return run_finetune(FinetuneArgs(**settings), targs)
+from bunmyaku.tasks.base import GroupedBatches, collate_features
+from bunmyaku.tasks.finetune import FinetuneArgs, build_task
+from tests.finetune.helpers import GOOD, finetune, ner_records, sentiment_rows, squad_file, write_tsv
 
 
 def train_losses(out):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r and "eval_loss" not in r]
-
-
-def write_tsv(path, rows):
-    path.write_text("".join("\t".join(r) + "\n" for r in rows))
-    return path
 
 
 def test_single_label_overfits_and_loss_falls(tmp_path, tiny_bert_dir):
@@ -240,11 +223,6 @@ def test_bi_encoder(tmp_path, tiny_bert_dir, loss):
     else:
         assert summary["pearson"] > 0.8
     assert (out / "model" / "1_Pooling" / "config.json").is_file()
-
-
-def test_correlations():
-    assert math.isclose(pearson([1, 2, 3], [2, 4, 6.5]), 0.9986, abs_tol=1e-3)
-    assert spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9487, abs=1e-3)
 
 
 def test_length_grouped_batches_cover_every_row_once():

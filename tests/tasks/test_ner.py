@@ -7,7 +7,9 @@ import json
 import pytest
 
 import bunmyaku
-from bunmyaku.tasks.ner import entity_f1, iob1_to_bio, spans_to_token_tags, token_tags_to_spans
+from bunmyaku.data.tables import iob1_to_bio
+from bunmyaku.tasks.metrics import entity_f1
+from bunmyaku.tasks.ner import group_tags, spans_to_token_tags, split_tag, token_tags_to_spans
 
 
 def _offsets(enc, i=0):
@@ -66,3 +68,80 @@ def test_tag_schemes_and_entity_f1():
     gold = [["B-PER", "I-PER", "O", "B-LOC"]]
     assert entity_f1(gold, gold)["f1"] == 1.0
     assert entity_f1(gold, [["B-PER", "O", "O", "B-LOC"]])["f1"] == pytest.approx(0.5)
+
+
+def _hf_grouping(labels):
+    """The grouping transformers' token-classification pipeline documents (``get_tag`` / ``group_entities``),
+    written out here as the oracle: B- opens an entity, I- or a plain label continues one of the same type."""
+
+    def tag(label):
+        if label.startswith("B-"):
+            return "B", label[2:]
+        if label.startswith("I-"):
+            return "I", label[2:]
+        return "I", label  # not in B- / I- format: a continuation
+
+    groups, current = [], []
+    for i, label in enumerate(labels):
+        if not current:
+            current = [i]
+            continue
+        bi, kind = tag(label)
+        if kind == tag(labels[current[-1]])[1] and bi != "B":
+            current.append(i)
+        else:
+            groups.append((current[0], current[-1] + 1, tag(labels[current[0]])[1]))
+            current = [i]
+    if current:
+        groups.append((current[0], current[-1] + 1, tag(labels[current[0]])[1]))
+    return groups
+
+
+def test_group_tags_matches_the_documented_grouping():
+    import random
+
+    rng = random.Random(0)
+    vocabulary = ["O", "B-PER", "I-PER", "PER", "B-LOC", "I-LOC", "LOC", "MISC"]
+    for _ in range(300):
+        labels = [rng.choice(vocabulary) for _ in range(rng.randint(1, 12))]
+        assert group_tags(labels) == _hf_grouping(labels), labels
+
+
+def test_plain_labels_group_into_spans():
+    offsets = [None, (0, 4), (5, 10), (11, 13), (14, 19), (19, 22), None]
+    tags = [None, "PER", "PER", "O", "LOC", "LOC", None]  # a scheme without B- / I- (crashed before)
+    assert token_tags_to_spans(tags, offsets) == [
+        {"start": 0, "end": 10, "type": "PER"},
+        {"start": 14, "end": 22, "type": "LOC"},
+    ]
+    mixed = [None, "B-PER", "B-PER", "O", "I-LOC", "LOC", None]  # B- splits; I- after O opens an entity
+    assert token_tags_to_spans(mixed, offsets) == [
+        {"start": 0, "end": 4, "type": "PER"},
+        {"start": 5, "end": 10, "type": "PER"},
+        {"start": 14, "end": 22, "type": "LOC"},
+    ]
+    assert split_tag("B-PER") == ("B", "PER") and split_tag("PER") == ("I", "PER") and split_tag("O") == ("I", "O")
+
+
+def test_sub_tokens_continue_a_plain_label(tiny_ner_task):
+    """Predictions of a word's later sub-tokens continue its first sub-token's label, plain labels included."""
+    task = tiny_ner_task(["O", "PER", "LOC"])
+    feature = {"_first": [False, True, False, True, False], "_words": [None, 0, 0, 1, None]}
+    tags = task._tags(feature, [0, 1, 0, 2, 0])
+    assert tags == [None, "PER", "I-PER", "LOC", None]
+    assert token_tags_to_spans(tags, [None, (0, 2), (2, 4), (5, 8), None]) == [
+        {"start": 0, "end": 4, "type": "PER"},
+        {"start": 5, "end": 8, "type": "LOC"},
+    ]
+
+
+@pytest.fixture
+def tiny_ner_task():
+    from bunmyaku.tasks.finetune import FinetuneArgs, build_task
+
+    def make(labels):
+        task = build_task(FinetuneArgs(task="token-classification", format="spans"))
+        task.labels = labels
+        return task
+
+    return make

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import bunmyaku
-from bunmyaku.tasks.qa import QAExample, exact_match, f1_score, postprocess, prepare_features, squad_metrics
+from bunmyaku.data.tables import QAExample
+from bunmyaku.tasks.metrics import exact_match, f1_score, squad_metrics
+from bunmyaku.tasks.qa import postprocess, prepare_features
 
 FILLER = " ".join(f"word{i}" for i in range(120))
 CONTEXT = f"{FILLER} The treasure is buried under the old oak tree near the river. {FILLER}"
@@ -81,3 +83,22 @@ def test_metrics():
     assert f1_score("under the oak", "under the old oak tree") == pytest.approx(2 * (2 / 2) * (2 / 4) / (1 + 0.5))
     assert f1_score("東京都", "東京") == pytest.approx(0.8)  # characters, not words, for Japanese
     assert f1_score("", "") == 1.0 and f1_score("x", "") == 0.0
+
+
+def test_held_out_split_keeps_each_article_together(tmp_path):
+    import json
+
+    from bunmyaku.tasks.finetune import FinetuneArgs, build_task, split_examples
+
+    def paragraph(a, p, n):
+        return {"context": f"c{a}{p}", "qas": [{"id": f"{a}-{p}-{q}", "question": "q"} for q in range(n)]}
+
+    articles = [{"paragraphs": [paragraph(a, 0, 2), paragraph(a, 1, 1)]} for a in range(10)]
+    (tmp_path / "s.json").write_text(json.dumps({"data": articles}))
+    task = build_task(FinetuneArgs(task="question-answering"))
+    examples = task.read(tmp_path / "s.json")
+    kept, held = split_examples(examples, task.split_groups(examples), 0.3, seed=0)
+    article_of = {e["qa"].id: e["qa"].article for e in examples}
+    held_articles = {article_of[e["qa"].id] for e in held}
+    assert len(held_articles) == 3 and len(held) == 9  # 3 articles, each with its 3 questions
+    assert not held_articles & {article_of[e["qa"].id] for e in kept}
