@@ -39,7 +39,7 @@ from bunmyaku.tasks.classification import SentenceSimilarityCross, TextClassific
 from bunmyaku.tasks.embedding import BiEncoder, SentenceEmbedding
 from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
-from bunmyaku.training.args import TrainArgs
+from bunmyaku.training.args import TrainArgs, check_number
 from bunmyaku.training.plugins import Plugin
 
 logger = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ class FinetuneArgs:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        check_number("epochs", self.epochs, low=0.0, low_open=True)  # NaN / inf refused, naming the field
+        check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         if isinstance(self.choice_columns, list):
             self.choice_columns = ",".join(self.choice_columns)
         for name in ("text_column", "text_pair_column", "label_column"):

@@ -332,3 +332,11 @@ def test_fp16_steps_skipped_by_the_grad_scaler_are_not_divergence(tmp_path, monk
     records = [json.loads(line, parse_constant=pytest.fail) for line in lines]
     assert records[0]["grad_norm"] is None and all(math.isfinite(r["loss"]) for r in records)
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("field", "value"), [("epochs", math.nan), ("epochs", math.inf), ("epochs", 0.0)])
+def test_bad_epochs_are_refused_naming_the_field(field, value):
+    from bunmyaku.tasks.finetune import FinetuneArgs
+
+    with pytest.raises(ValueError, match=rf"^{field} must .*got {value}"):
+        FinetuneArgs(**{field: value})
