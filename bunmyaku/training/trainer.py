@@ -355,6 +355,7 @@ class Trainer:
             )
 
     def _check_weights(self, purpose: str) -> None:
+        """Raise :class:`TrainingDiverged` before writing a ``purpose`` (checkpoint, export) of non-finite weights."""
         bad = ckpt.non_finite({n: p.detach() for n, p in self.unwrapped_model.named_parameters()})
         if bad:
             raise TrainingDiverged(
