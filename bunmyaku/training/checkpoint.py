@@ -279,12 +279,6 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return [(step, path) for step, path in _step_dirs(root) if (path / STATE_JSON).is_file()]
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 def rotate_checkpoints(root: Path, keep_last: int, keep: set[Path]) -> None:
     """Delete all but the last ``keep_last`` checkpoints and those in ``keep`` (the best); clear stale temporaries."""
     found = list_checkpoints(root)
