@@ -213,14 +213,14 @@ def train_tokenizer_command(
 
 def _pretrain(values: dict) -> None:
     from bunmyaku.training.args import PretrainArgs, TrainArgs
-    from bunmyaku.training.distributed import init_from_env
+    from bunmyaku.training.distributed import process_group_from_env
     from bunmyaku.training.pretrain import run_pretraining
     from bunmyaku.training.recipe import build_args
 
     _setup_logging(values.pop("verbose"))
-    init_from_env()
-    pargs, targs = build_args((PretrainArgs, TrainArgs), values)
-    run_pretraining(pargs, targs)
+    with process_group_from_env():  # destroyed at the end, also on error (a live gloo group aborts at exit)
+        pargs, targs = build_args((PretrainArgs, TrainArgs), values)
+        run_pretraining(pargs, targs)
 
 
 def _pretrain_command():

@@ -12,7 +12,10 @@ Documents carry no special tokens; each objective adds its own (EOS between docu
 causal LM, ``[CLS]`` / ``[SEP]`` for BERT). Reading streams line by line and tokenizing runs in batches
 through the Rust tokenizer's parallel ``encode_batch``, so a corpus larger than memory is built and read
 without ever being held in RAM. The folder is built under a temporary name and renamed when complete: a
-failure (an empty corpus, a non-UTF-8 file, a JSONL line without ``text``) leaves nothing behind.
+failure (an empty corpus, a non-UTF-8 file, a JSONL line without ``text``) leaves nothing behind. A build
+holds ``.<name>.lock`` beside the folder while it runs, so builds of one corpus take turns, and the
+temporaries a killed build left (``.<name>.tmp-*``, with no live build holding the lock) are removed by the
+next one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -161,7 +164,7 @@ class TokenCorpus:
         if info is None:
             raise KeyError(f"{self.directory} has no split {name!r}; it has {sorted(self.index['splits'])}")
         tokens = _open_tokens(self.directory / f"{name}.bin", self.dtype, info["num_tokens"])
-        docs = np.load(self.directory / f"{name}.docs.npy", mmap_mode="r")
+        docs = np.load(self.directory / f"{name}.docs.npy", mmap_mode="r", allow_pickle=False)
         words = None
         if self.index.get("word_starts"):
             words = _open_tokens(self.directory / f"{name}.words.bin", np.dtype(np.uint8), info["num_tokens"])
@@ -215,6 +218,61 @@ def build_corpus(
     files = expand_sources(sources)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(output_dir):
+        _remove_stale_temporaries(output_dir)
+        splits = _build(
+            files, tokenizer, output_dir, doc_split, text_field, valid_fraction, word_starts, seed, progress, workers
+        )
+    logger.info(
+        "Built corpus %s: %s train / %s valid tokens (%s)",
+        output_dir,
+        f"{splits['train']['num_tokens']:,}",
+        f"{splits['valid']['num_tokens']:,}",
+        token_dtype(tokenizer.vocab_size).name,
+    )
+    return TokenCorpus(output_dir)
+
+
+@contextmanager
+def _build_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside the corpus folder (released by the OS however the process ends)."""
+    fd = os.open(output_dir.parent / f".{output_dir.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; one build at a time is the user's affair
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("Waiting for another build of %s to finish", output_dir)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete ``.<name>.tmp-*`` folders: under the build lock, none belongs to a live build."""
+    for stale in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
+        logger.warning("Removing %s, left by an interrupted corpus build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build(
+    files: list[Path],
+    tokenizer: Any,
+    output_dir: Path,
+    doc_split: DocSplit,
+    text_field: str,
+    valid_fraction: float,
+    word_starts: bool,
+    seed: int,
+    progress: bool,
+    workers: int,
+) -> dict[str, Any]:
+    """Tokenize into a temporary folder, then rename it onto ``output_dir``; returns the splits' index entries."""
     vocab_size = tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -235,21 +293,14 @@ def build_corpus(
             "word_starts": word_starts,
             "splits": splits,
         }
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, allow_nan=False), encoding="utf-8")
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.rename(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info(
-        "Built corpus %s: %s train / %s valid tokens (%s)",
-        output_dir,
-        f"{splits['train']['num_tokens']:,}",
-        f"{splits['valid']['num_tokens']:,}",
-        dtype.name,
-    )
-    return TokenCorpus(output_dir)
+    return splits
 
 
 def expand_sources(sources: Sequence[str | os.PathLike]) -> list[Path]:

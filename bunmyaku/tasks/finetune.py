@@ -48,7 +48,7 @@ from bunmyaku.tasks.classification import SentenceSimilarityCross, TextClassific
 from bunmyaku.tasks.embedding import BiEncoder, SentenceEmbedding
 from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
-from bunmyaku.training.args import TrainArgs
+from bunmyaku.training.args import TrainArgs, check_int, check_number
 from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
 from bunmyaku.training.plugins import Plugin
 
@@ -179,40 +179,6 @@ class FinetuneArgs:
             value = getattr(self, name)
             if isinstance(value, int):  # a position written as a number in YAML
                 setattr(self, name, str(value))
-
-
-# The same contract as bunmyaku.training.args.check_number / check_int on the TrainArgs branch of issue 14: when
-# both are merged, these two are replaced by an import from there.
-def check_number(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is a finite number in the given range (NaN passes
-    every comparison written the usual way, so finiteness comes first)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
-        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-
-
-def check_int(name: str, value: object, low: int | None = None) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is an integer (not a float, not NaN) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 def build_task(settings: FinetuneArgs) -> Task:

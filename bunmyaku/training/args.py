@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
@@ -85,18 +86,58 @@ class TrainArgs:
     """Write loss_curves.png next to metrics.jsonl at the end (needs matplotlib)."""
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum_steps", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "keep_last"):
+            check_int(name, getattr(self, name), low=1)
+        for name in ("warmup_steps", "freeze_layers", "eval_every", "eval_batches", "save_every", "num_threads"):
+            check_int(name, getattr(self, name), low=0)
+        check_int("seed", self.seed)
+        check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
+        check_number("adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
+        check_number("adam_eps", self.adam_eps, low=0.0, low_open=True)
+        check_number("max_grad_norm", self.max_grad_norm, low=0.0)
+        check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.freeze_layers < 0:
-            raise ValueError(f"freeze_layers must be >= 0, got {self.freeze_layers}")
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a finite number in the given range.
+
+    NaN passes every comparison test written the usual way (``nan < 0`` is False), so finiteness is checked
+    first: a NaN or infinite learning rate would otherwise train to NaN weights without a word.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def check_int(name: str, value: object, low: int | None = None) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an integer (not a float, not NaN) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 OBJECTIVE_TASKS = {"clm": "causal-lm", "mlm": "masked-lm", "mlm+nsp": "pretraining"}
@@ -144,8 +185,10 @@ class PretrainArgs:
             raise ValueError("no data: give raw text / JSONL files or a built corpus folder")
         if isinstance(self.data, str):
             self.data = [self.data]
-        if self.block_size < 8:
-            raise ValueError(f"block_size must be at least 8, got {self.block_size}")
+        check_int("block_size", self.block_size, low=8)
+        check_number("valid_fraction", self.valid_fraction, low=0.0, high=1.0, high_open=True)
+        check_number("mlm_probability", self.mlm_probability, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("short_seq_prob", self.short_seq_prob, low=0.0, high=1.0)
 
 
 @cache

@@ -6,8 +6,9 @@ reads the environment, through :func:`init_from_env`.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,28 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
+
+
+@contextlib.contextmanager
+def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
+    """:func:`init_from_env` for the duration of a block; the group it joined is destroyed when the block ends,
+    normally or by an exception.
+
+    A group still alive when the interpreter shuts down is destroyed after it: gloo's worker threads may then
+    need the GIL that no longer exists, and the process aborts with SIGABRT ("terminate called without an
+    active exception"; see the note in ``torch.distributed.destroy_process_group``). Destroying the group while
+    the interpreter is whole avoids that; on an error it also closes the connections, so the other processes
+    fail instead of waiting in a collective.
+
+    Yields:
+        Whether a process group is active.
+    """
+    created = not dist.is_initialized() and init_from_env(backend)
+    try:
+        yield dist.is_initialized()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def world_size() -> int:

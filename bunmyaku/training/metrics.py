@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
+
+from bunmyaku.hub.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -23,15 +26,20 @@ class MetricsWriter:
         directory.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.is_file():
             self.path.unlink()
         self.tensorboard = _tensorboard(directory / "tensorboard")
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (must hold ``step``)."""
+        """Append one record (must hold ``step``); a non-finite number is written as null, never as bare NaN.
+
+        (The Trainer stops on a non-finite loss before logging it; what remains is e.g. the infinite gradient
+        norm of an fp16 step that the GradScaler skips.)
+        """
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -10,10 +10,14 @@ and collator, and the Trainer. The output folder is HF layout: ``transformers`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bunmyaku.data import (
     CausalLMCollator,
@@ -25,8 +29,10 @@ from bunmyaku.data import (
     wordpiece_continuation,
 )
 from bunmyaku.data.corpus import INDEX_NAME, expand_sources
+from bunmyaku.hub.files import write_json_atomic
 from bunmyaku.training import distributed as dist_utils
 from bunmyaku.training.args import OBJECTIVE_TASKS, PretrainArgs, TrainArgs
+from bunmyaku.training.outputs import OutputDirBusy, exclusive_output_dir
 from bunmyaku.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -35,12 +41,41 @@ logger = logging.getLogger(__name__)
 def run_pretraining(pargs: PretrainArgs, targs: TrainArgs) -> dict[str, float]:
     """Pretrain as described by ``pargs`` and ``targs``; returns the final evaluation metrics.
 
+    The run holds the output folder's lock from start to end (a second run into the same folder is refused);
+    a folder with checkpoints is resumed unless ``targs.resume`` is off.
+
     Raises:
         ValueError: for inconsistent options (a tokenizer without the special tokens the objective needs, a
             vocabulary larger than the model's, bad corpus files).
+        OutputDirBusy: another run is writing into the output folder.
+        TrainingDiverged: the loss stopped being finite (nothing from then on is saved).
     """
     output_dir = Path(targs.output_dir)
+    with _own_output_dir(output_dir):
+        return _pretrain(pargs, targs, output_dir)
+
+
+@contextlib.contextmanager
+def _own_output_dir(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir``'s lock for the run (rank 0 takes it; every process stops if it is busy)."""
+    with contextlib.ExitStack() as stack:
+        refusal: Exception | None = None
+        if dist_utils.is_main():
+            try:
+                stack.enter_context(exclusive_output_dir(output_dir))
+            except (OutputDirBusy, NotADirectoryError) as error:
+                refusal = error
+        messages = dist_utils.gather_objects(str(refusal) if refusal is not None else None)
+        if refusal is not None:
+            raise refusal
+        if messages[0] is not None:
+            raise OutputDirBusy(messages[0])
+        yield
+
+
+def _pretrain(pargs: PretrainArgs, targs: TrainArgs, output_dir: Path) -> dict[str, float]:
     tokenizer = _load_tokenizer(pargs)
+    torch.manual_seed(targs.seed)  # a new model's initial weights follow --seed
     model = _load_model(pargs, tokenizer)
     corpus = _corpus(pargs, tokenizer, output_dir, targs.seed)
     train_data, eval_data, collator = _examples(pargs, tokenizer, corpus, targs.seed)
@@ -60,7 +95,7 @@ def run_pretraining(pargs: PretrainArgs, targs: TrainArgs) -> dict[str, float]:
         if trainer.best["step"] is not None:
             summary["best_eval_loss"] = trainer.best["eval_loss"]
         summary["exported"] = "best" if targs.export_best and trainer.best["step"] is not None else "last"
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(output_dir / "metrics.json", summary, sort_keys=False)
     return metrics
 
 

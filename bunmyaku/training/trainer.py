@@ -8,6 +8,10 @@ Read :meth:`Trainer.fit` first; each named step below it does one thing:
 - ``_optimizer_step``: unscale (fp16), clip, step the optimizer, scheduler and scaler;
 - ``_evaluate``: held-out loss, perplexity and token accuracy;
 - ``_save``: an atomic checkpoint with everything exact resume needs.
+
+A run that diverges stops: the first step whose loss is not finite is recorded on the device (no host sync per
+step) and raised as :class:`TrainingDiverged` at the next log, evaluation, checkpoint or export, so NaN weights
+are never saved, exported or resumed from.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from bunmyaku.training.plugins import EMA, Freeze, Plugin
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite (a learning rate too high, bad labels, fp16 overflow)."""
 
 
 class Trainer:
@@ -87,6 +95,7 @@ class Trainer:
         self._step_batches: list[Batch] = []
         self._step_counts: dict[str, float] = {}
         self._last_eval: tuple[int, float] = (-1, math.inf)
+        self._last_metrics: dict[str, float] = {}
         self._eval_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -95,7 +104,6 @@ class Trainer:
         """Train to ``args.max_steps`` (resuming when a checkpoint exists), export the model, return the last
         evaluation's metrics ({} without held-out data)."""
         self._setup()
-        last_eval: dict[str, float] = {}
         with self._progress() as progress:
             while self.step < self.args.max_steps:
                 stats = self._train_step([self.train_stream.next_batch() for _ in range(self.args.grad_accum_steps)])
@@ -103,10 +111,10 @@ class Trainer:
                 self.step += 1
                 self._log_train(stats, progress)
                 if self._due(self.args.eval_every):
-                    last_eval = self._evaluate()
+                    self._evaluate()
                 if self._due(self.args.save_every):
                     self._save()
-        return self._finish(last_eval)
+        return self._finish()
 
     # ------------------------------------------------------------------------------------------ the steps
 
@@ -128,6 +136,7 @@ class Trainer:
         sums: dict[str, float | torch.Tensor] = {**self.forward_backward(), "tokens": tokens}
         if self.world_size > 1:
             sums = dist_utils.all_reduce_sums(sums, self.device)
+        self._watch_loss(sum(sums[t] for t in self._step_counts if t in sums))
         return {**sums, **{f"count_{k}": v for k, v in self._step_counts.items()}}
 
     def forward_backward(self) -> dict[str, torch.Tensor]:
@@ -177,6 +186,7 @@ class Trainer:
         """Loss, perplexity and token accuracy on the held-out data (all of it, or ``args.eval_batches``)."""
         if self.eval_data is None:
             return {}
+        self._raise_if_diverged()
         started = time.perf_counter()
         model = self.unwrapped_model
         model.eval()
@@ -199,9 +209,12 @@ class Trainer:
         model.train()
         totals = dist_utils.all_reduce_sums(sums, self.device)
         metrics = _summarise(totals, prefix="eval_")
+        if not math.isfinite(metrics.get("eval_loss", 0.0)):
+            raise TrainingDiverged(f"the evaluation loss at step {self.step} is {metrics['eval_loss']}")
         for plugin in self.plugins:
             plugin.on_evaluate(self, metrics)
         self._last_eval = (self.step, metrics.get("eval_loss", math.inf))
+        self._last_metrics = metrics
         if self.is_main:
             self.writer.write({"step": self.step, **metrics})
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -211,6 +224,8 @@ class Trainer:
 
     def _save(self) -> None:
         """Checkpoint model, optimizer, scheduler, scaler, plugins, RNG states (every process) and data position."""
+        self._raise_if_diverged()
+        self._check_weights("checkpoint")
         eval_step, eval_loss = self._last_eval
         if eval_step == self.step and eval_loss < self.best["eval_loss"]:
             self.best = {"eval_loss": eval_loss, "step": self.step}
@@ -225,6 +240,7 @@ class Trainer:
                 "rng": rng_states,
                 "data": self.train_stream.state_dict(),
                 "best": self.best,
+                "last_metrics": self._last_metrics,
                 "world_size": self.world_size,
             }
             ckpt.save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped_model, state)
@@ -258,7 +274,8 @@ class Trainer:
         self.optimizer = build_optimizer(groups, args, self.device)
         self.scheduler = build_scheduler(self.optimizer, args)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
-        self.grad_norm = float("nan")
+        self.grad_norm: float | torch.Tensor | None = None
+        self._first_bad_step = torch.tensor(-1, device=self.device)
         self.train_stream = BatchStream(
             self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
         )
@@ -269,12 +286,12 @@ class Trainer:
         self._tokens_seen = 0.0
 
     def _resume(self) -> int | None:
-        """Load the latest checkpoint, if any; returns its step."""
-        path = ckpt.latest_checkpoint(self.checkpoint_dir)
-        if path is None:
+        """Load the newest intact checkpoint, if any (a damaged newer one is skipped); returns its step."""
+        found = ckpt.latest_readable(self.unwrapped_model, self.checkpoint_dir)
+        if found is None:
             return None
-        state = torch.load(path / ckpt.STATE_NAME, map_location="cpu", weights_only=False)
-        ckpt.load_model(self.unwrapped_model, path)
+        ckpt.load_weights(self.unwrapped_model, found.weights, found.path)
+        state = found.state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -286,27 +303,30 @@ class Trainer:
         if state["world_size"] != self.world_size:
             logger.warning("resuming %d processes from a %d-process run: RNG streams differ", self.world_size, len(rng))
         ckpt.set_rng_state(rng[self.rank % len(rng)])
-        self.step, self.best = state["step"], state["best"]
-        logger.info("Resumed from %s (step %d)", path, self.step)
+        self.step, self.best, self._last_metrics = state["step"], state["best"], state["last_metrics"]
+        logger.info("Resumed from %s (step %d)", found.path, self.step)
         return self.step
 
     def _restore(self, path: Path) -> None:
         """Load a checkpoint's weights and plugin states (EMA's average) for export."""
-        state = torch.load(path / ckpt.STATE_NAME, map_location="cpu", weights_only=False)
-        ckpt.load_model(self.unwrapped_model, path)
-        for plugin, plugin_state in zip(self.plugins, state["plugins"], strict=False):
+        found = ckpt.read_checkpoint(self.unwrapped_model, path)
+        ckpt.load_weights(self.unwrapped_model, found.weights, path)
+        for plugin, plugin_state in zip(self.plugins, found.state["plugins"], strict=False):
             plugin.load_state_dict(plugin_state)
         logger.info("Exporting the best checkpoint, %s (eval loss %.4f)", path, self.best["eval_loss"])
 
-    def _finish(self, last_eval: dict[str, float]) -> dict[str, float]:
-        """Export the model (EMA weights when averaging) and the tokenizer; plot the losses."""
+    def _finish(self) -> dict[str, float]:
+        """Export the model (EMA weights when averaging) and the tokenizer; plot the losses; return the last
+        evaluation's metrics."""
         args = self.args
+        self._raise_if_diverged()
         if self.is_main:
             if args.export_best and self.best["step"] not in (None, self.step):
                 self._restore(ckpt.step_dir(self.checkpoint_dir, self.best["step"]))
             with contextlib.ExitStack() as stack:
                 for plugin in self.plugins:
                     stack.enter_context(plugin.evaluation_context(self))
+                self._check_weights("export")
                 ckpt.save_model(self.unwrapped_model, self.output_dir, dtype=args.export_dtype)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.output_dir)
@@ -315,7 +335,32 @@ class Trainer:
                 plot_losses(self.writer.path, self.output_dir / "loss_curves.png")
             logger.info("Saved the model to %s", self.output_dir)
         dist_utils.barrier()
-        return last_eval
+        return dict(self._last_metrics)
+
+    # ------------------------------------------------------------------------------------------ divergence
+
+    def _watch_loss(self, loss: float | torch.Tensor) -> None:
+        """Remember the first step whose loss is not finite, on the loss's device (no host sync)."""
+        loss = torch.as_tensor(loss, device=self.device)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where(~torch.isfinite(loss) & (first < 0), self.step + 1, first)
+
+    def _raise_if_diverged(self) -> None:
+        """Raise :class:`TrainingDiverged` if a step's loss was not finite (reads the device once)."""
+        step = int(self._first_bad_step)
+        if step >= 0:
+            raise TrainingDiverged(
+                f"the training loss became non-finite (NaN or infinity) at step {step}; nothing from that step on "
+                "was saved. Lower the learning rate, check the data (labels), or train in fp32 / bf16"
+            )
+
+    def _check_weights(self, purpose: str) -> None:
+        """Raise :class:`TrainingDiverged` before writing a ``purpose`` (checkpoint, export) of non-finite weights."""
+        bad = ckpt.non_finite({n: p.detach() for n, p in self.unwrapped_model.named_parameters()})
+        if bad:
+            raise TrainingDiverged(
+                f"the weights are not finite at step {self.step} ({', '.join(bad[:5])}); no {purpose} was written"
+            )
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -352,9 +397,12 @@ class Trainer:
 
     def _log_train(self, stats: dict[str, float | torch.Tensor], progress: Any) -> None:
         self._tokens_seen += stats["tokens"]
+        logged = self.step % self.args.log_every == 0 or self.step == self.args.max_steps
+        if logged:
+            self._raise_if_diverged()  # every process, so that all of them stop together
         if not self.is_main:
             return
-        if self.step % self.args.log_every and self.step != self.args.max_steps:
+        if not logged:
             elapsed = time.perf_counter() - self._started - self._eval_seconds
             progress.update(self._task, completed=self.step, tps=self._tokens_seen / max(elapsed, 1e-9))
             return
@@ -366,7 +414,7 @@ class Trainer:
             "step": self.step,
             **metrics,
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(self.grad_norm),
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
             "elapsed_s": elapsed,
         }

@@ -77,6 +77,36 @@ def test_a_single_document_is_split_at_the_tail(tmp_path):
     assert len(corpus.split("train").tokens) == 900 and len(corpus.split("valid").tokens) == 100
 
 
+def test_a_killed_build_leaves_temporaries_the_next_build_removes_but_not_a_live_ones(tmp_path):
+    import fcntl
+    import threading
+
+    src = tmp_path / "a.txt"
+    src.write_text("w1 w2\n\nw3\n", encoding="utf-8")
+    tok = word_tokenizer(["w1", "w2", "w3"])
+    killed = tmp_path / ".out.tmp-killed1"  # what a kill -9 in the middle of a build leaves
+    killed.mkdir()
+    (killed / "all.bin").write_bytes(b"\0" * 64)
+
+    # a live build holds the lock: its temporary stays, and a second build waits for it
+    live = tmp_path / ".out.tmp-live"
+    live.mkdir()
+    with open(tmp_path / ".out.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=build_corpus, args=([src], tok, tmp_path / "out"), kwargs={"progress": False})
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and live.is_dir() and killed.is_dir() and not (tmp_path / "out").exists()
+    waiting.join(timeout=30)  # the lock is released: the holder is gone, its temporaries are stale
+    assert not waiting.is_alive()
+    assert not killed.exists() and not live.exists()
+    assert (
+        TokenCorpus(tmp_path / "out").split("train").num_docs + TokenCorpus(tmp_path / "out").split("valid").num_docs
+        == 2
+    )
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_dtype_follows_the_vocabulary_size():
     assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
 
@@ -97,7 +127,9 @@ def test_bad_input_gives_a_clear_error_and_no_output(tmp_path, name, content, me
     with pytest.raises(ValueError, match=message):
         build_corpus([src], word_tokenizer(["a", "b"]), out, progress=False)
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    # nothing but the empty lock file that lets builds of one corpus take turns
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", name]
+    assert (tmp_path / ".out.lock").stat().st_size == 0
 
 
 def test_packing_puts_eos_between_documents_and_cuts_exact_blocks():

@@ -12,7 +12,7 @@ import torch
 
 from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import TrainArgs, Trainer
-from bunmyaku.training.distributed import init_from_env
+from bunmyaku.training.distributed import process_group_from_env
 from tests.training.helpers import EOS, random_split, tiny_gpt2
 
 
@@ -25,27 +25,25 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=2)
     cli = parser.parse_args()
     torch.set_num_threads(1)
-    init_from_env("gloo")
-    args = TrainArgs(
-        output_dir=cli.output_dir,
-        max_steps=cli.max_steps,
-        batch_size=cli.batch_size,
-        grad_accum_steps=2,
-        lr=3e-3,
-        warmup_steps=2,
-        eval_every=3,
-        save_every=cli.save_every,
-        keep_last=2,
-        device="cpu",
-        progress=False,
-        plot=False,
-    )
-    model = tiny_gpt2(dropout=cli.dropout)
-    train = PackedBlocks(random_split(60), 16, EOS, random_offset=True)
-    valid = PackedBlocks(random_split(10, seed=1), 16, EOS)
-    Trainer(model, args, train, valid, CausalLMCollator()).fit()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    with process_group_from_env("gloo"):
+        args = TrainArgs(
+            output_dir=cli.output_dir,
+            max_steps=cli.max_steps,
+            batch_size=cli.batch_size,
+            grad_accum_steps=2,
+            lr=3e-3,
+            warmup_steps=2,
+            eval_every=3,
+            save_every=cli.save_every,
+            keep_last=2,
+            device="cpu",
+            progress=False,
+            plot=False,
+        )
+        model = tiny_gpt2(dropout=cli.dropout)
+        train = PackedBlocks(random_split(60), 16, EOS, random_offset=True)
+        valid = PackedBlocks(random_split(10, seed=1), 16, EOS)
+        Trainer(model, args, train, valid, CausalLMCollator()).fit()
 
 
 if __name__ == "__main__":

@@ -156,3 +156,57 @@ def test_unknown_recipe_key_and_missing_model_are_clear_errors(tmp_path, corpus)
     assert result.exit_code == 1 and "lr_max" in result.output
     result = CliRunner().invoke(app, ["pretrain", "--tokenizer", "char", "--data", str(corpus)])
     assert result.exit_code == 1 and "model_config" in result.output
+
+
+def _gpt_recipe(tmp_path, corpus, out, **extra) -> list[str]:
+    config = tmp_path / "gpt.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 32}))
+    args = ["--objective", "clm", "--tokenizer", "char", "--doc-split", "line", "--block-size", "16"]
+    args += ["--model-config", str(config), "--data", str(corpus), "--output-dir", str(out), "--seed", "0"]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_a_fresh_model_is_reproducible_from_the_seed(tmp_path, corpus):
+    from safetensors.torch import load_file
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        _run(*_gpt_recipe(tmp_path, corpus, out, log_every=1))
+    first, second = (load_file(out / "model.safetensors") for out in runs)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert _losses(runs[0]) == _losses(runs[1]) and len(_losses(runs[0])) == 3
+
+
+def test_rerunning_a_finished_run_keeps_its_evaluation(tmp_path, corpus):
+    out = tmp_path / "run"
+    _run(*_gpt_recipe(tmp_path, corpus, out))
+    before = json.loads((out / "metrics.json").read_text())
+    assert "eval_loss" in before
+    _run(*_gpt_recipe(tmp_path, corpus, out))  # resumes at the last step: nothing to train
+    assert json.loads((out / "metrics.json").read_text()) == before
+
+
+def test_two_runs_into_one_folder_are_refused(tmp_path, corpus):
+    from bunmyaku.training.outputs import OutputDirBusy, exclusive_output_dir
+
+    out = tmp_path / "run"
+    with exclusive_output_dir(out):  # another live run holds the folder
+        result = CliRunner().invoke(app, ["pretrain", *_gpt_recipe(tmp_path, corpus, out), "--device", "cpu"])
+    assert result.exit_code != 0 and "another bunmyaku run" in result.output + str(result.exception)
+    assert OutputDirBusy.__name__ in repr(result.exception) or "another bunmyaku run" in result.output
+    assert not (out / "model.safetensors").exists() and not (out / "corpus").exists()
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan"])
+def test_a_non_finite_learning_rate_is_refused_before_training(tmp_path, corpus, lr):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", *_gpt_recipe(tmp_path, corpus, out, lr=lr), "--device", "cpu"])
+    assert result.exit_code != 0 and f"lr must be a finite number, got {lr}" in result.output + str(result.exception)
+    assert not (out / "model.safetensors").exists()

@@ -84,10 +84,24 @@ def _clm_data():
 def test_mixed_precision_trains(tmp_path, precision):
     train, valid = _clm_data()
     args = _args(tmp_path, max_steps=4, batch_size=4, precision=precision, eval_every=0, save_every=0)
-    trainer = Trainer(tiny_gpt2(), args, train, valid, CausalLMCollator())
+    model = tiny_gpt2()
+    seen: dict[str, set[torch.dtype]] = {"train": set(), "eval": set()}
+
+    def record(module, inputs, output):  # returns None: the output is left as it is
+        seen["train" if module.training else "eval"].add(output.dtype)
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears
+    for module in linears:
+        module.register_forward_hook(record)
+    trainer = Trainer(model, args, train, valid, CausalLMCollator())
     metrics = trainer.fit()
     assert math.isfinite(metrics["eval_loss"])
     assert (trainer.scaler is not None) == (precision == "fp16")
+    # autocast really ran the matrix products in half precision, in training and in evaluation
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen == {"train": {expected}, "eval": {expected}}
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the weights stay fp32 under autocast"
 
 
 def test_a_run_writes_metrics_plot_checkpoints_and_keeps_last_and_best(tmp_path):
