@@ -94,7 +94,7 @@ def test_predict_and_evaluate_verbs(tsv_run, tmp_path):
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"] == 1.0
     again = ["evaluate", "--model", str(out / "model"), "--eval", str(data), "--output-dir", str(tmp_path / "ev")]
     result = runner.invoke(app, again)
-    assert result.exit_code == 2 and "pass --overwrite" in result.output.replace("\n", "")
+    assert result.exit_code == 1 and "pass --overwrite" in result.output.replace("\n", "")
     result = runner.invoke(app, [*again, "--overwrite"])
     assert result.exit_code == 0, result.output
 
@@ -106,7 +106,7 @@ def test_a_rerun_into_a_finished_run_needs_overwrite(tsv_run, tmp_path, tiny_ber
         str(tiny_bert_dir), str(data), str(data), str(out), "--text-column", "0", "--label-column", "1"
     )
     result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "pass --overwrite" in result.output.replace("\n", "")
+    assert result.exit_code == 1 and "pass --overwrite" in result.output.replace("\n", "")
     assert (out / "metrics.json").read_text() == before
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
