@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import KeyMap
-from bunmyaku.models.attention import Packing, padding_mask
+from bunmyaku.models.attention import padding_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
-from bunmyaku.models.config import ModelConfig
+from bunmyaku.models.config import LayerConfig, ModelConfig
+from bunmyaku.models.fastpath import Packing
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear, linear
@@ -47,11 +48,6 @@ class BertConfig(ModelConfig):
         "norm_eps": "layer_norm_eps",
     }
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (*ModelConfig.RUNTIME_FIELDS, "unpad")
-    # fixed by the architecture, read by the shared blocks
-    pre_norm: ClassVar[bool] = False
-    norm: ClassVar[str] = "layernorm"
-    mlp: ClassVar[str] = "mlp"
-
     vocab_size: int = 30522
     hidden_size: int = 768
     num_layers: int = 12
@@ -81,6 +77,20 @@ class BertConfig(ModelConfig):
         if not self.tie_word_embeddings:
             raise ValueError("tie_word_embeddings=False: BERT's masked-LM decoder is always the embedding matrix here")
         activation(self.hidden_act)
+
+    def layer_config(self, layer_idx: int) -> LayerConfig:
+        """What each block reads: post-LN (norm(x + f(x))), LayerNorm, a GELU MLP, biases everywhere."""
+        return LayerConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            pre_norm=False,
+            norm_eps=self.norm_eps,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            attn_implementation=self.attn_implementation,
+        )
 
 
 class BertEmbeddings(nn.Module):
@@ -204,7 +214,7 @@ class BertModel(BertPreTrainedModel):
     def __init__(self, config: BertConfig, add_pooler: bool = True):
         super().__init__(config)
         self.embed = self.embeddings_class(config)
-        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
+        self.layers = nn.ModuleList([Block(config.layer_config(i), i) for i in range(config.num_layers)])
         self.pooler = BertPooler(config) if add_pooler else None
 
     def _pack_inputs(self, packing, input_ids, token_type_ids, position_ids, inputs_embeds):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bunmyaku.models import attention
+from bunmyaku.models import fastpath
 from bunmyaku.models.bert import BertConfig, BertForSequenceClassification, BertModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -36,10 +36,10 @@ def _pair(model_cls, **kw):
 
 
 def test_varlen_kernel_is_available_and_used(monkeypatch):
-    assert attention.varlen_attn is not None, "this torch has no torch.nn.attention.varlen"
+    assert fastpath.varlen_attn is not None, "this torch has no torch.nn.fastpath.varlen"
     calls = []
-    original = attention.varlen_attn
-    monkeypatch.setattr(attention, "varlen_attn", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = fastpath.varlen_attn
+    monkeypatch.setattr(fastpath, "varlen_attn", lambda *a, **k: calls.append(1) or original(*a, **k))
     packed, _ = _pair(BertModel)
     ids, mask = _batch()
     with torch.inference_mode():
@@ -168,8 +168,8 @@ def test_varlen_dropout_kernel_at_p0_equals_varlen_attn():
     q, k, v, cu, longest = _packed_qkv(0)
     results = []
     for fn in (
-        lambda q, k, v: attention.varlen_dropout_attention(q, k, v, cu, longest, 0.0),
-        lambda q, k, v: attention.varlen_attn(q, k, v, cu, cu, longest, longest),
+        lambda q, k, v: fastpath.varlen_dropout_attention(q, k, v, cu, longest, 0.0),
+        lambda q, k, v: fastpath.varlen_attn(q, k, v, cu, cu, longest, longest),
     ):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
@@ -186,14 +186,14 @@ def test_varlen_dropout_backward_uses_the_forward_mask():
     g = torch.randn_like(q)
     v = v.clone().requires_grad_()
     torch.manual_seed(0)
-    y = attention.varlen_dropout_attention(q, k, v, cu, longest, 0.5)
+    y = fastpath.varlen_dropout_attention(q, k, v, cu, longest, 0.5)
     (y * g).float().sum().backward()
     lhs, rhs = (y.float() * g.float()).sum(), (v.detach().float() * v.grad.float()).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-2, atol=1e-2 * g.numel() ** 0.5)
-    no_dropout = attention.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.0)
+    no_dropout = fastpath.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.0)
     assert (y.detach() - no_dropout).abs().max() > 0.1, "dropout had no effect"
     torch.manual_seed(0)
-    again = attention.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.5)
+    again = fastpath.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.5)
     assert torch.equal(y.detach(), again), "the same seed must draw the same mask"
 
 
@@ -201,8 +201,8 @@ def test_training_with_attention_dropout_takes_varlen(monkeypatch):
     """BERT fine-tuning with its default dropout under bf16 autocast runs the packed rows through the varlen kernel
     (no per-layer re-padding), and the loss decreases."""
     calls = []
-    original = attention.varlen_dropout_attention
-    monkeypatch.setattr(attention, "varlen_dropout_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = fastpath.varlen_dropout_attention
+    monkeypatch.setattr(fastpath, "varlen_dropout_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     model, _ = _pair(BertForSequenceClassification)
     assert model.config.attention_dropout > 0
     model.train()

@@ -109,12 +109,13 @@ def test_kv_cache_appends_and_reorders():
 @pytest.mark.parametrize("rotary", [False, True])
 def test_a_decoding_step_equals_the_last_row_of_causal_attention(rotary):
     """The decode path (fused q/k/v, q and k rotated together, static cache, no mask for one query) is exact."""
-    from types import SimpleNamespace
-
     from bunmyaku.models.attention import Attention, StaticKVCache
+    from bunmyaku.models.config import LayerConfig
 
     torch.manual_seed(0)
-    config = SimpleNamespace(hidden_size=24, num_heads=6, num_kv_heads=2, attn_implementation="sdpa")
+    config = LayerConfig(
+        hidden_size=24, num_heads=6, intermediate_size=8, hidden_act="gelu", pre_norm=True, num_kv_heads=2
+    )
     attn = Attention(config).eval()
     x = torch.randn(2, 7, 24)
     rope = RotaryEmbedding(4)
