@@ -351,9 +351,9 @@ class _BertHeadModel(BertPreTrainedModel):
         reads padding positions (per-token labels there, or QA's softmax over every position): the loss is then the
         one HF computes. A "first" head lets the last layer compute position 0 only (see :meth:`BertModel.forward`).
         """
-        reads_padding = labels is not None and attention_mask is not None and not bool(attention_mask.all())
-        if reads_padding and self.reads == "labelled":
-            reads_padding = bool(((labels != -100) & (attention_mask == 0)).any())
+        reads_padding = False
+        if labels is not None and attention_mask is not None and self.reads != "first":
+            reads_padding = self.reads == "all" or bool(((labels != -100) & (attention_mask == 0)).any())
         return self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -361,7 +361,7 @@ class _BertHeadModel(BertPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
-            unpad=False if reads_padding and self.reads != "first" else None,
+            unpad=False if reads_padding else None,
             first_token_only=self.reads == "first" and not output_hidden_states,
         )
 

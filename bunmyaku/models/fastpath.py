@@ -85,15 +85,16 @@ def decoding_step(attn: Attention, x, mask, is_causal, rotary, cache: KVCache) -
     B, T, _ = x.shape
     H, K, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     qkv = fused_projection(attn, x)  # (B, T, (H + 2K) * D)
-    if rotary is not None:  # q and k lie side by side: one rotation covers both, half the small operations
+    if rotary is None:
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)  # (B, T, H * D), (B, T, K * D) x 2
+        q, k = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, K, D).transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+    else:  # q and k lie side by side: one rotation covers both, half the small operations
         cos, sin = rotary  # (B, 1, T, D)
         qk = qkv[..., : (H + K) * D].view(B, T, H + K, D)
         qk = reference.apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
-    else:
-        q = qkv[..., : H * D].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = qkv[..., H * D : (H + K) * D].view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-    v = qkv[..., (H + K) * D :].view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = qkv[..., (H + K) * D :]  # (B, T, K * D)
+    v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
     k, v = cache.update(attn.layer_idx, k, v)  # (B, K, S, D)
     is_causal = is_causal and mask is None and T > 1
     dropout_p = attn.dropout if attn.training else 0.0
