@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
+# attention.py imports this module for its dispatch line: a cycle, safe because only the module object is bound here
+# and its functions (apply_rotary) are looked up at call time
 from bunmyaku.models import attention as reference
 from bunmyaku.models.linear import linear
 
