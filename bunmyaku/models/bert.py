@@ -9,7 +9,9 @@ Notation: B batch, T sequence length, C hidden size, V vocabulary, N choices, L 
 
 A right-padded batch runs unpadded (``config.unpad``, the default): the N real tokens are packed into (N, C)
 before the embeddings' LayerNorm and scattered back to (B, T, C) after the last block, so nothing but
-attention ever sees padding. Outputs at padding positions are then zeros (they are meaningless anyway).
+attention ever sees padding. Outputs at padding positions are then zeros (they are meaningless anyway); a head
+whose loss reads padding positions (labels there, or QA's softmax over every position) runs the batch padded
+(``_BertHeadModel._encode``), so every loss is the one HF computes.
 
 Heads: masked LM, next-sentence prediction, both (pretraining), sequence classification (single-label,
 multi-label, regression), token classification, extractive QA, multiple choice.
@@ -26,9 +28,10 @@ from torch import nn
 
 from bunmyaku.hub import KeyMap
 from bunmyaku.hub.keymap import linear_map
-from bunmyaku.models.attention import Packing, padding_mask
+from bunmyaku.models.attention import padding_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
-from bunmyaku.models.config import ModelConfig
+from bunmyaku.models.config import LayerConfig, ModelConfig
+from bunmyaku.models.fastpath import Packing
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear, linear
@@ -48,11 +51,6 @@ class BertConfig(ModelConfig):
         "norm_eps": "layer_norm_eps",
     }
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (*ModelConfig.RUNTIME_FIELDS, "unpad")
-    # fixed by the architecture, read by the shared blocks
-    pre_norm: ClassVar[bool] = False
-    norm: ClassVar[str] = "layernorm"
-    mlp: ClassVar[str] = "mlp"
-
     vocab_size: int = 30522
     hidden_size: int = 768
     num_layers: int = 12
@@ -82,6 +80,20 @@ class BertConfig(ModelConfig):
         if not self.tie_word_embeddings:
             raise ValueError("tie_word_embeddings=False: BERT's masked-LM decoder is always the embedding matrix here")
         activation(self.hidden_act)
+
+    def layer_config(self, layer_idx: int) -> LayerConfig:
+        """What each block reads: post-LN (norm(x + f(x))), LayerNorm, a GELU MLP, biases everywhere."""
+        return LayerConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            pre_norm=False,
+            norm_eps=self.norm_eps,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            attn_implementation=self.attn_implementation,
+        )
 
 
 class BertEmbeddings(nn.Module):
@@ -201,7 +213,7 @@ class BertModel(BertPreTrainedModel):
     def __init__(self, config: BertConfig, add_pooler: bool = True):
         super().__init__(config)
         self.embed = self.embeddings_class(config)
-        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
+        self.layers = nn.ModuleList([Block(config.layer_config(i), i) for i in range(config.num_layers)])
         self.pooler = BertPooler(config) if add_pooler else None
 
     def _pack_inputs(self, packing, input_ids, token_type_ids, position_ids, inputs_embeds):
@@ -313,18 +325,14 @@ def _masked_positions(
     return hidden[scored], labels[scored]
 
 
-def _scores_padding(labels: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
-    """Whether (B, T) per-token labels score a padding position (a label other than -100 where the mask is 0)."""
-    if labels is None or attention_mask is None:
-        return False
-    return bool(((labels != -100) & (attention_mask == 0)).any())
-
-
 class _BertHeadModel(BertPreTrainedModel):
     """A head on top of ``self.backbone``; subclasses set the key map and build ``self.head``."""
 
     base_class: ClassVar[type[BertModel]] = BertModel
     add_pooler: ClassVar[bool] = False
+    # the positions a head reads: "first" ([CLS], through the pooler), "labelled" (its loss reads the positions its
+    # (B, T) labels score), "all" (its loss is a softmax over every position, padding included: QA's span loss)
+    reads: ClassVar[str] = "labelled"
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -332,22 +340,17 @@ class _BertHeadModel(BertPreTrainedModel):
         self.head = nn.Module()
 
     def _encode(
-        self,
-        input_ids,
-        attention_mask,
-        token_type_ids,
-        position_ids,
-        inputs_embeds,
-        output_hidden_states,
-        outputs_at_padding: bool = False,
-        first_token_only: bool = False,
-    ):
-        """The backbone's output.
+        self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, labels=None
+    ) -> ModelOutput:
+        """The backbone's output for what this head reads (``reads``); ``labels`` are the head's loss targets.
 
-        ``outputs_at_padding``: a loss reads padding positions too, so the batch runs padded (an unpadded run
-        leaves them at zero) and the loss is the one HF computes. ``first_token_only``: the head reads position 0
-        only (see :meth:`BertModel.forward`); ignored when hidden states are asked for.
+        An unpadded batch leaves the outputs at padding positions at zero, so the batch runs padded where the loss
+        reads padding positions (per-token labels there, or QA's softmax over every position): the loss is then the
+        one HF computes. A "first" head lets the last layer compute position 0 only (see :meth:`BertModel.forward`).
         """
+        reads_padding = False
+        if labels is not None and attention_mask is not None and self.reads != "first":
+            reads_padding = self.reads == "all" or bool(((labels != -100) & (attention_mask == 0)).any())
         return self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -355,8 +358,8 @@ class _BertHeadModel(BertPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
-            unpad=False if outputs_at_padding else None,
-            first_token_only=first_token_only and not output_hidden_states,
+            unpad=False if reads_padding else None,
+            first_token_only=self.reads == "first" and not output_hidden_states,
         )
 
     def _classifier_dropout(self) -> nn.Dropout:
@@ -399,7 +402,7 @@ class BertForMaskedLM(_BertHeadModel):
             position_ids,
             inputs_embeds,
             output_hidden_states,
-            _scores_padding(labels, attention_mask),
+            labels,
         )
         hidden, labels = _masked_positions(out.last_hidden_state, labels, masked_only)
         logits = self.head.mlm(hidden)
@@ -413,6 +416,7 @@ class BertForNextSentencePrediction(_BertHeadModel):
     task = "next-sentence"
     hf_architecture = "BertForNextSentencePrediction"
     head_key_map = KeyMap(NSP_FROM_HF)
+    reads = "first"
     add_pooler = True
 
     def __init__(self, config: BertConfig):
@@ -437,7 +441,6 @@ class BertForNextSentencePrediction(_BertHeadModel):
             position_ids,
             inputs_embeds,
             output_hidden_states,
-            first_token_only=True,
         )
         logits = self.head.nsp(out.pooler_output)
         loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None
@@ -480,7 +483,7 @@ class BertForPreTraining(_BertHeadModel):
             position_ids,
             inputs_embeds,
             output_hidden_states,
-            _scores_padding(labels, attention_mask),
+            labels,
         )
         hidden, labels = _masked_positions(out.last_hidden_state, labels, masked_only)
         mlm_logits = self.head.mlm(hidden)
@@ -502,6 +505,7 @@ class BertForSequenceClassification(_BertHeadModel):
     task = "sequence-classification"
     hf_architecture = "BertForSequenceClassification"
     head_key_map = KeyMap(CLASSIFIER_FROM_HF)
+    reads = "first"
     add_pooler = True
 
     def __init__(self, config: BertConfig):
@@ -527,7 +531,6 @@ class BertForSequenceClassification(_BertHeadModel):
             position_ids,
             inputs_embeds,
             output_hidden_states,
-            first_token_only=True,
         )
         logits = self._classify(out)
         loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
@@ -568,7 +571,7 @@ class BertForTokenClassification(_BertHeadModel):
             position_ids,
             inputs_embeds,
             output_hidden_states,
-            _scores_padding(labels, attention_mask),
+            labels,
         )
         logits = self.head.classifier(self.head.dropout(out.last_hidden_state))
         loss = token_loss(logits, labels) if labels is not None else None
@@ -581,6 +584,7 @@ class BertForQuestionAnswering(_BertHeadModel):
     task = "question-answering"
     hf_architecture = "BertForQuestionAnswering"
     head_key_map = KeyMap(QA_FROM_HF)
+    reads = "all"
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -598,10 +602,9 @@ class BertForQuestionAnswering(_BertHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns ``start_logits`` and ``end_logits`` (B, T); loss when both positions (B,) are given."""
-        # the span loss is a softmax over every position, padding included
-        with_loss = start_positions is not None and end_positions is not None
+        labels = start_positions if end_positions is not None else None
         out = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, with_loss
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, labels
         )
         start_logits, end_logits = self.head.qa_outputs(out.last_hidden_state).unbind(-1)
         loss = None
@@ -616,6 +619,7 @@ class BertForMultipleChoice(_BertHeadModel):
     task = "multiple-choice"
     hf_architecture = "BertForMultipleChoice"
     head_key_map = KeyMap(CLASSIFIER_FROM_HF)
+    reads = "first"
     add_pooler = True
 
     def __init__(self, config: BertConfig):
@@ -647,7 +651,6 @@ class BertForMultipleChoice(_BertHeadModel):
             flat(position_ids),
             flat(inputs_embeds),
             output_hidden_states,
-            first_token_only=True,
         )
         logits = self.head.classifier(self.head.dropout(out.pooler_output)).view(B, N)
         loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None

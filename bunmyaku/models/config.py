@@ -88,3 +88,47 @@ class ModelConfig:
             out[self.HF_NAMES.get(f.name, f.name)] = value
         out["model_type"] = self.model_type
         return out
+
+
+@dataclass
+class LayerConfig:
+    """Everything one Transformer layer reads (:class:`~bunmyaku.models.layers.Block`, its attention and MLP).
+
+    Each architecture's config builds it in ``layer_config``, so the architecture file shows what its blocks are:
+    where the norm sits, which norm and feed-forward, biases, heads, dropouts.
+    """
+
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    pre_norm: bool  # True: x + f(norm(x)) (GPT-2, Llama); False: norm(x + f(x)) (Vaswani, BERT, Marian)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "mlp"  # mlp: fc_out(act(fc_in(x))) | swiglu: fc_out(act(fc_gate(x)) * fc_in(x))
+    mlp_bias: bool = True
+    num_kv_heads: int | None = None  # None means num_heads; fewer is grouped-query attention
+    head_dim: int | None = None  # None means hidden_size // num_heads
+    attention_bias: bool = True  # on the q, k, v projections
+    attention_out_bias: bool | None = None  # on the output projection; None means attention_bias
+    attention_scale: float | None = None  # the factor on QK^T; None means 1 / sqrt(head_dim)
+    dropout: float = 0.0  # on each sub-layer's output, before the residual sum
+    attention_dropout: float = 0.0  # on the attention weights
+    activation_dropout: float = 0.0  # inside the MLP, after the activation
+    attn_implementation: str = "sdpa"  # sdpa | eager
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.attention_out_bias is None:
+            self.attention_out_bias = self.attention_bias
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.mlp not in ("mlp", "swiglu"):
+            raise ValueError(f"mlp must be 'mlp' or 'swiglu', got {self.mlp!r}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")

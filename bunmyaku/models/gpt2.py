@@ -38,7 +38,7 @@ from bunmyaku.hub import KeyMap
 from bunmyaku.hub.keymap import linear_map
 from bunmyaku.models.attention import KVCache, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
-from bunmyaku.models.config import ModelConfig
+from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation, lm_head
 from bunmyaku.models.linear import Linear
@@ -63,11 +63,6 @@ class GPT2Config(ModelConfig):
         "attention_dropout": "attn_pdrop",
         "norm_eps": "layer_norm_epsilon",
     }
-    # fixed by the architecture, read by the shared blocks
-    pre_norm: ClassVar[bool] = True
-    norm: ClassVar[str] = "layernorm"
-    mlp: ClassVar[str] = "mlp"
-
     vocab_size: int = 50257
     hidden_size: int = 768
     num_layers: int = 12
@@ -112,6 +107,22 @@ class GPT2Config(ModelConfig):
         activation(self.hidden_act)
         if self.summary_activation is not None:
             activation(self.summary_activation)
+
+    def layer_config(self, layer_idx: int) -> LayerConfig:
+        """What block ``layer_idx`` reads: pre-LN (x + f(norm(x))), LayerNorm, a GELU MLP, biases everywhere, and
+        the layer's attention scale (see :func:`attention_scale`)."""
+        return LayerConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            pre_norm=True,
+            norm_eps=self.norm_eps,
+            attention_scale=attention_scale(self, layer_idx),
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            attn_implementation=self.attn_implementation,
+        )
 
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` dict, written as HF writes it.
@@ -317,9 +328,7 @@ class GPT2Model(GPT2PreTrainedModel):
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.embed = GPT2Embeddings(config)
-        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
-        for i, block in enumerate(self.layers):
-            block.attn.scale = attention_scale(config, i)
+        self.layers = nn.ModuleList([Block(config.layer_config(i), i) for i in range(config.num_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         if config.reorder_and_upcast_attn and config.attn_implementation == "eager":  # HF's SDPA path ignores it
             for block in self.layers:

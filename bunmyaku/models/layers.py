@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bunmyaku.models.attention import Attention, KVCache, Packing
+from bunmyaku.models.attention import Attention, KVCache
+from bunmyaku.models.config import LayerConfig
+from bunmyaku.models.fastpath import Packing
 from bunmyaku.models.linear import Linear, linear_act
 
 
@@ -77,9 +79,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def make_norm(config) -> nn.Module:
+def make_norm(config: LayerConfig) -> nn.Module:
     """LayerNorm or RMSNorm of width ``hidden_size``, as ``config.norm`` says."""
-    if getattr(config, "norm", "layernorm") == "rmsnorm":
+    if config.norm == "rmsnorm":
         return RMSNorm(config.hidden_size, eps=config.norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
@@ -87,13 +89,12 @@ def make_norm(config) -> nn.Module:
 class MLP(nn.Module):
     """Position-wise feed-forward: fc_out(act(fc_in(x))), width C -> intermediate_size -> C."""
 
-    def __init__(self, config):
+    def __init__(self, config: LayerConfig):
         super().__init__()
-        bias = getattr(config, "mlp_bias", True)
-        self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = activation(config.hidden_act)
-        self.dropout = nn.Dropout(getattr(config, "activation_dropout", 0.0))
+        self.dropout = nn.Dropout(config.activation_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc_in = self.fc_in
@@ -115,12 +116,11 @@ def lm_head(config) -> Linear:
 class SwiGLU(nn.Module):
     """Gated feed-forward (Shazeer 2020): fc_out(act(fc_gate(x)) * fc_in(x)), SiLU as the gate in Llama."""
 
-    def __init__(self, config):
+    def __init__(self, config: LayerConfig):
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.fc_gate = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.fc_gate = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.fc_in = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,25 +134,22 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """One Transformer layer: self-attention, optional cross-attention, feed-forward.
 
-    Reads ``pre_norm`` (bool), ``mlp`` ("mlp" | "swiglu"), ``norm`` ("layernorm" | "rmsnorm") and
-    ``dropout`` from the config, on top of what :class:`Attention` reads.
-
     Args:
-        config: the model config.
+        config: the layer's config (built by each architecture's ``layer_config``).
         layer_idx: index of the layer (for the KV cache).
         cross_attention: add an encoder-decoder attention sub-layer after self-attention.
     """
 
-    def __init__(self, config, layer_idx: int, cross_attention: bool = False):
+    def __init__(self, config: LayerConfig, layer_idx: int, cross_attention: bool = False):
         super().__init__()
         self.pre_norm = config.pre_norm
         self.attn = Attention(config, layer_idx)
         self.attn_norm = make_norm(config)
         self.cross_attn = Attention(config, layer_idx, is_cross=True) if cross_attention else None
         self.cross_norm = make_norm(config) if cross_attention else None
-        self.mlp = SwiGLU(config) if getattr(config, "mlp", "mlp") == "swiglu" else MLP(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
         self.mlp_norm = make_norm(config)
-        self.dropout = nn.Dropout(getattr(config, "dropout", 0.0))
+        self.dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = False
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:

@@ -4,8 +4,7 @@ On x86 CPUs, PyTorch's ``F.linear`` goes to MKL's GEMM, which reads a large weig
 memory bandwidth when few rows multiply it: a decoding step (1 to 8 rows) is such a call for every weight of
 the model, so generation on a CPU is bound by it. oneDNN's inner product (the kernel behind
 ``torch.ops.mkldnn._linear_pointwise``, which ``torch.compile`` uses for CPU inference) streams the same
-weight about twice as fast at 1-8 rows and is still 5-15 % faster at thousands of rows (measured on a 2-core
-AMD EPYC, fp32; BENCHMARKS.md).
+weight faster at few rows, and is faster at thousands of rows too (figures in BENCHMARKS.md, "Linears on oneDNN").
 
 The kernel has no autograd formula. Calls that need no gradient (inference, frozen weights on inputs without
 grad) call it directly; training goes through :class:`_OneDNNLinear`, which also computes the input's gradient
@@ -17,8 +16,8 @@ own kernels) and double backward.
 The two kernels sum in different orders, so results differ by float32 rounding (~1e-6 relative), like
 ``F.linear`` on two machines. ``CPU_ONEDNN = False`` turns the path off (for A/B measurements).
 
-Batched decoding (a few rows per call; 2 to 8 were measured) is faster still when the weight is first re-laid out
-into oneDNN's blocked format for that row count: 23-30 GB/s instead of 13-19 on the 2-core EPYC. Inside
+Batched decoding (a few rows per call) is faster still when the weight is first re-laid out into oneDNN's blocked
+format for that row count (BENCHMARKS.md, "Generation"). Inside
 :func:`packed_weights` (which ``generate`` enters for batches of 2 or more), inference calls with few rows pack each
 weight on first use and reuse it; the packed copies are dropped when the block ends. They cost a second copy of the
 weights while it lasts, so packing stops once they would take more than half of the memory that was available when
@@ -43,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 _ONEDNN_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _REORDER_OP = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-# the gain was measured on x86 (AVX-512); on other CPUs oneDNN may be built on a different backend
+# x86 only: the gain was found there (AVX-512); on other CPUs oneDNN may be built on a different backend
 CPU_ONEDNN = (
     _ONEDNN_OP is not None
     and torch.backends.mkldnn.is_available()

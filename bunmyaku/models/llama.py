@@ -31,7 +31,7 @@ from torch import nn
 from bunmyaku.hub import KeyMap
 from bunmyaku.models.attention import KVCache, RotaryEmbedding, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resolve_dtype
-from bunmyaku.models.config import ModelConfig
+from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, RMSNorm, activation, lm_head
 from bunmyaku.models.linear import Linear
@@ -52,11 +52,6 @@ class LlamaConfig(ModelConfig):
         "max_seq_len": "max_position_embeddings",
         "norm_eps": "rms_norm_eps",
     }
-    # fixed by the architecture, read by the shared blocks
-    pre_norm: ClassVar[bool] = True
-    norm: ClassVar[str] = "rmsnorm"
-    mlp: ClassVar[str] = "swiglu"
-
     vocab_size: int = 32000
     hidden_size: int = 4096
     num_layers: int = 32
@@ -93,6 +88,25 @@ class LlamaConfig(ModelConfig):
             raise ValueError(f"head_dim {self.head_dim} must be even: RoPE rotates pairs of channels")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
         activation(self.hidden_act)
+
+    def layer_config(self, layer_idx: int) -> LayerConfig:
+        """What each block reads: pre-norm (x + f(norm(x))) with RMSNorm, a SwiGLU MLP, grouped-query attention."""
+        return LayerConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            pre_norm=True,
+            norm="rmsnorm",
+            norm_eps=self.norm_eps,
+            mlp="swiglu",
+            mlp_bias=self.mlp_bias,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            attention_bias=self.attention_bias,
+            attention_dropout=self.attention_dropout,
+            attn_implementation=self.attn_implementation,
+        )
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
@@ -214,7 +228,7 @@ class LlamaModel(LlamaPreTrainedModel):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.rotary = LlamaRotaryEmbedding(config)
-        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_layers)])
+        self.layers = nn.ModuleList([Block(config.layer_config(i), i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
 
     def get_input_embeddings(self) -> nn.Embedding:

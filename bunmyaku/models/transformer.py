@@ -40,7 +40,7 @@ from torch import nn
 from bunmyaku.hub import CheckpointError, KeyMap
 from bunmyaku.models.attention import KVCache, causal_mask, padding_mask, sinusoidal_positions
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
-from bunmyaku.models.config import ModelConfig
+from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.generation import beam_search, decoding_weights
 from bunmyaku.models.heads import IGNORE_INDEX, token_loss
 from bunmyaku.models.layers import Block, activation
@@ -119,37 +119,21 @@ class TransformerConfig(ModelConfig):
             if self.extra.get(key, value) != value:
                 raise ValueError(f"{key}={self.extra[key]!r} is not the original post-LN Transformer; expected {value}")
 
-    def layer_config(self, side: str) -> TransformerLayerConfig:
-        """What the shared :class:`Block` reads, for the ``"encoder"`` or ``"decoder"`` stack."""
-        return TransformerLayerConfig(
+    def layer_config(self, side: str) -> LayerConfig:
+        """What each block of the ``"encoder"`` or ``"decoder"`` stack reads (the two may differ in heads and
+        feed-forward width): post-LN (§3.1: LayerNorm(x + Sublayer(x))), torch's LayerNorm eps as in Marian."""
+        return LayerConfig(
             hidden_size=self.hidden_size,
             num_heads=getattr(self, f"{side}_num_heads"),
             intermediate_size=getattr(self, f"{side}_intermediate_size"),
             hidden_act=self.hidden_act,
+            pre_norm=False,
+            norm_eps=1e-5,
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
             activation_dropout=self.activation_dropout,
             attn_implementation=self.attn_implementation,
         )
-
-
-@dataclass(frozen=True)
-class TransformerLayerConfig:
-    """One stack's view of the config, with the names :class:`Block` and :class:`Attention` read.
-
-    The encoder and decoder may differ in heads and feed-forward width, so each gets its own view.
-    """
-
-    hidden_size: int
-    num_heads: int
-    intermediate_size: int
-    hidden_act: str
-    dropout: float
-    attention_dropout: float
-    activation_dropout: float
-    attn_implementation: str
-    pre_norm: bool = False  # §3.1: LayerNorm(x + Sublayer(x))
-    norm_eps: float = 1e-5  # torch's LayerNorm default, as in Marian checkpoints
 
 
 class TransformerEmbeddings(nn.Module):

@@ -150,3 +150,32 @@ def test_sharded_checkpoints_both_directions(tmp_path):
         assert len(list((tmp_path / "ours").glob("model-*-of-*.safetensors"))) > 1
         reloaded = transformers.BertForMaskedLM.from_pretrained(tmp_path / "ours").eval()
         assert_close(reloaded(**inputs).logits, expected, mask)
+
+
+@pytest.mark.parametrize("family", ["Bert", "Roberta"])
+@pytest.mark.parametrize("task", ["masked-lm", "token-classification", "question-answering"])
+@pytest.mark.parametrize("labels_at_padding", [False, True])
+def test_losses_read_padding_as_hf_does(tmp_path, monkeypatch, family, task, labels_at_padding):
+    """Unpadded by default, a batch leaves padding positions at zero; a loss that reads them (per-token labels at
+    padding, QA's span softmax over every position) must still be HF's, and a loss that does not runs unpadded."""
+    from bunmyaku.models import bert, fastpath
+
+    suffix, _, extra = HEADS[task]
+    hf_model = randomize(getattr(transformers, family + suffix)(_hf_config(family, 0, **extra)), seed=7)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), task=task)
+    inputs, mask = _inputs(CONFIGS[0], task, seed=4)
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(mask == 0, hf_model.config.pad_token_id)
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    gen = torch.Generator().manual_seed(0)
+    if task == "question-answering":
+        labels = {"start_positions": torch.tensor([1, 3, 20]), "end_positions": torch.tensor([2, 5, 20])}
+    else:
+        targets = torch.randint(0, 5, mask.shape, generator=gen)
+        labels = {"labels": targets if labels_at_padding else targets.masked_fill(mask == 0, -100)}
+    packings = []
+    original = fastpath.Packing.from_mask
+    monkeypatch.setattr(bert.Packing, "from_mask", lambda m: packings.append(1) or original(m))
+    with torch.no_grad():
+        assert_close(model(**inputs, **labels).loss, hf_model(**inputs, **labels).loss)
+    reads_padding = labels_at_padding or task == "question-answering"
+    assert packings == ([] if reads_padding else [1]), "a loss that reads no padding runs unpadded"

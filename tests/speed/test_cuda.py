@@ -1,8 +1,8 @@
 """CUDA fast paths against the padded reference on the same GPU. Skipped without CUDA (CI has none); run on a
 lent GPU with ``pytest tests/speed/test_cuda.py``.
 
-bf16 results differ from fp32 by rounding, so the comparisons are between two bf16 paths (tolerances of bf16),
-and against fp32 for a sanity bound.
+bf16 results differ from fp32 by rounding, so a bf16 fast path is held to the padded reference's own bf16 error:
+both are compared with fp32, and the fast path's error must be of the same size as the reference's.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bunmyaku.models import attention
+from bunmyaku.models import fastpath
 from bunmyaku.models.bert import BertConfig, BertForSequenceClassification, BertModel
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 SHAPE = dict(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512, max_seq_len=512)
 
@@ -36,10 +36,10 @@ def _pair(model_cls, **kw):
 
 
 def test_varlen_kernel_is_available_and_used(monkeypatch):
-    assert attention.varlen_attn is not None, "this torch has no torch.nn.attention.varlen"
+    assert fastpath.varlen_attn is not None, "this torch has no torch.nn.fastpath.varlen"
     calls = []
-    original = attention.varlen_attn
-    monkeypatch.setattr(attention, "varlen_attn", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = fastpath.varlen_attn
+    monkeypatch.setattr(fastpath, "varlen_attn", lambda *a, **k: calls.append(1) or original(*a, **k))
     packed, _ = _pair(BertModel)
     ids, mask = _batch()
     with torch.inference_mode():
@@ -47,16 +47,23 @@ def test_varlen_kernel_is_available_and_used(monkeypatch):
     assert len(calls) == SHAPE["num_layers"]
 
 
-def test_bf16_varlen_equals_bf16_padded_and_fp32():
+def test_bf16_varlen_error_is_the_padded_paths_own_bf16_error():
+    """bf16 on the varlen path errs from fp32 as much as the padded path in bf16 does, per token, not more."""
     packed, padded = _pair(BertModel)
     ids, mask = _batch(1)
     real = mask.bool()
+    torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
-        reference = padded.eval()(input_ids=ids, attention_mask=mask).last_hidden_state[real].float()
+        reference = padded.eval()(input_ids=ids, attention_mask=mask).last_hidden_state[real]  # fp32
         packed_bf16 = packed.to(torch.bfloat16).eval()(input_ids=ids, attention_mask=mask).last_hidden_state[real]
         padded_bf16 = padded.to(torch.bfloat16)(input_ids=ids, attention_mask=mask).last_hidden_state[real]
-    torch.testing.assert_close(packed_bf16, padded_bf16, atol=6e-2, rtol=3e-2)
-    torch.testing.assert_close(packed_bf16.float(), reference, atol=1e-1, rtol=5e-2)
+    packed_error = (packed_bf16.float() - reference).abs()  # (N, C)
+    padded_error = (padded_bf16.float() - reference).abs()
+    assert padded_error.max() > 0, "bf16 must round somewhere: the reference error cannot be zero"
+    mean_ratio = packed_error.mean() / padded_error.mean()
+    worst_ratio = packed_error.amax(-1).max() / padded_error.amax(-1).max()
+    assert mean_ratio < 1.5, f"mean bf16 error {mean_ratio:.3f}x the padded path's"
+    assert worst_ratio < 2.0, f"worst bf16 error {worst_ratio:.3f}x the padded path's"
 
 
 def _autocast_gradients(models, ids, mask) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -73,13 +80,20 @@ def _autocast_gradients(models, ids, mask) -> tuple[list[torch.Tensor], torch.Te
 
 
 def test_autocast_training_gradients_match_padded():
-    """Fine-tuning under bf16 autocast (dropout off, so both paths compute the same function): gradients close."""
+    """Fine-tuning under bf16 autocast (dropout off, so both paths compute the same function): the packed path's
+    gradient errs from the fp32 gradient no more than the padded path's own bf16 gradient does."""
     ids, mask = _batch(2)
-    grads, cosine = _autocast_gradients(
-        _pair(BertForSequenceClassification, dropout=0.0, attention_dropout=0.0), ids, mask
-    )
+    packed, padded = _pair(BertForSequenceClassification, dropout=0.0, attention_dropout=0.0)
+    labels = torch.arange(ids.size(0), device="cuda") % 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    padded.train().zero_grad()
+    padded(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()  # fp32, no autocast: the reference
+    reference = torch.cat([p.grad.flatten() for p in padded.parameters() if p.grad is not None])
+    grads, cosine = _autocast_gradients((packed, padded), ids, mask)
+    packed_error, padded_error = (grads[0] - reference).norm(), (grads[1] - reference).norm()
+    assert padded_error > 0, "bf16 autocast must round somewhere"
+    assert packed_error < 1.5 * padded_error, f"bf16 gradient error {packed_error:.3g} vs padded {padded_error:.3g}"
     assert cosine > 0.999, f"gradient directions differ: cosine {cosine:.5f}"
-    torch.testing.assert_close(grads[0].norm(), grads[1].norm(), rtol=2e-2, atol=0)
 
 
 def test_compiled_varlen_training_matches_eager():
@@ -168,8 +182,8 @@ def test_varlen_dropout_kernel_at_p0_equals_varlen_attn():
     q, k, v, cu, longest = _packed_qkv(0)
     results = []
     for fn in (
-        lambda q, k, v: attention.varlen_dropout_attention(q, k, v, cu, longest, 0.0),
-        lambda q, k, v: attention.varlen_attn(q, k, v, cu, cu, longest, longest),
+        lambda q, k, v: fastpath.varlen_dropout_attention(q, k, v, cu, longest, 0.0),
+        lambda q, k, v: fastpath.varlen_attn(q, k, v, cu, cu, longest, longest),
     ):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
@@ -186,14 +200,14 @@ def test_varlen_dropout_backward_uses_the_forward_mask():
     g = torch.randn_like(q)
     v = v.clone().requires_grad_()
     torch.manual_seed(0)
-    y = attention.varlen_dropout_attention(q, k, v, cu, longest, 0.5)
+    y = fastpath.varlen_dropout_attention(q, k, v, cu, longest, 0.5)
     (y * g).float().sum().backward()
     lhs, rhs = (y.float() * g.float()).sum(), (v.detach().float() * v.grad.float()).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-2, atol=1e-2 * g.numel() ** 0.5)
-    no_dropout = attention.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.0)
+    no_dropout = fastpath.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.0)
     assert (y.detach() - no_dropout).abs().max() > 0.1, "dropout had no effect"
     torch.manual_seed(0)
-    again = attention.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.5)
+    again = fastpath.varlen_dropout_attention(q, k, v.detach(), cu, longest, 0.5)
     assert torch.equal(y.detach(), again), "the same seed must draw the same mask"
 
 
@@ -201,8 +215,8 @@ def test_training_with_attention_dropout_takes_varlen(monkeypatch):
     """BERT fine-tuning with its default dropout under bf16 autocast runs the packed rows through the varlen kernel
     (no per-layer re-padding), and the loss decreases."""
     calls = []
-    original = attention.varlen_dropout_attention
-    monkeypatch.setattr(attention, "varlen_dropout_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = fastpath.varlen_dropout_attention
+    monkeypatch.setattr(fastpath, "varlen_dropout_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     model, _ = _pair(BertForSequenceClassification)
     assert model.config.attention_dropout > 0
     model.train()

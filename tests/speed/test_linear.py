@@ -226,11 +226,10 @@ def test_activation_in_training_or_without_a_post_op_is_applied_after():
 
 
 def test_mlp_runs_a_hooked_projection_as_a_module():
-    from types import SimpleNamespace
-
+    from bunmyaku.models.config import LayerConfig
     from bunmyaku.models.layers import MLP
 
-    mlp = MLP(SimpleNamespace(hidden_size=8, intermediate_size=16, hidden_act="gelu")).eval()
+    mlp = MLP(LayerConfig(hidden_size=8, num_heads=1, intermediate_size=16, hidden_act="gelu", pre_norm=True)).eval()
     seen = []
     mlp.fc_in.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.inference_mode():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bunmyaku.models import attention
-from bunmyaku.models.attention import Packing
+from bunmyaku.models import fastpath
 from bunmyaku.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+from bunmyaku.models.fastpath import Packing
 from bunmyaku.models.roberta import RobertaConfig, RobertaForSequenceClassification, RobertaModel
 
 TINY = dict(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, max_seq_len=64)
@@ -21,9 +21,9 @@ FAMILIES = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaM
 @pytest.fixture(autouse=True, params=["whole-batch", "row-groups"])
 def attention_rows(request, monkeypatch):
     if request.param == "row-groups":
-        monkeypatch.setattr(attention, "GROUP_MIN_LENGTH", 0)
+        monkeypatch.setattr(fastpath, "GROUP_MIN_LENGTH", 0)
     else:
-        monkeypatch.setattr(attention, "GROUP_RATIO", 0.0)  # every row joins the first group: no groups
+        monkeypatch.setattr(fastpath, "GROUP_RATIO", 0.0)  # every row joins the first group: no groups
     return request.param
 
 
@@ -167,41 +167,73 @@ def test_first_token_only_head_equals_the_full_encoder(config_cls, head_cls, unp
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_varlen_dropout_function_hands_the_forward_rng_state_to_backward(monkeypatch):
-    """The training varlen path's autograd wiring, on CPU with stand-ins for the flash kernels (the real kernels are
-    tested in test_cuda.py): backward receives the Philox state forward returned, and q, k, v gradients in order."""
-    from bunmyaku.models import attention
+def _attention(num_kv_heads=4, implementation="sdpa", scale=None):
+    from bunmyaku.models.attention import Attention
+    from bunmyaku.models.config import LayerConfig
 
-    def rows(q, k, v, cu, p, seed):
-        gen = torch.Generator().manual_seed(int(seed))
-        outs = []
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-            w = torch.einsum("thd,shd->hts", q[a:b], k[a:b]).div(q.size(-1) ** 0.5).softmax(-1)
-            keep = (torch.rand(w.shape, generator=gen) >= p).to(w.dtype) / (1 - p)
-            outs.append(torch.einsum("hts,shd->thd", w * keep, v[a:b]))
-        return torch.cat(outs)
+    config = LayerConfig(
+        hidden_size=32, num_heads=4, intermediate_size=37, hidden_act="gelu", pre_norm=False,
+        num_kv_heads=num_kv_heads, attention_scale=scale, attn_implementation=implementation,
+    )  # fmt: skip
+    return Attention(config)
 
-    seeds = iter([11, 12, 13])
 
-    def fake_forward(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug, scale=None):
-        seed = next(seeds)
-        return rows(q, k, v, cu_q, p, seed), torch.empty(0), torch.tensor([seed]), torch.empty(0), torch.empty(0)
+ALL_VARLEN_KWARGS = frozenset({"scale", "enable_gqa"})
 
-    def fake_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, p, causal, rng, unused, scale=None):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        with torch.enable_grad():
-            return torch.autograd.grad(rows(*leaves, cu_q, p, rng.item()), leaves, grad)
 
-    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", fake_forward)
-    monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", fake_backward)
-    torch.manual_seed(0)
-    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
-    q, k, v = (torch.randn(12, 2, 4, requires_grad=True) for _ in range(3))
-    g = torch.randn(12, 2, 4)
-    attention.varlen_dropout_attention(q, k, v, cu, 7, 0.4).backward(g)
-    ours = [t.grad.clone() for t in (q, k, v)]
-    reference = torch.autograd.grad(rows(q, k, v, cu, 0.4, 11), (q, k, v), g)  # the first seed: forward's own mask
-    for a, b in zip(ours, reference, strict=True):
-        torch.testing.assert_close(a, b)
-    wrong = torch.autograd.grad(rows(q, k, v, cu, 0.4, 12), (q, k, v), g)
-    assert not torch.allclose(ours[2], wrong[2]), "a different mask must give different gradients"
+@pytest.mark.parametrize(
+    "device, dtype, attn_kw, one_query, dropout_p, varlen_kwargs, expected",
+    [
+        ("cuda", torch.bfloat16, {}, False, 0.0, ALL_VARLEN_KWARGS, "varlen"),
+        ("cuda", torch.float16, {}, False, 0.0, ALL_VARLEN_KWARGS, "varlen"),
+        ("cuda", torch.bfloat16, {}, False, 0.1, ALL_VARLEN_KWARGS, "varlen-dropout"),  # training
+        ("cuda", torch.bfloat16, {"num_kv_heads": 2}, False, 0.0, ALL_VARLEN_KWARGS, "varlen"),
+        ("cuda", torch.bfloat16, {"num_kv_heads": 2}, False, 0.1, ALL_VARLEN_KWARGS, None),  # aten op: no GQA
+        ("cuda", torch.bfloat16, {"num_kv_heads": 2}, False, 0.0, frozenset({"scale"}), None),  # no enable_gqa
+        ("cuda", torch.bfloat16, {"scale": 0.5}, False, 0.0, frozenset(), None),  # this torch takes no scale
+        ("cuda", torch.bfloat16, {"scale": 8**-0.5}, False, 0.0, frozenset(), "varlen"),  # the default scale anyway
+        ("cuda", torch.bfloat16, {"scale": 0.5}, False, 0.0, ALL_VARLEN_KWARGS, "varlen"),
+        ("cuda", torch.float32, {}, False, 0.0, ALL_VARLEN_KWARGS, None),  # flash needs fp16 / bf16
+        ("cuda", torch.bfloat16, {"implementation": "eager"}, False, 0.0, ALL_VARLEN_KWARGS, None),  # the reference
+        ("cuda", torch.bfloat16, {}, True, 0.0, ALL_VARLEN_KWARGS, None),  # one query per row ([CLS] only)
+        ("cpu", torch.bfloat16, {}, False, 0.0, ALL_VARLEN_KWARGS, None),
+        ("cpu", torch.float32, {}, False, 0.0, ALL_VARLEN_KWARGS, None),
+    ],
+)
+def test_packed_route_is_chosen_by_device_dtype_and_layer(
+    monkeypatch, attention_rows, device, dtype, attn_kw, one_query, dropout_p, varlen_kwargs, expected
+):
+    """Which way attention over packed rows runs, for which inputs (the kernels themselves: test_cuda.py).
+
+    ``varlen_attn`` is made present, with the keyword set of a given torch release; nothing is called."""
+    monkeypatch.setattr(fastpath, "varlen_attn", object())
+    monkeypatch.setattr(fastpath, "_VARLEN_KWARGS", varlen_kwargs)
+    mask = (torch.arange(40)[None] < torch.tensor([40, 3, 30, 12])[:, None]).long()
+    packing = Packing.from_mask(mask)
+    repad = "row-groups" if attention_rows == "row-groups" else "whole-batch"
+    assert (packing.groups is not None) == (attention_rows == "row-groups")
+    route = fastpath.packed_route(_attention(**attn_kw), packing, torch.device(device), dtype, one_query, dropout_p)
+    assert route == (expected or repad)
+
+
+def test_without_varlen_kernel_cuda_batches_re_pad(monkeypatch, attention_rows):
+    monkeypatch.setattr(fastpath, "varlen_attn", None)
+    packing = Packing.from_mask((torch.arange(40)[None] < torch.tensor([40, 3, 30, 12])[:, None]).long())
+    route = fastpath.packed_route(_attention(), packing, torch.device("cuda"), torch.bfloat16, False, 0.0)
+    assert route == ("row-groups" if attention_rows == "row-groups" else "whole-batch")
+
+
+def test_the_chosen_route_is_the_one_taken(monkeypatch, attention_rows):
+    """A BERT forward on a ragged CPU batch attends group by group exactly when the batch has row groups, in every
+    layer (the last one too, with its one query per row), and the outputs equal the padded path's."""
+    calls = []
+    original = fastpath._attend_groups
+    monkeypatch.setattr(fastpath, "_attend_groups", lambda *a, **k: calls.append(a[5]) or original(*a, **k))
+    packed, padded = (m.eval() for m in _pair(BertConfig, BertForSequenceClassification))
+    ids, mask, _ = _batch(0, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            packed(input_ids=ids, attention_mask=mask).logits, padded(input_ids=ids, attention_mask=mask).logits
+        )
+    expected = [False] * (TINY["num_layers"] - 1) + [True] if attention_rows == "row-groups" else []
+    assert calls == expected

@@ -109,12 +109,13 @@ def test_kv_cache_appends_and_reorders():
 @pytest.mark.parametrize("rotary", [False, True])
 def test_a_decoding_step_equals_the_last_row_of_causal_attention(rotary):
     """The decode path (fused q/k/v, q and k rotated together, static cache, no mask for one query) is exact."""
-    from types import SimpleNamespace
-
     from bunmyaku.models.attention import Attention, StaticKVCache
+    from bunmyaku.models.config import LayerConfig
 
     torch.manual_seed(0)
-    config = SimpleNamespace(hidden_size=24, num_heads=6, num_kv_heads=2, attn_implementation="sdpa")
+    config = LayerConfig(
+        hidden_size=24, num_heads=6, intermediate_size=8, hidden_act="gelu", pre_norm=True, num_kv_heads=2
+    )
     attn = Attention(config).eval()
     x = torch.randn(2, 7, 24)
     rope = RotaryEmbedding(4)
@@ -140,3 +141,53 @@ def test_a_decoding_step_equals_the_last_row_of_causal_attention(rotary):
             cache=cache,
         )
     torch.testing.assert_close(step, full[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_dispatch():
+    """Which calls Attention hands to models/fastpath.py: packed batches, and self-attention decoding steps (a cache,
+    no gradient); never cross-attention, a call with ``context``, or a call that records gradients."""
+    from bunmyaku.models import fastpath
+    from bunmyaku.models.attention import Attention, KVCache
+    from bunmyaku.models.config import LayerConfig
+
+    config = LayerConfig(hidden_size=24, num_heads=6, intermediate_size=8, hidden_act="gelu", pre_norm=True)
+    attn, cross = Attention(config), Attention(config, is_cross=True)
+    packing = fastpath.Packing.from_mask(torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    context = torch.randn(1, 3, 24)
+    assert fastpath.applies(attn, None, packing, None) and fastpath.applies(attn, None, packing, context)
+    assert not fastpath.applies(attn, None, None, None)
+    assert not fastpath.applies(attn, KVCache(), None, None)  # gradients on: training with a cache runs plain
+    with torch.no_grad():
+        assert fastpath.applies(attn, KVCache(), None, None)
+        assert not fastpath.applies(cross, KVCache(), None, None)
+        assert not fastpath.applies(attn, KVCache(), None, context)
+
+
+def test_a_decoding_step_runs_one_fused_projection(monkeypatch):
+    """Decoding through a GPT-2 block computes q, k and v in one product on the concatenated weights."""
+    from bunmyaku.models import fastpath
+    from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    calls = []
+    original = fastpath.fused_projection
+    monkeypatch.setattr(fastpath, "fused_projection", lambda attn, x: calls.append(x.shape) or original(attn, x))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4)).eval()
+    ids = torch.randint(0, 99, (2, 5))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True)
+    assert calls == [(2, 5, 32)] * 2  # one per layer
+
+
+def test_layer_config_fills_its_defaults_and_refuses_bad_values():
+    from bunmyaku.models.config import LayerConfig
+
+    base = dict(hidden_size=24, num_heads=6, intermediate_size=8, hidden_act="gelu", pre_norm=True)
+    config = LayerConfig(**base, attention_bias=False)
+    assert (config.num_kv_heads, config.head_dim, config.attention_out_bias) == (6, 4, False)
+    with pytest.raises(ValueError, match="'batchnorm'"):
+        LayerConfig(**base, norm="batchnorm")
+    with pytest.raises(ValueError, match="'geglu'"):
+        LayerConfig(**base, mlp="geglu")
+    with pytest.raises(ValueError, match="num_kv_heads 4"):
+        LayerConfig(**base, num_kv_heads=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -204,8 +205,12 @@ def test_save_in_half_precision(tmp_path):
     assert (tmp_path / "model.safetensors").stat().st_size < 0.6 * sum(p.numel() * 4 for p in model.parameters())
     assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
     loaded = bunmyaku.from_pretrained(tmp_path)  # read back as float32
+    rounded = copy.deepcopy(model).half().float()  # the exact reference: every weight rounded to fp16 and back
+    expected = rounded.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits, atol=2e-2, rtol=0)
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, rounded(input_ids=_ids()).logits, atol=0, rtol=0)
 
 
 def test_from_pretrained_takes_over_the_loaded_tensors_and_leaves_the_file_alone(tmp_path, monkeypatch):
