@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from bunmyaku.data.tables import DataError, iter_jsonl, utf8_lines
+
 logger = logging.getLogger(__name__)
 
 DocSplit = Literal["blank", "line", "file"]
@@ -48,27 +50,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-def _decode_line(raw: bytes, path: Path, offset: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid UTF-8 at byte offset {offset + error.start}: {raw[error.start : error.end]!r}"
-        ) from None
-
-
-def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline), decoding strictly and naming the byte offset of bad input."""
-    offset = 0
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = _decode_line(raw, path, offset)
-            offset += len(raw)
-            if number == 1 and line.startswith("\ufeff"):
-                line = line[1:]
-            yield number, line.rstrip("\r\n")
 
 
 def read_documents(path: str | os.PathLike, doc_split: DocSplit = "blank", text_field: str = "text") -> Iterator[str]:
@@ -93,7 +74,7 @@ def read_documents(path: str | os.PathLike, doc_split: DocSplit = "blank", text_
         yield from _jsonl_documents(path, text_field)
         return
     block: list[str] = []
-    for _, line in _utf8_lines(path):
+    for _, line in utf8_lines(path):
         if doc_split == "line":
             if line.strip():
                 yield line
@@ -109,18 +90,12 @@ def read_documents(path: str | os.PathLike, doc_split: DocSplit = "blank", text_
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    for number, line in _utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise ValueError(f"{path}:{number}: the record has no {text_field!r} field")
+    for number, record in iter_jsonl(path):
+        if text_field not in record:
+            raise DataError(f"{path}:{number}: the record has no {text_field!r} field")
         text = record[text_field]
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{number}: {text_field!r} must be a string, got {type(text).__name__}")
+            raise DataError(f"{path}:{number}: {text_field!r} must be a string, got {type(text).__name__}")
         if text.strip():
             yield text
 

@@ -39,7 +39,14 @@ from bunmyaku.hub.keymap import linear_map
 from bunmyaku.models.attention import KVCache, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
-from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
+from bunmyaku.models.heads import (
+    causal_lm_output,
+    check_logits_to_keep,
+    sequence_classification_loss,
+    shifted_lm_loss,
+    span_loss,
+    token_loss,
+)
 from bunmyaku.models.layers import Block, activation, lm_head
 from bunmyaku.models.linear import Linear
 
@@ -471,8 +478,7 @@ class GPT2LMHeadModel(_GPT2WithLMHead):
         Raises:
             ValueError: ``logits_to_keep`` together with ``labels``.
         """
-        if logits_to_keep and labels is not None:
-            raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position's logits")
+        check_logits_to_keep(logits_to_keep, labels)
         out = self._decode(
             input_ids,
             attention_mask,
@@ -483,11 +489,7 @@ class GPT2LMHeadModel(_GPT2WithLMHead):
             inputs_embeds,
             output_hidden_states,
         )
-        logits = self.head.lm_head(out.last_hidden_state[:, -logits_to_keep:])  # (B, T or logits_to_keep, V)
-        loss = shifted_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
-        )
+        return causal_lm_output(self.head.lm_head, out, labels, logits_to_keep)
 
 
 class GPT2ForSequenceClassification(_GPT2HeadModel):

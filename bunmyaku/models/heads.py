@@ -5,8 +5,12 @@ Labels equal to -100 are ignored everywhere (padding, sub-tokens after the first
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from bunmyaku.models.base import ModelOutput
 
 IGNORE_INDEX = -100
 
@@ -63,3 +67,18 @@ def span_loss(
     start = start_positions.view(-1).clamp(0, T)
     end = end_positions.view(-1).clamp(0, T)
     return (F.cross_entropy(start_logits, start, ignore_index=T) + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
+
+
+def check_logits_to_keep(logits_to_keep: int, labels: torch.Tensor | None) -> None:
+    """A loss needs every position's logits, so ``logits_to_keep`` and ``labels`` exclude each other."""
+    if logits_to_keep and labels is not None:
+        raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position's logits")
+
+
+def causal_lm_output(
+    lm_head: Callable[[torch.Tensor], torch.Tensor], out: ModelOutput, labels: torch.Tensor | None, logits_to_keep: int
+) -> ModelOutput:
+    """A decoder's output -> next-token logits (B, T or ``logits_to_keep``, V) and, with labels, the shifted loss."""
+    logits = lm_head(out.last_hidden_state[:, -logits_to_keep:])  # logits_to_keep = 0 keeps every position
+    loss = shifted_lm_loss(logits, labels) if labels is not None else None
+    return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)

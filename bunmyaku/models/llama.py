@@ -32,7 +32,13 @@ from bunmyaku.hub import KeyMap
 from bunmyaku.models.attention import KVCache, RotaryEmbedding, causal_mask, positions_from_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resolve_dtype
 from bunmyaku.models.config import LayerConfig, ModelConfig
-from bunmyaku.models.heads import sequence_classification_loss, shifted_lm_loss, span_loss, token_loss
+from bunmyaku.models.heads import (
+    causal_lm_output,
+    check_logits_to_keep,
+    sequence_classification_loss,
+    span_loss,
+    token_loss,
+)
 from bunmyaku.models.layers import Block, RMSNorm, activation, lm_head
 from bunmyaku.models.linear import Linear
 
@@ -341,8 +347,7 @@ class LlamaForCausalLM(_LlamaHeadModel):
         Raises:
             ValueError: ``logits_to_keep`` together with ``labels``.
         """
-        if logits_to_keep and labels is not None:
-            raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position's logits")
+        check_logits_to_keep(logits_to_keep, labels)
         out = self._decode(
             input_ids,
             attention_mask,
@@ -352,11 +357,7 @@ class LlamaForCausalLM(_LlamaHeadModel):
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        logits = self.head.lm_head(out.last_hidden_state[:, -logits_to_keep:])  # (B, T or logits_to_keep, V)
-        loss = shifted_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
-        )
+        return causal_lm_output(self.head.lm_head, out, labels, logits_to_keep)
 
 
 class LlamaForSequenceClassification(_LlamaHeadModel):

@@ -117,7 +117,7 @@ def test_dtype_follows_the_vocabulary_size():
         ("empty.txt", b"\n\n  \n", "corpus is empty"),
         ("latin1.txt", "caf\u00e9\n".encode("utf-8") + b"ok\nna\xefve\n", "byte offset 11"),
         ("bad.jsonl", b'{"text": "a"}\n{"body": "b"}\n', r"bad.jsonl:2: the record has no 'text' field"),
-        ("broken.jsonl", b'{"text": "a"}\n{"text": \n', r"broken.jsonl:2: not a JSON line"),
+        ("broken.jsonl", b'{"text": "a"}\n{"text": \n', r"broken.jsonl:2: invalid JSON"),
     ],
 )
 def test_bad_input_gives_a_clear_error_and_no_output(tmp_path, name, content, message):
