@@ -32,5 +32,5 @@ def label_names(config) -> dict[int, str]:
 
 def max_input_length(tokenizer, config, requested: int | None = None) -> int:
     """The token limit: ``requested``, else the tokenizer's ``model_max_length``, else the model's positions."""
-    limits = [n for n in (tokenizer.model_max_length, getattr(config, "max_seq_len", None)) if n]
+    limits = [n for n in (tokenizer.model_max_length, config.max_seq_len) if n]
     return requested or (min(limits) if limits else 512)

@@ -90,8 +90,7 @@ class Task:
 
     def prepare_model(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         """Adjust a loaded model to the task (new special tokens, padding id); default: as it is."""
-        pad = getattr(model.config, "pad_token_id", 0)
-        if pad is None and hasattr(model.config, "pad_token_id"):
+        if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_id(tokenizer)  # GPT-2 reads the last real token by the padding id
         return model
 

@@ -152,8 +152,8 @@ def _load_model(pargs: PretrainArgs, tokenizer):
     vocab = model.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
-    max_len = getattr(model.config, "max_seq_len", None)
-    if max_len is not None and pargs.block_size > max_len:
+    max_len = model.config.max_seq_len
+    if pargs.block_size > max_len:
         raise ValueError(f"block_size {pargs.block_size} exceeds the model's max_seq_len {max_len}")
     return model.train()
 

@@ -26,7 +26,11 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        with path.open(encoding="utf-8") as f:  # from a file, YAML's messages name it with line and column
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {path}: invalid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a mapping of option names to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
