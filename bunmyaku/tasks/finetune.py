@@ -387,12 +387,17 @@ def _read_splits(task: Task, fargs: FinetuneArgs, inputs: Inputs, seed: int):
 def _log_to(path: Path, append: bool = False):
     handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
     package = logging.getLogger("bunmyaku")
+    level = package.level
+    if package.getEffectiveLevel() > logging.INFO:  # the log file holds the run's story whatever the console shows
+        package.setLevel(logging.INFO)
     package.addHandler(handler)
     try:
         yield
     finally:
         package.removeHandler(handler)
+        package.setLevel(level)
         handler.close()
 
 
