@@ -330,3 +330,50 @@ def test_the_model_card(tmp_path, tiny_bert_dir, data):
     assert oct(os.stat(out / "model" / "README.md").st_mode & 0o777) == "0o644"
     memory = bunmyaku.finetune(model=tiny_bert_dir, train=rows, eval=held, **COMMON, **QUIET)
     assert "- train: in-memory data" in (memory.save(tmp_path / "saved") / "README.md").read_text()
+
+
+def squad_rows(path: Path) -> list[dict]:
+    """A SQuAD file's questions in the layout of Hugging Face's squad data sets."""
+    rows = []
+    for article in json.loads(path.read_text())["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                answers = {k: [a[k] for a in qa["answers"]] for k in ("text", "answer_start")}
+                question = {"id": qa["id"], "title": article["title"], "question": qa["question"]}
+                rows.append({**question, "context": paragraph["context"], "answers": answers})
+    return rows
+
+
+@pytest.mark.parametrize("task", ["token-classification", "question-answering"])
+def test_in_memory_rows_equal_the_file_for_tagging_and_qa(tmp_path, tiny_bert_dir, task):
+    from tests.finetune.helpers import ner_records, squad_file
+
+    if task == "token-classification":
+        records = ner_records(12)
+        path = tmp_path / "ner.json"
+        path.write_text(json.dumps(records))
+        settings = {"format": "spans", "label_column": "entities"}
+    else:
+        path = squad_file(tmp_path / "squad.json", 12)
+        records = squad_rows(path)
+        settings = {"max_length": 16, "stride": 6}
+    common = {**COMMON, "task": task, **settings, **QUIET, "model": tiny_bert_dir, "lr": 3e-3}
+    from_file = bunmyaku.finetune(train=path, eval=path, **common)
+    from_rows = bunmyaku.finetune(train=records, eval=records, **common)
+    assert comparable(from_rows.metrics) == comparable(from_file.metrics)
+    assert from_rows.predict(records) == from_file.predict(path)
+
+
+def test_a_killed_bi_encoder_run_resumes_exactly(tmp_path, tiny_bert_dir):
+    rows = [{"a": t, "b": t.split()[0] + " " + lab, "score": 1.0} for t, lab in sentiment_rows(16)]
+    settings = {**COMMON, "task": "sentence-similarity", "encoder": "bi", "loss": "contrastive", **QUIET}
+    settings.update(text_column="a", text_pair_column="b", label_column=None, save_every=3, lr=1e-3)
+    whole = bunmyaku.finetune(model=tiny_bert_dir, train=rows, eval=rows, output_dir=tmp_path / "whole", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        bunmyaku.finetune(
+            model=tiny_bert_dir, train=rows, eval=rows, output_dir=tmp_path / "k", callbacks=[Kill(5)], **settings
+        )
+    resumed = bunmyaku.finetune(model=tiny_bert_dir, train=rows, eval=rows, output_dir=tmp_path / "k", **settings)
+    assert comparable(resumed.metrics) == comparable(whole.metrics)
+    ours, theirs = resumed.model.state_dict(), whole.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
