@@ -254,7 +254,7 @@ class TaskEvaluator:
 
     def __call__(self, trainer) -> dict[str, float | None]:
         loss, self.outputs = run_batches(
-            self.task, trainer.unwrapped_model, self.features, self.batch_size, self.pad, trainer._autocast
+            self.task, trainer.unwrapped_model, self.features, self.batch_size, self.pad, trainer.autocast
         )
         return self.scores(self.outputs, loss)
 
@@ -581,7 +581,6 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
         plugins=inputs.callbacks,
         evaluate=evaluator,
         metric=metric,
-        greater_is_better=metric != "loss",
         patience=fargs.patience,
         restore_best=True,
         export_dir=None,  # the model is saved below, with its settings and model card
@@ -607,9 +606,9 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
         {"epoch": e["step"] / steps_per_epoch, **{k: v for k, v in e.items()}} for e in trainer.evaluations
     ]
     # the best weights are loaded: their outputs on the eval split are the predictions (as evaluated, same batches)
-    _, best_outputs = run_batches(task, model, eval_features, eval_batch_size, pad, trainer._autocast)
+    _, best_outputs = run_batches(task, model, eval_features, eval_batch_size, pad, trainer.autocast)
     if test_features is not None:
-        _, outputs = run_batches(task, model, test_features, eval_batch_size, pad, trainer._autocast)
+        _, outputs = run_batches(task, model, test_features, eval_batch_size, pad, trainer.autocast)
         test_scores = task.metrics(test, test_features, outputs)
         summary["test"] = {
             **test_scores,

@@ -45,6 +45,8 @@ from bunmyaku.training.plugins import EMA, Freeze, Plugin
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+# metrics where a smaller value is better (an error or a loss); every other selection metric is a score
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse")
 
 
 class _Default:
@@ -79,7 +81,7 @@ class Trainer:
         evaluate: ``evaluate(trainer) -> {name: value}`` (plain names, None for an undefined value), run in eval
             mode under the plugins' evaluation contexts; default: loss, perplexity and accuracy on ``eval_data``.
         metric: the evaluation's value that selects the best evaluation.
-        greater_is_better: the direction of ``metric`` (default: lower for loss and perplexity, higher otherwise).
+        greater_is_better: the direction of ``metric`` (default: lower for :data:`LOWER_IS_BETTER`, else higher).
         patience: stop after this many evaluations without improvement of ``metric`` (0: never stop early).
         restore_best: keep the best evaluation's weights (in memory and in checkpoints) and load them at the end.
         export_dir: where the final model (and tokenizer) is saved (default: ``args.output_dir``; None: not saved).
@@ -130,7 +132,7 @@ class Trainer:
         self.evaluator = evaluate if evaluate is not None else Trainer._loss_evaluation
         self.metric = metric
         if greater_is_better is None:
-            greater_is_better = metric not in ("loss", "perplexity")
+            greater_is_better = metric not in LOWER_IS_BETTER
         self.greater_is_better = greater_is_better
         self.patience = patience
         self.restore_best = restore_best
@@ -201,7 +203,7 @@ class Trainer:
         for i, batch in enumerate(self._step_batches):
             sync = contextlib.nullcontext() if i == last or self.world_size == 1 else self.model.no_sync()
             with sync:
-                with self._autocast():
+                with self.autocast():
                     losses, metrics = self.objective(self.model, batch)
                 # DDP averages gradients over processes; the global count already covers all of them
                 loss = sum(losses[t] / max(self._step_counts[t], 1) for t in losses) * self.world_size
@@ -300,7 +302,7 @@ class Trainer:
             if limit and i == limit:
                 break
             batch = self._to_device(batch)
-            with self._autocast():
+            with self.autocast():
                 losses, metrics = self.objective(self.unwrapped_model, batch)
             for key, value in {**losses, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -493,7 +495,8 @@ class Trainer:
             for k, v in batch.items()
         }
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's precision context (bf16 / fp16 autocast, or nothing for fp32), for evaluation callables too."""
         if self.args.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.args.precision == "bf16" else torch.float16

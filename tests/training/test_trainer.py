@@ -328,6 +328,8 @@ def test_early_stopping_and_the_best_weights_restored(tmp_path):
 def test_lower_is_better_when_asked(tmp_path):
     trainer, evaluation = _selecting(tmp_path, [0.5, 0.8, 0.2, 0.4], greater_is_better=False)
     assert trainer.selected["step"] == 3 and _weights_equal(trainer.unwrapped_model, evaluation.seen[3])
+    for metric, greater in (("loss", False), ("mse", False), ("perplexity", False), ("spearman", True)):
+        assert Trainer(tiny_gpt2(), _args(tmp_path), [0], collator=list, metric=metric).greater_is_better is greater
 
 
 def test_an_undefined_metric_is_no_improvement(tmp_path):
