@@ -508,6 +508,7 @@ def _check_resumed_settings(out: Path, record: dict[str, Any]) -> None:
                 "settings, or pass --overwrite (overwrite=True) to start again"
             )
     else:
+        path.parent.mkdir(exist_ok=True)
         write_json_atomic(path, record, sort_keys=False)
 
 
@@ -555,7 +556,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
         eval_every=targs.eval_every or steps_per_epoch,
         plot=targs.plot and keep,
     )
-    if keep and targs.save_every:
+    if keep and (targs.save_every or (out / "checkpoints").is_dir()):
         record = {**_settings(fargs), **dataclasses.asdict(targs)}
         _check_resumed_settings(out, {k: v for k, v in record.items() if k not in NOT_COMPARED})
     metric = fargs.metric or task.metric
@@ -602,9 +603,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     summary.update(epoch=best["step"] / steps_per_epoch, step=best["step"], metric=metric)
     summary["epochs_run"] = trainer.step / steps_per_epoch
     summary.update(train_examples=len(train), eval_examples=len(evaluation))
-    summary["history"] = [
-        {"epoch": e["step"] / steps_per_epoch, **{k: v for k, v in e.items()}} for e in trainer.evaluations
-    ]
+    summary["history"] = [{"epoch": e["step"] / steps_per_epoch, **e} for e in trainer.evaluations]
     # the best weights are loaded: their outputs on the eval split are the predictions (as evaluated, same batches)
     _, best_outputs = run_batches(task, model, eval_features, eval_batch_size, pad, trainer.autocast)
     if test_features is not None:
