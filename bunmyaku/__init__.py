@@ -5,6 +5,7 @@ The public entry points are re-exported here lazily, so ``import bunmyaku`` stay
 - ``bunmyaku.from_pretrained(path_or_repo_id, task=..., dtype=..., device=...)``
 - ``bunmyaku.Tokenizer`` and ``bunmyaku.train_tokenizer``
 - ``bunmyaku.pipeline(task, model=..., device=...)``
+- ``bunmyaku.finetune(task=..., model=..., train=..., ...)`` -> ``bunmyaku.FinetuneResult``
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ _LAZY = {
     "Tokenizer": "bunmyaku.tokenization",
     "train_tokenizer": "bunmyaku.tokenization",
     "pipeline": "bunmyaku.pipelines",
+    "finetune": "bunmyaku.tasks.finetune",
+    "FinetuneResult": "bunmyaku.tasks.finetune",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -243,29 +243,30 @@ app.command("pretrain")(_pretrain_command())
 
 
 def _finetune(values: dict) -> None:
-    from bunmyaku.tasks.finetune import TRAIN_DEFAULTS, FinetuneArgs, run_finetune
-    from bunmyaku.training.args import TrainArgs
+    from bunmyaku.tasks.finetune import OPTION_CLASSES, run_finetune
     from bunmyaku.training.recipe import build_args
 
     _setup_logging(values.pop("verbose"))
-    fargs, targs = build_args((FinetuneArgs, TrainArgs), {**TRAIN_DEFAULTS, **values})
-    # epochs set the run's length; --max-steps (flag or recipe key), when given, stops it earlier
-    summary = run_finetune(fargs, targs, step_limit=values.get("max_steps"))
-    shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float) and k != "train_seconds"}
+    if not values.get("output_dir"):
+        raise typer.BadParameter("give --output-dir (where the model, metrics and predictions go)")
+    _check_output_dir(values["output_dir"])
+    fargs, targs = build_args(OPTION_CLASSES, values)
+    result = run_finetune(fargs, targs)
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float) and k != "train_seconds"}
     typer.echo(f"eval: {shown}; written to {targs.output_dir}")
 
 
 def _finetune_command():
-    from bunmyaku.tasks.finetune import FinetuneArgs
-    from bunmyaku.training.args import TrainArgs
+    from bunmyaku.tasks.finetune import OPTION_CLASSES
     from bunmyaku.training.recipe import typer_command
 
-    command = typer_command((FinetuneArgs, TrainArgs), _finetune)
+    command = typer_command(OPTION_CLASSES, _finetune)
     command.__doc__ = (
         "Fine-tune a model for a task: --task text-classification | sentence-similarity | token-classification | "
         "question-answering | multiple-choice | pair-classification, --model, --train, --eval (or --eval-split), "
         "the columns, --epochs, --output-dir; or --config recipe.yaml with the same keys. Writes metrics.json, "
-        "predictions.jsonl, model/ (HF layout), the log and loss curves."
+        "predictions.jsonl, model/ (HF layout, model card), the log and loss curves. bunmyaku.finetune(...) is "
+        "the same in Python."
     )
     return command
 

@@ -174,6 +174,37 @@ def from_dataset(dataset: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+IN_MEMORY = "in-memory data"
+
+
+def from_memory(data: Any) -> list[dict[str, Any]]:
+    """Records from in-memory data: a list of dicts, a pandas DataFrame, or a ``datasets.Dataset`` (one split of a
+    ``DatasetDict``); each record's line is its row number (1-based). Missing DataFrame cells become None.
+
+    Raises:
+        DataError: no rows, a row that is not a mapping of column names to values, or a whole ``DatasetDict``.
+    """
+    if isinstance(data, (str, bytes)) or isinstance(data, os.PathLike):
+        raise TypeError("from_memory takes in-memory data; read files with read_table")
+    if type(data).__name__ == "DatasetDict" or (
+        isinstance(data, dict) and data and all(hasattr(v, "column_names") for v in data.values())
+    ):
+        splits = ", ".join(map(str, data))
+        raise DataError(f"a DatasetDict holds splits ({splits}): pass one of them, e.g. data['train']")
+    if hasattr(data, "to_dict") and hasattr(data, "columns") and hasattr(data, "notna"):  # a pandas DataFrame
+        data = data.astype(object).where(data.notna(), None).to_dict("records")
+    if isinstance(data, dict):
+        raise DataError("in-memory data must be rows (a list of dicts, a DataFrame or a Dataset), got one dict")
+    records = []
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"row {i}: expected a mapping of column names to values, got {type(row).__name__}")
+        records.append({**row, LINE: i})
+    if not records:
+        raise DataError("the in-memory data has no rows")
+    return records
+
+
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from bunmyaku.data.loader import check_batch_size
-from bunmyaku.data.tables import DataError, read_table
+from bunmyaku.data.tables import DataError, check_columns, from_memory, read_table, warn_empty_texts
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,26 @@ class Task:
         if labelled:
             self.check_labels(records, str(path))
         return records
+
+    def read_data(self, data: Any, labelled: bool = True) -> tuple[list[dict[str, Any]], str]:
+        """Records from a file path (str or Path) or in-memory data (a list of dicts, a pandas DataFrame, a
+        ``datasets.Dataset``); returns them with the file's name for error messages ("" for in-memory rows,
+        which errors name as ``row N``)."""
+        if isinstance(data, (str, os.PathLike)):
+            return self.read(data, labelled), str(data)
+        return self.read_records(from_memory(data), labelled), ""
+
+    def read_records(self, records: list[dict[str, Any]], labelled: bool = True) -> list[dict[str, Any]]:
+        """In-memory records checked as :meth:`read` checks a file's (errors name ``row N``)."""
+        check_columns(records, self.columns(labelled), "")
+        warn_empty_texts(records, self.columns(labelled=False))
+        if labelled:
+            self.check_labels(records, "")
+        return records
+
+    def gold(self, example: dict[str, Any]) -> Any:
+        """An example's gold label as the data gives it (the ``labels`` handed to ``compute_metrics``)."""
+        return example.get(self.settings.label_column) if self.settings.label_column else None
 
     def check_labels(self, examples: list[dict[str, Any]], source: str) -> None:
         """Refuse a label the task cannot train on (a score that is not a finite number, ...), naming
@@ -245,12 +266,45 @@ class GroupedBatches:
         return [self.features[j] for j in self.groups[i]]
 
 
-class GroupCollator:
-    """The Trainer draws whole groups (``batch_size=1`` groups per micro-batch); this flattens and pads them."""
+class BatchPlan:
+    """Ready training batches for the Trainer, epoch after epoch: length-grouped, padded, resumable at any batch.
 
-    def __init__(self, task: Task, pad: int):
-        self.task = task
-        self.pad = pad
+    Epoch ``e`` is :class:`GroupedBatches`' grouping for ``e``; with ``world_size`` processes, global step ``i``
+    takes groups ``i * W .. i * W + W - 1`` and process ``r`` the ``r``-th of them. The position (epoch, batch)
+    is all a checkpoint needs to continue the plan exactly.
 
-    def __call__(self, groups: Sequence[list[Feature]], epoch: int = 0, indices: Sequence[int] = ()) -> Batch:
-        return self.task.collate([f for group in groups for f in group], self.pad)
+    Args:
+        groups: the training features in length-grouped batches (``shuffle=True``).
+        collate: ``collate(features)`` -> a padded batch.
+    """
+
+    def __init__(
+        self, groups: GroupedBatches, collate: Callable[[list[Feature]], Batch], rank: int = 0, world: int = 1
+    ):
+        self.groups, self.collate = groups, collate
+        self.rank, self.world_size = rank, world
+        self.batches_per_epoch = len(groups) // world
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{len(groups)} batches are fewer than one per process ({world} processes)")
+        self.epoch = 0
+        self.position = 0
+        self._grouped: int | None = None  # the epoch ``groups`` is grouped for
+
+    def next_batch(self) -> Batch:
+        """The next batch of this process, moving to a new epoch when this one is used up."""
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._grouped != self.epoch:
+            self.groups.set_epoch(self.epoch)
+            self._grouped = self.epoch
+        group = self.groups[self.position * self.world_size + self.rank]
+        self.position += 1
+        return self.collate(group)
+
+    def state_dict(self) -> dict[str, int]:
+        """The plan's position."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a position saved by :meth:`state_dict`."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,21 +1,26 @@
 """Fine-tuning, prediction and evaluation for every task family, on the Trainer.
 
-``run_finetune`` reads the data (a held-out split of the training file when there is no eval file), fixes the
-label set on the training data, loads the model with the task's head (or the same architecture randomly
-initialised), encodes, and trains with the Trainer: one pre-formed, length-grouped batch per micro-batch,
-evaluation every epoch with the task's metrics, early stopping after ``patience`` epochs without
-improvement, and the best epoch's weights restored at the end. The output folder::
+:func:`finetune` (``bunmyaku.finetune``) is the entry point in Python and the ``bunmyaku finetune`` command is a
+thin layer over the same :func:`run_finetune`: one set of options and defaults (:class:`FinetuneArgs`,
+:class:`~bunmyaku.training.args.FinetuneTrainArgs`). A run reads the data (files or in-memory rows; a held-out
+split of the training data when there is no eval set), fixes the label set on the training data, loads the model
+with the task's head (or the same architecture randomly initialised), encodes, and trains with the Trainer: a
+:class:`~bunmyaku.tasks.base.BatchPlan` of length-grouped batches (resumable), a :class:`TaskEvaluator` every
+epoch or every ``eval_every`` steps, early stopping after ``patience`` evaluations without improvement, and the
+best evaluation's weights restored at the end. The output folder::
 
-    DIR/metrics.json         final (best epoch) eval metrics with plain keys, and the test split's
+    DIR/metrics.json         final (best evaluation) eval metrics with plain keys, and the test split's
     DIR/predictions.jsonl    one record per eval example
-    DIR/model/               HF layout: config.json (id2label / label2id), weights, tokenizer, finetune.json
-    DIR/metrics.jsonl        the training log (loss, lr, eval metrics per epoch); DIR/finetune.log; loss_curves.png
+    DIR/model/               HF layout: config.json (id2label / label2id), weights, tokenizer, finetune.json,
+                             README.md (the model card)
+    DIR/metrics.jsonl        the training log (loss from step 1, lr, eval metrics); DIR/finetune.log; loss_curves.png
+    DIR/checkpoints/         with save_every: what a killed run resumes from (--resume, on by default)
 
 One run owns its output folder: it holds the folder's lock for the whole run, refuses a folder that already
-holds anything unless ``overwrite`` (``--overwrite``), and then clears the earlier results before training,
-so a run that fails never leaves an older run's metrics or model looking like its own. Every result file is
-written through a temporary file and a rename; ``metrics.json`` comes last, so its presence means the run
-finished.
+holds anything unless ``overwrite`` (``--overwrite``), which clears the earlier results first, or the folder
+holds a killed run's checkpoints (then the run resumes, with the same settings). A run that fails never leaves
+an older run's metrics or model looking like its own. Every result file is written through a temporary file and
+a rename; ``metrics.json`` comes last, so its presence means the run finished.
 
 ``predict_file`` and ``evaluate_file`` load such a model folder again (``finetune.json`` says which task and
 columns it was trained with).
@@ -25,12 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import functools
+import inspect
 import json
 import logging
-import math
+import os
 import shutil
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -40,17 +49,18 @@ import torch
 from torch import nn
 
 from bunmyaku.data.loader import check_batch_size
-from bunmyaku.data.tables import DataError
-from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic
-from bunmyaku.tasks.base import Feature, GroupCollator, GroupedBatches, Task, pad_id
+from bunmyaku.data.tables import IN_MEMORY, DataError
+from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from bunmyaku.tasks.base import BatchPlan, Feature, GroupedBatches, Task, pad_id
 from bunmyaku.tasks.choice import GPTPairClassification, MultipleChoice
 from bunmyaku.tasks.classification import SentenceSimilarityCross, TextClassification
 from bunmyaku.tasks.embedding import BiEncoder, SentenceEmbedding
 from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
-from bunmyaku.training.args import TrainArgs, check_int, check_number
+from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int, check_number
 from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
 from bunmyaku.training.plugins import Plugin
+from bunmyaku.training.recipe import build_args, import_object
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +74,7 @@ TaskName = Literal[
     "pair-classification",
 ]
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)
-# TrainArgs defaults that suit fine-tuning better than pretraining's; flags and recipe keys override them
-TRAIN_DEFAULTS = {"lr": 5e-5, "schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01, "log_every": 20}
-# what a run writes into its output folder (the Trainer's files move up from model/ at the end)
+# what a run writes into its output folder
 RESULTS = (
     "metrics.json",
     "predictions.jsonl",
@@ -156,6 +164,10 @@ class FinetuneArgs:
     """The eval metric that picks the best epoch (default: the task's: accuracy, f1, spearman)."""
     overwrite: bool = False
     """Replace the results of an earlier run in the output folder (they are cleared before training starts)."""
+    callbacks: list[str] = dataclasses.field(default_factory=list)
+    """Plugins to add to the Trainer, by import path (package.module:name; a class is made without arguments)."""
+    compute_metrics: str | None = None
+    """fn(predictions, labels) -> {name: number} by import path (package.module:name): extra eval metrics."""
 
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
@@ -173,6 +185,8 @@ class FinetuneArgs:
             check_int(name, getattr(self, name), low=1)
         for name in ("stride", "eval_batch_size", "patience"):
             check_int(name, getattr(self, name), low=0)
+        if isinstance(self.callbacks, str):
+            self.callbacks = [self.callbacks]
         if isinstance(self.choice_columns, list):
             self.choice_columns = ",".join(self.choice_columns)
         for name in ("text_column", "text_pair_column", "label_column"):
@@ -196,97 +210,77 @@ def build_task(settings: FinetuneArgs) -> Task:
 
 
 # ------------------------------------------------------------------------------------------------
-# The Trainer's side: objective and per-epoch evaluation
+# The Trainer's side: objective and evaluation
 
 
 class TaskObjective:
-    """The task's loss as the Trainer wants it (a sum and a count); in eval mode it also keeps the outputs."""
+    """The task's loss as the Trainer wants it: a sum and a count."""
 
     def __init__(self, task: Task):
         self.task = task
-        self.outputs: dict[int, torch.Tensor] = {}
 
     def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         """Units the loss averages over."""
         return {"task": self.task.count(batch)}
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        loss, outputs = self.task.forward(model, batch)
-        if not model.training:
-            for index, row in zip(batch["index"].tolist(), outputs.cpu(), strict=True):
-                self.outputs[index] = row
+        loss, _ = self.task.forward(model, batch)
         return {"task": loss * self.task.count(batch)}, {}
 
-    def take(self, n: int) -> list[torch.Tensor]:
-        """The kept outputs in feature order, then forget them."""
-        outputs = [self.outputs[i] for i in range(n)]
-        self.outputs = {}
-        return outputs
 
+class TaskEvaluator:
+    """The Trainer's evaluation callable for a task: eval loss, the task's metrics, and ``compute_metrics``' extras.
 
-class TaskEvaluation(Plugin):
-    """After each evaluation: the task's metrics (added to the log as ``eval_<name>``), the best weights kept
-    in memory, early stopping after ``patience`` evaluations without improvement.
-
-    Early stopping ends the Trainer's loop by lowering ``trainer.args.max_steps`` to the current step. A metric
-    that is undefined in an evaluation (None, e.g. the correlation of constant predictions) is no improvement;
-    one that is not finite stops the run.
+    Args:
+        task: the task (its label set fixed).
+        examples: the evaluation examples; features: their encoded rows.
+        batch_size: rows per evaluation batch; pad: the padding id.
+        compute_metrics: ``fn(predictions, labels) -> {name: number}``, where ``predictions`` are the records
+            ``predictions.jsonl`` holds and ``labels`` the examples' gold labels as the data gives them.
     """
 
     def __init__(
         self,
         task: Task,
-        objective: TaskObjective,
         examples: list[dict[str, Any]],
         features: list[Feature],
-        metric: str,
-        patience: int,
-        steps_per_epoch: int,
+        batch_size: int,
+        pad: int,
+        compute_metrics: Callable[[list[dict[str, Any]], list[Any]], dict[str, Any]] | None = None,
     ):
-        self.task, self.objective = task, objective
-        self.examples, self.features = examples, features
-        self.metric, self.patience, self.steps_per_epoch = metric, patience, steps_per_epoch
-        self.best_score = -math.inf
-        self.best: dict[str, Any] = {}
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.best_outputs: list[torch.Tensor] = []
-        self.bad_evals = 0
-        self.history: list[dict[str, float]] = []
+        self.task, self.examples, self.features = task, examples, features
+        self.batch_size, self.pad, self.compute_metrics = batch_size, pad, compute_metrics
+        self.outputs: list[torch.Tensor] = []  # the last evaluation's per-row outputs
 
-    def on_evaluate(self, trainer, metrics: dict[str, float]) -> None:
-        outputs = self.objective.take(len(self.features))
-        scores = {"loss": metrics["eval_loss"], **self.task.metrics(self.examples, self.features, outputs)}
-        epoch = trainer.step / self.steps_per_epoch
-        if self.metric not in scores:
-            raise ValueError(f"metric {self.metric!r} is not computed for this task; available: {sorted(scores)}")
-        broken = sorted(k for k, v in scores.items() if isinstance(v, float) and not math.isfinite(v))
-        if broken:
-            raise ValueError(
-                f"eval {', '.join(broken)} not finite at epoch {epoch:.2f}: the model's outputs are broken"
-            )
-        metrics.update({f"eval_{k}": v for k, v in scores.items() if k != "loss" and v is not None})
-        self.history.append({"epoch": epoch, **scores})
-        value = scores[self.metric]
-        score = -math.inf if value is None else -value if self.metric == "loss" else value
-        if self.best_state is None or score > self.best_score:
-            self.best_score, self.bad_evals = score, 0
-            self.best = {**scores, "epoch": epoch, "step": trainer.step}
-            state = trainer.unwrapped_model.state_dict()
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-            self.best_outputs = outputs
-        else:
-            self.bad_evals += 1
-        logger.info(
-            "epoch %.2f: %s %s (best %s at epoch %.2f)",
-            epoch,
-            self.metric,
-            show(value),
-            show(self.best[self.metric]),
-            self.best["epoch"],
+    def __call__(self, trainer) -> dict[str, float | None]:
+        loss, self.outputs = run_batches(
+            self.task, trainer.unwrapped_model, self.features, self.batch_size, self.pad, trainer.autocast
         )
-        if self.patience and self.bad_evals >= self.patience and trainer.step < trainer.args.max_steps:
-            logger.info("Early stopping: no improvement in %d evaluations", self.bad_evals)
-            trainer.args.max_steps = trainer.step
+        return self.scores(self.outputs, loss)
+
+    def scores(self, outputs: list[torch.Tensor], loss: float | None) -> dict[str, float | None]:
+        """{"loss", task metrics, extras} for the given outputs."""
+        scores: dict[str, Any] = {"loss": loss, **self.task.metrics(self.examples, self.features, outputs)}
+        extras = extra_metrics(self.task, self.compute_metrics, self.examples, self.features, outputs, scores)
+        return {**scores, **extras}
+
+
+def extra_metrics(task, compute_metrics, examples, features, outputs, known: dict[str, Any]) -> dict[str, Any]:
+    """``compute_metrics(predictions, labels)``, checked: a dict of numbers (or None) under new names."""
+    if compute_metrics is None:
+        return {}
+    predictions = list(task.predictions(examples, features, outputs))
+    extras = compute_metrics(predictions, [task.gold(e) for e in examples])
+    if not isinstance(extras, dict):
+        raise ValueError(f"compute_metrics must return a dict of metric names to numbers, got {type(extras).__name__}")
+    out = {}
+    for name, value in extras.items():
+        if name in known:
+            raise ValueError(f"compute_metrics returned {name!r}, which the task already computes; rename it")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"compute_metrics returned {name!r} = {value!r}; metrics must be numbers (or None)")
+        out[str(name)] = None if value is None else float(value)
+    return out
 
 
 def show(value: float | None) -> str:
@@ -313,18 +307,41 @@ def split_examples(
     return kept, out
 
 
-def _load_model(task: Task, fargs: FinetuneArgs) -> nn.Module:
+@dataclass
+class Inputs:
+    """What a Python caller may hand over as objects rather than as the settings' strings."""
+
+    train: Any = None
+    eval: Any = None
+    test: Any = None
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    callbacks: list[Plugin] = dataclasses.field(default_factory=list)
+    compute_metrics: Callable[..., dict[str, Any]] | None = None
+
+
+def _load_model(task: Task, fargs: FinetuneArgs, given: nn.Module | None) -> nn.Module:
     from bunmyaku.hub import read_config, resolve_model_dir
     from bunmyaku.models.auto import from_pretrained, model_class
 
-    if fargs.model is None:
-        raise ValueError("give --model (a model folder in HF layout)")
     labels = task.label_names()
-    if isinstance(task, SentenceEmbedding):
+    if given is not None:
+        if fargs.from_scratch:
+            raise ValueError("from_scratch needs a model folder, not a loaded model")
+        model = given
+        heads = getattr(model.config, "num_labels", None)
+        if labels and heads is not None and heads != len(labels):
+            raise ValueError(
+                f"the loaded model's head has {heads} outputs but the training data has {len(labels)} labels "
+                f"({labels}); load it with num_labels={len(labels)}, or pass the model folder instead"
+            )
+    elif fargs.model is None:
+        raise ValueError("give --model (a model folder in HF layout)")
+    elif isinstance(task, SentenceEmbedding):
         if fargs.from_scratch:
             raise ValueError("from_scratch is not supported for the bi-encoder")
         return BiEncoder.from_pretrained(fargs.model, pooling=fargs.pooling)
-    if fargs.from_scratch:
+    elif fargs.from_scratch:
         hf = read_config(resolve_model_dir(fargs.model))
         cls = model_class(hf["model_type"], task.head)
         config = cls.config_class.from_hf(hf)
@@ -342,17 +359,23 @@ def _load_model(task: Task, fargs: FinetuneArgs) -> nn.Module:
     return model.train()
 
 
-def _read_splits(task: Task, fargs: FinetuneArgs, seed: int):
-    """(train, eval, test) examples with the file each came from."""
-    if fargs.train is None:
-        raise ValueError("give --train (the training file)")
-    train = task.read(fargs.train)
-    source = {"train": fargs.train, "eval": fargs.eval or fargs.train, "test": fargs.test or fargs.train}
-    test = task.read(fargs.test) if fargs.test else None
-    if test is None and fargs.test_split:
+def _read_splits(task: Task, fargs: FinetuneArgs, inputs: Inputs, seed: int):
+    """(train, eval, test) examples, and per split the file it came from ("" for in-memory data)."""
+    given = {
+        name: getattr(inputs, name) if getattr(inputs, name) is not None else getattr(fargs, name)
+        for name in ("train", "eval", "test")
+    }
+    if given["train"] is None:
+        raise ValueError("give --train (the training file, or in-memory data in Python)")
+    train, train_source = task.read_data(given["train"])
+    source = {"train": train_source, "eval": train_source, "test": train_source}
+    test = None
+    if given["test"] is not None:
+        test, source["test"] = task.read_data(given["test"])
+    elif fargs.test_split:
         train, test = split_examples(train, task.split_groups(train), fargs.test_split, seed + 1)
-    if fargs.eval:
-        evaluation = task.read(fargs.eval)
+    if given["eval"] is not None:
+        evaluation, source["eval"] = task.read_data(given["eval"])
     elif fargs.eval_split:
         train, evaluation = split_examples(train, task.split_groups(train), fargs.eval_split, seed)
     else:
@@ -361,44 +384,78 @@ def _read_splits(task: Task, fargs: FinetuneArgs, seed: int):
 
 
 @contextlib.contextmanager
-def _log_to(path: Path):
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+def _log_to(path: Path, append: bool = False):
+    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
     package = logging.getLogger("bunmyaku")
+    level = package.level
+    if package.getEffectiveLevel() > logging.INFO:  # the log file holds the run's story whatever the console shows
+        package.setLevel(logging.INFO)
     package.addHandler(handler)
     try:
         yield
     finally:
         package.removeHandler(handler)
+        package.setLevel(level)
         handler.close()
 
 
-def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, step_limit: int | None = None) -> dict[str, Any]:
-    """Fine-tune as described by ``fargs`` with the loop settings ``targs``; returns what ``metrics.json`` holds.
+def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = None) -> FinetuneResult:
+    """Fine-tune as described by ``fargs`` with the loop settings ``targs``; :func:`finetune` is the friendlier
+    front door (keyword arguments, in-memory data) and the CLI's.
 
-    ``fargs.epochs`` sets the length of the run (``targs.max_steps`` is not used: its default would cut
-    every run at 1,000 steps); ``step_limit`` stops it earlier, after that many optimizer steps (the CLI
-    passes ``--max-steps`` here when it is given).
+    ``fargs.epochs`` sets the length of the run; ``targs.max_steps`` (when not 0) stops it earlier. Evaluation
+    runs every ``targs.eval_every`` steps (0: every epoch) and at the end; the best evaluation by ``fargs.metric``
+    is restored at the end; ``targs.save_every`` writes checkpoints a killed run resumes from exactly.
 
-    The run holds ``targs.output_dir``'s lock throughout; a folder that holds anything is refused unless
-    ``fargs.overwrite``, which clears the earlier results (:data:`RESULTS`) before anything else happens.
+    With ``targs.output_dir`` the run holds that folder's lock throughout; a folder that holds anything is refused
+    unless ``fargs.overwrite`` (which clears the earlier results, :data:`RESULTS`, first) or it holds a killed
+    run's checkpoints and ``targs.resume`` is on (the run continues). Without an output folder nothing is written
+    (checkpoints, if any, go to a temporary folder removed at the end).
 
     Raises:
         DataError, FileNotFoundError, ValueError: bad input data (naming file and line) or options, or an
             output folder that is not empty without ``overwrite``.
         bunmyaku.training.outputs.OutputDirBusy: another run is writing into the output folder.
     """
+    inputs = dataclasses.replace(inputs or Inputs())
+    inputs.callbacks = [_plugin(path) for path in fargs.callbacks] + list(inputs.callbacks)
+    if inputs.compute_metrics is None and fargs.compute_metrics:
+        inputs.compute_metrics = import_object(fargs.compute_metrics, "compute_metrics")
+        if not callable(inputs.compute_metrics):
+            raise ValueError(f"compute_metrics {fargs.compute_metrics!r} is not callable")
+    if targs.output_dir is None:
+        with tempfile.TemporaryDirectory(prefix="bunmyaku-finetune-") as scratch:
+            return _run(fargs, targs, Path(scratch), inputs, keep=False)
     out = Path(targs.output_dir)
     with exclusive_output_dir(out):
-        cleared = claim_output_dir(out, fargs.overwrite, RESULTS, whole_folder=True)
-        with _log_to(out / "finetune.log"):
+        resuming = targs.resume and not fargs.overwrite and _resumable(out)
+        cleared = [] if resuming else claim_output_dir(out, fargs.overwrite, RESULTS, whole_folder=True)
+        with _log_to(out / "finetune.log", append=resuming):
             if cleared:
                 logger.info("Cleared the earlier results in %s: %s", out, ", ".join(cleared))
             try:
-                return _run(fargs, targs, out, step_limit)
+                return _run(fargs, targs, out, inputs, keep=True)
             except Exception as error:
                 logger.error("Fine-tuning failed: %s", error)  # the log says why there are no results
                 raise
+
+
+def _plugin(path: str) -> Plugin:
+    found = import_object(path, "callbacks")
+    plugin = found() if isinstance(found, type) else found
+    if not isinstance(plugin, Plugin):
+        raise ValueError(f"callback {path!r} is a {type(plugin).__name__}, not a bunmyaku.training.Plugin")
+    return plugin
+
+
+def _resumable(out: Path) -> bool:
+    """A killed run's folder: checkpoints and no metrics.json (which marks a finished run)."""
+    from bunmyaku.training.checkpoint import list_checkpoints
+
+    checkpoints = out / "checkpoints"
+    return checkpoints.is_dir() and bool(list_checkpoints(checkpoints)) and not (out / "metrics.json").exists()
 
 
 def claim_output_dir(out: Path, overwrite: bool, results: Iterable[str], whole_folder: bool) -> list[str]:
@@ -439,40 +496,69 @@ def claim_output_dir(out: Path, overwrite: bool, results: Iterable[str], whole_f
     return cleared
 
 
-def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, step_limit: int | None) -> dict[str, Any]:
+def _check_resumed_settings(out: Path, record: dict[str, Any]) -> None:
+    """A resumed run must be the same run: compare its settings with the ones the checkpoints were written with."""
+    path = out / "checkpoints" / SETTINGS_NAME
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
+        if changed:
+            raise ValueError(
+                f"{out} holds checkpoints of a run with other settings ({', '.join(changed)}); resume with the same "
+                "settings, or pass --overwrite (overwrite=True) to start again"
+            )
+    else:
+        path.parent.mkdir(exist_ok=True)
+        write_json_atomic(path, record, sort_keys=False)
+
+
+# settings that do not change what a run computes: they may differ when a killed run is resumed
+NOT_COMPARED = ("overwrite", "resume", "progress", "plot", "output_dir", "device", "num_threads")
+
+
+def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep: bool) -> FinetuneResult:
     from bunmyaku.tokenization import Tokenizer
     from bunmyaku.training.trainer import Trainer
 
     started = time.perf_counter()
     task = build_task(fargs)
-    train, evaluation, test, source = _read_splits(task, fargs, targs.seed)
+    train, evaluation, test, source = _read_splits(task, fargs, inputs, targs.seed)
     task.fit_labels(train)
-    tokenizer = Tokenizer.from_pretrained(fargs.tokenizer or fargs.model)
+    tokenizer = inputs.tokenizer
+    if tokenizer is None:
+        if inputs.model is not None and fargs.tokenizer is None:
+            raise ValueError("give tokenizer= (a Tokenizer or a folder) with an already loaded model")
+        tokenizer = Tokenizer.from_pretrained(fargs.tokenizer or fargs.model)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = Tokenizer.from_pretrained(tokenizer)
     torch.manual_seed(targs.seed)
-    model = task.prepare_model(_load_model(task, fargs), tokenizer)
+    model = task.prepare_model(_load_model(task, fargs, inputs.model), tokenizer)
     train_features = task.encode(tokenizer, train, source=source["train"])
     eval_features = task.encode(tokenizer, evaluation, source=source["eval"])
     test_features = task.encode(tokenizer, test, source=source["test"]) if test else None
 
-    train_data = GroupedBatches(train_features, targs.batch_size, shuffle=True, seed=targs.seed)
-    eval_data = GroupedBatches(eval_features, fargs.eval_batch_size or targs.batch_size)
-    steps_per_epoch = max(1, len(train_data) // targs.grad_accum_steps)
+    pad = pad_id(tokenizer)
+    plan = BatchPlan(
+        GroupedBatches(train_features, targs.batch_size, shuffle=True, seed=targs.seed),
+        functools.partial(task.collate, pad=pad),
+    )
+    eval_batch_size = fargs.eval_batch_size or targs.batch_size
+    steps_per_epoch = max(1, plan.batches_per_epoch // targs.grad_accum_steps)
     max_steps = max(1, round(fargs.epochs * steps_per_epoch))
-    if step_limit is not None:
-        max_steps = max(1, min(max_steps, step_limit))
+    if targs.max_steps:
+        max_steps = min(max_steps, targs.max_steps)
     warmup = round(fargs.warmup_ratio * max_steps) if fargs.warmup_ratio else targs.warmup_steps
-    model_dir = out / "model"
     loop_args = dataclasses.replace(
         targs,
-        output_dir=str(model_dir),
-        batch_size=1,  # one pre-formed batch of targs.batch_size rows per micro-batch
+        output_dir=str(out),
         max_steps=max_steps,
         warmup_steps=warmup,
-        eval_every=steps_per_epoch,
-        save_every=0,
-        keep_last=1,
-        resume=False,
+        eval_every=targs.eval_every or steps_per_epoch,
+        plot=targs.plot and keep,
     )
+    if keep and (targs.save_every or (out / "checkpoints").is_dir()):
+        record = {**_settings(fargs), **dataclasses.asdict(targs)}
+        _check_resumed_settings(out, {k: v for k, v in record.items() if k not in NOT_COMPARED})
     metric = fargs.metric or task.metric
     logger.info(
         "Fine-tuning %s for %s: %d train / %d eval examples (%d / %d rows), %d steps (%d per epoch), best by %s",
@@ -486,60 +572,251 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, step_limit: int | Non
         steps_per_epoch,
         metric,
     )
-    objective = TaskObjective(task)
-    evaluator = TaskEvaluation(task, objective, evaluation, eval_features, metric, fargs.patience, steps_per_epoch)
-    pad = pad_id(tokenizer)
-    trainer = Trainer(model, loop_args, train_data, eval_data, GroupCollator(task, pad), objective, [evaluator])
+    evaluator = TaskEvaluator(task, evaluation, eval_features, eval_batch_size, pad, inputs.compute_metrics)
+    base = _base_model_name(fargs, inputs)
+    trainer = Trainer(
+        model,
+        loop_args,
+        plan,
+        objective=TaskObjective(task),
+        plugins=inputs.callbacks,
+        evaluate=evaluator,
+        metric=metric,
+        patience=fargs.patience,
+        restore_best=True,
+        export_dir=None,  # the model is saved below, with its settings and model card
+        checkpoint_at_end=False,
+        title=f"{out.name if keep else 'in-memory run'}: {base}, {task.name}",
+    )
     trainer.fit()
+    model.eval()
 
-    model.load_state_dict(evaluator.best_state)
-    logger.info("Restored the best epoch (%.2f, %s %s)", evaluator.best["epoch"], metric, show(evaluator.best[metric]))
-    _save(model, tokenizer, task, fargs, model_dir, targs.export_dtype)
-    _tidy(model_dir, out)
-    summary: dict[str, Any] = {**evaluator.best, "metric": metric, "epochs_run": trainer.step / steps_per_epoch}
-    summary.update(train_examples=len(train), eval_examples=len(evaluation), history=evaluator.history)
+    best = trainer.selected
+    logger.info(
+        "Best evaluation: step %d (epoch %.2f), %s %s",
+        best["step"],
+        best["step"] / steps_per_epoch,
+        metric,
+        show(best.get(f"eval_{metric}")),
+    )
+    summary: dict[str, Any] = {k.removeprefix("eval_"): v for k, v in best.items() if k.startswith("eval_")}
+    summary.update(epoch=best["step"] / steps_per_epoch, step=best["step"], metric=metric)
+    summary["epochs_run"] = trainer.step / steps_per_epoch
+    summary.update(train_examples=len(train), eval_examples=len(evaluation))
+    summary["history"] = [{"epoch": e["step"] / steps_per_epoch, **e} for e in trainer.evaluations]
+    # the best weights are loaded: their outputs on the eval split are the predictions (as evaluated, same batches)
+    _, best_outputs = run_batches(task, model, eval_features, eval_batch_size, pad, trainer.autocast)
     if test_features is not None:
-        outputs = infer(task, model, test_features, fargs.eval_batch_size or targs.batch_size, pad)
-        summary["test"] = task.metrics(test, test_features, outputs)
+        _, outputs = run_batches(task, model, test_features, eval_batch_size, pad, trainer.autocast)
+        test_scores = task.metrics(test, test_features, outputs)
+        summary["test"] = {
+            **test_scores,
+            **extra_metrics(task, inputs.compute_metrics, test, test_features, outputs, test_scores),
+        }
         summary["test_examples"] = len(test)
     summary["train_seconds"] = time.perf_counter() - started
-    write_jsonl_atomic(out / "predictions.jsonl", task.predictions(evaluation, eval_features, evaluator.best_outputs))
-    write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: it marks a finished run
+    result = FinetuneResult(
+        metrics=summary,
+        model=model,
+        tokenizer=tokenizer,
+        history=trainer.history,
+        task=task,
+        settings=fargs,
+        train_settings=targs,
+        base_model=base,
+        data=_data_names(fargs, inputs),
+        compute_metrics=inputs.compute_metrics,
+    )
+    if keep:
+        result.save(out / "model")
+        write_jsonl_atomic(out / "predictions.jsonl", task.predictions(evaluation, eval_features, best_outputs))
+        write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: it marks a finished run
     logger.info("Done: %s", {k: v for k, v in summary.items() if k != "history"})
-    return summary
+    return result
 
 
-def _save(model, tokenizer, task: Task, fargs: FinetuneArgs, model_dir: Path, dtype: str | None) -> None:
-    model.save_pretrained(model_dir, dtype=dtype)
-    tokenizer.save_pretrained(model_dir)
+def _base_model_name(fargs: FinetuneArgs, inputs: Inputs) -> str:
+    if inputs.model is None:
+        return str(fargs.model)
+    return str(getattr(inputs.model.config, "name_or_path", None) or f"an in-memory {type(inputs.model).__name__}")
+
+
+def _data_names(fargs: FinetuneArgs, inputs: Inputs) -> dict[str, str]:
+    names = {}
+    for split in ("train", "eval", "test"):
+        if getattr(inputs, split) is not None:
+            names[split] = IN_MEMORY
+        elif getattr(fargs, split) is not None:
+            names[split] = str(getattr(fargs, split))
+    return names
+
+
+def _settings(fargs: FinetuneArgs) -> dict[str, Any]:
+    """The settings a saved model remembers (how to read data for it), without the run-only ones."""
     settings = dataclasses.asdict(fargs)
-    del settings["overwrite"]  # how this run treated its folder, not how to read data for the model
-    write_json_atomic(model_dir / SETTINGS_NAME, {"settings": settings, "state": task.state()}, sort_keys=False)
+    for name in ("overwrite", "callbacks", "compute_metrics"):  # how this run went, not how to read data
+        del settings[name]
+    return settings
 
 
-def _tidy(model_dir: Path, out: Path) -> None:
-    """Move the Trainer's log, plot and TensorBoard files beside the model folder; drop its last checkpoint."""
-    shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)
-    for name in ("metrics.jsonl", "loss_curves.png", "tensorboard"):
-        if (model_dir / name).exists():
-            if (out / name).exists():
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-            shutil.move(str(model_dir / name), str(out / name))
-
-
-@torch.no_grad()
-def infer(task: Task, model: nn.Module, features: list[Feature], batch_size: int, pad: int) -> list[torch.Tensor]:
-    """The task's per-row outputs for ``features``, in their order (length-sorted batches, eval mode)."""
+def run_batches(
+    task: Task,
+    model: nn.Module,
+    features: list[Feature],
+    batch_size: int,
+    pad: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[float | None, list[torch.Tensor]]:
+    """The mean loss (None without labels) and the task's per-row outputs for ``features``, in their order
+    (length-sorted batches, eval mode, no gradients)."""
     check_batch_size(batch_size)
     model.eval()
     device = next(model.parameters()).device
     data = GroupedBatches(features, batch_size)
     outputs: dict[int, torch.Tensor] = {}
-    for i in range(len(data)):
-        batch = {k: v.to(device) for k, v in task.collate(data[i], pad).items()}
-        _, rows = task.forward(model, batch)
-        outputs.update(zip(batch["index"].tolist(), rows.cpu(), strict=True))
-    return [outputs[i] for i in range(len(features))]
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            batch = {k: v.to(device) for k, v in task.collate(data[i], pad).items()}
+            with autocast():
+                loss, rows = task.forward(model, batch)
+            if loss is not None:
+                n = task.count(batch)
+                loss_sum, count = loss_sum + float(loss) * n, count + n
+            outputs.update(zip(batch["index"].tolist(), rows.cpu(), strict=True))
+    return (loss_sum / max(count, 1) if count else None), [outputs[i] for i in range(len(features))]
+
+
+def infer(task: Task, model: nn.Module, features: list[Feature], batch_size: int, pad: int) -> list[torch.Tensor]:
+    """The task's per-row outputs for ``features``, in their order (length-sorted batches, eval mode)."""
+    return run_batches(task, model, features, batch_size, pad)[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The Python API
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns: the trained model (best evaluation's weights, eval mode) and its metrics.
+
+    Attributes:
+        metrics: what ``metrics.json`` holds (the best evaluation's metrics with plain keys, ``history``, ...).
+        model: the fine-tuned model, in eval mode.
+        tokenizer: its tokenizer.
+        history: the training log's records (``metrics.jsonl``): train loss, learning rate, eval metrics by step.
+    """
+
+    metrics: dict[str, Any]
+    model: nn.Module
+    tokenizer: Any
+    history: list[dict[str, Any]]
+    task: Task = dataclasses.field(repr=False)
+    settings: FinetuneArgs = dataclasses.field(repr=False)
+    train_settings: TrainArgs = dataclasses.field(repr=False)
+    base_model: str = ""
+    data: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    compute_metrics: Callable[..., dict[str, Any]] | None = dataclasses.field(default=None, repr=False)
+
+    def _encode(self, data: Any, labelled: bool):
+        examples, source = self.task.read_data(data, labelled=labelled)
+        features = self.task.encode(self.tokenizer, examples, labelled=labelled, source=source)
+        batch_size = self.settings.eval_batch_size or self.train_settings.batch_size
+        return examples, features, run_batches(self.task, self.model, features, batch_size, pad_id(self.tokenizer))
+
+    def predict(self, data: Any) -> list[dict[str, Any]]:
+        """Predictions for ``data`` (a file path or in-memory rows; labels not needed): the records
+        ``predictions.jsonl`` would hold, one per example."""
+        examples, features, (_, outputs) = self._encode(data, labelled=False)
+        return list(self.task.predictions(examples, features, outputs))
+
+    def evaluate(self, data: Any) -> dict[str, Any]:
+        """The task's metrics (and ``compute_metrics``' extras) on labelled ``data``, a file path or rows."""
+        examples, features, (loss, outputs) = self._encode(data, labelled=True)
+        scores = {"loss": loss, **self.task.metrics(examples, features, outputs)}
+        return {**scores, **extra_metrics(self.task, self.compute_metrics, examples, features, outputs, scores)}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the model folder a run writes as ``model/``: HF layout (config.json with the label maps, weights,
+        tokenizer) that ``transformers`` loads, ``finetune.json`` for ``bunmyaku predict`` / ``evaluate``, and a
+        model card (README.md). Returns the folder."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory, dtype=self.train_settings.export_dtype)
+        self.tokenizer.save_pretrained(directory)
+        record = {"settings": _settings(self.settings), "state": self.task.state()}
+        write_json_atomic(directory / SETTINGS_NAME, record, sort_keys=False)
+        write_text_atomic(directory / "README.md", model_card(self))
+        return directory
+
+
+def model_card(result: FinetuneResult) -> str:
+    """A model card (README.md): base model, data, task, metrics, hyperparameters, date, library version."""
+    import bunmyaku
+
+    s, t = result.settings, result.train_settings
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in ("train_seconds",)}
+    test = result.metrics.get("test") or {}
+    local = Path(result.base_model).exists() or result.base_model.startswith("an in-memory")
+    front = ["---", "library_name: bunmyaku", f"tags: [bunmyaku, {s.task}]"]
+    if not local:  # a hub repo id: the hub links the card to its base model
+        front.append(f"base_model: {result.base_model}")
+    lines = [*front, "---", "", f"# {s.task} fine-tuned from {result.base_model}", ""]
+    lines += [
+        f"Fine-tuned with bunmyaku {bunmyaku.__version__} on "
+        f"{datetime.datetime.now(datetime.timezone.utc).date().isoformat()}.",
+        "",
+        "## Data",
+        "",
+    ]
+    lines += [f"- {split}: {name}" for split, name in result.data.items()] or ["- eval: held out of the training data"]
+    if "train" in result.data and "eval" not in result.data:
+        lines.append(f"- eval: {s.eval_split:g} of the training data, held out")
+    lines += [
+        f"- examples: {result.metrics.get('train_examples')} train, {result.metrics.get('eval_examples')} eval",
+        "",
+        "## Metrics",
+        "",
+        f"The best evaluation by {result.metrics.get('metric')} (epoch {result.metrics.get('epoch', 0):.2f}):",
+        "",
+        "| metric | eval |" + (" test |" if test else ""),
+        "|---|---|" + ("---|" if test else ""),
+    ]
+    for name, value in metrics.items():
+        if name in ("epoch", "step", "epochs_run", "train_examples", "eval_examples", "test_examples"):
+            continue
+        row = f"| {name} | {value:.4f} |"
+        if test:
+            other = test.get(name)
+            row += f" {other:.4f} |" if isinstance(other, (int, float)) else " |"
+        lines.append(row)
+    hyper = {
+        "task": s.task,
+        "epochs": s.epochs,
+        "epochs_run": round(result.metrics.get("epochs_run", 0.0), 4),
+        "batch_size": t.batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "lr": t.lr,
+        "schedule": t.schedule,
+        "warmup_ratio": s.warmup_ratio,
+        "weight_decay": t.weight_decay,
+        "max_length": s.max_length,
+        "precision": t.precision,
+        "seed": t.seed,
+    }
+    lines += ["", "## Hyperparameters", "", *[f"- {k}: {v}" for k, v in hyper.items()], ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "import bunmyaku",
+        "",
+        'model = bunmyaku.from_pretrained("THIS_FOLDER")',
+        "```",
+        "",
+        "The folder is in Hugging Face layout: `transformers` loads it too.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -615,3 +892,86 @@ def evaluate_file(
             write_jsonl_atomic(out / "predictions.jsonl", task.predictions(examples, features, outputs))
             write_json_atomic(out / "metrics.json", metrics, sort_keys=False)
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# bunmyaku.finetune
+
+
+OPTION_CLASSES = (FinetuneArgs, FinetuneTrainArgs)
+
+
+def finetune(**options: Any) -> FinetuneResult:
+    """Fine-tune a model for a task: the Python twin of ``bunmyaku finetune``, with the command's options as
+    keyword arguments (``--text-column`` is ``text_column``) and the same defaults (both read them from
+    :class:`FinetuneArgs` and :class:`~bunmyaku.training.args.FinetuneTrainArgs`).
+
+    Besides what the command takes, Python may pass objects:
+
+    - ``train`` / ``eval`` / ``test``: a file path (str or Path), a list of dicts, a pandas DataFrame, or a
+      ``datasets.Dataset`` (one split of a ``DatasetDict``);
+    - ``model``: a folder (str or Path), a hub repo id, or an already loaded bunmyaku model (then give
+      ``tokenizer``: a ``bunmyaku.Tokenizer`` or a folder);
+    - ``callbacks``: :class:`~bunmyaku.training.plugins.Plugin` objects (or import paths ``package.module:name``),
+      whose hooks the Trainer calls; ``compute_metrics``: ``fn(predictions, labels) -> {name: number}`` (or its
+      import path), with the records ``predictions.jsonl`` holds and the examples' gold labels; its metrics join
+      the eval metrics;
+    - ``output_dir=None`` (the default) writes nothing; a folder gets the run's results as the command writes them.
+
+    Example::
+
+        result = bunmyaku.finetune(task="text-classification", model="bert-tiny", train=df, eval_split=0.2)
+        result.metrics["accuracy"], result.predict(["a great film"]), result.save("my-model")
+
+    Returns:
+        A :class:`FinetuneResult`: ``metrics``, the trained ``model`` (best evaluation's weights, eval mode),
+        ``tokenizer``, ``history``, and ``predict`` / ``evaluate`` / ``save``.
+
+    Raises:
+        TypeError: an unknown option.
+        DataError, FileNotFoundError, ValueError: bad data (naming file or row and field) or options.
+    """
+    known = {p.name for p in _OPTIONS}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        import difflib
+
+        hints = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1)]
+        raise TypeError(f"finetune() got unknown option(s) {unknown}" + (f"; did you mean {hints}?" if hints else ""))
+    values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
+    inputs = Inputs()
+    for split in ("train", "eval", "test"):
+        if values.get(split) is not None and not isinstance(values[split], str):
+            setattr(inputs, split, values.pop(split))
+    if isinstance(values.get("model"), nn.Module):
+        inputs.model = values.pop("model")
+    if values.get("tokenizer") is not None and not isinstance(values["tokenizer"], str):
+        inputs.tokenizer = values.pop("tokenizer")
+    callbacks = values.pop("callbacks", None) or []
+    if isinstance(callbacks, (str, Plugin)):
+        callbacks = [callbacks]
+    values["callbacks"] = [c for c in callbacks if isinstance(c, str)]
+    inputs.callbacks = [c for c in callbacks if not isinstance(c, str)]
+    wrong = [type(c).__name__ for c in inputs.callbacks if not isinstance(c, Plugin)]
+    if wrong:
+        raise TypeError(f"callbacks must be bunmyaku.training.Plugin objects or import paths, got {wrong}")
+    if callable(values.get("compute_metrics")):
+        inputs.compute_metrics = values.pop("compute_metrics")
+    fargs, targs = build_args(OPTION_CLASSES, values)
+    return run_finetune(fargs, targs, inputs)
+
+
+def _option_parameters() -> list[inspect.Parameter]:
+    """One keyword-only parameter per option, with its default from the dataclasses (the signature shown)."""
+    parameters, seen = [], set()
+    for cls in OPTION_CLASSES:
+        for f in dataclasses.fields(cls):
+            if f.name not in seen:
+                seen.add(f.name)
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    return parameters
+
+
+_OPTIONS = _option_parameters()
+finetune.__signature__ = inspect.Signature(_OPTIONS, return_annotation=FinetuneResult)  # type: ignore[attr-defined]

@@ -112,8 +112,13 @@ def _read_spans(path: str | os.PathLike, text_key: str, entity_key: str) -> list
     path = Path(path)
     fmt = "jsonl" if path.suffix.lower() == ".jsonl" else "json"
     records = read_table(path, format=fmt, columns=[text_key], texts=[text_key])
+    return _parse_spans(records, text_key, entity_key, str(path))
+
+
+def _parse_spans(records: list[dict[str, Any]], text_key: str, entity_key: str, source: str) -> list[dict[str, Any]]:
+    """Check each record's entities and store them as ``_entities`` ``[{start, end, type}]``."""
     for r in records:
-        at = where(r, str(path))
+        at = where(r, source)
         entities = r.get(entity_key) if entity_key in r else r.get("entities", [])
         if not isinstance(entities, list | type(None)):
             raise DataError(f"{at}: {entity_key!r} must be a list of entities, got {type(entities).__name__}")
@@ -157,6 +162,22 @@ class TokenClassification(Task):
         if self.conll:
             return read_conll(path, scheme=s.tag_scheme)
         return _read_spans(path, s.text_column, s.label_column)
+
+    def read_records(self, records, labelled: bool = True) -> list[dict[str, Any]]:
+        s = self.settings
+        if self.conll:
+            for r in records:
+                tokens, tags = r.get("tokens"), r.get("tags")
+                if not isinstance(tokens, list) or (labelled and not isinstance(tags, list)):
+                    raise DataError(f"{where(r)}: a CoNLL-style record needs 'tokens' and 'tags' lists")
+                if labelled and len(tokens) != len(tags):
+                    raise DataError(f"{where(r)}: {len(tokens)} tokens but {len(tags)} tags")
+            return records
+        records = super().read_records(records, labelled=False)
+        return _parse_spans(records, s.text_column, s.label_column, "")
+
+    def gold(self, example):
+        return example["tags"] if self.conll else example.get("_entities")
 
     def fit_labels(self, examples: list[dict[str, Any]]) -> None:
         if self.conll:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bunmyaku.data.tables import LINE, QAExample, read_squad
+from bunmyaku.data.tables import LINE, DataError, QAExample, read_squad, where
 from bunmyaku.tasks.base import Task, model_inputs
 from bunmyaku.tasks.metrics import squad_metrics
 
@@ -170,6 +170,30 @@ class QuestionAnswering(Task):
     def read(self, path, labelled: bool = True) -> list[dict[str, Any]]:
         return [{"qa": example, LINE: example.id} for example in read_squad(path)]
 
+    def read_records(self, records, labelled: bool = True) -> list[dict[str, Any]]:
+        """Rows in the layout of Hugging Face's ``squad`` data sets: ``id``, ``question``, ``context``, and
+        ``answers`` as ``{"text": [...], "answer_start": [...]}`` (or a list of ``{"text", "answer_start"}``);
+        questions on one ``title`` (else one context) stay together in a held-out split."""
+        examples, articles = [], {}
+        for r in records:
+            at = where(r)
+            for key in ("question", "context"):
+                if not isinstance(r.get(key), str):
+                    raise DataError(f"{at}: {key!r} must be a string, got {type(r.get(key)).__name__}")
+            answers = _answers(r.get("answers"), at) if labelled else []
+            for answer in answers:
+                start, text = answer["answer_start"], answer["text"]
+                if r["context"][start : start + len(text)] != text:
+                    raise DataError(f"{at}: answer {text!r} is not at its answer_start {start}")
+            article = articles.setdefault(r.get("title", r["context"]), len(articles))
+            qid = str(r.get("id", r[LINE]))
+            example = QAExample(qid, r["question"], r["context"], answers, not answers, article)
+            examples.append({"qa": example, LINE: r[LINE]})
+        return examples
+
+    def gold(self, example):
+        return [a["text"] for a in example["qa"].answers]
+
     def fit_labels(self, examples):
         self.allow_impossible = any(e["qa"].is_impossible for e in examples)
 
@@ -251,3 +275,21 @@ class QuestionAnswering(Task):
 
     def load_state(self, state):
         self.allow_impossible = bool(state.get("allow_impossible", False))
+
+
+def _answers(value: Any, at: str) -> list[dict[str, Any]]:
+    """``{"text": [...], "answer_start": [...]}`` or ``[{"text", "answer_start"}]`` -> a list of answers."""
+    if isinstance(value, dict):
+        texts, starts = value.get("text", []), value.get("answer_start", [])
+        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+            raise DataError(f"{at}: 'answers' needs 'text' and 'answer_start' lists of one length")
+        value = [{"text": t, "answer_start": a} for t, a in zip(texts, starts, strict=True)]
+    if not isinstance(value, list):
+        raise DataError(f"{at}: 'answers' must be a list of answers or a dict of lists, got {type(value).__name__}")
+    answers = []
+    for answer in value:
+        text, start = (answer.get("text"), answer.get("answer_start")) if isinstance(answer, dict) else (None, None)
+        if not isinstance(text, str) or isinstance(start, bool) or not isinstance(start, int):
+            raise DataError(f"{at}: an answer needs a 'text' string and an 'answer_start' character offset: {answer}")
+        answers.append({"text": text, "answer_start": start})
+    return answers

@@ -11,6 +11,7 @@ from typing import Any
 _LAZY = {
     "TrainArgs": "bunmyaku.training.args",
     "PretrainArgs": "bunmyaku.training.args",
+    "FinetuneTrainArgs": "bunmyaku.training.args",
     "Trainer": "bunmyaku.training.trainer",
     "CausalLM": "bunmyaku.training.objectives",
     "MaskedLM": "bunmyaku.training.objectives",

@@ -13,7 +13,7 @@ import math
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -85,8 +85,11 @@ class TrainArgs:
     plot: bool = True
     """Write loss_curves.png next to metrics.jsonl at the end (needs matplotlib)."""
 
+    MIN_STEPS: ClassVar[int] = 1  # the smallest max_steps (0 means "all epochs" when fine-tuning)
+
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "keep_last"):
+        check_int("max_steps", self.max_steps, low=self.MIN_STEPS)
+        for name in ("batch_size", "grad_accum_steps", "log_every", "keep_last"):
             check_int(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "freeze_layers", "eval_every", "eval_batches", "save_every", "num_threads"):
             check_int(name, getattr(self, name), low=0)
@@ -103,6 +106,33 @@ class TrainArgs:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+
+
+@dataclass
+class FinetuneTrainArgs(TrainArgs):
+    """How to train when fine-tuning: TrainArgs with fine-tuning's defaults, the one source of them for the
+    ``bunmyaku finetune`` command, its recipes and ``bunmyaku.finetune(...)`` in Python."""
+
+    output_dir: str | None = None
+    """Folder for the run's results: model/, metrics.json, predictions, log, plot (None in Python: none written)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all the epochs)."""
+    lr: float = 5e-5
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """Decay after warmup: cosine, linear or constant."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: at the end of every epoch), and at the end."""
+    save_every: int = 0
+    """Write a checkpoint every N steps, so that a killed run resumes exactly (0: no checkpoints)."""
+    log_every: int = 20
+    """Log the training loss every N steps (and at the first)."""
+    resume: bool = True
+    """Continue a killed run from the newest checkpoint in output_dir (written with save_every)."""
+
+    MIN_STEPS: ClassVar[int] = 0
 
 
 def check_number(
@@ -193,7 +223,18 @@ class PretrainArgs:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source: {field name: one-line help}."""
+    """The docstring under each field of a dataclass, read from its source (and its dataclass bases' for fields
+    it inherits): {field name: one-line help}."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
+    assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
@@ -201,6 +242,4 @@ def field_docs(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
                 docs[node.target.id] = str(following.value.value).strip()
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
-    assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     return docs

@@ -23,10 +23,12 @@ class MetricsWriter:
 
     def __init__(self, directory: Path, resume_step: int | None = None):
         self.path = directory / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []  # what the file holds, also in memory
         directory.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step(line) <= resume_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            self.records = [json.loads(line) for line in kept if line.strip()]
         elif resume_step is None and self.path.is_file():
             self.path.unlink()
         self.tensorboard = _tensorboard(directory / "tensorboard")
@@ -38,6 +40,7 @@ class MetricsWriter:
         norm of an fp16 step that the GradScaler skips.)
         """
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.records.append(record)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tensorboard is not None:
@@ -71,8 +74,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
-    """Plot training and evaluation loss against steps; returns the PNG, or None without matplotlib."""
+def plot_losses(metrics_path: Path, png_path: Path, title: str | None = None, metric: str | None = None) -> Path | None:
+    """Plot the training loss (every logged step, the first included) and the evaluation loss against steps, and
+    beside them the selection ``metric`` per evaluation; returns the PNG, or None without matplotlib.
+
+    Args:
+        metrics_path: the run's ``metrics.jsonl``.
+        png_path: where to write the figure.
+        title: the figure's title (run, model, task).
+        metric: an evaluation value other than the loss to plot in a second panel (``eval_<metric>`` records).
+    """
     try:
         import matplotlib
 
@@ -82,17 +93,31 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
         logger.warning("matplotlib is not installed (pip install 'bunmyaku[train]'); no loss plot")
         return None
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (evals, "eval")):
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    selected = [(r["step"], r[f"eval_{metric}"]) for r in records if metric and r.get(f"eval_{metric}") is not None]
+    panels = 2 if metric else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for points, label in ((train, "train loss"), (evals, "eval loss")):
         if points:
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=label, marker="o" if label == "eval" else None)
+            ax.plot(steps, values, label=label, marker="o" if label.startswith("eval") else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if metric:
+        ax = axes[0][1]
+        if selected:
+            steps, values = zip(*selected, strict=True)
+            ax.plot(steps, values, marker="o", color="tab:green", label=f"eval {metric}")
+            ax.legend()
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

@@ -11,6 +11,10 @@ The Trainer calls each plugin's hooks at fixed points of a step::
 A plugin that needs another forward / backward pass over the step's micro-batches (SAM, AWP) calls
 ``trainer.forward_backward()`` from ``before_optimizer_step``; one that changes parameter groups (layer-wise
 learning-rate decay) overrides ``param_groups``.
+
+Plugins are also the user's callbacks: ``bunmyaku.finetune(callbacks=[MyPlugin()])``, or ``callbacks:
+[package.module:MyPlugin]`` in a recipe (a class is made without arguments). A plugin that only watches
+(logging, recording) overrides the hooks it needs and returns nothing.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ on the command line overrides the recipe, which overrides the defaults.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 import types
@@ -34,6 +35,27 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a mapping of option names to values, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def import_object(path: str, option: str) -> Any:
+    """The object an import path ``package.module:name`` names (recipes name callbacks and functions this way).
+
+    Raises:
+        ValueError: a path without ``:``, a module that does not import, or a missing name; naming ``option``.
+    """
+    module_name, sep, name = str(path).partition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(f"{option}: {path!r} is not an import path of the form package.module:name")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{option}: cannot import {module_name!r} for {path!r} ({error})") from None
+    found = module
+    for part in name.split("."):
+        if not hasattr(found, part):
+            raise ValueError(f"{option}: {module_name!r} has no {name!r}")
+        found = getattr(found, part)
+    return found
 
 
 def build_args(classes: tuple[type, ...], values: dict[str, Any]) -> tuple[Any, ...]:

@@ -6,8 +6,14 @@ Read :meth:`Trainer.fit` first; each named step below it does one thing:
   micro-batch with loss = sum / global count (so accumulation gives the full-batch gradient), skipping DDP's
   gradient sync on all but the last micro-batch;
 - ``_optimizer_step``: unscale (fp16), clip, step the optimizer, scheduler and scaler;
-- ``_evaluate``: held-out loss, perplexity and token accuracy;
-- ``_save``: an atomic checkpoint with everything exact resume needs.
+- ``_evaluate``: the evaluation callable (by default held-out loss, perplexity and token accuracy), then the
+  selection: the best evaluation by ``metric`` is remembered (its weights too with ``restore_best``), and
+  ``patience`` evaluations without improvement stop the run early;
+- ``_save``: an atomic checkpoint with everything exact resume needs (the batch plan's position included).
+
+Training input is either a map-style dataset with a collator (drawn through a :class:`BatchStream`) or a
+*batch plan*: any object with ``next_batch()`` returning a ready batch, ``batches_per_epoch``, and
+``state_dict()`` / ``load_state_dict()`` for its position (fine-tuning's length-grouped batches are one).
 
 A run that diverges stops: the first step whose loss is not finite is recorded on the device (no host sync per
 step) and raised as :class:`TrainingDiverged` at the next log, evaluation, checkpoint or export, so NaN weights
@@ -20,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,17 @@ from bunmyaku.training.plugins import EMA, Freeze, Plugin
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+# metrics where a smaller value is better (an error or a loss); every other selection metric is a score
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse")
+
+
+class _Default:
+    """Marks an argument left at its default (where None means something else)."""
+
+
+def _is_batch_plan(data: Any) -> bool:
+    """Whether ``data`` hands out ready batches itself (``next_batch``) rather than examples to collate."""
+    return callable(getattr(data, "next_batch", None))
 
 
 class TrainingDiverged(ValueError):
@@ -51,14 +68,25 @@ class Trainer:
     Args:
         model: a bunmyaku model (or any module whose forward takes the batch's tensors by keyword).
         args: the settings.
-        train_data: a map-style dataset of examples (``PackedBlocks``, ``SegmentPairs``, ...).
+        train_data: a map-style dataset of examples (``PackedBlocks``, ``SegmentPairs``, ...), or a batch plan
+            (``next_batch()``, ``batches_per_epoch``, ``state_dict()``, ``load_state_dict()``) of ready batches.
         eval_data: the held-out examples, or None.
-        collator: ``collator(examples, epoch=, indices=)`` -> batch of tensors.
+        collator: ``collator(examples, epoch=, indices=)`` -> batch of tensors (needed for a dataset and for the
+            default evaluation).
         objective: ``objective(model, batch)`` -> (loss sums, metric sums), with ``count(batch)``; default: from the
             model's task (causal-lm, masked-lm, pretraining).
         plugins: hooks that change the step (see :mod:`bunmyaku.training.plugins`); ``args.ema_decay`` and the
             freezing flags add EMA and Freeze plugins.
         tokenizer: saved with the final model when given.
+        evaluate: ``evaluate(trainer) -> {name: value}`` (plain names, None for an undefined value), run in eval
+            mode under the plugins' evaluation contexts; default: loss, perplexity and accuracy on ``eval_data``.
+        metric: the evaluation's value that selects the best evaluation.
+        greater_is_better: the direction of ``metric`` (default: lower for :data:`LOWER_IS_BETTER`, else higher).
+        patience: stop after this many evaluations without improvement of ``metric`` (0: never stop early).
+        restore_best: keep the best evaluation's weights (in memory and in checkpoints) and load them at the end.
+        export_dir: where the final model (and tokenizer) is saved (default: ``args.output_dir``; None: not saved).
+        checkpoint_at_end: write a checkpoint at the last step besides every ``args.save_every`` steps.
+        title: the loss plot's title.
     """
 
     def __init__(
@@ -71,8 +99,17 @@ class Trainer:
         objective: Any = None,
         plugins: Sequence[Plugin] = (),
         tokenizer: Any = None,
+        *,
+        evaluate: Callable[[Trainer], Mapping[str, float | None]] | None = None,
+        metric: str = "loss",
+        greater_is_better: bool | None = None,
+        patience: int = 0,
+        restore_best: bool = False,
+        export_dir: str | Path | None | type[_Default] = _Default,
+        checkpoint_at_end: bool = True,
+        title: str | None = None,
     ):
-        if collator is None:
+        if collator is None and not _is_batch_plan(train_data):
             raise ValueError("a collator is required to turn examples into batches")
         self.args = args
         self.unwrapped_model = model
@@ -87,8 +124,26 @@ class Trainer:
             self.plugins.append(EMA(args.ema_decay))
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        if export_dir is _Default:
+            export_dir = self.output_dir
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self.checkpoint_at_end = checkpoint_at_end
+        self.title = title
+        self.evaluator = evaluate if evaluate is not None else Trainer._loss_evaluation
+        self.metric = metric
+        if greater_is_better is None:
+            greater_is_better = metric not in LOWER_IS_BETTER
+        self.greater_is_better = greater_is_better
+        self.patience = patience
+        self.restore_best = restore_best
         self.step = 0
-        self.best: dict[str, Any] = {"eval_loss": math.inf, "step": None}
+        self.best: dict[str, Any] = {"eval_loss": math.inf, "step": None}  # the saved checkpoint with the lowest loss
+        # the best evaluation by ``metric``: {"step", "eval_<name>": value, ...}; {} before the first evaluation
+        self.selected: dict[str, Any] = {}
+        self.selected_state: dict[str, torch.Tensor] | None = None
+        self.evaluations: list[dict[str, Any]] = []  # every evaluation's values, plain names, with its step
+        self.bad_evals = 0
+        self.stopped_early = False
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
         self.device = _pick_device(args.device)
@@ -105,14 +160,14 @@ class Trainer:
         evaluation's metrics ({} without held-out data)."""
         self._setup()
         with self._progress() as progress:
-            while self.step < self.args.max_steps:
+            while self.step < self.args.max_steps and not self.stopped_early:
                 stats = self._train_step([self.train_stream.next_batch() for _ in range(self.args.grad_accum_steps)])
                 self._optimizer_step()
                 self.step += 1
                 self._log_train(stats, progress)
                 if self._due(self.args.eval_every):
                     self._evaluate()
-                if self._due(self.args.save_every):
+                if self._due_checkpoint():
                     self._save()
         return self._finish()
 
@@ -148,7 +203,7 @@ class Trainer:
         for i, batch in enumerate(self._step_batches):
             sync = contextlib.nullcontext() if i == last or self.world_size == 1 else self.model.no_sync()
             with sync:
-                with self._autocast():
+                with self.autocast():
                     losses, metrics = self.objective(self.model, batch)
                 # DDP averages gradients over processes; the global count already covers all of them
                 loss = sum(losses[t] / max(self._step_counts[t], 1) for t in losses) * self.world_size
@@ -183,44 +238,78 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
-        """Loss, perplexity and token accuracy on the held-out data (all of it, or ``args.eval_batches``)."""
-        if self.eval_data is None:
+        """Run the evaluation callable in eval mode (under the plugins' evaluation contexts), log its values as
+        ``eval_<name>``, and update the selection: the best evaluation, its weights with ``restore_best``, early
+        stopping after ``patience`` evaluations without improvement."""
+        if self.evaluator is Trainer._loss_evaluation and self.eval_data is None:
             return {}
         self._raise_if_diverged()
         started = time.perf_counter()
         model = self.unwrapped_model
         model.eval()
-        sums: dict[str, float] = {}
         with contextlib.ExitStack() as stack:
             for plugin in self.plugins:
                 stack.enter_context(plugin.evaluation_context(self))
-            batches = eval_batches(self.eval_data, self.collator, self.args.batch_size, self.rank, self.world_size)
-            limit = self.args.eval_batches if self.step < self.args.max_steps else 0  # the last one sees it all
-            for i, batch in enumerate(batches):
-                if limit and i == limit:
-                    break
-                batch = self._to_device(batch)
-                with self._autocast():
-                    losses, metrics = self.objective(model, batch)
-                for key, value in {**losses, **metrics}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                for term, n in self.objective.count(batch).items():
-                    sums[f"count_{term}"] = sums.get(f"count_{term}", 0.0) + n
+            values = dict(self.evaluator(self))
+            improved = self._select(values)
+            if improved and self.restore_best:  # inside the contexts: the weights that were evaluated (EMA's)
+                self.selected_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         model.train()
-        totals = dist_utils.all_reduce_sums(sums, self.device)
-        metrics = _summarise(totals, prefix="eval_")
-        if not math.isfinite(metrics.get("eval_loss", 0.0)):
-            raise TrainingDiverged(f"the evaluation loss at step {self.step} is {metrics['eval_loss']}")
+        metrics = {f"eval_{k}": v for k, v in values.items() if v is not None}
         for plugin in self.plugins:
             plugin.on_evaluate(self, metrics)
         self._last_eval = (self.step, metrics.get("eval_loss", math.inf))
         self._last_metrics = metrics
         if self.is_main:
             self.writer.write({"step": self.step, **metrics})
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
             logger.info("step %d: %s", self.step, shown)
+        if self.patience and self.bad_evals >= self.patience and self.step < self.args.max_steps:
+            logger.info(
+                "Early stopping at step %d: no better %s in %d evaluations", self.step, self.metric, self.bad_evals
+            )
+            self.stopped_early = True
         self._eval_seconds += time.perf_counter() - started
         return metrics
+
+    def _select(self, values: dict[str, Any]) -> bool:
+        """Record an evaluation; returns whether it is the best so far by ``metric``. An undefined value (None) is
+        no improvement; a value that is not finite stops the run."""
+        broken = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+        if broken:
+            raise TrainingDiverged(
+                f"the evaluation's {', '.join(broken)} at step {self.step}: not finite (the model's outputs are broken)"
+            )
+        if self.metric not in values:
+            raise ValueError(f"metric {self.metric!r} is not computed by the evaluation; available: {sorted(values)}")
+        self.evaluations.append({"step": self.step, **values})
+        value = values[self.metric]
+        best = self.selected.get(f"eval_{self.metric}")
+        better = value is not None and (best is None or (value > best if self.greater_is_better else value < best))
+        if better or not self.selected:
+            self.selected = {"step": self.step, **{f"eval_{k}": v for k, v in values.items()}}
+            self.bad_evals = 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    def _loss_evaluation(self) -> dict[str, float]:
+        """Loss, perplexity and token accuracy on the held-out data (all of it, or ``args.eval_batches``)."""
+        sums: dict[str, float] = {}
+        batches = eval_batches(self.eval_data, self.collator, self.args.batch_size, self.rank, self.world_size)
+        limit = self.args.eval_batches if self.step < self.args.max_steps else 0  # the last one sees it all
+        for i, batch in enumerate(batches):
+            if limit and i == limit:
+                break
+            batch = self._to_device(batch)
+            with self.autocast():
+                losses, metrics = self.objective(self.unwrapped_model, batch)
+            for key, value in {**losses, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            for term, n in self.objective.count(batch).items():
+                sums[f"count_{term}"] = sums.get(f"count_{term}", 0.0) + n
+        totals = dist_utils.all_reduce_sums(sums, self.device)
+        return _summarise(totals)
 
     def _save(self) -> None:
         """Checkpoint model, optimizer, scheduler, scaler, plugins, RNG states (every process) and data position."""
@@ -240,6 +329,8 @@ class Trainer:
                 "rng": rng_states,
                 "data": self.train_stream.state_dict(),
                 "best": self.best,
+                "selection": {"selected": self.selected, "evaluations": self.evaluations, "bad_evals": self.bad_evals},
+                "selected_state": self.selected_state,
                 "last_metrics": self._last_metrics,
                 "world_size": self.world_size,
             }
@@ -276,9 +367,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
         self.grad_norm: float | torch.Tensor | None = None
         self._first_bad_step = torch.tensor(-1, device=self.device)
-        self.train_stream = BatchStream(
-            self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
-        )
+        if _is_batch_plan(self.train_data):
+            self.train_stream = self.train_data
+        else:
+            self.train_stream = BatchStream(
+                self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
+            )
         resumed = self._resume() if args.resume else None
         if self.is_main:
             self.writer = MetricsWriter(self.output_dir, resume_step=resumed)
@@ -304,6 +398,11 @@ class Trainer:
             logger.warning("resuming %d processes from a %d-process run: RNG streams differ", self.world_size, len(rng))
         ckpt.set_rng_state(rng[self.rank % len(rng)])
         self.step, self.best, self._last_metrics = state["step"], state["best"], state["last_metrics"]
+        selection = state.get("selection") or {}
+        self.selected = selection.get("selected", {})
+        self.evaluations = selection.get("evaluations", [])
+        self.bad_evals = selection.get("bad_evals", 0)
+        self.selected_state = state.get("selected_state")
         logger.info("Resumed from %s (step %d)", found.path, self.step)
         return self.step
 
@@ -316,26 +415,41 @@ class Trainer:
         logger.info("Exporting the best checkpoint, %s (eval loss %.4f)", path, self.best["eval_loss"])
 
     def _finish(self) -> dict[str, float]:
-        """Export the model (EMA weights when averaging) and the tokenizer; plot the losses; return the last
-        evaluation's metrics."""
+        """Load the best evaluation's weights (``restore_best``); export the model (EMA weights when averaging)
+        and the tokenizer to ``export_dir``; plot the losses; return the last evaluation's metrics."""
         args = self.args
         self._raise_if_diverged()
+        if self.restore_best and self.selected_state is not None:
+            self.unwrapped_model.load_state_dict(self.selected_state)
+            logger.info("Restored the best evaluation (step %d, %s)", self.selected["step"], self._selected_value())
         if self.is_main:
             if args.export_best and self.best["step"] not in (None, self.step):
                 self._restore(ckpt.step_dir(self.checkpoint_dir, self.best["step"]))
-            with contextlib.ExitStack() as stack:
-                for plugin in self.plugins:
-                    stack.enter_context(plugin.evaluation_context(self))
-                self._check_weights("export")
-                ckpt.save_model(self.unwrapped_model, self.output_dir, dtype=args.export_dtype)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(self.output_dir)
+            if self.export_dir is not None:
+                with contextlib.ExitStack() as stack:
+                    if not (self.restore_best and self.selected_state is not None):  # those were evaluated as is
+                        for plugin in self.plugins:
+                            stack.enter_context(plugin.evaluation_context(self))
+                    self._check_weights("export")
+                    ckpt.save_model(self.unwrapped_model, self.export_dir, dtype=args.export_dtype)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(self.export_dir)
+                logger.info("Saved the model to %s", self.export_dir)
             self.writer.close()
             if args.plot:
-                plot_losses(self.writer.path, self.output_dir / "loss_curves.png")
-            logger.info("Saved the model to %s", self.output_dir)
+                metric = None if self.metric == "loss" else self.metric
+                plot_losses(self.writer.path, self.output_dir / "loss_curves.png", title=self.title, metric=metric)
         dist_utils.barrier()
         return dict(self._last_metrics)
+
+    def _selected_value(self) -> str:
+        value = self.selected.get(f"eval_{self.metric}")
+        return f"{self.metric} {'undefined' if value is None else f'{value:.4f}'}"
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The records written to ``metrics.jsonl`` (training logs and evaluations), in order (rank 0)."""
+        return list(self.writer.records) if self.is_main else []
 
     # ------------------------------------------------------------------------------------------ divergence
 
@@ -367,6 +481,12 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return self.step == self.args.max_steps or (every > 0 and self.step % every == 0)
 
+    def _due_checkpoint(self) -> bool:
+        every = self.args.save_every
+        if self.checkpoint_at_end:
+            return self._due(every) or self.stopped_early
+        return every > 0 and self.step % every == 0
+
     def _to_device(self, batch: Batch) -> Batch:
         """Host batch -> device; through pinned memory on CUDA (a copy from pageable memory waits for the GPU)."""
         pin = self.device.type == "cuda"
@@ -375,7 +495,8 @@ class Trainer:
             for k, v in batch.items()
         }
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's precision context (bf16 / fp16 autocast, or nothing for fp32), for evaluation callables too."""
         if self.args.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.args.precision == "bf16" else torch.float16
@@ -397,7 +518,7 @@ class Trainer:
 
     def _log_train(self, stats: dict[str, float | torch.Tensor], progress: Any) -> None:
         self._tokens_seen += stats["tokens"]
-        logged = self.step % self.args.log_every == 0 or self.step == self.args.max_steps
+        logged = self.step % self.args.log_every == 0 or self.step in (1, self.args.max_steps)
         if logged:
             self._raise_if_diverged()  # every process, so that all of them stop together
         if not self.is_main:

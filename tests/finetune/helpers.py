@@ -17,16 +17,11 @@ OVERFIT = {"epochs": 8, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "warmu
 
 
 def finetune(out, **settings):
-    """run_finetune with flat settings (FinetuneArgs and TrainArgs keys, a key both have goes to both), quiet
-    and fast."""
-    from bunmyaku.tasks.finetune import FinetuneArgs, run_finetune
-    from bunmyaku.training.args import TrainArgs
+    """bunmyaku.finetune with flat settings, quiet and fast; returns what metrics.json holds."""
+    import bunmyaku
 
-    settings = {"log_every": 1000, **OVERFIT, **settings}
-    loop = {k: v for k, v in settings.items() if k in TrainArgs.__dataclass_fields__}
-    fine = {k: v for k, v in settings.items() if k in FinetuneArgs.__dataclass_fields__}
-    targs = TrainArgs(output_dir=str(out), progress=False, plot=False, device="cpu", **loop)
-    return run_finetune(FinetuneArgs(**fine), targs)
+    settings = {"log_every": 1000, "progress": False, "plot": False, "device": "cpu", **OVERFIT, **settings}
+    return bunmyaku.finetune(output_dir=out, **settings).metrics
 
 
 def write_tsv(path: Path, rows) -> Path:

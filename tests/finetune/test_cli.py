@@ -7,12 +7,10 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 import bunmyaku
 from bunmyaku.cli import app
-from bunmyaku.tasks.finetune import FinetuneArgs, TaskEvaluation, build_task
 from tests.conftest import require_module
 from tests.finetune.helpers import sentiment_rows
 
@@ -176,34 +174,3 @@ def test_malformed_input_names_file_and_line(tmp_path, tiny_bert_dir, train, eva
     )
     assert result.exit_code == 1  # a user error: one error line (the shared CLI handler)
     assert message in result.output.replace("\n", "")
-
-
-def test_early_stopping_keeps_the_best_weights():
-    """Scores 0.5, 0.8, 0.6, 0.4 with patience 2: stop at the 4th evaluation, keep the 2nd one's weights."""
-    task = build_task(FinetuneArgs())
-    scores = iter([0.5, 0.8, 0.6, 0.4])
-    task.metrics = lambda examples, features, outputs: {"accuracy": next(scores)}
-
-    class Objective:
-        def take(self, n):
-            return []
-
-    class Trainer:
-        unwrapped_model = nn.Linear(1, 1)
-        args = FinetuneArgs()  # any object with a max_steps attribute
-        step = 0
-
-    trainer = Trainer()
-    trainer.args.max_steps = 10
-    evaluation = TaskEvaluation(task, Objective(), [], [], "accuracy", patience=2, steps_per_epoch=1)
-    weights = []
-    for step in range(1, 5):
-        trainer.step = step
-        with torch.no_grad():
-            trainer.unwrapped_model.weight.fill_(step)
-        weights.append(step)
-        metrics = {"eval_loss": 1.0}
-        evaluation.on_evaluate(trainer, metrics)
-        assert "eval_accuracy" in metrics
-    assert trainer.args.max_steps == 4  # the loop ends here
-    assert evaluation.best["epoch"] == 2 and evaluation.best_state["weight"].item() == 2.0

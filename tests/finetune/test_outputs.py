@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bunmyaku.tasks.classification import TextClassification
-from bunmyaku.tasks.finetune import TaskEvaluation, evaluate_file, predict_file
+from bunmyaku.tasks.finetune import TaskEvaluator, evaluate_file, predict_file
 from bunmyaku.training.outputs import LOCK_NAME, OutputDirBusy, is_locked
 from tests.finetune.helpers import finetune, sentiment_rows, write_tsv
 
@@ -77,13 +77,13 @@ def test_a_run_refuses_a_folder_another_process_writes_into(holder, tiny_bert_di
 def test_the_lock_is_held_for_the_whole_run(tmp_path, tiny_bert_dir, data, monkeypatch):
     out = tmp_path / "run"
     seen = []
-    original = TaskEvaluation.on_evaluate
+    original = TaskEvaluator.__call__
 
-    def spy(self, trainer, metrics):
+    def spy(self, trainer):
         seen.append(is_locked(out))  # another open file description: flock conflicts even in this process
-        return original(self, trainer, metrics)
+        return original(self, trainer)
 
-    monkeypatch.setattr(TaskEvaluation, "on_evaluate", spy)
+    monkeypatch.setattr(TaskEvaluator, "__call__", spy)
     quick(out, tiny_bert_dir, data, epochs=2)
     assert seen == [True, True] and not is_locked(out)
 
@@ -118,10 +118,10 @@ def test_overwrite_clears_the_stale_results_first(tmp_path, tiny_bert_dir, data)
 def test_a_failed_rerun_leaves_no_stale_results(tmp_path, tiny_bert_dir, data, monkeypatch):
     out = plant(tmp_path / "run")
 
-    def broken(self, trainer, metrics):
+    def broken(self, trainer):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(TaskEvaluation, "on_evaluate", broken)
+    monkeypatch.setattr(TaskEvaluator, "__call__", broken)
     with pytest.raises(RuntimeError, match="evaluation broke"):
         quick(out, tiny_bert_dir, data, overwrite=True)
     for name in ("metrics.json", "predictions.jsonl", "model/config.json", "model/model.safetensors", "checkpoints"):

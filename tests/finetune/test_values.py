@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import pytest
 import torch
-from torch import nn
 
 from bunmyaku.data.tables import DataError
-from bunmyaku.hub.files import write_json_atomic
-from bunmyaku.tasks.finetune import FinetuneArgs, TaskEvaluation, build_task
+from bunmyaku.tasks.finetune import FinetuneArgs, build_task
 from tests.finetune.helpers import finetune, sentiment_rows, write_tsv
 
 
@@ -108,57 +105,6 @@ def test_regression_metrics_of_constant_predictions_are_none(caplog):
     assert scores["pearson"] is None and scores["spearman"] is None
     assert scores["mse"] == pytest.approx(((0.7) ** 2 + 0.3**2 + 1.3**2) / 3, rel=1e-6)
     assert "pearson is undefined" in caplog.text and "spearman is undefined" in caplog.text
-
-
-class _Trainer:
-    unwrapped_model = nn.Linear(1, 1)
-
-    class args:  # noqa: N801 - stands in for TrainArgs
-        max_steps = 10
-
-    step = 0
-
-
-def _evaluate(values, metric="spearman"):
-    """Feed ``values`` of ``metric`` through TaskEvaluation, weights = the step; returns it and the logs."""
-    task = build_task(FinetuneArgs(problem_type="regression"))
-    scores = iter(values)
-    task.metrics = lambda examples, features, outputs: {"pearson": 0.5, metric: next(scores)}
-
-    class Objective:
-        def take(self, n):
-            return []
-
-    trainer = _Trainer()
-    evaluation = TaskEvaluation(task, Objective(), [], [], metric, patience=0, steps_per_epoch=1)
-    logged = []
-    for step in range(1, len(values) + 1):
-        trainer.step = step
-        with torch.no_grad():
-            trainer.unwrapped_model.weight.fill_(step)
-        metrics = {"eval_loss": 1.0}
-        evaluation.on_evaluate(trainer, metrics)
-        logged.append(metrics)
-    return evaluation, logged
-
-
-def test_an_undefined_metric_is_no_improvement():
-    evaluation, logged = _evaluate([None, 0.3, None, 0.2])
-    assert evaluation.best["epoch"] == 2 and evaluation.best_state["weight"].item() == 2.0
-    assert "eval_spearman" not in logged[0] and logged[1]["eval_spearman"] == 0.3  # the training log: absent
-    assert [h["spearman"] for h in evaluation.history] == [None, 0.3, None, 0.2]  # metrics.json: null
-    write_json_atomic("/dev/null", {"history": evaluation.history})  # None is valid JSON; NaN would not be
-
-
-def test_a_metric_never_defined_keeps_the_first_epoch():
-    evaluation, _ = _evaluate([None, None])
-    assert evaluation.best["epoch"] == 1 and evaluation.best["spearman"] is None
-    assert evaluation.best_state is not None
-
-
-def test_a_non_finite_metric_stops_the_run():
-    with pytest.raises(ValueError, match=r"eval spearman not finite at epoch 2.00"):
-        _evaluate([0.1, math.nan])
 
 
 def test_constant_gold_scores_give_null_correlations_not_zero(tmp_path, tiny_bert_dir, caplog):

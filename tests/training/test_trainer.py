@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bunmyaku.data import CausalLMCollator, MaskingCollator, PackedBlocks
-from bunmyaku.training import EMA, Freeze, TrainArgs, Trainer
+from bunmyaku.training import EMA, Freeze, Plugin, TrainArgs, Trainer
 from bunmyaku.training.args import field_docs
 from bunmyaku.training.checkpoint import list_checkpoints
 from bunmyaku.training.optim import lr_multiplier
@@ -272,3 +272,130 @@ def test_causal_lm_objective_scores_each_position_against_the_next_token():
         torch.testing.assert_close(sums["lm"] / count, model(input_ids=ids, labels=labels).loss)
     hits = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != -100)
     assert int(metrics["lm_correct"]) == int(hits.sum())
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+
+class _Scripted:
+    """An evaluation callable that returns scripted values of ``metric`` and remembers the weights it saw."""
+
+    def __init__(self, values, metric="score"):
+        self.values, self.metric = iter(values), metric
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, trainer):
+        assert not trainer.unwrapped_model.training
+        self.seen[trainer.step] = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+        return {"loss": 1.0, self.metric: next(self.values)}
+
+
+def _selecting(tmp_path, values, patience=0, max_steps=None, **kwargs):
+    train, _ = _clm_data()
+    evaluation = _Scripted(values)
+    args = _args(tmp_path, max_steps=max_steps or len(values), batch_size=4, lr=1e-2, eval_every=1, save_every=0)
+    trainer = Trainer(
+        tiny_gpt2(),
+        args,
+        train,
+        None,
+        CausalLMCollator(),
+        evaluate=evaluation,
+        metric="score",
+        patience=patience,
+        restore_best=True,
+        export_dir=None,
+        **kwargs,
+    )
+    trainer.fit()
+    return trainer, evaluation
+
+
+def _weights_equal(model, state):
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_early_stopping_and_the_best_weights_restored(tmp_path):
+    """Scores 0.5, 0.8, 0.6, 0.4 with patience 2: stop at the 4th evaluation, end with the 2nd one's weights."""
+    trainer, evaluation = _selecting(tmp_path, [0.5, 0.8, 0.6, 0.4, 0.9, 0.9], patience=2)
+    assert trainer.step == 4 and trainer.stopped_early
+    assert trainer.selected == {"step": 2, "eval_loss": 1.0, "eval_score": 0.8}
+    assert _weights_equal(trainer.unwrapped_model, evaluation.seen[2])
+    assert not _weights_equal(trainer.unwrapped_model, evaluation.seen[4])
+    assert [r["step"] for r in trainer.history if "eval_score" in r] == [1, 2, 3, 4]
+
+
+def test_lower_is_better_when_asked(tmp_path):
+    trainer, evaluation = _selecting(tmp_path, [0.5, 0.8, 0.2, 0.4], greater_is_better=False)
+    assert trainer.selected["step"] == 3 and _weights_equal(trainer.unwrapped_model, evaluation.seen[3])
+    for metric, greater in (("loss", False), ("mse", False), ("perplexity", False), ("spearman", True)):
+        assert Trainer(tiny_gpt2(), _args(tmp_path), [0], collator=list, metric=metric).greater_is_better is greater
+
+
+def test_an_undefined_metric_is_no_improvement(tmp_path):
+    from bunmyaku.hub.files import write_json_atomic
+
+    trainer, evaluation = _selecting(tmp_path, [None, 0.3, None, 0.2])
+    assert trainer.selected["step"] == 2 and _weights_equal(trainer.unwrapped_model, evaluation.seen[2])
+    logged = [r for r in trainer.history if "eval_loss" in r]
+    assert "eval_score" not in logged[0] and logged[1]["eval_score"] == 0.3  # the training log: absent
+    assert [e["score"] for e in trainer.evaluations] == [None, 0.3, None, 0.2]  # metrics.json's history: null
+    write_json_atomic("/dev/null", {"history": trainer.evaluations})  # None is valid JSON; NaN would not be
+
+
+def test_a_metric_never_defined_keeps_the_first_evaluation(tmp_path):
+    trainer, evaluation = _selecting(tmp_path, [None, None])
+    assert trainer.selected["step"] == 1 and trainer.selected["eval_score"] is None
+    assert _weights_equal(trainer.unwrapped_model, evaluation.seen[1])
+
+
+def test_a_non_finite_metric_stops_the_run(tmp_path):
+    from bunmyaku.training.trainer import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"evaluation's score at step 2: not finite"):
+        _selecting(tmp_path, [0.1, math.nan])
+    with pytest.raises(ValueError, match=r"metric 'score' is not computed by the evaluation; available: \['loss'\]"):
+        train, _ = _clm_data()
+        args = _args(tmp_path, max_steps=1, batch_size=4, save_every=0)
+        Trainer(
+            tiny_gpt2(), args, train, None, CausalLMCollator(), evaluate=lambda t: {"loss": 1.0}, metric="score"
+        ).fit()
+
+
+class _Plan:
+    """A batch plan of ready batches: the Trainer draws them as they come, with no collator."""
+
+    def __init__(self, batches):
+        self.batches, self.position, self.batches_per_epoch = batches, 0, len(batches)
+
+    def next_batch(self):
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def test_a_batch_plan_feeds_ready_batches_and_its_position_is_checkpointed(tmp_path):
+    train, _ = _clm_data()
+    collate = CausalLMCollator()
+    batches = [collate([train[i] for i in range(j, j + 3 + j)], epoch=0, indices=[]) for j in range(3)]
+    plan = _Plan(batches)
+    seen = []
+
+    class Look(Plugin):
+        def before_backward(self, trainer, loss):
+            seen.append(trainer._step_batches[0]["input_ids"].shape[0])
+
+    args = _args(tmp_path, max_steps=4, save_every=2, keep_last=5, eval_every=0)
+    Trainer(tiny_gpt2(), args, plan, plugins=[Look()], export_dir=None).fit()
+    assert seen == [3, 4, 5, 3], "the plan's batches, whole and in order (sizes 3, 4, 5)"
+    from bunmyaku.training.checkpoint import read_checkpoint, step_dir
+
+    state = read_checkpoint(tiny_gpt2(), step_dir(tmp_path / "run" / "checkpoints", 2)).state
+    assert state["data"] == {"position": 2}
+    assert not (tmp_path / "run" / "model.safetensors").exists(), "export_dir=None: no model written"
