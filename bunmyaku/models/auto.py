@@ -156,6 +156,12 @@ def from_pretrained(
         if model_type is None:
             raise ValueError(f"{model_dir / 'config.json'} has no 'model_type' field; expected e.g. 'bert' or 'gpt2'")
         architectures = config.get("architectures") or [None]
+        if needed_by is not None and task in TASK_NAMES and task not in model_classes(model_type):
+            raise ValueError(
+                f"{model_dir}: {needed_by} needs a model with a {task} head, but this one has architectures "
+                f"{config.get('architectures')} and {model_type} models have no {task} head in bunmyaku "
+                f"(they have {sorted(model_classes(model_type))})"
+            )
         cls = model_class(model_type, task, architectures[0])
         if needed_by is not None:
             check_head(model_dir, config, cls, needed_by)
