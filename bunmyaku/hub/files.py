@@ -60,7 +60,8 @@ def resolve_path(
     """The one rule that turns a model or tokenizer argument into a local file or folder.
 
     - ``hf://org/name`` is a hub repo, always downloaded (or read from the hub cache);
-    - a string that names an existing file or folder is local, and so is any ``os.PathLike`` (a ``Path``);
+    - a string that names an existing file or folder is local, and so is any ``os.PathLike`` (a ``Path``); a run
+      folder of ``bunmyaku finetune`` (``runs/x``) stands for the model it holds (``runs/x/model``);
     - anything else is tried on the hub only if it is a valid repo id (``gpt2``, ``org/name``), and when
       that fails (offline, no such repo) the error names both readings: the local path it looked for, and
       the hub repo it could not reach.
@@ -132,8 +133,8 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None =
     """Return a local folder for a model: the folder itself, or a hub snapshot (see :func:`resolve_path`).
 
     Args:
-        path_or_repo_id: a local folder in HF layout, a hub repo id such as ``"bert-base-uncased"``, or
-            ``"hf://org/name"``.
+        path_or_repo_id: a local folder in HF layout (or a finetune run folder holding one in ``model/``), a hub
+            repo id such as ``"bert-base-uncased"``, or ``"hf://org/name"``.
         revision: a branch, tag or commit for hub repo ids.
 
     Raises:
