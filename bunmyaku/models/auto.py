@@ -155,6 +155,11 @@ def from_pretrained(
         model_type = config.get("model_type")
         if model_type is None:
             raise ValueError(f"{model_dir / 'config.json'} has no 'model_type' field; expected e.g. 'bert' or 'gpt2'")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported; "
+                f"bunmyaku knows {sorted(MODEL_TYPES)}"
+            )
         architectures = config.get("architectures") or [None]
         if needed_by is not None and task in TASK_NAMES and task not in model_classes(model_type):
             raise ValueError(

@@ -148,6 +148,27 @@ def test_a_checkpoint_without_the_head_is_one_error_line(runs, verb, name, args,
     assert "newly initialised" not in caplog.text  # refused before loading, not after a random head
 
 
+def test_other_verbs_errors_are_one_line(runs, tmp_path, monkeypatch):
+    """similarity on an architecture bunmyaku lacks; predict / evaluate on a model no finetune run wrote."""
+    monkeypatch.delenv("BUNMYAKU_DEBUG", raising=False)
+    t5 = tmp_path / "t5-run" / "model"
+    shutil.copytree(runs["base"] / "model", t5)
+    config = json.loads((t5 / "config.json").read_text())
+    (t5 / "config.json").write_text(json.dumps({**config, "model_type": "t5", "architectures": ["T5Model"]}))
+    cases = [
+        (["similarity", "--model", t5.parent, "a", "b"], [f"{t5 / 'config.json'}:", "model_type 't5'"]),
+        (["predict", "--model", runs["cls"], "--input", runs["data"], "--output", tmp_path / "p.jsonl"], ["cls"]),
+        (["evaluate", "--model", runs["cls"], "--eval", runs["data"]], ["finetune.json"]),
+    ]
+    for args, named in cases:
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+        for word in named:
+            assert word in " ".join(result.stderr.split()), (word, result.stderr)
+
+
 def test_pipelines_raise_the_same_value_error(runs):
     with pytest.raises(ValueError, match=r"fill-mask pipeline needs a model with a masked-lm head .*BertModel"):
         bunmyaku.pipeline("fill-mask", model=runs["base"])
