@@ -101,10 +101,32 @@ class _Typer(typer.Typer):
 app = _Typer(no_args_is_help=True, add_completion=False, help="bunmyaku: practical NLP with Transformers.")
 
 
+def package_version() -> str:
+    """The installed package's version (its metadata), else the source tree's ``bunmyaku.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bunmyaku")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import bunmyaku
+
+        return bunmyaku.__version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"bunmyaku {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     debug: Annotated[
         bool, typer.Option("--debug", envvar="BUNMYAKU_DEBUG", help="Show the traceback of every error.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """bunmyaku: practical NLP with Transformers, from scratch on PyTorch."""
@@ -206,6 +228,26 @@ def train_tokenizer_command(
     sources = resolve_training_files(settings.pop("files"), root)
     tokenizer = train_tokenizer(sources, show_progress=True, **settings)
     typer.echo(f"Trained {tokenizer!r}; saved to {settings['output_dir']}")
+
+
+@app.command("convert")
+def convert_command(
+    file: Annotated[str, typer.Argument(help="The file to convert.")],
+    from_format: str = typer.Option(..., "--from", help="The file's format: gguf (llama.cpp)."),
+    output_dir: str = typer.Option(..., "--output-dir", help="The HF model folder to write (new or empty)."),
+    dtype: str | None = typer.Option(None, help="Store the weights as float32 (default), bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output-dir."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs."),
+) -> None:
+    """Convert a model file into a Hugging Face folder (config.json, model.safetensors, tokenizer with its chat
+    template) that bunmyaku and transformers load. Quantized GGUF weights are dequantized."""
+    from bunmyaku.models.convert import FORMATS, convert_gguf
+
+    _setup_logging(verbose)
+    if from_format not in FORMATS:
+        raise ValueError(f"--from {from_format}: not a format bunmyaku converts; expected one of {list(FORMATS)}")
+    convert_gguf(file, output_dir, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"Converted {file} to {output_dir}")
 
 
 # ------------------------------------------------------------------------------------------------- pretrain
@@ -327,7 +369,9 @@ def evaluate_command(
 # One verb per pipeline: texts come as arguments (or one per line on stdin when none are given), results
 # are printed as readable text, or as JSON with --json.
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="A model folder in HF layout (or a hub repo id).")]
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="A model folder in HF layout, a finetune run folder, or a hub repo id.")
+]
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: CUDA when available).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 TextsArgument = Annotated[list[str] | None, typer.Argument(help="Texts; read one per line from stdin when none.")]

@@ -29,6 +29,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
+RUN_MODEL_DIR = "model"  # where a ``bunmyaku finetune`` run folder keeps its model
 
 
 class CheckpointError(ValueError):
@@ -59,7 +60,8 @@ def resolve_path(
     """The one rule that turns a model or tokenizer argument into a local file or folder.
 
     - ``hf://org/name`` is a hub repo, always downloaded (or read from the hub cache);
-    - a string that names an existing file or folder is local, and so is any ``os.PathLike`` (a ``Path``);
+    - a string that names an existing file or folder is local, and so is any ``os.PathLike`` (a ``Path``); a run
+      folder of ``bunmyaku finetune`` (``runs/x``) stands for the model it holds (``runs/x/model``);
     - anything else is tried on the hub only if it is a valid repo id (``gpt2``, ``org/name``), and when
       that fails (offline, no such repo) the error names both readings: the local path it looked for, and
       the hub repo it could not reach.
@@ -86,7 +88,7 @@ def resolve_path(
             raise FileNotFoundError(f"hub repo {repo_id} is not reachable ({_one_line(e)})") from e
     path = Path(name).expanduser()
     if path.exists():
-        return path
+        return model_in_run_folder(path)
     local = f"local {kind} path {path.resolve()} does not exist"
     if not isinstance(path_or_repo_id, str) or not is_repo_id(name):
         raise FileNotFoundError(local)
@@ -99,6 +101,20 @@ def resolve_path(
         ) from e
     logger.info("%s is not a local path: using hub repo %s (%s)", name, name, found)
     return found
+
+
+def model_in_run_folder(path: Path) -> Path:
+    """``path/model`` when ``path`` is a run folder (``runs/x`` of ``bunmyaku finetune``), else ``path``.
+
+    A run folder holds results (metrics.json, predictions, logs) and its model in ``model/``; it has no
+    ``config.json`` or tokenizer of its own, so that every verb can be given either ``runs/x`` or ``runs/x/model``.
+    """
+    inner = path / RUN_MODEL_DIR
+    if path.is_dir() and not (path / CONFIG).exists() and not (path / "tokenizer.json").exists():
+        if (inner / CONFIG).is_file():
+            logger.info("%s is a run folder: using its model, %s", path, inner)
+            return inner
+    return path
 
 
 def _one_line(error: Exception) -> str:
@@ -117,8 +133,8 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, revision: str | None =
     """Return a local folder for a model: the folder itself, or a hub snapshot (see :func:`resolve_path`).
 
     Args:
-        path_or_repo_id: a local folder in HF layout, a hub repo id such as ``"bert-base-uncased"``, or
-            ``"hf://org/name"``.
+        path_or_repo_id: a local folder in HF layout (or a finetune run folder holding one in ``model/``), a hub
+            repo id such as ``"bert-base-uncased"``, or ``"hf://org/name"``.
         revision: a branch, tag or commit for hub repo ids.
 
     Raises:
@@ -143,6 +159,27 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def checkpoint_keys(model_dir: str | os.PathLike) -> list[str]:
+    """The tensor names of a HF model folder, read from the safetensors headers or the index (no tensor is
+    loaded); a pickled ``.bin`` checkpoint has no header, so it is loaded."""
+    model_dir = Path(model_dir)
+    if (model_dir / SAFE_WEIGHTS).is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(model_dir / SAFE_WEIGHTS), framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{model_dir / SAFE_WEIGHTS}: not a readable safetensors file ({e})") from e
+    for index in (SAFE_INDEX, BIN_INDEX):
+        if (model_dir / index).is_file():
+            try:
+                return list(json.loads((model_dir / index).read_text(encoding="utf-8"))["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{model_dir / index}: expected a JSON object with a 'weight_map' field") from e
+    return list(load_state_dict(model_dir))
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -224,6 +261,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    A failure removes the temporary folder, so no half-written folder is left looking valid under ``path``.
+
+    Args:
+        path: the folder to create.
+        overwrite: replace a non-empty ``path`` (it is removed only once the new folder is complete).
+
+    Raises:
+        FileExistsError: ``path`` exists, is not empty, and ``overwrite`` is False (checked before the block runs).
+        NotADirectoryError: ``path`` exists and is a file.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is a file; expected a folder to write into")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; choose another folder or allow overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give the usual mode, as mkdir()
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -13,8 +13,9 @@ from bunmyaku.tokenization import Tokenizer
 
 
 class Pipeline:
-    """The shared opening: ``model`` (a folder, a hub repo id, or a GGUF file for decoders) resolved to a local
-    path, its tokenizer, the model with the ``head`` the subclass names, in eval mode on ``device``.
+    """The shared opening: ``model`` (a folder, a finetune run folder holding ``model/``, a hub repo id, or a GGUF
+    file for decoders) resolved to a local path, its tokenizer, the model with the ``head`` the subclass names, in
+    eval mode on ``device``. A checkpoint without trained weights for that head is a ``ValueError``.
 
     Args:
         model: a folder in HF layout, a hub repo id (``org/name`` or ``hf://org/name``), or a GGUF file.
@@ -28,8 +29,18 @@ class Pipeline:
         self.path = resolve_path(model)
         self.device = default_device(device)
         self.tokenizer = Tokenizer.from_pretrained(self.path)
-        self.model = from_pretrained(self.path, task=self.head, device=self.device, dtype=dtype)
+        # a checkpoint without this head is refused, not run with a newly initialised (random) one
+        needed_by = f"the {self.task_name()} pipeline"
+        self.model = from_pretrained(self.path, task=self.head, device=self.device, dtype=dtype, needed_by=needed_by)
         self.name = str(model)
+
+    @classmethod
+    def task_name(cls) -> str:
+        """The task name this pipeline is registered under (``"fill-mask"``), else the class name."""
+        from bunmyaku.pipelines import PIPELINES
+
+        names = [task for task, (_, name) in PIPELINES.items() if name == cls.__name__]
+        return names[0] if names else cls.__name__
 
 
 def check_at_least(name: str, value: int | None, minimum: int = 1) -> None:
