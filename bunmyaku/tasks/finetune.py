@@ -50,7 +50,7 @@ from torch import nn
 
 from bunmyaku.data.loader import check_batch_size
 from bunmyaku.data.tables import IN_MEMORY, DataError
-from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from bunmyaku.hub.files import model_in_run_folder, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from bunmyaku.tasks.base import BatchPlan, Feature, GroupedBatches, Task, pad_id
 from bunmyaku.tasks.choice import GPTPairClassification, MultipleChoice
 from bunmyaku.tasks.classification import SentenceSimilarityCross, TextClassification
@@ -835,7 +835,7 @@ def load_finetuned(path: str | Path, overrides: dict[str, Any] | None = None, de
     from bunmyaku.tokenization import Tokenizer
 
     path = Path(path)
-    model_dir = path / "model" if (path / "model" / SETTINGS_NAME).is_file() else path
+    model_dir = model_in_run_folder(path)
     if not (model_dir / SETTINGS_NAME).is_file():
         raise FileNotFoundError(f"{model_dir} has no {SETTINGS_NAME}: is it a folder written by bunmyaku finetune?")
     record = json.loads((model_dir / SETTINGS_NAME).read_text(encoding="utf-8"))
