@@ -96,17 +96,17 @@ def test_special_tokens_mask_matches_transformers(bert, gpt2):
 
 def test_pad_to_multiple_of(bert):
     ours, _ = bert
-    assert ours(TEXTS, padding=True, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
+    assert ours(TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="pt")["input_ids"].shape[1] % 8 == 0
 
 
 def test_tensor_shapes_and_types(bert):
     ours, _ = bert
-    out = ours(TEXTS, padding=True, return_offsets_mapping=True)
+    out = ours(TEXTS, padding=True, return_offsets_mapping=True, return_tensors="pt")
     batch, length = out["input_ids"].shape
     assert batch == len(TEXTS) and out["input_ids"].dtype == torch.long
     assert out["offset_mapping"].shape == (batch, length, 2)
     assert list(out) == ["input_ids", "token_type_ids", "attention_mask", "offset_mapping"]
-    single = ours("one text")
+    single = ours("one text", return_tensors="pt")
     assert single["input_ids"].shape[0] == 1
     assert isinstance(ours("one text", return_tensors=None)["input_ids"][0], int)
     assert out.word_ids(0)[0] is None and out.sequence_ids(0)[1] == 0
