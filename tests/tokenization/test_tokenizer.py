@@ -235,3 +235,30 @@ def test_word_ids_without_offsets_match_transformers(minilm_dir):
     expected = theirs(texts, pairs, padding=True)
     for i in range(len(texts)):
         assert got.word_ids(i) == expected.word_ids(i)
+
+
+@pytest.mark.parametrize("texts", [TEXTS[0], TEXTS[:2]], ids=["one", "batch"])
+def test_lists_by_default_and_tensors_on_request_as_transformers(bert, texts):
+    """No return_tensors: the same Python lists (and offset tuples) as transformers; "pt" / "np": same tensors."""
+    import numpy as np
+
+    ours, theirs = bert
+    kwargs = {"return_offsets_mapping": True, "return_special_tokens_mask": True}
+    mine, reference = ours(texts, **kwargs), theirs(texts, **kwargs)
+    assert set(mine) == set(reference)
+    for key, value in reference.items():
+        assert type(mine[key]) is list and mine[key] == value, key
+    assert mine.input_ids == reference.input_ids and mine.attention_mask == reference.attention_mask
+    pairs = PAIRS[0] if isinstance(texts, str) else PAIRS[:2]
+    assert ours(texts, pairs).input_ids == theirs(texts, pairs).input_ids
+    for kind, array_type in (("pt", torch.Tensor), ("np", np.ndarray)):
+        mine = ours(texts, padding=True, return_tensors=kind, **kwargs)
+        reference = theirs(texts, padding=True, return_tensors=kind, **kwargs)
+        assert set(mine) == set(reference)
+        for key, value in reference.items():
+            assert isinstance(mine[key], array_type) and mine[key].dtype == value.dtype, key
+            assert mine[key].shape == value.shape and (mine[key] == value).all(), key
+    with pytest.raises(AttributeError, match="no attribute or key 'labels'"):
+        getattr(ours(texts), "labels")  # noqa: B009 (the attribute access is the point)
+    with pytest.raises(ValueError, match="return_tensors must be 'pt', 'np' or None"):
+        ours(texts, return_tensors="tf")
