@@ -202,3 +202,19 @@ def test_zero_shot_bad_input(minilm_dir, tmp_path_factory):
 def test_unknown_task_lists_the_aliases():
     with pytest.raises(ValueError, match="sentiment-analysis"):
         bunmyaku.pipeline("sentiment", model="unused")
+
+
+def test_question_answering_keeps_the_transformers_4_shapes(minilm_dir, tmp_path_factory):
+    """transformers 5 dropped its question-answering pipeline; the shapes are those transformers 4 documented:
+    a dict for one question, a list of dicts for a list (or for ``top_k`` > 1), keyword names question / context."""
+    path = bert_head_dir(tmp_path_factory.mktemp("qa"), minilm_dir, "BertForQuestionAnswering")
+    qa = bunmyaku.pipeline("question-answering", model=path, device="cpu")
+    context = "John Smith lives in Paris and works for Acme."
+    one = qa(question="Who lives in Paris?", context=context)
+    assert isinstance(one, dict) and set(one) == {"answer", "score", "start", "end"}
+    many = qa(question=["Who?", "Where?"], context=context)
+    assert isinstance(many, list) and all(isinstance(a, dict) for a in many) and len(many) == 2
+    top = qa(question="Who?", context=context, top_k=2)
+    assert isinstance(top, list) and len(top) == 2 and top[0] == qa(question="Who?", context=context)
+    nested = qa(question=["Who?", "Where?"], context=context, top_k=2)
+    assert [len(answers) for answers in nested] == [2, 2]
