@@ -1,8 +1,8 @@
 """`bunmyaku.Tokenizer`: a thin layer over `tokenizers.Tokenizer` with the Hugging Face calling convention.
 
 All tokenization runs in the Rust library; this class only loads the vocabulary formats our models use,
-keeps the special-token bookkeeping, turns `tokenizers.Encoding`s into tensors, and saves folders that
-`transformers.AutoTokenizer` reads back to the same ids.
+keeps the special-token bookkeeping, turns `tokenizers.Encoding`s into lists (tensors on request, as in
+transformers), and saves folders that `transformers.AutoTokenizer` reads back to the same ids.
 """
 
 from __future__ import annotations
