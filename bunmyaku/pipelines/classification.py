@@ -99,15 +99,18 @@ class TextClassificationPipeline(Pipeline):
             out[rows] = self.model(**model_inputs(batch, self.device)).logits.float().cpu()
         return out
 
-    def scores(self, texts: list[str], text_pairs: list[str] | None = None) -> torch.Tensor:
+    def scores(
+        self, texts: list[str], text_pairs: list[str] | None = None, function_to_apply: ScoreFunction | None = None
+    ) -> torch.Tensor:
         """(N, L) float32 scores on the CPU for N texts (or pairs), in the input order."""
-        return apply_score_function(self.logits(texts, text_pairs), self.function_to_apply)
+        return apply_score_function(self.logits(texts, text_pairs), function_to_apply or self.function_to_apply)
 
     def __call__(
         self,
         inputs: str | list[str] | dict[str, str] | list[dict[str, str]],
         text_pair: str | list[str] | None = None,
         top_k: int | None | Default = "default",
+        function_to_apply: ScoreFunction | None = None,
     ) -> list[dict[str, Any]] | list[list[dict[str, Any]]] | dict[str, Any]:
         """Classify a text (or a list of texts), optionally as pairs with ``text_pair``.
 
@@ -116,6 +119,7 @@ class TextClassificationPipeline(Pipeline):
                 list of those) for pairs.
             text_pair: the second text of each pair (NLI, paraphrase): a string for one text, a list for a list.
             top_k: labels per text, best first; None for all; default the pipeline's ``top_k``.
+            function_to_apply: "softmax", "sigmoid" or "none" for this call; default the pipeline's.
 
         Returns:
             Shaped as transformers' pipeline returns it (see the class docstring): for one text ``[{"label",
@@ -131,7 +135,7 @@ class TextClassificationPipeline(Pipeline):
         k = len(self.labels) if k is None else min(k, len(self.labels))
         if not texts:
             return []
-        best = self.scores(texts, pairs).topk(k, dim=-1)
+        best = self.scores(texts, pairs, function_to_apply).topk(k, dim=-1)
         results = [
             [{"label": self.labels[i], "score": v} for v, i in zip(values, indices, strict=True)]
             for values, indices in zip(best.values.tolist(), best.indices.tolist(), strict=True)

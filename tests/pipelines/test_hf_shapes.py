@@ -58,6 +58,8 @@ def test_text_classification_shapes(classifier_dir, task):
     assert_same(ours(pair), theirs(pair))
     assert_same(ours([pair, pair]), theirs([pair, pair]))
     assert ours(TEXTS[0]) == [ours(TEXTS[0], top_k=1)[0]]
+    for function in ("sigmoid", "none"):
+        assert_same(ours(TEXTS, function_to_apply=function), theirs(TEXTS, function_to_apply=function))
 
 
 def test_text_classification_top_k_given_when_built(classifier_dir):
