@@ -201,7 +201,7 @@ class TokenClassificationPipeline(Pipeline):
 
 
 def _one_aggregation(aggregation: str | None, aggregation_strategy: str | None, default: str) -> str:
-    """``aggregation`` or transformers' ``aggregation_strategy``, whichever is given; both is an error."""
+    """``aggregation`` or transformers' ``aggregation_strategy``, whichever is given; refused if they differ."""
     if aggregation is not None and aggregation_strategy is not None and aggregation != aggregation_strategy:
         raise ValueError(
             f"aggregation={aggregation!r} and aggregation_strategy={aggregation_strategy!r} disagree; give one"
