@@ -39,29 +39,56 @@ class ModelOutput:
 
     Shapes: ``last_hidden_state`` (B, T, C); ``pooler_output`` (B, C); ``logits`` (B, T, V) for language
     models, (B, num_labels) for sequence heads, (B, T, num_labels) for token heads, (B, num_choices) for
-    multiple choice; ``start_logits`` / ``end_logits`` (B, T).
+    multiple choice; ``start_logits`` / ``end_logits`` (B, T); ``attentions`` one (B, H, T, S) tensor of
+    attention weights per layer (``output_attentions=True``).
+
+    Read it as HF's outputs are read: by attribute (``out.logits``), by key (``out["logits"]``), or by position
+    (``out[0]``, ``out[:2]``), where positions count only the fields that hold a value, in field order. The
+    order is HF's for every head: the loss first, then the logits, then the hidden states and attentions.
+    Iterating yields the names of the fields that hold a value, as iterating a HF output does.
     """
 
     loss: torch.Tensor | None = None
+    mc_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    pooler_output: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    past_key_values: Any = None
+    mc_logits: torch.Tensor | None = None
     start_logits: torch.Tensor | None = None
     end_logits: torch.Tensor | None = None
     prediction_logits: torch.Tensor | None = None
     seq_relationship_logits: torch.Tensor | None = None
-    mc_logits: torch.Tensor | None = None
-    mc_loss: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
     def keys(self) -> list[str]:
         """Names of the fields that hold a value."""
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list[Any]:
+        """The values of the fields that hold one, in field order."""
+        return [getattr(self, name) for name in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(name, value) of the fields that hold a value, in field order."""
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The values of the fields that hold one, in field order: ``out[i]`` is ``out.to_tuple()[i]``."""
+        return tuple(self.values())
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, hf_config: dict[str, Any]) -> torch.dtype:
@@ -93,6 +120,28 @@ class PreTrainedModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+
+    def __call__(self, *args: Any, output_attentions: bool = False, **kwargs: Any) -> Any:
+        """``forward``; with ``output_attentions=True`` (HF's keyword), ``attentions`` holds the weights too.
+
+        The weights are one (B, H, T, S) tensor per layer, as HF returns them from its eager attention: for
+        that call every self-attention computes softmax(QK^T / sqrt(D) + mask) explicitly (no fused kernel, no
+        unpadding), which is slower and keeps T x S numbers per head and layer. Encoder-decoder models refuse
+        it (their encoder, decoder and cross-attention weights would need separate fields).
+        """
+        if not output_attentions:
+            return super().__call__(*args, **kwargs)
+        from bunmyaku.models.attention import Attention, recorded_attention
+
+        if any(isinstance(m, Attention) and m.is_cross for m in self.modules()):
+            raise ValueError(
+                f"output_attentions=True is supported for encoder-only and decoder-only models, not "
+                f"{type(self).__name__} (an encoder-decoder model)"
+            )
+        with recorded_attention(self) as weights:
+            out = super().__call__(*args, **kwargs)
+        out.attentions = tuple(weights)
+        return out
 
     # ---------------------------------------------------------------------------------- weights
 
