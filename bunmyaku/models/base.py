@@ -17,6 +17,7 @@ missing, unexpected or mis-shaped tensor of the base is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -560,3 +561,139 @@ def _resized_rows(weight: torch.Tensor, rows: int) -> nn.Parameter:
         resized[:kept] = weight[:kept]
         resized[kept:] = weight.float().mean(0)  # in float32, as HF averages, whatever the weights' dtype
     return nn.Parameter(resized, requires_grad=weight.requires_grad)
+
+
+class GenerationMixin:
+    """``model.generate(input_ids, ...)`` with ``transformers``' keyword names and defaults, for language models.
+
+    A decoder-only model (causal LM) returns its prompts followed by the new tokens, (B, T + n); an encoder-decoder
+    model overrides :meth:`_generate` and returns the decoder's ids, (B, 1 + n), the start token first. The
+    decoding loops are :mod:`bunmyaku.models.generation`'s.
+    """
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        *,
+        max_length: int | None = None,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
+        num_return_sequences: int = 1,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        bad_token_ids: list[int] | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        **unsupported: Any,
+    ) -> torch.Tensor:
+        """Greedy search, sampling or beam search, as ``transformers``' ``generate`` with the same keywords.
+
+        Args:
+            input_ids: (B, T) prompts, left-padded when their lengths differ (the source, for encoder-decoders).
+            attention_mask: (B, T) 1 for real tokens, 0 for padding; default all ones.
+            max_new_tokens: the most tokens to generate; default ``max_length`` minus the prompt, or 20 without
+                ``max_length`` (within the model's positions), as in ``transformers`` 5.
+            max_length: the most tokens in the output (prompt included, or the start token for encoder-decoders);
+                used when ``max_new_tokens`` is not given.
+            min_new_tokens: the end tokens are forbidden until this many tokens are generated.
+            do_sample: sample (temperature, then top-k, then top-p); False is greedy or beam search.
+            temperature, top_k, top_p: sampling only; HF's defaults (1.0, 50, 1.0).
+            num_beams: > 1 runs beam search.
+            repetition_penalty: > 1 makes tokens already in the sequence less likely (CTRL's penalty, as in HF).
+            length_penalty: beam search scores a finished beam sum(log p) / length ** length_penalty.
+            early_stopping: beam search stops an input once it holds ``num_beams`` finished hypotheses.
+            num_return_sequences: R outputs per input, rows ``b * R`` to ``b * R + R - 1``: the R best beams, or R
+                samples; greedy search has one.
+            eos_token_id: id(s) that end a row; default ``config.eos_token_id``.
+            pad_token_id: fills finished rows; default ``config.pad_token_id``, else the end id.
+            bad_token_ids: ids never generated (HF's ``bad_words_ids`` of single tokens).
+            seed: sampling from a private generator seeded so; default the global random state, as in HF.
+            use_cache: accepted for HF compatibility; the KV cache is always used (it does not change the tokens).
+
+        Returns:
+            (B * R, T + n) LongTensor: each prompt followed by its n <= ``max_new_tokens`` new tokens
+            (encoder-decoders: the start token, then the n new tokens). Finished rows are padded.
+
+        Raises:
+            TypeError: a keyword ``transformers`` takes that bunmyaku does not (it is not silently ignored).
+            ValueError: an option out of range, or an impossible combination.
+        """
+        if unsupported:
+            raise TypeError(
+                f"{type(self).__name__}.generate() does not support {', '.join(sorted(unsupported))}; "
+                f"it takes {', '.join(GENERATE_KEYWORDS)}"
+            )
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length) token ids, got shape {tuple(input_ids.shape)}")
+        if max_new_tokens is None:
+            max_new_tokens = self._default_new_tokens(input_ids, max_length)
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+        if num_return_sequences > 1 and num_beams == 1 and not do_sample:
+            raise ValueError("greedy search returns one sequence per input: num_return_sequences > 1 needs "
+                             "do_sample=True or num_beams >= num_return_sequences")  # fmt: skip
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if do_sample and num_return_sequences > 1:  # R samples per input: the inputs repeated, as HF does
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+            num_return_sequences = 1
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        return self._generate(
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            bad_token_ids=bad_token_ids,
+            seed=seed,
+        )
+
+    def _default_new_tokens(self, input_ids: torch.Tensor, max_length: int | None) -> int:
+        """``max_length`` minus what the output starts with; without it, 20 new tokens within the model's positions
+        (``transformers`` 5's rule)."""
+        prefix = self._generated_prefix_length(input_ids)
+        if max_length is None:
+            max_length = min(prefix + 20, getattr(self.config, "max_seq_len", None) or prefix + 20)
+        if max_length <= prefix:
+            raise ValueError(
+                f"max_length ({max_length}) leaves no room after the {prefix} tokens the output starts with; "
+                "pass max_new_tokens"
+            )
+        return max_length - prefix
+
+    def _generated_prefix_length(self, input_ids: torch.Tensor) -> int:
+        """How many tokens the output starts with, which ``max_length`` counts: the prompt, for a decoder."""
+        return input_ids.size(1)
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings: Any) -> torch.Tensor:
+        """A decoder's generation: :func:`bunmyaku.models.generation.generate` over this model."""
+        from bunmyaku.models.generation import generate
+
+        return generate(self, input_ids, attention_mask, **settings)
+
+
+GENERATE_KEYWORDS = tuple(
+    name for name in inspect.signature(GenerationMixin.generate).parameters if name not in ("self", "unsupported")
+)
