@@ -184,7 +184,8 @@ def test_generate_equals_the_text_generation_pipeline(shared_data, tmp_path):
     randomize(transformers.GPT2LMHeadModel(config), seed=0, scale=0.5).save_pretrained(path)
     pipe = bunmyaku.pipeline("text-generation", model=path, device="cpu")
     for prompt, settings in [("The meaning of life is", {}), ("Once upon a time", {"num_beams": 3})]:
-        ids = torch.tensor([pipe.tokenizer.encode(prompt)])
-        tokens = pipe.model.generate(ids, max_new_tokens=12, **settings)
+        batch = pipe.tokenizer(prompt, return_tensors="pt")  # the HF habit: generate(**tokenizer(text))
+        ids = batch["input_ids"]
+        tokens = pipe.model.generate(**batch, max_new_tokens=12, **settings)
         text = pipe.tokenizer.decode(tokens[0, ids.size(1) :].tolist(), skip_special_tokens=True)
         assert pipe(prompt, max_new_tokens=12, **settings)[0]["generated_text"] == text
