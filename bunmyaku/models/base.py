@@ -637,6 +637,9 @@ class GenerationMixin:
             raise ValueError(f"input_ids must be (batch, length) token ids, got shape {tuple(input_ids.shape)}")
         if max_new_tokens is None:
             max_new_tokens = self._default_new_tokens(input_ids, max_length)
+        from bunmyaku.models.generation import check_generation_args
+
+        check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams)
         if num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
         if num_return_sequences > 1 and num_beams == 1 and not do_sample:

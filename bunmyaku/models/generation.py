@@ -120,7 +120,7 @@ def decoding_weights(rows: int, new_tokens: int) -> contextlib.AbstractContextMa
     return packed_weights(rows) if rows >= 2 and new_tokens >= 16 else contextlib.nullcontext()
 
 
-def _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams) -> None:
+def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams) -> None:
     """Refuse options out of range up front, naming the option (``num_beams=0`` would otherwise run greedy)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -198,7 +198,7 @@ def generate(
     Raises:
         ValueError: an argument out of range.
     """
-    _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams)
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams)
     if cache not in ("dynamic", "static", "graph"):
         raise ValueError(f"cache must be 'dynamic', 'static' or 'graph', got {cache!r}")
     device = input_ids.device

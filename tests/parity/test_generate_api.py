@@ -170,6 +170,10 @@ def test_seq2seq_generate_equals_transformers(tmp_path):
         actual = model.generate(ids, **kwargs)
         assert actual.tolist() == expected.tolist(), case
         assert (actual[:, 0] == MARIAN["decoder_start_token_id"]).all()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        model.generate(ids, do_sample=True, temperature=0.0)
+    with pytest.raises(TypeError, match="does not support forced_bos_token_id"):
+        model.generate(ids, forced_bos_token_id=3)
     torch.manual_seed(4)
     theirs = _hf_generate(hf_model, ids, attention_mask=mask, do_sample=True, max_new_tokens=6, bad_words_ids=[[pad]])
     torch.manual_seed(4)
