@@ -618,8 +618,9 @@ def attention_command(
 ) -> None:
     """Draw a text's attention weights as heat maps: one PNG per layer, one panel per head, tokens on both axes.
 
-    Each row of a panel is a query token's soft look-up over the key tokens (it sums to 1). Encoder-only and
-    decoder-only models (BERT, RoBERTa, GPT-2, Llama). Needs matplotlib (pip install 'bunmyaku[train]').
+    Each row of a panel is a query token's soft look-up over the key tokens (it sums to 1).
+
+    For encoder-only and decoder-only models (BERT, RoBERTa, GPT-2, Llama); needs matplotlib (the train extra).
     """
     from bunmyaku.pipelines.attention_maps import attention_maps
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -102,3 +104,10 @@ def test_errors_are_one_line(bert_dir, tmp_path, args, message):
 def test_a_model_is_required():
     result = runner.invoke(app, ["attention", "some text"])
     assert result.exit_code == 2 and "--model" in result.output
+
+
+def test_without_matplotlib_the_error_names_the_extra(bert_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    result = runner.invoke(app, ["attention", "--model", str(bert_dir), "-o", str(tmp_path / "o"), "some text"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == "error: drawing attention maps needs matplotlib: pip install 'bunmyaku[train]'"
