@@ -633,8 +633,14 @@ class GenerationMixin:
                 f"{type(self).__name__}.generate() does not support {', '.join(sorted(unsupported))}; "
                 f"it takes {', '.join(GENERATE_KEYWORDS)}"
             )
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length) token ids, got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # e.g. HF's generation_config
+            raise TypeError(
+                f"attention_mask must be a (batch, length) tensor, got {type(attention_mask).__name__}; "
+                "pass generation settings as keywords"
+            )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}")
         if max_new_tokens is None:
             max_new_tokens = self._default_new_tokens(input_ids, max_length)
         from bunmyaku.models.generation import check_generation_args

@@ -132,6 +132,10 @@ def test_unknown_or_impossible_options_are_refused(tmp_path):
         model.generate(ids, num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="max_length \\(3\\) leaves no room"):
         model.generate(ids, max_length=3)
+    with pytest.raises(ValueError, match="a \\(batch, length\\) tensor of token ids, got \\(3,\\)"):
+        model.generate(ids[0])
+    with pytest.raises(TypeError, match="attention_mask must be a \\(batch, length\\) tensor, got dict"):
+        model.generate(ids, {"max_new_tokens": 3})
     with pytest.raises(ValueError, match="min_new_tokens must be >= 0"):
         model.generate(ids, min_new_tokens=-1, max_new_tokens=2)
 
