@@ -119,28 +119,43 @@ def sdpa_attention(
 ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention}
 
 
-@contextlib.contextmanager
-def recorded_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every self-attention of ``model`` runs the eager equation and keeps its weights.
+def attention_fields(model: nn.Module) -> dict[str, list[Attention]]:
+    """``model``'s attention modules by the output field their weights go to, named as in HF.
 
-    Yields the list the weights are appended to, one (B, H, T, S) tensor per layer, in the order the layers
-    run: what ``output_attentions=True`` returns (as HF returns it from its eager attention). Fused kernels
-    never form the weights, so the fast paths are skipped while recording.
+    ``attentions`` for an encoder-only or decoder-only model; for an encoder-decoder (one with cross-attention),
+    ``encoder_attentions``, ``decoder_attentions`` (self-attention of the modules under a ``decoder``) and
+    ``cross_attentions``. Each list is in layer order.
     """
-    modules = [m for m in model.modules() if isinstance(m, Attention) and not m.is_cross]
-    weights: list[torch.Tensor] = []
-    for module in modules:
-        module.recorded = weights
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    if not any(m.is_cross for _, m in modules):
+        return {"attentions": [m for _, m in modules]}
+    fields: dict[str, list[Attention]] = {"encoder_attentions": [], "decoder_attentions": [], "cross_attentions": []}
+    for name, m in modules:
+        field = "cross" if m.is_cross else "decoder" if "decoder" in name.split(".") else "encoder"
+        fields[f"{field}_attentions"].append(m)
+    return fields
+
+
+@contextlib.contextmanager
+def recorded_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Within the block, every attention of ``model`` runs the eager equation and keeps its weights.
+
+    Yields {field: weights} (see :func:`attention_fields`), each a list the weights are appended to, one
+    (B, H, T, S) tensor per layer in the order the layers run: what ``output_attentions=True`` returns (as HF
+    returns it from its eager attention). Fused kernels never form the weights, so the fast paths are skipped
+    while recording.
+    """
+    fields = attention_fields(model)
+    weights: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
+    for field, modules in fields.items():
+        for module in modules:
+            module.recorded = weights[field]
     try:
         yield weights
     finally:
-        for module in modules:
-            module.recorded = None
-
-
-def is_recording(module: nn.Module) -> bool:
-    """Whether a :func:`recorded_attention` block covers ``module``'s attention (it must then run padded, whole)."""
-    return any(isinstance(m, Attention) and m.recorded is not None for m in module.modules())
+        for modules in fields.values():
+            for module in modules:
+                module.recorded = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ class ModelOutput:
     Shapes: ``last_hidden_state`` (B, T, C); ``pooler_output`` (B, C); ``logits`` (B, T, V) for language
     models, (B, num_labels) for sequence heads, (B, T, num_labels) for token heads, (B, num_choices) for
     multiple choice; ``start_logits`` / ``end_logits`` (B, T); ``attentions`` one (B, H, T, S) tensor of
-    attention weights per layer (``output_attentions=True``).
+    attention weights per layer (``output_attentions=True``; an encoder-decoder's are ``encoder_attentions``,
+    ``decoder_attentions`` and ``cross_attentions``, (B, H, T, S) with S the source length).
 
     Read it as HF's outputs are read: by attribute (``out.logits``), by key (``out["logits"]``), or by position
     (``out[0]``, ``out[:2]``), where positions count only the fields that hold a value, in field order. The
@@ -62,7 +63,10 @@ class ModelOutput:
     past_key_values: Any = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
 
     def __getitem__(self, key: str | int | slice) -> Any:
         if isinstance(key, str):
@@ -123,25 +127,21 @@ class PreTrainedModel(nn.Module):
         self.config = config
 
     def __call__(self, *args: Any, output_attentions: bool = False, **kwargs: Any) -> Any:
-        """``forward``; with ``output_attentions=True`` (HF's keyword), ``attentions`` holds the weights too.
+        """``forward``; with ``output_attentions=True`` (HF's keyword), the attention weights too.
 
         The weights are one (B, H, T, S) tensor per layer, as HF returns them from its eager attention: for
-        that call every self-attention computes softmax(QK^T / sqrt(D) + mask) explicitly (no fused kernel, no
-        unpadding), which is slower and keeps T x S numbers per head and layer. Encoder-decoder models refuse
-        it (their encoder, decoder and cross-attention weights would need separate fields).
+        that call every attention computes softmax(QK^T / sqrt(D) + mask) explicitly (no fused kernel, no
+        unpadding), which is slower and keeps T x S numbers per head and layer. They go to ``attentions``, or
+        for an encoder-decoder to ``encoder_attentions``, ``decoder_attentions`` and ``cross_attentions``.
         """
         if not output_attentions:
             return super().__call__(*args, **kwargs)
-        from bunmyaku.models.attention import Attention, recorded_attention
+        from bunmyaku.models.attention import recorded_attention
 
-        if any(isinstance(m, Attention) and m.is_cross for m in self.modules()):
-            raise ValueError(
-                f"output_attentions=True is supported for encoder-only and decoder-only models, not "
-                f"{type(self).__name__} (an encoder-decoder model)"
-            )
         with recorded_attention(self) as weights:
             out = super().__call__(*args, **kwargs)
-        out.attentions = tuple(weights)
+        for field, tensors in weights.items():
+            setattr(out, field, tuple(tensors) if tensors else None)  # none: the encoder skipped (encoder_outputs)
         return out
 
     # ---------------------------------------------------------------------------------- weights

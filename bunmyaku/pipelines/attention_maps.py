@@ -109,6 +109,7 @@ def attention_maps(
         ModuleNotFoundError: matplotlib is not installed.
     """
     from bunmyaku.models import from_pretrained
+    from bunmyaku.models.attention import attention_fields
     from bunmyaku.pipelines import default_device
     from bunmyaku.tokenization import Tokenizer
 
@@ -130,6 +131,11 @@ def attention_maps(
         tokenizer = Tokenizer.from_pretrained(path) if tokenizer is None else tokenizer
         device = default_device(device)
         model = from_pretrained(path, task="base", device=device)
+    if "attentions" not in attention_fields(model):
+        raise ValueError(
+            f"{name} is an encoder-decoder model; attention maps are drawn for encoder-only and decoder-only models "
+            "(for its weights, call it with output_attentions=True)"
+        )
     model = model.to(device).eval()
     full = tokenizer(text, return_tensors="pt")["input_ids"]
     if full.size(1) > max_length:

@@ -76,12 +76,36 @@ def test_attentions_sit_where_transformers_puts_them(tmp_path):
     assert_close(without_labels[0], theirs.logits)  # no loss: the logits come first, as in HF
 
 
-def test_encoder_decoder_refuses_output_attentions(tmp_path):
+def test_encoder_decoder_attentions_match_transformers(tmp_path):
+    """Marian: encoder, decoder and cross-attention weights, in HF's fields and positions, a padded source."""
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
     config = transformers.MarianConfig(
-        vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, pad_token_id=49, decoder_start_token_id=49,
+        vocab_size=50, d_model=24, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=6, encoder_ffn_dim=8, decoder_ffn_dim=8, pad_token_id=49, decoder_start_token_id=49,
+        max_position_embeddings=32, attn_implementation="eager",
     )  # fmt: skip
-    model = bunmyaku.from_pretrained(save(transformers.MarianMTModel(config), tmp_path / "hf"))
-    ids = torch.tensor([[3, 4, 5]])
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        model(input_ids=ids, decoder_input_ids=ids, output_attentions=True)
+    hf_model = randomize(transformers.MarianMTModel(config), seed=4)
+    with torch.no_grad():
+        for module in hf_model.modules():
+            if isinstance(module, MarianSinusoidalPositionalEmbedding):
+                module.weight.copy_(module.create_weight())
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    ids, mask = right_padded_batch(49, seed=6)
+    target = torch.randint(3, 49, (3, 5), generator=torch.Generator().manual_seed(7))
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=target, output_attentions=True)
+    with torch.no_grad():
+        theirs, ours = hf_model(**kwargs), model(**kwargs)
+    fields = ["decoder_attentions", "cross_attentions", "encoder_attentions"]
+    assert [k for k in ours.keys() if k in fields] == [k for k in theirs.keys() if k in fields] == fields
+    shapes = {"encoder_attentions": (2, 4, 9, 9), "decoder_attentions": (3, 6, 5, 5), "cross_attentions": (3, 6, 5, 9)}
+    for field, (layers, *shape) in shapes.items():
+        mine, hf = getattr(ours, field), getattr(theirs, field)
+        assert len(mine) == len(hf) == layers
+        for a, b in zip(mine, hf, strict=True):
+            assert a.shape == (3, *shape)
+            if field == "encoder_attentions":  # the rows of real source queries only
+                assert_close(a.transpose(1, 2), b.transpose(1, 2), mask)
+            else:
+                assert_close(a, b)
+    assert ours.attentions is None

@@ -12,7 +12,7 @@ import bunmyaku
 from bunmyaku.cli import app
 from tests.conftest import require_module
 from tests.parity.helpers import randomize
-from tests.pipelines.tiny_models import bert_head_dir
+from tests.pipelines.tiny_models import bert_head_dir, marian_dir
 
 transformers = require_module("transformers")
 require_module("matplotlib")
@@ -99,6 +99,13 @@ def test_errors_are_one_line(bert_dir, tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not (tmp_path / "o").exists() or not _pngs(tmp_path / "o")
+
+
+def test_an_encoder_decoder_is_refused_in_one_line(tmp_path):
+    folder = marian_dir(tmp_path / "marian")
+    result = runner.invoke(app, ["attention", "--model", str(folder), "-o", str(tmp_path / "o"), "the cat"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "is an encoder-decoder model; attention maps are drawn for encoder-only" in result.output
 
 
 def test_a_model_is_required():
