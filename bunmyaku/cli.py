@@ -604,3 +604,32 @@ def translate_command(
         return _print_json([{"text": t, **r} for t, r in zip(texts, results, strict=True)])
     for result in results:
         typer.echo(result["translation_text"])
+
+
+@app.command("attention")
+def attention_command(
+    text: Annotated[str, typer.Argument(help="The text whose attention to draw.")],
+    model: ModelOption = ...,
+    output_dir: Annotated[
+        str, typer.Option("--output-dir", "-o", help="Folder for the PNGs (layer_00.png, ...).")
+    ] = "attention_maps",
+    max_length: int = typer.Option(64, help="The most tokens drawn (a longer text is truncated)."),
+    device: DeviceOption = None,
+) -> None:
+    """Draw a text's attention weights as heat maps: one PNG per layer, one panel per head, tokens on both axes.
+
+    Each row of a panel is a query token's soft look-up over the key tokens (it sums to 1).
+
+    For encoder-only and decoder-only models (BERT, RoBERTa, GPT-2, Llama); needs matplotlib (the train extra).
+    """
+    from bunmyaku.pipelines.attention_maps import attention_maps
+
+    _setup_logging(False)
+    try:
+        maps = attention_maps(model, text, output_dir, device=device, max_length=max_length)
+    except ModuleNotFoundError as error:
+        if "matplotlib" not in str(error):
+            raise
+        raise ValueError(str(error)) from None  # a one-line error naming the extra to install, not a traceback
+    heads = maps.attentions[0].size(0)
+    typer.echo(f"{len(maps.files)} layers x {heads} heads, {len(maps.tokens)} tokens -> {output_dir}")

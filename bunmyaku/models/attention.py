@@ -18,7 +18,9 @@ fused decoding steps) live in :mod:`bunmyaku.models.fastpath`, behind one line o
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,34 @@ from torch import nn
 from bunmyaku.models import fastpath
 from bunmyaku.models.config import LayerConfig
 from bunmyaku.models.linear import Linear
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(QK^T * scale + mask): how much each query takes from each key, (B, H, T, S), rows summing to 1.
+
+    Args:
+        q: (B, H, T, D) queries.
+        k: (B, K, S, D) keys; H must be a multiple of K.
+        mask: bool, broadcastable to (B, H, T, S); True where attending is allowed.
+        is_causal: mask out keys after each query (T == S, no cache).
+        scale: defaults to 1 / sqrt(D).
+    """
+    if k.size(1) != q.size(1):  # grouped-query attention: each K/V head serves H / K query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=-1)
 
 
 def eager_attention(
@@ -52,17 +82,13 @@ def eager_attention(
     Returns:
         (B, H, T, D)
     """
-    if k.size(1) != q.size(1):  # grouped-query attention: each K/V head serves H / K query heads
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    if is_causal:
-        T, S = scores.shape[-2:]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1)
+    return _weighted_values(attention_weights(q, k, mask, is_causal, scale), v, dropout_p)
+
+
+def _weighted_values(weights: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """(B, H, T, S) attention weights, (B, K, S, D) values -> (B, H, T, D) their weighted sums."""
+    if v.size(1) != weights.size(1):
+        v = v.repeat_interleave(weights.size(1) // v.size(1), dim=1)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
@@ -91,6 +117,45 @@ def sdpa_attention(
 
 
 ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+def attention_fields(model: nn.Module) -> dict[str, list[Attention]]:
+    """``model``'s attention modules by the output field their weights go to, named as in HF.
+
+    ``attentions`` for an encoder-only or decoder-only model; for an encoder-decoder (one with cross-attention),
+    ``encoder_attentions``, ``decoder_attentions`` (self-attention of the modules under a ``decoder``) and
+    ``cross_attentions``. Each list is in layer order.
+    """
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    if not any(m.is_cross for _, m in modules):
+        return {"attentions": [m for _, m in modules]}
+    fields: dict[str, list[Attention]] = {"encoder_attentions": [], "decoder_attentions": [], "cross_attentions": []}
+    for name, m in modules:
+        field = "cross" if m.is_cross else "decoder" if "decoder" in name.split(".") else "encoder"
+        fields[f"{field}_attentions"].append(m)
+    return fields
+
+
+@contextlib.contextmanager
+def recorded_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Within the block, every attention of ``model`` runs the eager equation and keeps its weights.
+
+    Yields {field: weights} (see :func:`attention_fields`), each a list the weights are appended to, one
+    (B, H, T, S) tensor per layer in the order the layers run: what ``output_attentions=True`` returns (as HF
+    returns it from its eager attention). Fused kernels never form the weights, so the fast paths are skipped
+    while recording.
+    """
+    fields = attention_fields(model)
+    weights: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
+    for field, modules in fields.items():
+        for module in modules:
+            module.recorded = weights[field]
+    try:
+        yield weights
+    finally:
+        for modules in fields.values():
+            for module in modules:
+                module.recorded = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +400,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(C, KD, bias=config.attention_bias)
         self.out_proj = Linear(HD, C, bias=config.attention_out_bias)
         self._fused_qkv: tuple | None = None  # fastpath's concatenated q, k, v weights for decoding, built on demand
+        self.recorded: list[torch.Tensor] | None = None  # set by recorded_attention: keep the weights here
 
     def forward(
         self,
@@ -364,7 +430,7 @@ class Attention(nn.Module):
         Returns:
             (B, T, C), or (N, C) with ``packing`` ((B, C) with ``context`` too).
         """
-        if fastpath.applies(self, cache, packing, context):  # packed rows, or a fused decoding step
+        if self.recorded is None and fastpath.applies(self, cache, packing, context):  # packed rows, fused steps
             return fastpath.forward(self, x, mask, is_causal, rotary, cache, packing, context)
         B, T, _ = x.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -382,6 +448,11 @@ class Attention(nn.Module):
         # a single query (a decoding step) sees every key: SDPA's is_causal would align it with the first one
         is_causal = is_causal and mask is None and T > 1
         dropout_p = self.dropout if self.training else 0.0
-        y = self.attend(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale)  # (B, H, T, D)
+        if self.recorded is not None:  # output_attentions: the equation written out, its weights kept
+            weights = attention_weights(q, k, mask, is_causal, self.scale)  # (B, H, T, S)
+            self.recorded.append(weights)
+            y = _weighted_values(weights, v, dropout_p)  # (B, H, T, D)
+        else:
+            y = self.attend(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D): heads merged
         return self.out_proj(y)

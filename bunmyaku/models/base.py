@@ -17,6 +17,7 @@ missing, unexpected or mis-shaped tensor of the base is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -39,29 +40,60 @@ class ModelOutput:
 
     Shapes: ``last_hidden_state`` (B, T, C); ``pooler_output`` (B, C); ``logits`` (B, T, V) for language
     models, (B, num_labels) for sequence heads, (B, T, num_labels) for token heads, (B, num_choices) for
-    multiple choice; ``start_logits`` / ``end_logits`` (B, T).
+    multiple choice; ``start_logits`` / ``end_logits`` (B, T); ``attentions`` one (B, H, T, S) tensor of
+    attention weights per layer (``output_attentions=True``; an encoder-decoder's are ``encoder_attentions``,
+    ``decoder_attentions`` and ``cross_attentions``, (B, H, T, S) with S the source length).
+
+    Read it as HF's outputs are read: by attribute (``out.logits``), by key (``out["logits"]``), or by position
+    (``out[0]``, ``out[:2]``), where positions count only the fields that hold a value, in field order. The
+    order is HF's for every head: the loss first, then the logits, then the hidden states and attentions.
+    Iterating yields the names of the fields that hold a value, as iterating a HF output does.
     """
 
     loss: torch.Tensor | None = None
+    mc_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    pooler_output: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    past_key_values: Any = None
+    mc_logits: torch.Tensor | None = None
     start_logits: torch.Tensor | None = None
     end_logits: torch.Tensor | None = None
     prediction_logits: torch.Tensor | None = None
     seq_relationship_logits: torch.Tensor | None = None
-    mc_logits: torch.Tensor | None = None
-    mc_loss: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
     def keys(self) -> list[str]:
         """Names of the fields that hold a value."""
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list[Any]:
+        """The values of the fields that hold one, in field order."""
+        return [getattr(self, name) for name in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(name, value) of the fields that hold a value, in field order."""
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The values of the fields that hold one, in field order: ``out[i]`` is ``out.to_tuple()[i]``."""
+        return tuple(self.values())
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, hf_config: dict[str, Any]) -> torch.dtype:
@@ -93,6 +125,24 @@ class PreTrainedModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+
+    def __call__(self, *args: Any, output_attentions: bool = False, **kwargs: Any) -> Any:
+        """``forward``; with ``output_attentions=True`` (HF's keyword), the attention weights too.
+
+        The weights are one (B, H, T, S) tensor per layer, as HF returns them from its eager attention: for
+        that call every attention computes softmax(QK^T / sqrt(D) + mask) explicitly (no fused kernel, no
+        unpadding), which is slower and keeps T x S numbers per head and layer. They go to ``attentions``, or
+        for an encoder-decoder to ``encoder_attentions``, ``decoder_attentions`` and ``cross_attentions``.
+        """
+        if not output_attentions:
+            return super().__call__(*args, **kwargs)
+        from bunmyaku.models.attention import recorded_attention
+
+        with recorded_attention(self) as weights:
+            out = super().__call__(*args, **kwargs)
+        for field, tensors in weights.items():
+            setattr(out, field, tuple(tensors) if tensors else None)  # none: the encoder skipped (encoder_outputs)
+        return out
 
     # ---------------------------------------------------------------------------------- weights
 
@@ -511,3 +561,148 @@ def _resized_rows(weight: torch.Tensor, rows: int) -> nn.Parameter:
         resized[:kept] = weight[:kept]
         resized[kept:] = weight.float().mean(0)  # in float32, as HF averages, whatever the weights' dtype
     return nn.Parameter(resized, requires_grad=weight.requires_grad)
+
+
+class GenerationMixin:
+    """``model.generate(input_ids, ...)`` with ``transformers``' keyword names and defaults, for language models.
+
+    A decoder-only model (causal LM) returns its prompts followed by the new tokens, (B, T + n); an encoder-decoder
+    model overrides :meth:`_generate` and returns the decoder's ids, (B, 1 + n), the start token first. The
+    decoding loops are :mod:`bunmyaku.models.generation`'s.
+    """
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        *,
+        max_length: int | None = None,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
+        num_return_sequences: int = 1,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        bad_token_ids: list[int] | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        **unsupported: Any,
+    ) -> torch.Tensor:
+        """Greedy search, sampling or beam search, as ``transformers``' ``generate`` with the same keywords.
+
+        Args:
+            input_ids: (B, T) prompts, left-padded when their lengths differ (the source, for encoder-decoders).
+            attention_mask: (B, T) 1 for real tokens, 0 for padding; default all ones.
+            max_new_tokens: the most tokens to generate; default ``max_length`` minus the prompt, or 20 without
+                ``max_length`` (within the model's positions), as in ``transformers`` 5.
+            max_length: the most tokens in the output (prompt included, or the start token for encoder-decoders);
+                used when ``max_new_tokens`` is not given.
+            min_new_tokens: the end tokens are forbidden until this many tokens are generated.
+            do_sample: sample (temperature, then top-k, then top-p); False is greedy or beam search.
+            temperature, top_k, top_p: sampling only; HF's defaults (1.0, 50, 1.0).
+            num_beams: > 1 runs beam search.
+            repetition_penalty: > 1 makes tokens already in the sequence less likely (CTRL's penalty, as in HF).
+            length_penalty: beam search scores a finished beam sum(log p) / length ** length_penalty.
+            early_stopping: beam search stops an input once it holds ``num_beams`` finished hypotheses.
+            num_return_sequences: R outputs per input, rows ``b * R`` to ``b * R + R - 1``: the R best beams, or R
+                samples; greedy search has one.
+            eos_token_id: id(s) that end a row; default ``config.eos_token_id``.
+            pad_token_id: fills finished rows; default ``config.pad_token_id``, else the end id.
+            bad_token_ids: ids never generated (HF's ``bad_words_ids`` of single tokens).
+            seed: sampling from a private generator seeded so; default the global random state, as in HF.
+            use_cache: accepted for HF compatibility; the KV cache is always used (it does not change the tokens).
+
+        Returns:
+            (B * R, T + n) LongTensor: each prompt followed by its n <= ``max_new_tokens`` new tokens
+            (encoder-decoders: the start token, then the n new tokens). Finished rows are padded.
+
+        Raises:
+            TypeError: a keyword ``transformers`` takes that bunmyaku does not (it is not silently ignored).
+            ValueError: an option out of range, or an impossible combination.
+        """
+        if unsupported:
+            raise TypeError(
+                f"{type(self).__name__}.generate() does not support {', '.join(sorted(unsupported))}; "
+                f"it takes {', '.join(GENERATE_KEYWORDS)}"
+            )
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # e.g. HF's generation_config
+            raise TypeError(
+                f"attention_mask must be a (batch, length) tensor, got {type(attention_mask).__name__}; "
+                "pass generation settings as keywords"
+            )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}")
+        if max_new_tokens is None:
+            max_new_tokens = self._default_new_tokens(input_ids, max_length)
+        from bunmyaku.models.generation import check_generation_args
+
+        check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams)
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+        if num_return_sequences > 1 and num_beams == 1 and not do_sample:
+            raise ValueError("greedy search returns one sequence per input: num_return_sequences > 1 needs "
+                             "do_sample=True or num_beams >= num_return_sequences")  # fmt: skip
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if do_sample and num_return_sequences > 1:  # R samples per input: the inputs repeated, as HF does
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+            num_return_sequences = 1
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        return self._generate(
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            bad_token_ids=bad_token_ids,
+            seed=seed,
+        )
+
+    def _default_new_tokens(self, input_ids: torch.Tensor, max_length: int | None) -> int:
+        """``max_length`` minus what the output starts with; without it, 20 new tokens within the model's positions
+        (``transformers`` 5's rule)."""
+        prefix = self._generated_prefix_length(input_ids)
+        if max_length is None:
+            max_length = min(prefix + 20, getattr(self.config, "max_seq_len", None) or prefix + 20)
+        if max_length <= prefix:
+            raise ValueError(
+                f"max_length ({max_length}) leaves no room after the {prefix} tokens the output starts with; "
+                "pass max_new_tokens"
+            )
+        return max_length - prefix
+
+    def _generated_prefix_length(self, input_ids: torch.Tensor) -> int:
+        """How many tokens the output starts with, which ``max_length`` counts: the prompt, for a decoder."""
+        return input_ids.size(1)
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings: Any) -> torch.Tensor:
+        """A decoder's generation: :func:`bunmyaku.models.generation.generate` over this model."""
+        from bunmyaku.models.generation import generate
+
+        return generate(self, input_ids, attention_mask, **settings)
+
+
+GENERATE_KEYWORDS = tuple(
+    name for name in inspect.signature(GenerationMixin.generate).parameters if name not in ("self", "unsupported")
+)

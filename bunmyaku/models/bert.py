@@ -264,6 +264,8 @@ class BertModel(BertPreTrainedModel):
         if first_token_only and output_hidden_states:
             raise ValueError("first_token_only=True cannot return hidden_states: the last layer skips positions")
         unpad = self.config.unpad if unpad is None else unpad
+        if self.layers[0].attn.recorded is not None:  # output_attentions: every (B, H, T, T) map, padded layout
+            unpad, first_token_only = False, False
         mask = padding_mask(attention_mask)  # None when nothing is padded
         # Right padding only: the pooler reads position 0, which must be computed, not a zero of the packing.
         if mask is not None and unpad and bool(attention_mask[:, 0].all()):

@@ -31,6 +31,7 @@ a second copy of the weights while generating, freed at the end).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -119,7 +120,7 @@ def decoding_weights(rows: int, new_tokens: int) -> contextlib.AbstractContextMa
     return packed_weights(rows) if rows >= 2 and new_tokens >= 16 else contextlib.nullcontext()
 
 
-def _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams) -> None:
+def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams) -> None:
     """Refuse options out of range up front, naming the option (``num_beams=0`` would otherwise run greedy)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -154,6 +155,10 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     cache: Literal["dynamic", "static", "graph"] = "dynamic",
+    min_new_tokens: int = 0,
+    bad_token_ids: list[int] | None = None,
+    early_stopping: bool = False,
+    num_return_sequences: int = 1,
 ) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -181,14 +186,19 @@ def generate(
             (:class:`~bunmyaku.models.attention.StaticKVCache`): the same tokens, no copying per step;
             "graph": the static cache with fixed-shape decoding steps, replayed as one CUDA graph per token on
             CUDA (see the module docstring); beam search treats it as "static".
+        min_new_tokens: the end tokens cannot be chosen before this many tokens are generated.
+        bad_token_ids: ids never generated.
+        early_stopping: beam search stops an input as soon as it holds ``num_beams`` finished hypotheses.
+        num_return_sequences: beam search returns this many best hypotheses per prompt (<= ``num_beams``),
+            rows ``b * R`` to ``b * R + R - 1`` for prompt b, best first.
 
     Returns:
-        (B, T + n) the prompts followed by the n <= N generated tokens.
+        (B, T + n) the prompts followed by the n <= N generated tokens ((B * R, T + n) with beams and R).
 
     Raises:
         ValueError: an argument out of range.
     """
-    _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams)
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_beams)
     if cache not in ("dynamic", "static", "graph"):
         raise ValueError(f"cache must be 'dynamic', 'static' or 'graph', got {cache!r}")
     device = input_ids.device
@@ -197,12 +207,18 @@ def generate(
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    if num_return_sequences != 1 and not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(
+            f"num_return_sequences ({num_return_sequences}) must be between 1 and num_beams ({num_beams}); to draw "
+            "several samples per prompt, repeat the prompt"
+        )
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
     if num_beams > 1:
         if do_sample or streamer is not None or repetition_penalty != 1.0 or stop is not None:
             raise ValueError("num_beams > 1 cannot be combined with do_sample, streamer, stop or repetition_penalty")
-        return _decoder_beam_search(
-            model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, cache
-        )
+        rules = BeamRules(length_penalty, min_new_tokens, bad_token_ids, early_stopping, num_return_sequences)
+        return _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, rules, eos, pad, cache)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     keep = _last_logits_only(model)
     # The whole run's ids and mask, allocated once; step i reads and writes the first T + i columns.
@@ -232,6 +248,7 @@ def generate(
                     fixed_step = FixedShapeStep(model, kv, mask, length, keep)
             if repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, tokens[:, :length], mask[:, :length], repetition_penalty)
+            logits = forbid(logits, bad_token_ids, eos if length - T < min_new_tokens else None)
             if do_sample:
                 next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             else:
@@ -359,7 +376,7 @@ def _decoder_step(model: torch.nn.Module, attention_mask: torch.Tensor, cache: S
     return step, reorder
 
 
-def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, cache):
+def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, rules, eos, pad, cache):
     kv = StaticKVCache(input_ids.size(1) + max_new_tokens) if cache in ("static", "graph") else None
     step, reorder = _decoder_step(model, attention_mask.repeat_interleave(num_beams, dim=0), kv)
     with decoding_weights(input_ids.size(0) * num_beams, max_new_tokens):
@@ -370,9 +387,37 @@ def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_b
             num_beams,
             max_new_tokens,
             eos,
-            length_penalty,
+            rules.length_penalty,
             pad,
+            rules.bad_token_ids,
+            rules.min_new_tokens,
+            rules.early_stopping,
+            rules.num_return_sequences,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamRules:
+    """Beam search's options beyond the beam count (see :func:`beam_search`)."""
+
+    length_penalty: float = 1.0
+    min_new_tokens: int = 0
+    bad_token_ids: list[int] | None = None
+    early_stopping: bool = False
+    num_return_sequences: int = 1
+
+
+def forbid(logits: torch.Tensor, bad_token_ids: list[int] | None, eos: torch.Tensor | None) -> torch.Tensor:
+    """(B, V) logits (or log-probabilities) with the bad ids, and the end ids when given, set to -inf.
+
+    The end ids are forbidden while fewer than ``min_new_tokens`` tokens have been generated, as HF's
+    ``MinNewTokensLengthLogitsProcessor`` does.
+    """
+    banned = list(bad_token_ids or []) + ([] if eos is None else eos.tolist())
+    if banned:
+        logits = logits.clone()
+        logits[:, banned] = -math.inf
+    return logits
 
 
 def beam_search(
@@ -385,6 +430,9 @@ def beam_search(
     length_penalty: float = 1.0,
     pad_token_id: int = 0,
     bad_token_ids: list[int] | None = None,
+    min_new_tokens: int = 0,
+    early_stopping: bool = False,
+    num_return_sequences: int = 1,
 ) -> torch.Tensor:
     """Keep the N best partial sequences per input; collect the N best finished ones; return the best.
 
@@ -393,7 +441,7 @@ def beam_search(
     that N can always keep running). Those among the first N that end (an end token, or the length limit)
     become finished hypotheses scored sum(log p) / generated_length ** length_penalty; the N best that did
     not end keep running. An input is done once it holds N finished hypotheses and its best running beam,
-    length-penalised now, cannot beat the worst of them.
+    length-penalised now, cannot beat the worst of them (with ``early_stopping``, as soon as it holds N).
 
     Args:
         step: (B * N, L) sequences so far -> (B * N, V) float logits of the next token (it owns the cache).
@@ -405,9 +453,12 @@ def beam_search(
         length_penalty: exponent on the generated length in finished scores.
         pad_token_id: fills the tail of shorter results.
         bad_token_ids: ids never generated.
+        min_new_tokens: the end tokens are forbidden for the first that many steps.
+        early_stopping: an input is done as soon as it holds N finished hypotheses (HF's ``early_stopping=True``).
+        num_return_sequences: R <= N, the number of best finished hypotheses returned per input.
 
     Returns:
-        (B, L0 + n) the best finished sequence per input, right-padded.
+        (B * R, L0 + n) the R best finished sequences per input (best first), right-padded.
     """
     N, device = num_beams, tokens.device
     B = tokens.size(0) // N
@@ -420,8 +471,7 @@ def beam_search(
     for i in range(max_new_tokens):
         length, is_last = i + 1, i == max_new_tokens - 1
         log_probs = step(tokens).log_softmax(-1)  # (B * N, V)
-        if bad_token_ids:
-            log_probs[:, bad_token_ids] = -math.inf
+        log_probs = forbid(log_probs, bad_token_ids, eos if i < min_new_tokens else None)
         V = log_probs.size(-1)
         scores = (running[:, :, None] + log_probs.view(B, N, V)).view(B, N * V)
         top_scores, top_index = scores.topk(width, dim=-1)  # (B, W)
@@ -442,12 +492,12 @@ def beam_search(
         reorder(rows)
         best_running = running[:, 0] / length**length_penalty
         for b in range(B):
-            if len(hypotheses[b]) == N and best_running[b].item() <= hypotheses[b][-1][0]:
+            if len(hypotheses[b]) == N and (early_stopping or best_running[b].item() <= hypotheses[b][-1][0]):
                 open_inputs[b] = False
         if is_last or not any(open_inputs):
             break
-    best = [hyps[0][1] for hyps in hypotheses]
-    out = torch.full((B, max(len(t) for t in best)), pad_token_id, dtype=torch.long, device=device)
+    best = [hyp[1] for hyps in hypotheses for hyp in hyps[:num_return_sequences]]
+    out = torch.full((len(best), max(len(t) for t in best)), pad_token_id, dtype=torch.long, device=device)
     for b, t in enumerate(best):
         out[b, : len(t)] = t
     return out

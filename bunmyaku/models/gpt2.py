@@ -37,7 +37,7 @@ from torch import nn
 from bunmyaku.hub import KeyMap
 from bunmyaku.hub.keymap import linear_map
 from bunmyaku.models.attention import KVCache, causal_mask, positions_from_mask
-from bunmyaku.models.base import ModelOutput, PreTrainedModel
+from bunmyaku.models.base import GenerationMixin, ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.heads import (
     causal_lm_output,
@@ -444,7 +444,7 @@ class _GPT2WithLMHead(_GPT2HeadModel):
         return self.head.lm_head
 
 
-class GPT2LMHeadModel(_GPT2WithLMHead):
+class GPT2LMHeadModel(GenerationMixin, _GPT2WithLMHead):
     """Causal language modelling: predict every next token; the head GPT-2 was pretrained with."""
 
     task = "causal-lm"

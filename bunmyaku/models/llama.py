@@ -30,7 +30,7 @@ from torch import nn
 
 from bunmyaku.hub import KeyMap
 from bunmyaku.models.attention import KVCache, RotaryEmbedding, causal_mask, positions_from_mask
-from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resolve_dtype
+from bunmyaku.models.base import GenerationMixin, ModelOutput, PreTrainedModel, _resolve_dtype
 from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.heads import (
     causal_lm_output,
@@ -304,7 +304,7 @@ class _LlamaHeadModel(LlamaPreTrainedModel):
         )
 
 
-class LlamaForCausalLM(_LlamaHeadModel):
+class LlamaForCausalLM(GenerationMixin, _LlamaHeadModel):
     """Next-token prediction; the LM head is the embedding matrix when ``tie_word_embeddings``."""
 
     task = "causal-lm"

@@ -39,9 +39,9 @@ from torch import nn
 
 from bunmyaku.hub import CheckpointError, KeyMap
 from bunmyaku.models.attention import KVCache, causal_mask, padding_mask, sinusoidal_positions
-from bunmyaku.models.base import ModelOutput, PreTrainedModel
+from bunmyaku.models.base import GenerationMixin, ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
-from bunmyaku.models.generation import beam_search, decoding_weights
+from bunmyaku.models.generation import BeamRules, beam_search, decoding_weights, forbid, penalize_repeats, sample
 from bunmyaku.models.heads import IGNORE_INDEX, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear, linear
@@ -398,7 +398,7 @@ class TransformerLMHead(nn.Module):
         return linear(hidden, weight) + self.final_logits_bias
 
 
-class TransformerForSeq2SeqLM(TransformerPreTrainedModel):
+class TransformerForSeq2SeqLM(GenerationMixin, TransformerPreTrainedModel):
     """Translation: the encoder-decoder with its output layer, a loss on ``labels``, and ``generate``."""
 
     task = "seq2seq-lm"
@@ -463,28 +463,28 @@ class TransformerForSeq2SeqLM(TransformerPreTrainedModel):
         )
         return out.logits[:, -1].float()
 
-    @torch.no_grad()
-    def generate(
+    def _generated_prefix_length(self, input_ids: torch.Tensor) -> int:
+        return 1  # the decoder's output starts with its start token, which ``max_length`` counts (as in HF)
+
+    def _generate(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
         num_beams: int = 1,
         length_penalty: float = 1.0,
         eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
         bad_token_ids: list[int] | None = None,
+        min_new_tokens: int = 0,
+        early_stopping: bool = False,
+        num_return_sequences: int = 1,
+        **choice: Any,
     ) -> torch.Tensor:
-        """Translate: greedy search (``num_beams=1``) or beam search, with a KV cache.
+        """Translate (``generate``, with HF's keywords): greedy search or sampling, or beam search, with a KV cache.
 
-        Args:
-            input_ids: (B, S) source ids.
-            attention_mask: (B, S) 1 for real source tokens.
-            max_new_tokens: the most tokens generated after the start token.
-            num_beams: beams per source sentence; 1 is greedy.
-            length_penalty: a finished beam scores sum(log p) / length ** length_penalty.
-            eos_token_id: the id (or ids) that end a sentence; default ``config.eos_token_id``.
-            bad_token_ids: ids never generated; default the padding id, which Marian checkpoints forbid
-                (it doubles as the start token).
+        ``bad_token_ids`` defaults to the padding id, which Marian checkpoints forbid (it doubles as the start
+        token). ``choice``: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``.
 
         Returns:
             (B, 1 + L) ids: the start token, then the translation; padding after the end-of-sentence token.
@@ -495,13 +495,17 @@ class TransformerForSeq2SeqLM(TransformerPreTrainedModel):
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
         if bad_token_ids is None:
             bad_token_ids = [] if self.config.pad_token_id is None else [self.config.pad_token_id]
+        pad = self._pad_id() if pad_token_id is None else pad_token_id
         memory = self.encode(input_ids, attention_mask)
         with decoding_weights(input_ids.size(0) * num_beams, max_new_tokens):  # CPU: packed weights when batched
             if num_beams == 1:
-                return self._greedy_search(memory, attention_mask, max_new_tokens, eos, bad_token_ids)
-            return self._beam_search(
-                memory, attention_mask, max_new_tokens, num_beams, length_penalty, eos, bad_token_ids
-            )
+                return self._greedy_search(
+                    memory, attention_mask, max_new_tokens, eos, pad, bad_token_ids, min_new_tokens, **choice
+                )
+            if choice.get("do_sample") or choice.get("repetition_penalty", 1.0) != 1.0:
+                raise ValueError("num_beams > 1 cannot be combined with do_sample or repetition_penalty")
+            rules = BeamRules(length_penalty, min_new_tokens, bad_token_ids, early_stopping, num_return_sequences)
+            return self._beam_search(memory, attention_mask, max_new_tokens, num_beams, rules, eos, pad)
 
     def _start_tokens(self, rows: int, device) -> torch.Tensor:
         return torch.full((rows, 1), self.config.decoder_start_token_id, dtype=torch.long, device=device)
@@ -509,22 +513,44 @@ class TransformerForSeq2SeqLM(TransformerPreTrainedModel):
     def _pad_id(self) -> int:
         return self.config.pad_token_id if self.config.pad_token_id is not None else self.config.decoder_start_token_id
 
-    def _greedy_search(self, memory, attention_mask, max_new_tokens, eos, bad_token_ids) -> torch.Tensor:
-        """Take the most likely token at every step; a finished row is padded until every row is finished."""
+    def _greedy_search(
+        self,
+        memory,
+        attention_mask,
+        max_new_tokens,
+        eos,
+        pad,
+        bad_token_ids,
+        min_new_tokens=0,
+        do_sample=False,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        repetition_penalty=1.0,
+        seed=None,
+    ) -> torch.Tensor:
+        """Take the most likely token (or sample one) at every step; a finished row is padded until all are."""
         tokens = self._start_tokens(memory.size(0), memory.device)  # (B, 1)
         finished = torch.zeros(memory.size(0), dtype=torch.bool, device=memory.device)
+        generator = torch.Generator(device=memory.device).manual_seed(seed) if seed is not None else None
         cache = KVCache()
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             logits = self.next_token_logits(tokens[:, -1:], memory, attention_mask, cache)  # (B, V)
-            logits[:, bad_token_ids] = -math.inf
-            next_tokens = logits.argmax(-1).masked_fill(finished, self._pad_id())
+            if repetition_penalty != 1.0:
+                logits = penalize_repeats(logits, tokens, torch.ones_like(tokens), repetition_penalty)
+            logits = forbid(logits, bad_token_ids, eos if i < min_new_tokens else None)
+            if do_sample:
+                next_tokens = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            else:
+                next_tokens = logits.argmax(-1)  # (B,)
+            next_tokens = next_tokens.masked_fill(finished, pad)
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
             finished |= torch.isin(next_tokens, eos)
             if finished.all():
                 break
         return tokens
 
-    def _beam_search(self, memory, attention_mask, max_new_tokens, num_beams, length_penalty, eos, bad_token_ids):
+    def _beam_search(self, memory, attention_mask, max_new_tokens, num_beams, rules, eos, pad):
         """Beam search (:func:`bunmyaku.models.generation.beam_search`) over the decoder, the source encoded once."""
         N = num_beams
         memory = memory.repeat_interleave(N, dim=0)  # (B * N, S, C)
@@ -537,7 +563,18 @@ class TransformerForSeq2SeqLM(TransformerPreTrainedModel):
 
         start = self._start_tokens(memory.size(0), memory.device)
         return beam_search(
-            step, cache.reorder, start, N, max_new_tokens, eos, length_penalty, self._pad_id(), bad_token_ids
+            step,
+            cache.reorder,
+            start,
+            N,
+            max_new_tokens,
+            eos,
+            rules.length_penalty,
+            pad,
+            rules.bad_token_ids,
+            rules.min_new_tokens,
+            rules.early_stopping,
+            rules.num_return_sequences,
         )
 
 
