@@ -6,6 +6,7 @@ The public entry points are re-exported here lazily, so ``import bunmyaku`` stay
 - ``bunmyaku.Tokenizer`` and ``bunmyaku.train_tokenizer``
 - ``bunmyaku.pipeline(task, model=..., device=...)``
 - ``bunmyaku.finetune(task=..., model=..., train=..., ...)`` -> ``bunmyaku.FinetuneResult``
+- ``bunmyaku.pretrain(objective=..., data=..., output_dir=..., ...)`` -> ``bunmyaku.PretrainResult``
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _LAZY = {
     "pipeline": "bunmyaku.pipelines",
     "finetune": "bunmyaku.tasks.finetune",
     "FinetuneResult": "bunmyaku.tasks.finetune",
+    "pretrain": "bunmyaku.training.pretrain",
+    "PretrainResult": "bunmyaku.training.pretrain",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import inspect
 import json
 import logging
 import os
@@ -60,7 +59,7 @@ from bunmyaku.tasks.qa import QuestionAnswering
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int, check_number
 from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
 from bunmyaku.training.plugins import Plugin
-from bunmyaku.training.recipe import build_args, import_object
+from bunmyaku.training.recipe import build_args, check_keywords, import_object, keyword_signature
 
 logger = logging.getLogger(__name__)
 
@@ -931,13 +930,7 @@ def finetune(**options: Any) -> FinetuneResult:
         TypeError: an unknown option.
         DataError, FileNotFoundError, ValueError: bad data (naming file or row and field) or options.
     """
-    known = {p.name for p in _OPTIONS}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        import difflib
-
-        hints = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1)]
-        raise TypeError(f"finetune() got unknown option(s) {unknown}" + (f"; did you mean {hints}?" if hints else ""))
+    check_keywords("finetune", options, finetune.__signature__)  # type: ignore[attr-defined]
     values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
     inputs = Inputs()
     for split in ("train", "eval", "test"):
@@ -961,17 +954,4 @@ def finetune(**options: Any) -> FinetuneResult:
     return run_finetune(fargs, targs, inputs)
 
 
-def _option_parameters() -> list[inspect.Parameter]:
-    """One keyword-only parameter per option, with its default from the dataclasses (the signature shown)."""
-    parameters, seen = [], set()
-    for cls in OPTION_CLASSES:
-        for f in dataclasses.fields(cls):
-            if f.name not in seen:
-                seen.add(f.name)
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
-    return parameters
-
-
-_OPTIONS = _option_parameters()
-finetune.__signature__ = inspect.Signature(_OPTIONS, return_annotation=FinetuneResult)  # type: ignore[attr-defined]
+finetune.__signature__ = keyword_signature(OPTION_CLASSES, FinetuneResult)  # type: ignore[attr-defined]

@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bunmyaku.data import (
     CausalLMCollator,
@@ -33,9 +36,66 @@ from bunmyaku.hub.files import write_json_atomic
 from bunmyaku.training import distributed as dist_utils
 from bunmyaku.training.args import OBJECTIVE_TASKS, PretrainArgs, TrainArgs
 from bunmyaku.training.outputs import OutputDirBusy, exclusive_output_dir
+from bunmyaku.training.recipe import build_args, check_keywords, keyword_signature
 from bunmyaku.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` returns: the final metrics and the exported model, ready to use."""
+
+    metrics: dict[str, float]
+    """The final evaluation (``eval_loss``, ``eval_accuracy``, ...), as ``metrics.json`` records them."""
+    model: nn.Module | None
+    """The exported model (the best evaluation's or the last weights), loaded from ``output_dir``, in eval mode
+    (None on the other processes of a distributed run: rank 0 exports)."""
+    tokenizer: Any
+    output_dir: Path
+    """The HF folder (config, weights, tokenizer) that ``transformers`` loads, with checkpoints and metrics."""
+
+
+def pretrain(**options: Any) -> PretrainResult:
+    """Pretrain a model from raw text: the Python twin of ``bunmyaku pretrain``, with the command's options as
+    keyword arguments (``--model-config`` is ``model_config``) and the same defaults (both read them from
+    :class:`~bunmyaku.training.args.PretrainArgs` and :class:`~bunmyaku.training.args.TrainArgs`). Paths may
+    be ``str`` or ``Path``; ``model_config`` may also be the config dict itself.
+
+    Example::
+
+        result = bunmyaku.pretrain(objective="clm", tokenizer="char", data=["input.txt"], output_dir="runs/char",
+                                   model_config={"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4})
+        result.metrics["eval_loss"], result.model
+
+    Raises:
+        TypeError: an unknown option.
+        ValueError, FileNotFoundError: bad options or data (naming the option or file and line).
+        OutputDirBusy: another run is writing into ``output_dir``.
+        TrainingDiverged: the loss stopped being finite.
+    """
+    check_keywords("pretrain", options, pretrain.__signature__)  # type: ignore[attr-defined]
+    values = {k: _plain(v) for k, v in options.items()}
+    pargs, targs = build_args((PretrainArgs, TrainArgs), values)
+    metrics = run_pretraining(pargs, targs)
+    output_dir = Path(targs.output_dir)
+    model = tokenizer = None
+    if dist_utils.is_main():
+        from bunmyaku.models.auto import from_pretrained
+        from bunmyaku.tokenization import Tokenizer
+
+        model = from_pretrained(output_dir, task=OBJECTIVE_TASKS[pargs.objective]).eval()
+        tokenizer = Tokenizer.from_pretrained(output_dir)
+    return PretrainResult(metrics=metrics, model=model, tokenizer=tokenizer, output_dir=output_dir)
+
+
+def _plain(value: Any) -> Any:
+    """Path objects (alone or in a list) as the strings the options hold."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+    return value
 
 
 def run_pretraining(pargs: PretrainArgs, targs: TrainArgs) -> dict[str, float]:
@@ -245,3 +305,6 @@ def _examples(pargs: PretrainArgs, tokenizer, corpus: TokenCorpus, seed: int):
         else None,
         collator,
     )
+
+
+pretrain.__signature__ = keyword_signature((PretrainArgs, TrainArgs), PretrainResult)  # type: ignore[attr-defined]

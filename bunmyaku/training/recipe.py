@@ -123,3 +123,31 @@ def typer_command(classes: tuple[type, ...], run: Callable[[dict[str, Any]], Non
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__annotations__ = annotations
     return command
+
+
+def keyword_signature(classes: tuple[type, ...], returns: Any) -> inspect.Signature:
+    """The signature of a Python twin of a verb: one keyword-only parameter per option, its default from the
+    dataclasses (the same defaults as the command's flags)."""
+    parameters, seen = [], set()
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name not in seen:
+                seen.add(f.name)
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    return inspect.Signature(parameters, return_annotation=returns)
+
+
+def check_keywords(function: str, options: dict[str, Any], signature: inspect.Signature) -> None:
+    """Refuse keyword arguments the verb does not have, suggesting the nearest names.
+
+    Raises:
+        TypeError: an unknown option, named with a "did you mean" hint where one is close.
+    """
+    import difflib
+
+    known = set(signature.parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hints = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1)]
+        raise TypeError(f"{function}() got unknown option(s) {unknown}" + (f"; did you mean {hints}?" if hints else ""))

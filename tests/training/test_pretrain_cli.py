@@ -210,3 +210,31 @@ def test_a_non_finite_learning_rate_is_refused_before_training(tmp_path, corpus,
     result = CliRunner().invoke(app, ["pretrain", *_gpt_recipe(tmp_path, corpus, out, lr=lr), "--device", "cpu"])
     assert result.exit_code != 0 and f"lr must be a finite number, got {lr}" in result.output + str(result.exception)
     assert not (out / "model.safetensors").exists()
+
+
+def test_python_pretrain_equals_the_command(tmp_path, corpus):
+    """bunmyaku.pretrain is the command's twin: same options, same defaults, the same run to the bit."""
+    from safetensors.torch import load_file
+
+    cli_out, py_out = tmp_path / "cli", tmp_path / "py"
+    _run(*_gpt_recipe(tmp_path, corpus, cli_out))
+    config = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 32}
+    result = bunmyaku.pretrain(
+        objective="clm", tokenizer="char", doc_split="line", block_size=16, model_config=config,
+        data=[corpus], output_dir=py_out, seed=0,
+        max_steps=3, batch_size=4, progress=False, eval_every=0, plot=False, device="cpu",
+    )  # fmt: skip
+    assert result.output_dir == py_out and not result.model.training
+    cli, py = load_file(cli_out / "model.safetensors"), load_file(py_out / "model.safetensors")
+    assert cli.keys() == py.keys() and all(torch.equal(cli[k], py[k]) for k in cli)
+    assert _losses(cli_out) == _losses(py_out)
+    cli_metrics = json.loads((cli_out / "metrics.json").read_text())
+    assert result.metrics["eval_loss"] == cli_metrics["eval_loss"]
+    ids = result.tokenizer("the cat", return_tensors="pt")["input_ids"]
+    assert result.model(input_ids=ids).logits.shape == (1, ids.shape[1], len(result.tokenizer))
+
+
+def test_python_pretrain_refuses_unknown_options():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_step'\]; did you mean \['max_steps'\]"):
+        bunmyaku.pretrain(max_step=3)
+    assert "objective" in str(__import__("inspect").signature(bunmyaku.pretrain))
