@@ -196,4 +196,7 @@ def test_generate_equals_the_text_generation_pipeline(shared_data, tmp_path):
         ids = batch["input_ids"]
         tokens = pipe.model.generate(**batch, max_new_tokens=12, **settings)
         text = pipe.tokenizer.decode(tokens[0, ids.size(1) :].tolist(), skip_special_tokens=True)
-        assert pipe(prompt, max_new_tokens=12, **settings)[0]["generated_text"] == text
+        new_only = pipe(prompt, max_new_tokens=12, return_full_text=False, **settings)[0]["generated_text"]
+        assert new_only == text
+        # HF's default, return_full_text=True: the prompt, then the same continuation
+        assert pipe(prompt, max_new_tokens=12, **settings)[0]["generated_text"] == prompt + text
