@@ -464,7 +464,7 @@ def generate_command(
                 typer.echo(piece, nl=False)
             typer.echo()
         return
-    results = pipe(inputs, max_new_tokens=max_new_tokens, stop=stop, **settings)
+    results = pipe(inputs, max_new_tokens=max_new_tokens, stop=stop, return_full_text=False, **settings)
     texts = [result[0]["generated_text"] for result in results]
     if as_json:
         return _print_json([{"prompt": p, "generated_text": t} for p, t in zip(prompts, texts, strict=True)])

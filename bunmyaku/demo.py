@@ -117,9 +117,9 @@ def generation_demo(device: str | None = None) -> DemoResult:
     path = packaged_model("SmolLM2-135M-Instruct")
     result = DemoResult("Text generation and few-shot prompting (GPT-style decoder)", f"SmolLM2-135M-Instruct ({path})")
     pipe = pipeline("text-generation", model=path, device=device)
-    chat = pipe(CHAT, max_new_tokens=48)[0]["generated_text"]
+    chat = pipe(CHAT, max_new_tokens=48, return_full_text=False)[0]["generated_text"]
     result.rows.append({"label": "chat (greedy, chat template)", "prompt": CHAT[0]["content"], "output": chat})
-    few_shot = pipe(FEW_SHOT, max_new_tokens=8, stop=["\n"])[0]["generated_text"]
+    few_shot = pipe(FEW_SHOT, max_new_tokens=8, stop=["\n"], return_full_text=False)[0]["generated_text"]
     result.rows.append(
         {
             "label": "few-shot English -> French (greedy, stop at newline; GPT-3 had 175B parameters, this model 135M)",
@@ -135,6 +135,7 @@ def generation_demo(device: str | None = None) -> DemoResult:
         top_p=0.9,
         repetition_penalty=1.2,
         seed=0,
+        return_full_text=False,
     )[0]["generated_text"]
     result.rows.append(
         {

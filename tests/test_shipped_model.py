@@ -25,7 +25,7 @@ def test_transformers_loads_it_and_outputs_match():
     ours = bunmyaku.from_pretrained(MODEL, task="masked-lm")
     texts = ["吾輩は猫である。名前はまだ無い。", "東京は日本の首都です。"]
     hf_batch = tokenizer(texts, padding=True, return_tensors="pt")
-    batch = ours_tok(texts, padding=True)
+    batch = ours_tok(texts, padding=True, return_tensors="pt")
     assert batch["input_ids"].tolist() == hf_batch["input_ids"].tolist()
     with torch.no_grad():
         assert_close(ours(**batch).logits, hf_model(**hf_batch).logits, batch["attention_mask"], atol=1e-4)

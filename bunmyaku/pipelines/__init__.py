@@ -17,20 +17,25 @@ PIPELINES = {
     "token-classification": ("bunmyaku.pipelines.token_classification", "TokenClassificationPipeline"),
     "question-answering": ("bunmyaku.pipelines.question_answering", "QuestionAnsweringPipeline"),
     "translation": ("bunmyaku.pipelines.translation", "TranslationPipeline"),
+    "feature-extraction": ("bunmyaku.pipelines.feature_extraction", "FeatureExtractionPipeline"),
+    "zero-shot-classification": ("bunmyaku.pipelines.zero_shot", "ZeroShotClassificationPipeline"),
 }
+# transformers' other names for the same tasks, so pasted HF code keeps working
+TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
 
 def pipeline(task: str, model: str, device: str | None = None, **kwargs: Any):
     """Build the pipeline for ``task`` around the model folder (or hub id) ``model``.
 
     Args:
-        task: one of ``PIPELINES``.
+        task: one of ``PIPELINES``, or an alias from ``TASK_ALIASES`` (``"sentiment-analysis"``, ``"ner"``).
         model: a model folder in HF layout (or a hub repo id, or a GGUF file for generation).
         device: "cpu", "cuda", ... (default: CUDA when available).
         kwargs: passed to the pipeline class.
     """
+    task = TASK_ALIASES.get(task, task)
     if task not in PIPELINES:
-        raise ValueError(f"unknown pipeline task {task!r}; available: {sorted(PIPELINES)}")
+        raise ValueError(f"unknown pipeline task {task!r}; available: {sorted([*PIPELINES, *TASK_ALIASES])}")
     module, name = PIPELINES[task]
     return getattr(importlib.import_module(module), name)(model, device=device, **kwargs)
 

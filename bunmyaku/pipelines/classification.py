@@ -39,13 +39,21 @@ def apply_score_function(logits: torch.Tensor, function: ScoreFunction) -> torch
     raise ValueError(f"unknown score function {function!r}; use 'softmax', 'sigmoid' or 'none'")
 
 
+Default = Literal["default"]
+
+
 class TextClassificationPipeline(Pipeline):
     """Sentiment, topic, NLI, ...: the labels of a sequence-classification checkpoint, best first.
+
+    The shape of what a call returns follows ``transformers``: without ``top_k`` (here or in the call), one
+    ``{"label", "score"}`` (the best label) per text, ``[dict]`` for one string and ``[dict, ...]`` for a list;
+    with ``top_k`` given in the call, a list of up to ``top_k`` dicts per text (``None``: every label); with
+    ``top_k`` given here only, the same, and one string is wrapped in one more list, as transformers does.
 
     Args:
         model: a folder (or hub id) with a sequence-classification checkpoint and its tokenizer.
         device: where to run; default CUDA when available.
-        top_k: labels returned per text; None returns every label.
+        top_k: labels returned per text, best first; None returns every label; unset: the best label alone.
         function_to_apply: "softmax", "sigmoid" or "none"; default from the checkpoint's ``problem_type``.
         batch_size: texts per forward pass (texts are sorted by length first).
         max_length: token limit per text (longer texts are truncated); default the model's.
@@ -57,12 +65,13 @@ class TextClassificationPipeline(Pipeline):
         self,
         model: str | os.PathLike,
         device: str | None = None,
-        top_k: int | None = 1,
+        top_k: int | None | Default = "default",
         function_to_apply: ScoreFunction | None = None,
         batch_size: int = 32,
         max_length: int | None = None,
     ):
-        check_at_least("top_k", top_k)
+        if top_k != "default":
+            check_at_least("top_k", top_k)
         check_at_least("batch_size", batch_size)
         check_at_least("max_length", max_length)
         super().__init__(model, device)
@@ -73,51 +82,88 @@ class TextClassificationPipeline(Pipeline):
         self.max_length = max_input_length(self.tokenizer, self.model.config, max_length)
 
     @torch.inference_mode()
-    def scores(self, texts: list[str], text_pairs: list[str] | None = None) -> torch.Tensor:
-        """(N, L) float32 scores on the CPU for N texts (or pairs), in the input order."""
-        function = self.function_to_apply
+    def logits(
+        self, texts: list[str], text_pairs: list[str] | None = None, truncation: str = "longest_first"
+    ) -> torch.Tensor:
+        """(N, L) float32 logits on the CPU for N texts (or pairs), in the input order."""
         out = torch.empty(len(texts), len(self.labels))
         for rows in length_sorted_batches([len(t) for t in texts], self.batch_size):
             batch = self.tokenizer(
                 [texts[i] for i in rows],
                 None if text_pairs is None else [text_pairs[i] for i in rows],
                 padding=True,
-                truncation=True,
+                truncation=truncation,
                 max_length=self.max_length,
+                return_tensors="pt",
             )
-            logits = self.model(**model_inputs(batch, self.device)).logits
-            out[rows] = apply_score_function(logits, function).cpu()
+            out[rows] = self.model(**model_inputs(batch, self.device)).logits.float().cpu()
         return out
+
+    def scores(
+        self, texts: list[str], text_pairs: list[str] | None = None, function_to_apply: ScoreFunction | None = None
+    ) -> torch.Tensor:
+        """(N, L) float32 scores on the CPU for N texts (or pairs), in the input order."""
+        return apply_score_function(self.logits(texts, text_pairs), function_to_apply or self.function_to_apply)
 
     def __call__(
         self,
-        inputs: str | list[str],
+        inputs: str | list[str] | dict[str, str] | list[dict[str, str]],
         text_pair: str | list[str] | None = None,
-        top_k: int | None | Literal["default"] = "default",
-    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        top_k: int | None | Default = "default",
+        function_to_apply: ScoreFunction | None = None,
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]] | dict[str, Any]:
         """Classify a text (or a list of texts), optionally as pairs with ``text_pair``.
 
         Args:
-            inputs: a text or a list of texts.
+            inputs: a text or a list of texts; or, as in transformers, ``{"text": ..., "text_pair": ...}`` (or a
+                list of those) for pairs.
             text_pair: the second text of each pair (NLI, paraphrase): a string for one text, a list for a list.
             top_k: labels per text, best first; None for all; default the pipeline's ``top_k``.
+            function_to_apply: "softmax", "sigmoid" or "none" for this call; default the pipeline's.
 
         Returns:
-            For one text, a list of ``{"label", "score"}``, best first; for a list, one such list per text.
+            Shaped as transformers' pipeline returns it (see the class docstring): for one text ``[{"label",
+            "score"}]`` (or ``[{...}, ...]`` with ``top_k``); for a list, one entry per text; for a
+            ``{"text", "text_pair"}`` dict, that text's entry alone.
         """
-        single = isinstance(inputs, str)
-        texts = [inputs] if single else list(inputs)
-        pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
-        if pairs is not None and len(pairs) != len(texts):
-            raise ValueError(f"got {len(texts)} texts but {len(pairs)} text pairs")
-        k = self.top_k if top_k == "default" else top_k
+        texts, pairs = _texts_and_pairs(inputs, text_pair)
+        called_with_top_k = top_k != "default"
+        k = top_k if called_with_top_k else self.top_k
+        legacy = k == "default"  # transformers' unset top_k: the best label alone, unwrapped
+        k = 1 if legacy else k
         check_at_least("top_k", k)
         k = len(self.labels) if k is None else min(k, len(self.labels))
         if not texts:
             return []
-        best = self.scores(texts, pairs).topk(k, dim=-1)
+        best = self.scores(texts, pairs, function_to_apply).topk(k, dim=-1)
         results = [
             [{"label": self.labels[i], "score": v} for v, i in zip(values, indices, strict=True)]
             for values, indices in zip(best.values.tolist(), best.indices.tolist(), strict=True)
         ]
-        return results[0] if single else results
+        results = [r[0] for r in results] if legacy else results
+        if isinstance(inputs, dict):
+            return results[0]
+        if isinstance(inputs, str):
+            return results[0] if called_with_top_k else [results[0]]
+        return results
+
+
+def _texts_and_pairs(
+    inputs: str | list[str] | dict[str, str] | list[dict[str, str]], text_pair: str | list[str] | None
+) -> tuple[list[str], list[str] | None]:
+    """The texts and their pairs (None without pairs) from either calling convention."""
+    items = [inputs] if isinstance(inputs, (str, dict)) else list(inputs)
+    if any(isinstance(item, dict) for item in items):
+        if text_pair is not None:
+            raise ValueError("give pairs either as {'text', 'text_pair'} dicts or with text_pair=, not both")
+        for index, item in enumerate(items):
+            if not isinstance(item, dict) or "text" not in item:
+                raise ValueError(f"input {index} must be a {{'text': ..., 'text_pair': ...}} dict, got {item!r:.80}")
+        pairs = [item.get("text_pair") for item in items]
+        if any(p is None for p in pairs) and any(p is not None for p in pairs):
+            raise ValueError("either every input dict has a 'text_pair' or none has")
+        return [item["text"] for item in items], None if pairs[0] is None else pairs
+    pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
+    if pairs is not None and len(pairs) != len(items):
+        raise ValueError(f"got {len(items)} texts but {len(pairs)} text pairs")
+    return items, pairs

@@ -87,7 +87,8 @@ class FillMaskPipeline(Pipeline):
                         "score": score,
                         "token": token,
                         "token_str": self.tokenizer.decode([token]).strip(),
-                        "sequence": self.tokenizer.decode(filled.tolist(), skip_special_tokens=True),
+                        # as transformers: with several masks the others stay visible, so special tokens are kept
+                        "sequence": self.tokenizer.decode(filled.tolist(), skip_special_tokens=len(positions) == 1),
                     }
                 )
             results.append(candidates)

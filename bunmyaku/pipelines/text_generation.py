@@ -49,7 +49,9 @@ class TextGenerationPipeline(Pipeline):
 
     def _encode(self, prompts: list[str], chat: bool) -> dict[str, torch.Tensor]:
         # a chat template already holds the BOS / role tokens; a plain prompt gets the tokenizer's template
-        batch = self.tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=not chat)
+        batch = self.tokenizer(
+            prompts, padding=True, padding_side="left", add_special_tokens=not chat, return_tensors="pt"
+        )
         empty = [i for i, n in enumerate(batch["attention_mask"].sum(1).tolist()) if n == 0]
         if empty:
             raise ValueError(f"prompt {empty[0]} is empty: it has no tokens to continue; give some text")
@@ -92,22 +94,24 @@ class TextGenerationPipeline(Pipeline):
         inputs: str | Messages | list[str] | list[Messages],
         max_new_tokens: int = 64,
         stop: list[str] | None = None,
-        return_full_text: bool = False,
+        return_full_text: bool = True,
         **generate_kwargs: Any,
-    ) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """Generate for one prompt (or chat) or a list of them.
 
         Args:
             inputs: a prompt, a chat (list of ``{"role", "content"}``), or a list of either.
             max_new_tokens: the most tokens to add.
             stop: strings that end generation; the output is cut before the first one.
-            return_full_text: prepend the prompt to the output.
+            return_full_text: include the prompt, as transformers does by default: ``generated_text`` is the
+                prompt followed by the new text, or for a chat the messages followed by the assistant's reply
+                (``{"role": "assistant", "content": ...}``). False: the new text alone.
             generate_kwargs: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
                 ``num_beams``, ``seed``, ``cache`` ("graph" on CUDA replays each step as a CUDA graph; see
                 :func:`bunmyaku.models.generation.generate`).
 
         Returns:
-            For one input, ``[{"generated_text": ...}]``; for a list, one such list per input.
+            For one input, ``[{"generated_text": ...}]``; for a list, one such list per input (as transformers).
         """
         single = isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], dict))
         items = [inputs] if single else list(inputs)
@@ -128,9 +132,10 @@ class TextGenerationPipeline(Pipeline):
         )
         texts = self.tokenizer.batch_decode(out[:, T:].tolist(), skip_special_tokens=True)
         results = []
-        for prompt, text in zip(prompts, texts, strict=True):
-            text = _cut(text, stop)
-            results.append([{"generated_text": prompt + text if return_full_text else text}])
+        for item, text in zip(items, texts, strict=True):
+            results.append(
+                [{"generated_text": _full_text(item, _cut(text, stop)) if return_full_text else _cut(text, stop)}]
+            )
         return results[0] if single else results
 
     def stream(self, prompt: str | Messages, max_new_tokens: int = 64, **generate_kwargs: Any) -> Iterator[str]:
@@ -181,6 +186,13 @@ class TextGenerationPipeline(Pipeline):
         eos = getattr(self.model.config, "eos_token_id", None)
         ids |= set(eos) if isinstance(eos, list) else {eos}
         return sorted(i for i in ids if i is not None)
+
+
+def _full_text(item: str | Messages, text: str) -> str | Messages:
+    """The prompt followed by the new text; for a chat, the messages followed by the assistant's reply."""
+    if isinstance(item, str):
+        return item + text
+    return [*item, {"role": "assistant", "content": text}]
 
 
 def _cut(text: str, stop: list[str]) -> str:

@@ -47,6 +47,8 @@ class TokenClassificationPipeline(Pipeline):
         model: a folder (or hub id) with a token-classification checkpoint and its tokenizer.
         device: where to run; default CUDA when available.
         aggregation: "simple" (default), "first" or "none" (see the module docstring).
+        aggregation_strategy: transformers' name for ``aggregation`` (give one of the two); note that
+            transformers defaults to "none".
         ignore_labels: labels left out of the results.
         batch_size: windows per forward pass (sorted by length first).
         max_length: tokens per window; default the model's limit.
@@ -59,12 +61,14 @@ class TokenClassificationPipeline(Pipeline):
         self,
         model: str | os.PathLike,
         device: str | None = None,
-        aggregation: Aggregation = "simple",
+        aggregation: Aggregation | None = None,
         ignore_labels: tuple[str, ...] = ("O",),
         batch_size: int = 16,
         max_length: int | None = None,
         stride: int = 32,
+        aggregation_strategy: Aggregation | None = None,
     ):
+        aggregation = _one_aggregation(aggregation, aggregation_strategy, "simple")
         check_at_least("batch_size", batch_size)
         check_at_least("max_length", max_length)
         super().__init__(model, device)
@@ -89,6 +93,7 @@ class TokenClassificationPipeline(Pipeline):
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
+            return_tensors="pt",
         )
         owners = enc["overflow_to_sample_mapping"].tolist()
         probs: list[torch.Tensor | None] = [None] * len(owners)
@@ -112,20 +117,24 @@ class TokenClassificationPipeline(Pipeline):
         return [sorted(found.values(), key=lambda t: (t.start, t.end)) for found in best]
 
     def __call__(
-        self, inputs: str | list[str], aggregation: Aggregation | None = None
+        self,
+        inputs: str | list[str],
+        aggregation: Aggregation | None = None,
+        aggregation_strategy: Aggregation | None = None,
     ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """Entities in a text (or each of a list).
 
         Args:
             inputs: a text or a list of texts.
             aggregation: override the pipeline's aggregation for this call.
+            aggregation_strategy: transformers' name for ``aggregation``.
 
         Returns:
             Per text, a list of ``{"entity_group", "score", "word", "start", "end"}`` in text order
             (``{"entity", "score", "index", "word", "start", "end"}`` per token with ``"none"``); ``start`` /
             ``end`` are character offsets into the text, so ``text[start:end]`` is the entity as written.
         """
-        aggregation = _check_aggregation(aggregation or self.aggregation)
+        aggregation = _check_aggregation(_one_aggregation(aggregation, aggregation_strategy, self.aggregation))
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         if not texts:
@@ -189,6 +198,15 @@ class TokenClassificationPipeline(Pipeline):
         """Pieces as text, the way the tokenizer's decoder joins them (``##`` continuations glued on)."""
         decoder = self.tokenizer.backend.decoder
         return decoder.decode(pieces) if decoder is not None else "".join(pieces)
+
+
+def _one_aggregation(aggregation: str | None, aggregation_strategy: str | None, default: str) -> str:
+    """``aggregation`` or transformers' ``aggregation_strategy``, whichever is given; refused if they differ."""
+    if aggregation is not None and aggregation_strategy is not None and aggregation != aggregation_strategy:
+        raise ValueError(
+            f"aggregation={aggregation!r} and aggregation_strategy={aggregation_strategy!r} disagree; give one"
+        )
+    return aggregation or aggregation_strategy or default
 
 
 def _check_aggregation(aggregation: str) -> Aggregation:

@@ -83,7 +83,9 @@ class TranslationPipeline(Pipeline):
         _check_settings(settings)
         outputs: list[str] = [""] * len(texts)
         for rows in length_sorted_batches([len(t) for t in texts], self.batch_size):
-            batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length)
+            batch = self.tokenizer(
+                [texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             source = model_inputs(batch, self.device)
             tokens = self.model.generate(source["input_ids"], source["attention_mask"], **settings)
             decoded = self.tokenizer.batch_decode(tokens[:, 1:].tolist(), skip_special_tokens=True)

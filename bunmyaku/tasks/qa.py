@@ -59,6 +59,7 @@ def prepare_features(tokenizer, examples: list[QAExample], max_length: int = 384
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
         padding="max_length",
+        return_tensors="pt",
     )
     sample_map = enc.pop("overflow_to_sample_mapping").tolist()
     offsets_all = enc.pop("offset_mapping").tolist()

@@ -1,8 +1,8 @@
 """`bunmyaku.Tokenizer`: a thin layer over `tokenizers.Tokenizer` with the Hugging Face calling convention.
 
 All tokenization runs in the Rust library; this class only loads the vocabulary formats our models use,
-keeps the special-token bookkeeping, turns `tokenizers.Encoding`s into tensors, and saves folders that
-`transformers.AutoTokenizer` reads back to the same ids.
+keeps the special-token bookkeeping, turns `tokenizers.Encoding`s into lists (tensors on request, as in
+transformers), and saves folders that `transformers.AutoTokenizer` reads back to the same ids.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ Padding = bool | Literal["longest", "max_length", "do_not_pad"]
 class BatchEncoding(dict):
     """The dict `Tokenizer.__call__` returns, keeping the `tokenizers.Encoding`s for word and sequence ids.
 
+    Values are Python lists by default, torch tensors with `return_tensors="pt"`, numpy arrays with "np";
+    keys are also attributes (`enc.input_ids`).
+
     Keys, for B sequences of T tokens: `input_ids` (B, T), `attention_mask` (B, T), `token_type_ids` (B, T)
     when the model takes segments, and on request `offset_mapping` (B, T, 2) character spans,
     `special_tokens_mask` (B, T), `overflow_to_sample_mapping` (B,) the input each window came from.
@@ -57,6 +60,13 @@ class BatchEncoding(dict):
         self.encodings = encodings
         # The fast encoding path tracks no words; this re-encodes with them, once, if someone asks.
         self._full_encodings = full_encodings
+
+    def __getattr__(self, name: str) -> Any:
+        """`enc.input_ids` for `enc["input_ids"]`, as transformers' BatchEncoding allows."""
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no attribute or key {name!r}; keys: {sorted(self)}") from None
 
     def word_ids(self, batch_index: int = 0) -> list[int | None]:
         """The word each token of sequence `batch_index` belongs to (None for special and pad tokens)."""
@@ -391,7 +401,7 @@ class Tokenizer:
         is_split_into_words: bool = False,
         pad_to_multiple_of: int | None = None,
         padding_side: Literal["right", "left"] | None = None,
-        return_tensors: Literal["pt"] | None = "pt",
+        return_tensors: Literal["pt", "np"] | None = None,
         return_token_type_ids: bool | None = None,
         return_attention_mask: bool = True,
         return_overflowing_tokens: bool = False,
@@ -413,7 +423,8 @@ class Tokenizer:
             is_split_into_words: the texts are lists of words already split.
             pad_to_multiple_of: round padded lengths up to a multiple of this.
             padding_side: override `self.padding_side` for this call.
-            return_tensors: "pt" for torch tensors of shape (B, T), None for Python lists (unbatched for one text).
+            return_tensors: None (default, as in transformers) for Python lists, unbatched for one text; "pt" for
+                torch tensors of shape (B, T); "np" for numpy int64 arrays of shape (B, T).
             return_token_type_ids: default: whether the model takes segment ids (`model_input_names`).
             return_attention_mask: include `attention_mask` (1 for real tokens, 0 for padding).
             return_overflowing_tokens: keep the windows cut off by truncation as extra rows, with
@@ -428,7 +439,7 @@ class Tokenizer:
 
         Raises:
             TypeError: when a text is not a string (None in a batch, a number, ...).
-            ValueError: for rows of unequal length with `return_tensors="pt"` and no padding, padding
+            ValueError: for rows of unequal length with `return_tensors` set and no padding, padding
                 without a pad token, or an unknown padding / truncation strategy.
         """
         texts, batched = _check_texts(text, "text", is_split_into_words)
@@ -494,10 +505,10 @@ class Tokenizer:
         if return_length:
             data["length"] = [len(row.ids) for row in rows]
 
-        if return_tensors == "pt":
-            data = _to_tensors(data)
+        if return_tensors in ("pt", "np"):
+            data = _to_tensors(data, return_tensors)
         elif return_tensors is not None:
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         elif not batched and not return_overflowing_tokens:
             data = {key: value[0] for key, value in data.items()}
         return BatchEncoding(data, rows, full_encodings)
@@ -833,12 +844,17 @@ def _cover_combining_marks(encoding: Encoding, texts: tuple[Any, Any]) -> list[t
     return fixed
 
 
-def _to_tensors(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _to_tensors(data: dict[str, Any], kind: Literal["pt", "np"]) -> dict[str, Any]:
+    """Lists of rows as (B, T) torch tensors or numpy arrays, int64 as in transformers."""
     lengths = {len(row) for row in data["input_ids"]}
     if len(lengths) > 1:
         raise ValueError(
             f"Sequences have different lengths {sorted(lengths)[:2]}...; pass padding=True (or return_tensors=None)"
         )
+    if kind == "np":
+        import numpy as np
+
+        return {key: np.asarray(value, dtype=np.int64) for key, value in data.items()}
     return {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
 
 

@@ -45,7 +45,7 @@ def test_an_existing_folder_is_local_even_when_it_looks_like_a_repo_id(folder, h
     monkeypatch.chdir(folder.parents[1])
     calls, _ = hub
     assert isinstance(bunmyaku.from_pretrained("runs/agnews"), BertModel)
-    assert bunmyaku.Tokenizer.from_pretrained("runs/agnews")("hello")["input_ids"].shape == (1, 3)
+    assert bunmyaku.Tokenizer.from_pretrained("runs/agnews")("hello", return_tensors="pt")["input_ids"].shape == (1, 3)
     assert calls == []
 
 

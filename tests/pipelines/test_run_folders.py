@@ -101,7 +101,7 @@ def test_python_api_takes_the_run_folder(runs, monkeypatch):
     monkeypatch.chdir(runs["cls"].parent)
     assert bunmyaku.from_pretrained("cls").config.id2label == {0: "neg", 1: "pos"}
     assert bunmyaku.Tokenizer.from_pretrained("cls").vocab_size == 30522
-    assert bunmyaku.pipeline("text-classification", model="cls")(["fine"])[0][0]["label"] in {"neg", "pos"}
+    assert bunmyaku.pipeline("text-classification", model="cls")(["fine"])[0]["label"] in {"neg", "pos"}
 
 
 def test_a_model_folder_is_never_taken_for_a_run_folder(runs, tmp_path):

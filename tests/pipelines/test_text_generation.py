@@ -35,24 +35,28 @@ def test_greedy_matches_transformers(pipe, gpt2_dir):
     prompt = "The meaning of life is"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert pipe(prompt, max_new_tokens=12)[0]["generated_text"] == tokenizer.decode(expected[0, ids.size(1) :])
+    continuation = tokenizer.decode(expected[0, ids.size(1) :])
+    assert pipe(prompt, max_new_tokens=12, return_full_text=False)[0]["generated_text"] == continuation
+    # transformers' default return_full_text=True: the prompt, then the continuation
+    assert pipe(prompt, max_new_tokens=12) == [{"generated_text": prompt + continuation}]
 
 
 def test_batch_equals_single_and_full_text(pipe):
     prompts = ["Hello", "A much longer prompt that needs left padding in the batch"]
-    batched = pipe(prompts, max_new_tokens=8)
+    batched = pipe(prompts, max_new_tokens=8, return_full_text=False)
     for prompt, result in zip(prompts, batched, strict=True):
-        assert result == pipe(prompt, max_new_tokens=8)
-    full = pipe("Hello", max_new_tokens=8, return_full_text=True)[0]["generated_text"]
+        assert result == pipe(prompt, max_new_tokens=8, return_full_text=False)
+    full = pipe("Hello", max_new_tokens=8)[0]["generated_text"]
     assert full == "Hello" + batched[0][0]["generated_text"]
 
 
 def test_stop_strings_sampling_beams_and_streaming(pipe):
-    text = pipe("Once upon a time", max_new_tokens=16)[0]["generated_text"]
+    text = pipe("Once upon a time", max_new_tokens=16, return_full_text=False)[0]["generated_text"]
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert (
         stop
-        and pipe("Once upon a time", max_new_tokens=16, stop=[stop])[0]["generated_text"] == text[: text.index(stop)]
+        and pipe("Once upon a time", max_new_tokens=16, stop=[stop])[0]["generated_text"]
+        == "Once upon a time" + text[: text.index(stop)]
     )
     sampled = pipe("Once upon a time", max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, seed=3)
     assert sampled == pipe("Once upon a time", max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, seed=3)
@@ -67,7 +71,7 @@ def test_beam_search_matches_transformers(pipe, gpt2_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
     prompt = "Once upon a time"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    greedy = pipe(prompt, max_new_tokens=10)[0]["generated_text"]
+    greedy = pipe(prompt, max_new_tokens=10, return_full_text=False)[0]["generated_text"]
     for num_beams, length_penalty in [(3, 1.0), (4, 0.5)]:
         expected = model.generate(
             ids,
@@ -78,7 +82,9 @@ def test_beam_search_matches_transformers(pipe, gpt2_dir):
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,
         )
-        got = pipe(prompt, max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty)[0]["generated_text"]
+        got = pipe(
+            prompt, max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty, return_full_text=False
+        )[0]["generated_text"]
         assert got == tokenizer.decode(expected[0, ids.size(1) :], skip_special_tokens=True)
         assert got != greedy
 
@@ -92,7 +98,9 @@ def test_a_prompt_too_long_for_the_positions_keeps_its_end(pipe, gpt2_dir):
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     assert ids.size(1) > 128
     expected = model.generate(ids[:, -120:], max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert pipe(prompt, max_new_tokens=8)[0]["generated_text"] == tokenizer.decode(expected[0, 120:])
+    assert pipe(prompt, max_new_tokens=8, return_full_text=False)[0]["generated_text"] == tokenizer.decode(
+        expected[0, 120:]
+    )
     with pytest.raises(ValueError, match="max_new_tokens 128 leaves no room"):
         pipe("hi", max_new_tokens=128)
 

@@ -65,7 +65,9 @@ def test_long_text_in_windows_keeps_every_token(ner_dir, pipe):
     text = " ".join(TEXTS[:2] * 4)
     windowed = bunmyaku.pipeline("token-classification", model=ner_dir, device="cpu", max_length=24, stride=6)
     tokens = windowed.tokens([text])[0]
-    expected = pipe.tokenizer(text, return_offsets_mapping=True)["offset_mapping"][0].tolist()[1:-1]
+    expected = pipe.tokenizer(text, return_offsets_mapping=True, return_tensors="pt")["offset_mapping"][0].tolist()[
+        1:-1
+    ]
     assert [(t.start, t.end) for t in tokens] == [tuple(o) for o in expected]
     entities = windowed(text, aggregation="none")
     assert entities and all(text[e["start"] : e["end"]] for e in entities)

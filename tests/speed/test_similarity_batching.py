@@ -23,7 +23,7 @@ def test_batched_encode_equals_one_sentence_at_a_time(minilm_dir):
     batched = pipe.encode(SENTENCES)
     with torch.no_grad():
         for i, sentence in enumerate(SENTENCES):
-            alone = pipe.tokenizer([sentence], truncation=True, max_length=pipe.max_length)
+            alone = pipe.tokenizer([sentence], truncation=True, max_length=pipe.max_length, return_tensors="pt")
             hidden = pipe.model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).last_hidden_state
             expected = pool(hidden, alone["attention_mask"], pipe.pooling, pipe.normalize)[0]
             torch.testing.assert_close(batched[i], expected, atol=1e-5, rtol=1e-5)

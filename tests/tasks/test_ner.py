@@ -25,7 +25,7 @@ def test_english_round_trip(minilm_dir):
         {"start": 22, "end": 27, "type": "LOC"},
         {"start": 41, "end": 51, "type": "ORG"},
     ]
-    enc = tokenizer(text, return_offsets_mapping=True)
+    enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
     offsets = _offsets(enc)
     tags = spans_to_token_tags(offsets, entities)
     assert token_tags_to_spans(tags, offsets) == entities
@@ -45,7 +45,7 @@ def test_japanese_round_trip_on_real_ner_data(shared_data, tmp_path):
     exact = total = 0
     for record in records:
         entities = [{"start": e["span"][0], "end": e["span"][1], "type": e["type"]} for e in record["entities"]]
-        enc = tokenizer(record["text"], return_offsets_mapping=True)
+        enc = tokenizer(record["text"], return_offsets_mapping=True, return_tensors="pt")
         offsets = _offsets(enc)
         back = token_tags_to_spans(spans_to_token_tags(offsets, entities), offsets)
         for span in back:  # every recovered span is real text of the original string

@@ -37,7 +37,7 @@ def test_empty_batch_and_mismatched_pairs(bert):
 
 def test_unequal_lengths_need_padding(bert):
     with pytest.raises(ValueError, match="padding=True"):
-        bert(["short", "a much longer text than that"])
+        bert(["short", "a much longer text than that"], return_tensors="pt")
 
 
 def test_bad_options(bert):

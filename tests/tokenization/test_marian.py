@@ -70,5 +70,5 @@ def test_ids_and_decoding_match_marian_tokenizer(marian_folder):
     assert (
         ours.decode(target, skip_special_tokens=True) == hf.decode(target, skip_special_tokens=True) == "außer Zielwort"
     )
-    batch = ours(["a short one", "and a longer sentence here"], padding=True)
+    batch = ours(["a short one", "and a longer sentence here"], padding=True, return_tensors="pt")
     assert batch["input_ids"][0, -1].item() == vocab["<pad>"] and ours.pad_token_id == vocab["<pad>"]

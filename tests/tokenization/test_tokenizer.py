@@ -96,17 +96,17 @@ def test_special_tokens_mask_matches_transformers(bert, gpt2):
 
 def test_pad_to_multiple_of(bert):
     ours, _ = bert
-    assert ours(TEXTS, padding=True, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
+    assert ours(TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="pt")["input_ids"].shape[1] % 8 == 0
 
 
 def test_tensor_shapes_and_types(bert):
     ours, _ = bert
-    out = ours(TEXTS, padding=True, return_offsets_mapping=True)
+    out = ours(TEXTS, padding=True, return_offsets_mapping=True, return_tensors="pt")
     batch, length = out["input_ids"].shape
     assert batch == len(TEXTS) and out["input_ids"].dtype == torch.long
     assert out["offset_mapping"].shape == (batch, length, 2)
     assert list(out) == ["input_ids", "token_type_ids", "attention_mask", "offset_mapping"]
-    single = ours("one text")
+    single = ours("one text", return_tensors="pt")
     assert single["input_ids"].shape[0] == 1
     assert isinstance(ours("one text", return_tensors=None)["input_ids"][0], int)
     assert out.word_ids(0)[0] is None and out.sequence_ids(0)[1] == 0
@@ -235,3 +235,30 @@ def test_word_ids_without_offsets_match_transformers(minilm_dir):
     expected = theirs(texts, pairs, padding=True)
     for i in range(len(texts)):
         assert got.word_ids(i) == expected.word_ids(i)
+
+
+@pytest.mark.parametrize("texts", [TEXTS[0], TEXTS[:2]], ids=["one", "batch"])
+def test_lists_by_default_and_tensors_on_request_as_transformers(bert, texts):
+    """No return_tensors: the same Python lists (and offset tuples) as transformers; "pt" / "np": same tensors."""
+    import numpy as np
+
+    ours, theirs = bert
+    kwargs = {"return_offsets_mapping": True, "return_special_tokens_mask": True}
+    mine, reference = ours(texts, **kwargs), theirs(texts, **kwargs)
+    assert set(mine) == set(reference)
+    for key, value in reference.items():
+        assert type(mine[key]) is list and mine[key] == value, key
+    assert mine.input_ids == reference.input_ids and mine.attention_mask == reference.attention_mask
+    pairs = PAIRS[0] if isinstance(texts, str) else PAIRS[:2]
+    assert ours(texts, pairs).input_ids == theirs(texts, pairs).input_ids
+    for kind, array_type in (("pt", torch.Tensor), ("np", np.ndarray)):
+        mine = ours(texts, padding=True, return_tensors=kind, **kwargs)
+        reference = theirs(texts, padding=True, return_tensors=kind, **kwargs)
+        assert set(mine) == set(reference)
+        for key, value in reference.items():
+            assert isinstance(mine[key], array_type) and mine[key].dtype == value.dtype, key
+            assert mine[key].shape == value.shape and (mine[key] == value).all(), key
+    with pytest.raises(AttributeError, match="no attribute or key 'labels'"):
+        getattr(ours(texts), "labels")  # noqa: B009 (the attribute access is the point)
+    with pytest.raises(ValueError, match="return_tensors must be 'pt', 'np' or None"):
+        ours(texts, return_tensors="tf")

@@ -94,7 +94,7 @@ def test_masked_lm_pretraining_writes_a_folder_transformers_loads(tmp_path, corp
     theirs = getattr(transformers, auto_class).from_pretrained(out).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ours = bunmyaku.from_pretrained(out)
-    ids = Tokenizer.from_pretrained(out)(["the cats sat on a mat"])
+    ids = Tokenizer.from_pretrained(out)(["the cats sat on a mat"], return_tensors="pt")
     assert hf_tokenizer("the cats sat on a mat")["input_ids"] == ids["input_ids"][0].tolist()
     with torch.no_grad():
         expected = (
