@@ -36,7 +36,7 @@ def readme_blocks() -> list[Block]:
 
 def test_the_readme_blocks_run_and_print_what_they_claim(tmp_path, minilm_dir, smollm2_gguf):
     """Every block not marked runs, in order, in a fresh folder where README paths such as models/ resolve."""
-    for module in ("pandas", "transformers", "gguf"):
+    for module in ("pandas", "transformers", "gguf", "fugashi"):
         require_module(module, "the README's examples")
     (tmp_path / "models").symlink_to(ROOT / "models")
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
