@@ -378,7 +378,10 @@ def _read_splits(task: Task, fargs: FinetuneArgs, inputs: Inputs, seed: int):
     elif fargs.eval_split:
         train, evaluation = split_examples(train, task.split_groups(train), fargs.eval_split, seed)
     else:
-        raise ValueError("give --eval (an evaluation file) or --eval-split (a share of the training file)")
+        raise ValueError(
+            "no evaluation data: give --eval / eval= (a file or rows) or --eval-split / eval_split= "
+            "(a share of the training data)"
+        )
     return train, evaluation, test, source
 
 
@@ -723,11 +726,28 @@ class FinetuneResult:
         batch_size = self.settings.eval_batch_size or self.train_settings.batch_size
         return examples, features, run_batches(self.task, self.model, features, batch_size, pad_id(self.tokenizer))
 
+    def __repr__(self) -> str:  # the model and the history would flood a notebook
+        shown = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return f"FinetuneResult(task={self.settings.task!r}, model={type(self.model).__name__}, metrics={shown})"
+
     def predict(self, data: Any) -> list[dict[str, Any]]:
-        """Predictions for ``data`` (a file path or in-memory rows; labels not needed): the records
+        """Predictions for ``data`` (a file path, in-memory rows, or plain texts: a list or pandas Series of
+        strings, or of (text, pair) tuples for sentence pairs; labels not needed): the records
         ``predictions.jsonl`` would hold, one per example."""
-        examples, features, (_, outputs) = self._encode(data, labelled=False)
+        examples, features, (_, outputs) = self._encode(self._rows_from_texts(data), labelled=False)
         return list(self.task.predictions(examples, features, outputs))
+
+    def _rows_from_texts(self, data: Any) -> Any:
+        """Plain texts as rows of the task's text columns; anything else as it is."""
+        if not (isinstance(data, (list, tuple)) or type(data).__name__ == "Series"):
+            return data
+        items, s = list(data), self.settings
+        if items and all(isinstance(x, str) for x in items):
+            return [{s.text_column: x} for x in items]
+        pairs = all(isinstance(x, tuple) and len(x) == 2 and all(isinstance(y, str) for y in x) for x in items)
+        if items and pairs and s.text_pair_column:
+            return [{s.text_column: a, s.text_pair_column: b} for a, b in items]
+        return items
 
     def evaluate(self, data: Any) -> dict[str, Any]:
         """The task's metrics (and ``compute_metrics``' extras) on labelled ``data``, a file path or rows."""

@@ -134,7 +134,8 @@ def keyword_signature(classes: tuple[type, ...], returns: Any) -> inspect.Signat
             if f.name not in seen:
                 seen.add(f.name)
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+                kind = inspect.Parameter.KEYWORD_ONLY
+                parameters.append(inspect.Parameter(f.name, kind, default=default, annotation=f.type))
     return inspect.Signature(parameters, return_annotation=returns)
 
 

@@ -151,6 +151,20 @@ def test_a_loaded_model_and_tokenizer(tiny_bert_dir, data):
         bunmyaku.finetune(model=three, tokenizer=tokenizer, train=rows, eval=held, **COMMON, **QUIET)
 
 
+def test_predict_takes_plain_texts_and_the_result_prints_briefly(tiny_bert_dir, data):
+    pd = require_module("pandas")
+    _, rows, held = data
+    result = bunmyaku.finetune(model=tiny_bert_dir, train=rows, eval=held, **COMMON, **QUIET)
+    texts = [r["text"] for r in held]
+    from_rows = result.predict([{"text": t} for t in texts])
+    assert result.predict(texts) == from_rows  # a list of strings, as users pass it
+    assert result.predict(pd.Series(texts)) == from_rows
+    assert [p["label"] for p in from_rows] and all(p["label"] in ("neg", "pos") for p in from_rows)
+    shown = repr(result)
+    assert shown.startswith("FinetuneResult(task='text-classification', model=BertForSequenceClassification")
+    assert "accuracy" in shown and len(shown) < 400 and "history" not in shown
+
+
 def test_in_memory_errors_name_the_row(tiny_bert_dir, data):
     datasets = require_module("datasets")
     _, rows, held = data
