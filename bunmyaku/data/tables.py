@@ -166,14 +166,6 @@ def _parquet(path: Path) -> list[dict[str, Any]]:
     return [{**r, LINE: i} for i, r in enumerate(rows, start=1)]
 
 
-def from_dataset(dataset: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records from a Hugging Face ``datasets.Dataset`` (or any iterable of dicts); line = row number."""
-    records = [{**row, LINE: i} for i, row in enumerate(dataset, start=1)]
-    if not records:
-        raise DataError("the dataset has no rows")
-    return records
-
-
 IN_MEMORY = "in-memory data"
 
 
@@ -195,14 +187,28 @@ def from_memory(data: Any) -> list[dict[str, Any]]:
         data = data.astype(object).where(data.notna(), None).to_dict("records")
     if isinstance(data, dict):
         raise DataError("in-memory data must be rows (a list of dicts, a DataFrame or a Dataset), got one dict")
+    class_names = _class_label_names(data)
     records = []
     for i, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             raise DataError(f"row {i}: expected a mapping of column names to values, got {type(row).__name__}")
+        for column, names in class_names.items():
+            value = row.get(column)
+            if isinstance(value, int) and not isinstance(value, bool):
+                row = {**row, column: names[value] if value >= 0 else None}  # -1: datasets' "no label"
         records.append({**row, LINE: i})
     if not records:
         raise DataError("the in-memory data has no rows")
     return records
+
+
+def _class_label_names(data: Any) -> dict[str, list[str]]:
+    """A ``datasets.Dataset``'s ClassLabel columns and their names: the rows hold class ids, the model and every
+    output should speak the names (``World``, not ``0``)."""
+    features = getattr(data, "features", None)
+    if not isinstance(features, dict):
+        return {}
+    return {column: list(f.names) for column, f in features.items() if isinstance(getattr(f, "names", None), list)}
 
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}

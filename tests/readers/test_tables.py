@@ -11,7 +11,7 @@ from bunmyaku.data.tables import (
     DataError,
     LabelMap,
     finite_number,
-    from_dataset,
+    from_memory,
     iter_jsonl,
     read_conll,
     read_squad,
@@ -50,7 +50,11 @@ def test_csv_parquet_json_and_datasets(tmp_path):
     assert read_table(tmp_path / "a.json")[0]["text"] == "x"
     datasets = require_module("datasets")
     ds = datasets.Dataset.from_dict({"text": ["p", "q"], "label": [1, 0]})
-    assert [r["text"] for r in from_dataset(ds)] == ["p", "q"]
+    assert [(r["text"], r["label"]) for r in from_memory(ds)] == [("p", 1), ("q", 0)]  # plain ints stay ints
+    # a ClassLabel column holds ids; the records speak its names (what the model's id2label will say); -1 = none
+    named = datasets.Dataset.from_dict({"text": ["p", "q", "r"], "label": [1, 0, -1]})
+    named = named.cast_column("label", datasets.ClassLabel(names=["World", "Sports"]))
+    assert [r["label"] for r in from_memory(named)] == ["Sports", "World", None]
 
 
 def test_conll_bio_and_iob1(tmp_path):
