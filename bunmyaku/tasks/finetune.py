@@ -905,8 +905,8 @@ def evaluate_file(
         task, model, tokenizer = load_finetuned(model_path, overrides)
         examples = task.read(eval_path)
         features = task.encode(tokenizer, examples, source=str(eval_path))
-        outputs = infer(task, model, features, batch_size, pad_id(tokenizer))
-        metrics = task.metrics(examples, features, outputs)
+        loss, outputs = run_batches(task, model, features, batch_size, pad_id(tokenizer))
+        metrics = {"loss": loss, **task.metrics(examples, features, outputs)}  # as FinetuneResult.evaluate
         if out is not None:
             write_jsonl_atomic(out / "predictions.jsonl", task.predictions(examples, features, outputs))
             write_json_atomic(out / "metrics.json", metrics, sort_keys=False)

@@ -89,7 +89,10 @@ def test_predict_and_evaluate_verbs(tsv_run, tmp_path):
     assert labels == ["pos", "neg"]
     result = invoke("evaluate", "--model", out / "model", "--eval", data, "--output-dir", tmp_path / "ev")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"] == 1.0
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert evaluated["accuracy"] == 1.0
+    # the run evaluated the same file with the same (best) weights: the same loss, as finetune reported it
+    assert evaluated["loss"] == pytest.approx(json.loads((out / "metrics.json").read_text())["loss"], rel=1e-5)
     again = ["evaluate", "--model", str(out / "model"), "--eval", str(data), "--output-dir", str(tmp_path / "ev")]
     result = runner.invoke(app, again)
     assert result.exit_code == 1 and "pass --overwrite" in result.output.replace("\n", "")
