@@ -85,6 +85,12 @@ class TrainArgs:
     plot: bool = True
     """Write loss_curves.png next to metrics.jsonl at the end (needs matplotlib)."""
 
+    # layer-wise learning rates and re-initialisation (plugins LLRD, ReinitLayers)
+    llrd: float = 0.0
+    """Layer-wise lr decay: head and top layer at lr, each layer below x DECAY, embeddings one step lower; 0: off."""
+    reinit_layers: int = 0
+    """Re-initialise the top N Transformer layers (the model's own init, the training seed) before training."""
+
     MIN_STEPS: ClassVar[int] = 1  # the smallest max_steps (0 means "all epochs" when fine-tuning)
 
     def __post_init__(self) -> None:
@@ -102,6 +108,8 @@ class TrainArgs:
         check_number("adam_eps", self.adam_eps, low=0.0, low_open=True)
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        check_number("llrd", self.llrd, low=0.0, high=1.0)
+        check_int("reinit_layers", self.reinit_layers, low=0)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear", "constant"):

@@ -155,3 +155,98 @@ class Freeze(Plugin):
         logger.info(
             "Froze %d parameter tensors (embeddings=%s, first %d layers)", len(frozen), self.embeddings, self.layers
         )
+
+
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EMBED_NAME = re.compile(r"(?:^|\.)embed(?:dings)?\.")
+
+
+def _num_layers(names: Iterator[str] | list[str]) -> int:
+    found = [int(m.group(1)) for name in names if (m := _LAYER_NAME.search(name))]
+    if not found:
+        raise ValueError("the model has no 'layers.<i>' parameters: layer-wise options need a Transformer stack")
+    return max(found) + 1
+
+
+def llrd_scale(name: str, num_layers: int, decay: float) -> float:
+    """The factor on the learning rate of parameter ``name`` under layer-wise decay ``decay``.
+
+    Head, pooler and final norm: 1; layer ``i`` of ``num_layers`` (0-based): ``decay ** (num_layers - 1 - i)``, so
+    the top layer trains at the full rate like the head; embeddings: ``decay ** num_layers``, one step below
+    layer 0.
+    """
+    match = _LAYER_NAME.search(name)
+    if match is not None:
+        return decay ** (num_layers - 1 - int(match.group(1)))
+    if _EMBED_NAME.search(name):
+        return decay**num_layers
+    return 1.0
+
+
+class LLRD(Plugin):
+    """Layer-wise learning-rate decay (Howard & Ruder 2018; Sun et al. 2019): lower layers, which hold the more
+    general features, move less than the top ones while fine-tuning. See :func:`llrd_scale` for the factors.
+
+    Each parameter group is split by factor; the groups' ``lr`` is the peak rate times the factor, and the
+    schedule multiplies every group alike.
+
+    Args:
+        decay: the factor per layer, in (0, 1] (0.8 - 0.95 is usual).
+    """
+
+    def __init__(self, decay: float):
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"llrd decay must be in (0, 1], got {decay}")
+        self.decay = decay
+
+    def param_groups(self, trainer: Trainer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        names = {id(p): n for n, p in trainer.unwrapped_model.named_parameters()}
+        num_layers = _num_layers(list(names.values()))
+        out = []
+        for group in groups:
+            base_lr = group.get("lr", trainer.args.lr)
+            split: dict[float, list[nn.Parameter]] = {}
+            for param in group["params"]:
+                split.setdefault(llrd_scale(names[id(param)], num_layers, self.decay), []).append(param)
+            for scale, params in sorted(split.items(), reverse=True):
+                out.append({**group, "params": params, "lr": base_lr * scale})
+        logger.info(
+            "Layer-wise lr decay %g over %d layers: embeddings at %.3g x lr",
+            self.decay,
+            num_layers,
+            self.decay**num_layers,
+        )
+        return out
+
+
+class ReinitLayers(Plugin):
+    """Re-initialise the top ``layers`` Transformer layers before fine-tuning (Zhang et al. 2021, "Revisiting
+    few-sample BERT fine-tuning": the top layers are specialised to pretraining's objective).
+
+    The new weights come from the model's own initialisation (``from_config`` of its class, including GPT-2's
+    scaled residual projections), drawn from the training seed.
+
+    Args:
+        layers: how many of the top layers to re-initialise (at least 1).
+    """
+
+    def __init__(self, layers: int):
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"reinit_layers must be a whole number >= 1, got {layers!r}")
+        self.layers = layers
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: Trainer) -> None:
+        model = trainer.unwrapped_model
+        state = model.state_dict()
+        num_layers = _num_layers(list(state))
+        if self.layers > num_layers:
+            raise ValueError(f"reinit_layers is {self.layers} but the model has only {num_layers} layers")
+        if not hasattr(type(model), "from_config"):
+            raise ValueError(f"reinit_layers needs a bunmyaku model with from_config, got {type(model).__name__}")
+        fresh = type(model).from_config(model.config).state_dict()
+        first = num_layers - self.layers
+        renewed = [n for n in state if (m := _LAYER_NAME.search(n)) and int(m.group(1)) >= first]
+        for name in renewed:
+            state[name].copy_(fresh[name])
+        logger.info("Re-initialised the top %d of %d layers (%d tensors)", self.layers, num_layers, len(renewed))

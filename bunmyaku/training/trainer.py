@@ -40,7 +40,7 @@ from bunmyaku.training.args import TrainArgs
 from bunmyaku.training.metrics import MetricsWriter, plot_losses
 from bunmyaku.training.objectives import objective_for
 from bunmyaku.training.optim import build_optimizer, build_scheduler
-from bunmyaku.training.plugins import EMA, Freeze, Plugin
+from bunmyaku.training.plugins import EMA, LLRD, Freeze, Plugin, ReinitLayers
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,10 @@ class Trainer:
             self.plugins.append(Freeze(args.freeze_embeddings, args.freeze_layers))
         if args.ema_decay:
             self.plugins.append(EMA(args.ema_decay))
+        if args.reinit_layers:  # first: EMA and the others must see the new weights
+            self.plugins.insert(0, ReinitLayers(args.reinit_layers))
+        if args.llrd:
+            self.plugins.append(LLRD(args.llrd))
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if export_dir is _Default:
