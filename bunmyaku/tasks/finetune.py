@@ -168,6 +168,12 @@ class FinetuneArgs:
     compute_metrics: str | None = None
     """fn(predictions, labels) -> {name: number} by import path (package.module:name): extra eval metrics."""
 
+    # intermediate fine-tuning
+    init_from: str | None = None
+    """Start from a model fine-tuned on another task (RUN or RUN/model): its encoder is kept, its head replaced."""
+    keep_head: bool = False
+    """With init_from: keep its head too (needs the same head type and label set; else the head is new)."""
+
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
             raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASK_NAMES)}")
@@ -184,6 +190,13 @@ class FinetuneArgs:
             check_int(name, getattr(self, name), low=1)
         for name in ("stride", "eval_batch_size", "patience"):
             check_int(name, getattr(self, name), low=0)
+        if self.init_from is not None and (self.model is not None or self.from_scratch):
+            raise ValueError(
+                "init_from starts from a fine-tuned model instead of --model: give one of model, init_from "
+                "(and no from_scratch)"
+            )
+        if self.keep_head and self.init_from is None:
+            raise ValueError("keep_head keeps the head of the init_from model: give init_from (RUN/model) too")
         if isinstance(self.callbacks, str):
             self.callbacks = [self.callbacks]
         if isinstance(self.choice_columns, list):
@@ -334,8 +347,10 @@ def _load_model(task: Task, fargs: FinetuneArgs, given: nn.Module | None) -> nn.
                 f"the loaded model's head has {heads} outputs but the training data has {len(labels)} labels "
                 f"({labels}); load it with num_labels={len(labels)}, or pass the model folder instead"
             )
+    elif fargs.init_from is not None:
+        model = _load_intermediate(task, fargs, labels)
     elif fargs.model is None:
-        raise ValueError("give --model (a model folder in HF layout)")
+        raise ValueError("give --model (a model folder in HF layout) or --init-from (RUN/model)")
     elif isinstance(task, SentenceEmbedding):
         if fargs.from_scratch:
             raise ValueError("from_scratch is not supported for the bi-encoder")
@@ -356,6 +371,53 @@ def _load_model(task: Task, fargs: FinetuneArgs, given: nn.Module | None) -> nn.
     if isinstance(task, TextClassification):
         model.config.problem_type = task.problem_type()
     return model.train()
+
+
+def _load_intermediate(task: Task, fargs: FinetuneArgs, labels: list[str] | None) -> nn.Module:
+    """The model of ``fargs.init_from`` with this task's head: the encoder as fine-tuned there, the head kept
+    only with ``keep_head`` when its type and labels are the same, else freshly initialised (and logged)."""
+    from bunmyaku.hub import read_config, resolve_model_dir
+    from bunmyaku.models.auto import from_pretrained, model_class
+
+    if isinstance(task, SentenceEmbedding):
+        raise ValueError("init_from replaces a task head, and the bi-encoder has none: pass the folder as --model")
+    source = model_in_run_folder(Path(fargs.init_from))
+    hf = read_config(resolve_model_dir(source))
+    cls = model_class(hf["model_type"], task.head)
+    before = (hf.get("architectures") or [None])[0]
+    old_labels = [hf.get("id2label", {})[k] for k in sorted(hf.get("id2label", {}), key=int)]
+    new_labels = labels or []
+    same = before == cls.hf_architecture and (old_labels == new_labels if labels else len(old_labels) <= 1)
+    if fargs.keep_head and not same:
+        raise ValueError(
+            f"keep_head: {source} has a {before} head with labels {old_labels}, but this task needs a "
+            f"{cls.hf_architecture} head with labels {new_labels}; drop keep_head to start with a new head"
+        )
+    kwargs = {"num_labels": len(labels), "ignore_mismatched_sizes": True} if labels else {}
+    model = from_pretrained(source, task=task.head, **kwargs)
+    if fargs.keep_head:
+        logger.info("Starting from %s with its encoder and its %s head (labels %s)", source, before, old_labels)
+        return model
+    prefix = type(model).our_base_prefix
+    tied = set(model.tied_weights())
+    fresh = type(model).from_config(model.config).state_dict()  # the head's own initialisation, seeded
+    state = model.state_dict()
+    renewed = [n for n in state if not n.startswith(prefix) and n not in tied]
+    with torch.no_grad():
+        for name in renewed:
+            state[name].copy_(fresh[name])
+    reason = "the same head and labels, but keep_head is off" if same else "another head or label set"
+    logger.info(
+        "Starting from %s: encoder kept, head re-initialised (%d tensors; %s: was %s %s, now %s %s)",
+        source,
+        len(renewed),
+        reason,
+        before,
+        old_labels,
+        cls.hf_architecture,
+        new_labels,
+    )
+    return model
 
 
 def _read_splits(task: Task, fargs: FinetuneArgs, inputs: Inputs, seed: int):
@@ -530,7 +592,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     if tokenizer is None:
         if inputs.model is not None and fargs.tokenizer is None:
             raise ValueError("give tokenizer= (a Tokenizer or a folder) with an already loaded model")
-        tokenizer = Tokenizer.from_pretrained(fargs.tokenizer or fargs.model)
+        tokenizer = Tokenizer.from_pretrained(fargs.tokenizer or fargs.model or _init_dir(fargs))
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.from_pretrained(tokenizer)
     torch.manual_seed(targs.seed)
@@ -637,9 +699,13 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     return result
 
 
+def _init_dir(fargs: FinetuneArgs) -> str | None:
+    return None if fargs.init_from is None else str(model_in_run_folder(Path(fargs.init_from)))
+
+
 def _base_model_name(fargs: FinetuneArgs, inputs: Inputs) -> str:
     if inputs.model is None:
-        return str(fargs.model)
+        return str(fargs.model or _init_dir(fargs))
     return str(getattr(inputs.model.config, "name_or_path", None) or f"an in-memory {type(inputs.model).__name__}")
 
 
