@@ -89,3 +89,21 @@ def test_keep_head_that_does_not_fit_and_bad_combinations_are_refused(run_a, tin
         finetune(root / "f", model=str(tiny_bert_dir), init_from=str(root / "a"), train=three, **FAST)
     with pytest.raises(ValueError, match="give init_from"):
         finetune(root / "g", model=str(tiny_bert_dir), train=three, keep_head=True, **FAST)
+
+
+def test_the_cli_chains_init_from_with_llrd_and_reinit(run_a):
+    from typer.testing import CliRunner
+
+    from bunmyaku.cli import app
+
+    root, _ = run_a
+    three = _tsv(root / "three.tsv", ["pos", "neg", "neutral"])
+    args = ["finetune", "--init-from", root / "a" / "model", "--train", three, "--output-dir", root / "cli"]
+    args += ["--eval-split", "0.25", "--max-steps", "2", "--batch-size", "4", "--llrd", "0.8", "--reinit-layers", "1"]
+    args += ["--device", "cpu", "--no-progress", "--no-plot"]
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    model = from_pretrained(root / "cli" / "model", task="sequence-classification")
+    assert len(model.config.id2label) == 3
+    log = (root / "cli" / "finetune.log").read_text()
+    assert "head re-initialised" in log and "Layer-wise lr decay 0.8" in log and "Re-initialised the top 1" in log
