@@ -36,6 +36,7 @@ from torch import nn
 from bunmyaku.data.loader import BatchStream, eval_batches
 from bunmyaku.training import checkpoint as ckpt
 from bunmyaku.training import distributed as dist_utils
+from bunmyaku.training.adversarial import adversarial_plugins
 from bunmyaku.training.args import TrainArgs
 from bunmyaku.training.metrics import MetricsWriter, plot_losses
 from bunmyaku.training.objectives import objective_for
@@ -122,6 +123,7 @@ class Trainer:
             self.plugins.append(Freeze(args.freeze_embeddings, args.freeze_layers))
         if args.ema_decay:
             self.plugins.append(EMA(args.ema_decay))
+        self.plugins.extend(adversarial_plugins(args))
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if export_dir is _Default:
