@@ -8,9 +8,10 @@ full step of forward / backward), and puts the weights back before the optimizer
 - FGM and AWP add the adversarial gradient to the clean one (the optimizer steps on their sum);
 - SAM replaces the clean gradient by the one at the perturbed point.
 
-Under fp16 the gradients are still multiplied by the GradScaler's scale here: the perturbation's direction is
-read from the unscaled gradient, and when that gradient is not finite (the scaler is about to skip the step)
-nothing is perturbed and no second pass runs.
+The logged training loss is the first (clean) pass's. Under fp16 the gradients here are still multiplied by
+the GradScaler's scale: the perturbation is computed from the unscaled gradient (its direction ``g / ||g||`` is
+the same either way; its finiteness decides), and when that gradient is not finite (the scaler is about to skip
+the step) nothing is perturbed and no second pass runs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class FGM(Plugin):
         if not epsilon > 0:
             raise ValueError(f"FGM epsilon must be > 0, got {epsilon}")
         self.epsilon = epsilon
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not callable(getattr(trainer.unwrapped_model, "get_input_embeddings", None)):
+            raise ValueError(f"fgm perturbs the word embeddings: {type(trainer.unwrapped_model).__name__} has none")
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
         weight = trainer.unwrapped_model.get_input_embeddings().weight

@@ -117,6 +117,11 @@ class TrainArgs:
         for name in ("fgm", "awp_lr", "awp_start_epoch", "sam"):
             check_number(name, getattr(self, name), low=0.0)
         check_number("awp_eps", self.awp_eps, low=0.0, low_open=True)
+        if self.sam and (self.fgm or self.awp_lr):
+            # SAM replaces the step's gradient by the one at its perturbed point, discarding FGM's / AWP's term
+            raise ValueError("sam cannot be combined with fgm or awp_lr: choose one (fgm and awp_lr may be combined)")
+        if self.sam_adaptive and not self.sam:
+            raise ValueError("sam_adaptive needs sam > 0 (ASAM's rho, e.g. sam: 0.5)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear", "constant"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import Plugin, TrainArgs, Trainer
 from bunmyaku.training.adversarial import AWP, FGM, SAM
+from bunmyaku.training.recipe import build_args
 from tests.training.helpers import EOS, random_split, tiny_gpt2
 
 LR = 1e-2
@@ -247,9 +248,15 @@ def test_awp_waits_for_its_start_epoch_and_resumes_exactly(tmp_path):
 
 
 def test_adversarial_flags_build_the_plugins_and_bad_values_are_refused(tmp_path):
-    trainer = Trainer(tiny_gpt2(), _args(tmp_path, fgm=1.0, awp_lr=0.1, sam=0.05, sam_adaptive=True), _Plan([]))
+    trainer = Trainer(tiny_gpt2(), _args(tmp_path, fgm=1.0, awp_lr=0.1, awp_start_epoch=2), _Plan([]))
     kinds = {type(p): p for p in trainer.plugins}
-    assert kinds[FGM].epsilon == 1.0 and kinds[AWP].lr == 0.1 and kinds[SAM].adaptive
-    for field, value in (("fgm", -1.0), ("sam", float("nan")), ("awp_eps", 0.0), ("awp_lr", "1e-3")):
+    assert kinds[FGM].epsilon == 1.0 and kinds[AWP].lr == 0.1 and kinds[AWP].start_epoch == 2
+    (args,) = build_args((TrainArgs,), {"sam": 0.5, "sam_adaptive": True})  # recipe keys
+    (sam,) = Trainer(tiny_gpt2(), args, _Plan([])).plugins
+    assert isinstance(sam, SAM) and sam.rho == 0.5 and sam.adaptive
+    bad = [("fgm", -1.0), ("sam", float("nan")), ("awp_eps", 0.0), ("awp_lr", "1e-3"), ("sam_adaptive", True)]
+    for field, value in bad:
         with pytest.raises(ValueError, match=field):
             _args(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match="sam cannot be combined"):
+        _args(tmp_path, sam=0.05, fgm=1.0)
