@@ -60,6 +60,8 @@ class FGM(Plugin):
     def on_fit_start(self, trainer: Trainer) -> None:
         if not callable(getattr(trainer.unwrapped_model, "get_input_embeddings", None)):
             raise ValueError(f"fgm perturbs the word embeddings: {type(trainer.unwrapped_model).__name__} has none")
+        if not trainer.unwrapped_model.get_input_embeddings().weight.requires_grad:
+            raise ValueError("fgm needs the word embeddings' gradient: they are frozen (freeze_embeddings)")
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
         weight = trainer.unwrapped_model.get_input_embeddings().weight

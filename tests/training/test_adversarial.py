@@ -260,3 +260,5 @@ def test_adversarial_flags_build_the_plugins_and_bad_values_are_refused(tmp_path
             _args(tmp_path, **{field: value})
     with pytest.raises(ValueError, match="sam cannot be combined"):
         _args(tmp_path, sam=0.05, fgm=1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        _train(tmp_path, _batches(1, 2), fgm=1.0, freeze_embeddings=True)
