@@ -58,6 +58,18 @@ class TrainArgs:
     """Do not train the first N Transformer layers."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999) for eval and export; 0: off."""
+    fgm: float = 0.0
+    """FGM adversarial training: perturb the word embeddings by this norm along their gradient (e.g. 1.0); 0: off."""
+    awp_lr: float = 0.0
+    """AWP adversarial weight perturbation: step size relative to each weight matrix's norm (e.g. 1.0); 0: off."""
+    awp_eps: float = 0.01
+    """AWP: the largest relative change of any weight (|w| x awp_eps)."""
+    awp_start_epoch: float = 0.0
+    """AWP: the first epoch (0-based, fractions allowed) that is perturbed."""
+    sam: float = 0.0
+    """SAM sharpness-aware minimization: the neighbourhood radius rho (e.g. 0.05); 0: off. Doubles the step's cost."""
+    sam_adaptive: bool = False
+    """With sam: ASAM's scale-invariant neighbourhood (rho around 0.5 to 2)."""
     eval_every: int = 200
     """Evaluate every N steps (and at the end); 0: only at the end."""
     eval_batches: int = 0
@@ -110,6 +122,14 @@ class TrainArgs:
         check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         check_number("llrd", self.llrd, low=0.0, high=1.0)
         check_int("reinit_layers", self.reinit_layers, low=0)
+        for name in ("fgm", "awp_lr", "awp_start_epoch", "sam"):
+            check_number(name, getattr(self, name), low=0.0)
+        check_number("awp_eps", self.awp_eps, low=0.0, low_open=True)
+        if self.sam and (self.fgm or self.awp_lr):
+            # SAM replaces the step's gradient by the one at its perturbed point, discarding FGM's / AWP's term
+            raise ValueError("sam cannot be combined with fgm or awp_lr: choose one (fgm and awp_lr may be combined)")
+        if self.sam_adaptive and not self.sam:
+            raise ValueError("sam_adaptive needs sam > 0 (ASAM's rho, e.g. sam: 0.5)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear", "constant"):

@@ -36,6 +36,7 @@ from torch import nn
 from bunmyaku.data.loader import BatchStream, eval_batches
 from bunmyaku.training import checkpoint as ckpt
 from bunmyaku.training import distributed as dist_utils
+from bunmyaku.training.adversarial import adversarial_plugins
 from bunmyaku.training.args import TrainArgs
 from bunmyaku.training.metrics import MetricsWriter, plot_losses
 from bunmyaku.training.objectives import objective_for
@@ -126,6 +127,7 @@ class Trainer:
             self.plugins.insert(0, ReinitLayers(args.reinit_layers))
         if args.llrd:
             self.plugins.append(LLRD(args.llrd))
+        self.plugins.extend(adversarial_plugins(args))
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if export_dir is _Default:
