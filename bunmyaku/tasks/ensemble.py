@@ -237,9 +237,10 @@ def _class_names(runs: list[CvRun]) -> list[Any]:
         for index, name in run.label_of_index.items():
             names.setdefault(index, name)
     unnamed = [i for i in range(num) if i not in names]
-    leftover = sorted({json.dumps(g) for g in runs[0].gold} - {json.dumps(n) for n in names.values()})
+    named = {str(n) for n in names.values()}
+    leftover = {str(g): g for g in runs[0].gold if str(g) not in named}
     if len(unnamed) == 1 and len(leftover) == 1:
-        names[unnamed[0]] = json.loads(leftover[0])
+        names[unnamed[0]] = next(iter(leftover.values()))
         unnamed = []
     if unnamed:
         raise ValueError(
@@ -403,10 +404,10 @@ def _targets(run: CvRun, names: list[Any]) -> np.ndarray:
             return np.asarray(run.gold, dtype=np.float64)
         except (TypeError, ValueError):
             raise ValueError(f"{run.path}/oof.jsonl: regression gold labels must be numbers") from None
-    index = {json.dumps(n): i for i, n in enumerate(names)}
+    index = {str(n): i for i, n in enumerate(names)}  # gold 1 and label "1" are the same class
     targets = []
     for row, gold in zip(run.rows, run.gold, strict=True):
-        key = json.dumps(gold)
+        key = str(gold)
         if key not in index:
             raise ValueError(f"{run.path}/oof.jsonl: row {row} has gold {gold!r}, not one of the labels {names}")
         targets.append(index[key])

@@ -230,3 +230,49 @@ def test_cli(tmp_path):
     done = subprocess.run([*command, str(tmp_path / "out2"), str(a), str(bad)], capture_output=True, text=True)
     assert done.returncode == 1 and "error:" in done.stderr and "do not share the training rows" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_test_predictions_use_the_weights_fitted_on_all_folds(tmp_path):
+    rng, gold, folds = data(n=300)
+    s1, s2 = informative(rng, gold, 1.2), informative(rng, gold, 1.2)
+    t1, t2 = noise(rng, 9), noise(rng, 9)
+    runs = [
+        write_run(tmp_path / "a", s1, gold, folds, test_scores=t1),
+        write_run(tmp_path / "b", s2, gold, folds, test_scores=t2),
+    ]
+    result = ensemble(runs, tmp_path / "out", method="weighted")
+    w = [result.weights[str(r)] for r in runs]
+    assert 0.1 < w[0] < 0.9
+    test = read_jsonl(tmp_path / "out" / "test_predictions.jsonl")
+    assert [r["row"] for r in test] == list(range(9))
+    np.testing.assert_allclose([r["scores"] for r in test], w[0] * t1 + w[1] * t2, rtol=1e-9)
+    # the nested out-of-fold scores differ from the all-folds mix (each fold has its own fit)
+    assert not np.allclose(result.oof_scores, w[0] * s1 + w[1] * s2, rtol=0, atol=1e-9)
+    # a run without test predictions: none written; runs with different test rows: refused
+    c = write_run(tmp_path / "c", s2, gold, folds)
+    ensemble([runs[0], c], tmp_path / "no_test", method="mean")
+    assert not (tmp_path / "no_test" / "test_predictions.jsonl").exists()
+    d = write_run(tmp_path / "d", s2, gold, folds, test_scores=t2[:-1])
+    with pytest.raises(ValueError, match="do not share the test rows"):
+        ensemble([runs[0], d], tmp_path / "bad", method="mean")
+
+
+def test_labels_from_the_fold_model_and_integer_gold(tmp_path):
+    """Gold labels written as integers match the label names "0", "1", "2"; classes no run ever predicts are
+    named by the fold model's config.json."""
+    rng, gold, folds = data(n=60)
+    scores = informative(rng, gold, 3.0)
+    scores[:, 1:] = 0.0  # classes 1 and 2 are never the prediction
+    path = write_run(tmp_path / "a", scores, gold, folds, labels=["0", "1", "2"])
+    records = read_jsonl(path / "oof.jsonl")
+    with open(path / "oof.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record | {"gold": int(record["gold"])}) + "\n")
+    with pytest.raises(ValueError, match=r"cannot tell the label of class\(es\) \[1, 2\]"):
+        ensemble([path], tmp_path / "out")
+    (path / "fold0" / "model").mkdir(parents=True)
+    (path / "fold0" / "model" / "config.json").write_text(json.dumps({"id2label": {"0": "0", "1": "1", "2": "2"}}))
+    result = ensemble([path], tmp_path / "out")
+    predicted = scores.argmax(1)
+    assert result.metrics["accuracy"] == pytest.approx(float(np.mean(predicted == gold)))
+    assert {r["label"] for r in read_jsonl(tmp_path / "out" / "oof.jsonl")} == {"0"}
