@@ -647,10 +647,12 @@ def ensemble_command(
 ) -> None:
     """Combine k-fold runs into one ensemble, every reported score out of fold.
 
-    mean averages the probabilities, rank the per-class ranks; weighted fits non-negative weights summing to 1
-    and stacking a scikit-learn model on the runs' out-of-fold scores, both nested: fitted on K-1 folds and
-    scored on the held-out one. Writes OUT/oof.jsonl, OUT/metrics.json, OUT/report.md and, when every run has
-    them, OUT/test_predictions.jsonl.
+    mean averages the probabilities and rank the per-class ranks.
+
+    weighted (non-negative weights summing to 1) and stacking (a scikit-learn model) are fitted on K-1 folds and
+    scored on the held-out one.
+
+    Writes OUT/oof.jsonl, OUT/metrics.json, OUT/report.md and, when every run has them, OUT/test_predictions.jsonl.
     """
     from bunmyaku.tasks.ensemble import ensemble
 
