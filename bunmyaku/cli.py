@@ -633,3 +633,32 @@ def attention_command(
         raise ValueError(str(error)) from None  # a one-line error naming the extra to install, not a traceback
     heads = maps.attentions[0].size(0)
     typer.echo(f"{len(maps.files)} layers x {heads} heads, {len(maps.tokens)} tokens -> {output_dir}")
+
+
+@app.command("ensemble")
+def ensemble_command(
+    run_dirs: Annotated[list[str], typer.Argument(help="bunmyaku cv output folders (same training file and folds).")],
+    method: str = typer.Option("mean", help="mean | weighted | rank | stacking."),
+    meta: str | None = typer.Option(
+        None, help="Stacking's second-stage model: logistic (classification) | ridge (regression)."
+    ),
+    output_dir: str = typer.Option(..., "--output-dir", help="Folder for oof.jsonl, metrics.json, report.md."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs."),
+) -> None:
+    """Combine k-fold runs into one ensemble, every reported score out of fold.
+
+    mean averages the probabilities and rank the per-class ranks.
+
+    weighted (non-negative weights summing to 1) and stacking (a scikit-learn model) are fitted on K-1 folds and
+    scored on the held-out one.
+
+    Writes OUT/oof.jsonl, OUT/metrics.json, OUT/report.md and, when every run has them, OUT/test_predictions.jsonl.
+    """
+    from bunmyaku.tasks.ensemble import ensemble
+
+    _setup_logging(verbose)
+    result = ensemble(run_dirs, output_dir, method=method, meta=meta)
+    for name, values in result.run_metrics.items():
+        typer.echo(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None))
+    typer.echo(f"ensemble ({method}): " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if v is not None))
+    typer.echo(f"-> {output_dir}/report.md")
