@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import bunmyaku
 from bunmyaku.cli import app
+from bunmyaku.training import Plugin
 from tests.conftest import require_module
 from tests.finetune.helpers import sentiment_rows
 
@@ -114,3 +116,90 @@ def test_folds_are_stratified_for_every_seed(rows, fold_seed):
     assert kind == "stratified" and sorted(Counter(fold).values()) == [6] * 5
     for k in range(5):
         assert Counter(labelled[i]["label"] for i, f in enumerate(fold) if f == k) == {"a": 2, "b": 4}
+
+
+class Crash(Plugin):
+    """Kills the run once, at step 7 of the second fold (after the step-6 checkpoint)."""
+
+    armed = False
+
+    def before_optimizer_step(self, trainer):
+        if Crash.armed and trainer.step >= 7 and "fold1" in str(trainer.output_dir):
+            Crash.armed = False
+            raise RuntimeError("crash for the test")
+
+
+def mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_run_resumes_and_finished_folds_are_skipped(tmp_path, tiny_bert_dir, train_file, cli_cv):
+    out = tmp_path / "run"
+    settings = {**FAST, "model": tiny_bert_dir, "train": train_file, "folds": 3, "fold_seed": 1, "output_dir": out}
+    settings.update(save_every=6, callbacks=["tests.finetune.test_cv:Crash"])
+    Crash.armed = True
+    with pytest.raises(RuntimeError, match="crash for the test"):
+        bunmyaku.cv(**settings)
+    assert (out / "fold0" / "metrics.json").is_file() and not (out / "fold1" / "metrics.json").exists()
+    assert not (out / "oof.jsonl").exists() and not (out / "metrics.json").exists()
+    first = mtimes(out / "fold0")
+    result = bunmyaku.cv(**settings)
+    assert mtimes(out / "fold0") == first  # the finished fold was not trained again
+    assert "Resumed from" in (out / "fold1" / "finetune.log").read_text()  # the killed fold went on from step 6
+    expected = read_jsonl(cli_cv / "oof.jsonl")
+    assert read_jsonl(out / "oof.jsonl") == expected == result.oof  # as if never killed
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((cli_cv / "metrics.json").read_text())
+
+    # a fold whose metrics.json is gone is trained again; the others are left as they are
+    (out / "fold2" / "metrics.json").unlink()
+    kept = {**mtimes(out / "fold0"), **mtimes(out / "fold1")}
+    bunmyaku.cv(**settings)
+    assert {**mtimes(out / "fold0"), **mtimes(out / "fold1")} == kept
+    assert (out / "fold2" / "metrics.json").is_file() and read_jsonl(out / "oof.jsonl") == expected
+
+    with pytest.raises(ValueError, match=r"other settings \(cv, folds\)"):
+        bunmyaku.cv(**{**settings, "fold_seed": 2})
+
+
+def test_group_folds_seed_average_and_test_predictions(tmp_path, tiny_bert_dir, rows):
+    transformers = require_module("transformers")
+    torch = require_module("torch")
+    sk = require_module("sklearn.metrics")
+    grouped = [{**r, "article": f"a{i // 3}"} for i, r in enumerate(rows)]  # 6 groups of 3
+    test = [{"text": t, "label": lab} for t, lab in sentiment_rows(6, seed=5)]
+    out = tmp_path / "run"
+    result = bunmyaku.cv(
+        **FAST,
+        model=tiny_bert_dir,
+        train=grouped,
+        test=test,
+        folds=2,
+        group_column="article",
+        seeds="0,1",
+        output_dir=out,
+    )
+    oof = read_jsonl(out / "oof.jsonl")
+    for group in {r["article"] for r in grouped}:  # a group is never split
+        assert len({o["fold"] for o, r in zip(oof, grouped, strict=True) if r["article"] == group}) == 1
+    assert {o["fold"] for o in oof} == {0, 1}
+
+    def probabilities(model_dir, records):  # transformers as the oracle for each fold and seed model
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        batch = tokenizer([r["text"] for r in records], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return model(**batch).logits.softmax(-1).double().numpy()
+
+    runs = [out / f"fold{k}" / f"seed{s}" / "model" for k in (0, 1) for s in (0, 1)]
+    expected_test = np.mean([probabilities(run, test) for run in runs], axis=0)
+    written = read_jsonl(out / "test_predictions.jsonl")
+    np.testing.assert_allclose([w["scores"] for w in written], expected_test, atol=1e-5)
+    assert [w["row"] for w in written] == list(range(len(test))) == [i for i, _ in enumerate(result.test_predictions)]
+    gold, predicted = [t["label"] for t in test], [w["label"] for w in written]
+    test_metrics = json.loads((out / "test_metrics.json").read_text())
+    assert test_metrics["accuracy"] == pytest.approx(sk.accuracy_score(gold, predicted))
+    for k in (0, 1):  # out of fold: the two seeds' models averaged on the fold's own rows
+        held = [r for r, o in zip(grouped, oof, strict=True) if o["fold"] == k]
+        seeds = [probabilities(out / f"fold{k}" / f"seed{s}" / "model", held) for s in (0, 1)]
+        assert not np.allclose(seeds[0], seeds[1])  # the seeds trained different models
+        np.testing.assert_allclose([o["scores"] for o in oof if o["fold"] == k], np.mean(seeds, axis=0), atol=1e-5)
