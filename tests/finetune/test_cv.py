@@ -203,3 +203,46 @@ def test_group_folds_seed_average_and_test_predictions(tmp_path, tiny_bert_dir, 
         seeds = [probabilities(out / f"fold{k}" / f"seed{s}" / "model", held) for s in (0, 1)]
         assert not np.allclose(seeds[0], seeds[1])  # the seeds trained different models
         np.testing.assert_allclose([o["scores"] for o in oof if o["fold"] == k], np.mean(seeds, axis=0), atol=1e-5)
+
+
+def test_the_command_and_the_function_share_options_and_refuse_bad_ones(tmp_path, tiny_bert_dir, rows):
+    import inspect
+
+    parameters = inspect.signature(bunmyaku.cv).parameters
+    assert parameters["folds"].default == 5 and parameters["seeds"].default is None
+    assert set(inspect.signature(bunmyaku.finetune).parameters) < set(parameters)  # every finetune option too
+    shown = runner.invoke(app, ["cv", "--help"], terminal_width=200).output
+    assert "--folds" in shown and "--group-column" in shown and "--seeds" in shown and "--fold-seed" in shown
+    base = {**FAST, "model": tiny_bert_dir, "train": rows, "output_dir": tmp_path / "x"}
+    with pytest.raises(ValueError, match=r"label\(s\) \['neg', 'pos'\] have fewer than 10 examples"):
+        bunmyaku.cv(**base, folds=10)
+    with pytest.raises(ValueError, match="row 1: no group column 'article'"):
+        bunmyaku.cv(**base, folds=2, group_column="article")
+    with pytest.raises(ValueError, match="each fold out as its eval set"):
+        bunmyaku.cv(**base, folds=2, eval_split=0.2)
+    with pytest.raises(ValueError, match="seeds must be comma-separated integers"):
+        bunmyaku.cv(**base, seeds="0,x")
+    with pytest.raises(ValueError, match="cv supports the tasks"):
+        bunmyaku.cv(**{**base, "task": "token-classification"})
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['fold'\]"):
+        bunmyaku.cv(**base, fold=2)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_regression_oof_scores_are_the_values(tmp_path, tiny_bert_dir, rows):
+    stats = require_module("scipy.stats")
+    scored = [{"text": r["text"], "label": float(len(r["text"]) % 5)} for r in rows]
+    out = tmp_path / "run"
+    result = bunmyaku.cv(
+        **{**FAST, "epochs": 2, "batch_size": 3},
+        model=tiny_bert_dir,
+        train=scored,
+        problem_type="regression",
+        folds=2,
+        output_dir=out,
+    )
+    oof = read_jsonl(out / "oof.jsonl")
+    assert [o["scores"] for o in oof] == pytest.approx([o["score"] for o in oof])  # the value, once
+    gold, values = [r["label"] for r in scored], [o["score"] for o in oof]
+    assert result.metrics["pearson"] == pytest.approx(stats.pearsonr(gold, values)[0], abs=1e-6)
+    assert result.metrics["spearman"] == pytest.approx(stats.spearmanr(gold, values)[0], abs=1e-6)
