@@ -9,7 +9,7 @@ and evaluates on itself (its held-out rows are its eval set, which picks its bes
                              row (0-based), fold and scores (every class's probability in id2label order; the
                              value for regression)
     DIR/metrics.json         the out-of-fold metrics (the task's plain keys)
-    DIR/fold_metrics.json    each fold's metrics on its held-out rows, and their mean and std
+    DIR/fold_metrics.json    each fold's metrics on its held-out rows, and their mean and std (ddof 0)
     DIR/fold{k}/             fold k's finetune output (DIR/fold{k}/seed{s}/ with several seeds)
     DIR/test_predictions.jsonl, DIR/test_metrics.json   with a test file: scores averaged over folds and seeds
     DIR/cv.json              the settings; a rerun with other settings is refused unless overwrite

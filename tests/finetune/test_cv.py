@@ -50,7 +50,9 @@ def train_file(tmp_path_factory, rows):
 def cli_cv(tmp_path_factory, tiny_bert_dir, train_file):
     out = tmp_path_factory.mktemp("cv") / "run"
     flags = ["cv", "--model", str(tiny_bert_dir), "--train", str(train_file), "--folds", "3", "--fold-seed", "1"]
-    flags += ["--output-dir", str(out), "--no-progress", "--no-plot", "--device", "cpu"]
+    test = train_file.parent / "test.tsv"
+    test.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in sentiment_rows(6, seed=3)))
+    flags += ["--test", str(test), "--output-dir", str(out), "--no-progress", "--no-plot", "--device", "cpu"]
     for key in ("epochs", "batch_size", "max_length", "lr"):
         flags += ["--" + key.replace("_", "-"), str(FAST[key])]
     result = runner.invoke(app, flags)
@@ -98,6 +100,18 @@ def test_oof_metrics_recomputed_with_sklearn(cli_cv, rows):
         assert entry["accuracy"] == pytest.approx(accuracies[-1], abs=1e-9) and entry["examples"] == len(held)
     assert per_fold["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
     assert per_fold["std"]["accuracy"] == pytest.approx(np.std(accuracies))
+
+
+def test_a_labelled_test_file_gets_averaged_predictions_and_metrics(cli_cv):
+    sk = require_module("sklearn.metrics")
+    written = read_jsonl(cli_cv / "test_predictions.jsonl")
+    assert [w["gold"] for w in written] == [lab for _, lab in sentiment_rows(6, seed=3)]
+    for w in written:
+        assert sum(w["scores"]) == pytest.approx(1.0, abs=1e-6) and w["score"] == pytest.approx(max(w["scores"]))
+    metrics = json.loads((cli_cv / "test_metrics.json").read_text())
+    gold, predicted = [w["gold"] for w in written], [w["label"] for w in written]
+    assert metrics["accuracy"] == pytest.approx(sk.accuracy_score(gold, predicted))
+    assert metrics["f1"] == pytest.approx(sk.f1_score(gold, predicted, average="macro"))
 
 
 def test_fold_models_load_in_transformers(cli_cv):
