@@ -189,53 +189,54 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
         "folds": fold,
     }
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive_output_dir(out):
+    with exclusive_output_dir(out):  # one cv run at a time in this folder (each fold locks its own)
         _claim(out, record, fargs.overwrite)
-    per_fold = dataclasses.replace(fargs, train=None, eval=None, test=None, overwrite=False)
-    outputs: list[torch.Tensor | None] = [None] * len(examples)
-    test_examples, test_source, test_sum, test_count = None, "", None, 0
-    test_given = test_data if test_data is not None else fargs.test
-    if test_given is not None:
-        test_examples, test_source = task.read_data(test_given, labelled=False)
-        test_labelled = task.settings.label_column is not None and all(
-            task.settings.label_column in e for e in test_examples
-        )
-    for k in range(cargs.folds):
-        held = [i for i, f in enumerate(fold) if f == k]
-        train_rows = [examples[i] for i, f in enumerate(fold) if f != k]
-        fold_sum = None
-        for seed in seeds:
-            run_dir = out / f"fold{k}" if len(seeds) == 1 else out / f"fold{k}" / f"seed{seed}"
-            if (run_dir / "metrics.json").is_file():
-                logger.info("fold %d seed %d: finished earlier in %s, skipped", k, seed, run_dir)
-            else:
-                fresh = run_dir.exists() and not (run_dir / "checkpoints").is_dir()
-                logger.info("fold %d seed %d: training on %d, evaluating on %d", k, seed, len(train_rows), len(held))
-                run_finetune(
-                    dataclasses.replace(per_fold, overwrite=fresh),  # a killed fold without checkpoints: start again
-                    dataclasses.replace(targs, output_dir=str(run_dir), seed=seed),
-                    Inputs(train=train_rows, eval=[examples[i] for i in held]),
-                )
-            fold_task, model, tokenizer = load_finetuned(run_dir, device=targs.device if targs.device else None)
-            if fold_task.label_names() != labels:
-                raise ValueError(
-                    f"{run_dir}: its labels {fold_task.label_names()} differ from the training data's {labels}; "
-                    "every class needs examples in every fold's training part"
-                )
-            batch = fargs.eval_batch_size or targs.batch_size
-            features = fold_task.encode(tokenizer, [examples[i] for i in held], source=source)
-            scores = _scores(fold_task, infer(fold_task, model, features, batch, pad_id(tokenizer)))
-            fold_sum = scores if fold_sum is None else fold_sum + scores
-            if test_examples is not None:
-                test_features = fold_task.encode(tokenizer, test_examples, labelled=False, source=test_source)
-                test_scores = _scores(fold_task, infer(fold_task, model, test_features, batch, pad_id(tokenizer)))
-                test_sum = test_scores if test_sum is None else test_sum + test_scores
-                test_count += 1
-        mean = fold_sum / len(seeds)
-        for j, i in enumerate(held):
-            outputs[i] = mean[j]
+        per_fold = dataclasses.replace(fargs, train=None, eval=None, test=None, overwrite=False)
+        outputs: list[torch.Tensor | None] = [None] * len(examples)
+        test_examples, test_source, test_sum, test_count = None, "", None, 0
+        test_given = test_data if test_data is not None else fargs.test
+        if test_given is not None:
+            test_examples, test_source = task.read_data(test_given, labelled=False)
+            test_labelled = task.settings.label_column is not None and all(
+                task.settings.label_column in e for e in test_examples
+            )
+        for k in range(cargs.folds):
+            held = [i for i, f in enumerate(fold) if f == k]
+            train_rows = [examples[i] for i, f in enumerate(fold) if f != k]
+            fold_sum = None
+            for seed in seeds:
+                run_dir = out / f"fold{k}" if len(seeds) == 1 else out / f"fold{k}" / f"seed{seed}"
+                if (run_dir / "metrics.json").is_file():
+                    logger.info("fold %d seed %d: finished earlier in %s, skipped", k, seed, run_dir)
+                else:
+                    fresh = run_dir.exists() and not (run_dir / "checkpoints").is_dir()
+                    shown = (k, seed, len(train_rows), len(held))
+                    logger.info("fold %d seed %d: training on %d, evaluating on %d", *shown)
+                    run_finetune(
+                        # a killed fold without checkpoints starts again
+                        dataclasses.replace(per_fold, overwrite=fresh),
+                        dataclasses.replace(targs, output_dir=str(run_dir), seed=seed),
+                        Inputs(train=train_rows, eval=[examples[i] for i in held]),
+                    )
+                fold_task, model, tokenizer = load_finetuned(run_dir, device=targs.device if targs.device else None)
+                if fold_task.label_names() != labels:
+                    raise ValueError(
+                        f"{run_dir}: its labels {fold_task.label_names()} differ from the training data's {labels}; "
+                        "every class needs examples in every fold's training part"
+                    )
+                batch = fargs.eval_batch_size or targs.batch_size
+                features = fold_task.encode(tokenizer, [examples[i] for i in held], source=source)
+                scores = _scores(fold_task, infer(fold_task, model, features, batch, pad_id(tokenizer)))
+                fold_sum = scores if fold_sum is None else fold_sum + scores
+                if test_examples is not None:
+                    test_features = fold_task.encode(tokenizer, test_examples, labelled=False, source=test_source)
+                    test_scores = _scores(fold_task, infer(fold_task, model, test_features, batch, pad_id(tokenizer)))
+                    test_sum = test_scores if test_sum is None else test_sum + test_scores
+                    test_count += 1
+            mean = fold_sum / len(seeds)
+            for j, i in enumerate(held):
+                outputs[i] = mean[j]
 
-    with exclusive_output_dir(out):
         return _write(
             out,
             task,
