@@ -173,6 +173,10 @@ def test_a_killed_run_resumes_and_finished_folds_are_skipped(tmp_path, tiny_bert
 
     with pytest.raises(ValueError, match=r"other settings \(cv, folds\)"):
         bunmyaku.cv(**{**settings, "fold_seed": 2})
+    bunmyaku.cv(**{**settings, "fold_seed": 2, "overwrite": True})  # starts again from scratch
+    assert json.loads((out / "cv.json").read_text())["cv"]["fold_seed"] == 2
+    assert mtimes(out / "fold0").keys() == first.keys() and mtimes(out / "fold0") != first
+    assert sorted({r["fold"] for r in read_jsonl(out / "oof.jsonl")}) == [0, 1, 2]
 
 
 def test_group_folds_seed_average_and_test_predictions(tmp_path, tiny_bert_dir, rows):
