@@ -6,6 +6,7 @@ The public entry points are re-exported here lazily, so ``import bunmyaku`` stay
 - ``bunmyaku.Tokenizer`` and ``bunmyaku.train_tokenizer``
 - ``bunmyaku.pipeline(task, model=..., device=...)``
 - ``bunmyaku.finetune(task=..., model=..., train=..., ...)`` -> ``bunmyaku.FinetuneResult``
+- ``bunmyaku.cv(folds=5, task=..., model=..., train=..., output_dir=...)`` -> ``bunmyaku.CvResult``
 - ``bunmyaku.pretrain(objective=..., data=..., output_dir=..., ...)`` -> ``bunmyaku.PretrainResult``
 """
 
@@ -23,6 +24,8 @@ _LAZY = {
     "pipeline": "bunmyaku.pipelines",
     "finetune": "bunmyaku.tasks.finetune",
     "FinetuneResult": "bunmyaku.tasks.finetune",
+    "cv": "bunmyaku.tasks.cv",
+    "CvResult": "bunmyaku.tasks.cv",
     "pretrain": "bunmyaku.training.pretrain",
     "PretrainResult": "bunmyaku.training.pretrain",
 }

@@ -315,6 +315,37 @@ def _finetune_command():
 
 app.command("finetune")(_finetune_command())
 
+
+def _cv(values: dict) -> None:
+    from bunmyaku.tasks.cv import OPTION_CLASSES, run_cv
+    from bunmyaku.training.recipe import build_args
+
+    _setup_logging(values.pop("verbose"))
+    if not values.get("output_dir"):
+        raise typer.BadParameter("give --output-dir (where the folds' runs and the out-of-fold results go)")
+    _check_output_dir(values["output_dir"])
+    cargs, fargs, targs = build_args(OPTION_CLASSES, values)
+    result = run_cv(cargs, fargs, targs)
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+    typer.echo(f"out of fold: {shown}; written to {targs.output_dir}")
+
+
+def _cv_command():
+    from bunmyaku.tasks.cv import OPTION_CLASSES
+    from bunmyaku.training.recipe import typer_command
+
+    command = typer_command(OPTION_CLASSES, _cv)
+    command.__doc__ = (
+        "K-fold fine-tuning with every finetune option, plus --folds, --fold-seed, --group-column and --seeds: "
+        "writes oof.jsonl (one record per training example), metrics.json (out of fold), fold_metrics.json, "
+        "fold{k}/ (each fold's finetune run) and, with --test, test_predictions.jsonl. A rerun resumes. "
+        "bunmyaku.cv(...) is the same in Python."
+    )
+    return command
+
+
+app.command("cv")(_cv_command())
+
 _COLUMN_HELP = "Override the column the model was trained with."
 
 

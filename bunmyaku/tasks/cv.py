@@ -1,0 +1,346 @@
+"""K-fold cross-validation on top of :func:`~bunmyaku.tasks.finetune.run_finetune`: ``bunmyaku cv`` and
+``bunmyaku.cv(...)``.
+
+The training file is split into K folds (stratified by label for single-label classification, by group with
+``group_column``, else shuffled K-fold; scikit-learn, seeded by ``fold_seed``). Fold k trains on the other folds
+and evaluates on itself (its held-out rows are its eval set, which picks its best epoch). The output folder::
+
+    DIR/oof.jsonl            one record per training example, in file order: the fields of predictions.jsonl plus
+                             row (0-based), fold and scores (every class's probability in id2label order; the
+                             value for regression)
+    DIR/metrics.json         the out-of-fold metrics (the task's plain keys)
+    DIR/fold_metrics.json    each fold's metrics on its held-out rows, and their mean and std (ddof 0)
+    DIR/fold{k}/             fold k's finetune output (DIR/fold{k}/seed{s}/ with several seeds)
+    DIR/test_predictions.jsonl, DIR/test_metrics.json   with a test file: scores averaged over folds and seeds
+    DIR/cv.json              the settings; a rerun with other settings is refused unless overwrite
+
+With several ``seeds`` every fold is trained once per seed and the probabilities are averaged. A rerun of the
+same command skips finished folds (``metrics.json`` present) and resumes an unfinished one from its checkpoints
+(finetune's resume, with ``save_every``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic
+from bunmyaku.tasks.base import pad_id
+from bunmyaku.tasks.finetune import (
+    FinetuneArgs,
+    Inputs,
+    _settings,
+    build_task,
+    infer,
+    load_finetuned,
+    run_finetune,
+)
+from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int
+from bunmyaku.training.outputs import exclusive_output_dir
+from bunmyaku.training.recipe import build_args, check_keywords, keyword_signature
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = ("text-classification", "sentence-similarity")
+CV_RESULTS = ("oof.jsonl", "metrics.json", "fold_metrics.json", "test_predictions.jsonl", "test_metrics.json")
+
+
+@dataclass
+class CvArgs:
+    """How to cross-validate: the number of folds, how they are drawn, the seeds every fold is trained with."""
+
+    folds: int = 5
+    """Number of folds K (each example is held out exactly once)."""
+    fold_seed: int = 0
+    """Seed of the fold assignment (shuffled, stratified or grouped)."""
+    group_column: str | None = None
+    """Keep the rows sharing this column's value in one fold (group k-fold, e.g. QA by article)."""
+    seeds: str | None = None
+    """Comma-separated training seeds (0,1,2): every fold is trained once per seed, predictions averaged
+    (default: the seed option)."""
+
+    def __post_init__(self) -> None:
+        check_int("folds", self.folds, low=2)
+        check_int("fold_seed", self.fold_seed)
+        if isinstance(self.seeds, (list, tuple)):
+            self.seeds = ",".join(str(s) for s in self.seeds)
+        if isinstance(self.seeds, int):
+            self.seeds = str(self.seeds)
+        if self.seeds is not None:
+            self.seed_list()
+
+    def seed_list(self) -> list[int]:
+        try:
+            values = [int(s) for s in str(self.seeds).split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"seeds must be comma-separated integers such as 0,1,2, got {self.seeds!r}") from None
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"seeds must be distinct comma-separated integers such as 0,1,2, got {self.seeds!r}")
+        return values
+
+
+OPTION_CLASSES = (CvArgs, FinetuneArgs, FinetuneTrainArgs)
+
+
+@dataclass
+class CvResult:
+    """What :func:`cv` returns: the out-of-fold metrics and records, and per-fold metrics."""
+
+    metrics: dict[str, Any]
+    fold_metrics: dict[str, Any]
+    oof: list[dict[str, Any]]
+    test_predictions: list[dict[str, Any]] | None = None
+    test_metrics: dict[str, Any] | None = None
+    output_dir: str = ""
+
+
+def assign_folds(task: Any, examples: list[dict[str, Any]], cargs: CvArgs, source: str) -> tuple[list[int], str]:
+    """Per example its fold (0..K-1), and how the folds were drawn (stratified, group or plain)."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+
+    n, k = len(examples), cargs.folds
+    if n < k:
+        raise ValueError(f"{source or 'the training data'} has {n} examples: too few for {k} folds")
+    index = np.arange(n)
+    if cargs.group_column:
+        groups = []
+        for i, example in enumerate(examples):
+            if cargs.group_column not in example:
+                raise ValueError(f"{source or 'training data'} row {i + 1}: no group column {cargs.group_column!r}")
+            groups.append(str(example[cargs.group_column]))
+        if len(set(groups)) < k:
+            raise ValueError(f"group k-fold: {len(set(groups))} groups in column {cargs.group_column!r} for {k} folds")
+        splitter, kind = GroupKFold(n_splits=k, shuffle=True, random_state=cargs.fold_seed), "group"
+        splits = splitter.split(index, groups=groups)
+    elif task.name == "text-classification" and task.problem == "single-label":
+        labels = [str(e[task.settings.label_column]) for e in examples]
+        counts: dict[str, int] = {}
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+        rare = sorted(label for label, c in counts.items() if c < k)
+        if rare:
+            raise ValueError(
+                f"stratified {k}-fold: label(s) {rare} have fewer than {k} examples; use fewer folds or more data"
+            )
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=cargs.fold_seed)
+        splits, kind = splitter.split(index, labels), "stratified"
+    else:
+        splits, kind = KFold(n_splits=k, shuffle=True, random_state=cargs.fold_seed).split(index), "plain"
+    fold = [-1] * n
+    for f, (_, held) in enumerate(splits):
+        for i in held:
+            fold[int(i)] = f
+    return fold, kind
+
+
+def _to_logits(task: Any, scores: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs the task decodes back into ``scores`` (averaged probabilities): log p for softmax, logit p for
+    sigmoid, the value for regression; so the task's own metrics and predictions serve averaged scores."""
+    if task.problem == "regression":
+        return list(scores.unsqueeze(-1))
+    eps = torch.finfo(scores.dtype).tiny
+    if task.problem == "multi-label":
+        p = scores.clamp(eps, 1 - 1e-7)
+        return list(torch.log(p) - torch.log1p(-p))
+    return list(torch.log(scores.clamp_min(eps)))
+
+
+def _scores(task: Any, outputs: list[torch.Tensor]) -> torch.Tensor:
+    scores, _ = task._decoded(outputs)
+    return scores.double()
+
+
+def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any = None, test_data: Any = None):
+    """Cross-validate as described in the module docstring; returns a :class:`CvResult`."""
+    if fargs.task not in SUPPORTED:
+        raise ValueError(f"cv supports the tasks {list(SUPPORTED)} (one prediction per example), not {fargs.task!r}")
+    if fargs.task == "sentence-similarity" and fargs.encoder != "cross":
+        raise ValueError("cv supports sentence-similarity with encoder=cross only")
+    if fargs.eval is not None or fargs.eval_split or fargs.test_split:
+        raise ValueError("cv holds each fold out as its eval set: give no eval, eval_split or test_split")
+    if targs.output_dir is None:
+        raise ValueError("give output_dir (--output-dir): cv writes every fold's run and the out-of-fold results")
+    seeds = cargs.seed_list() if cargs.seeds is not None else [targs.seed]
+    out = Path(targs.output_dir)
+    task = build_task(fargs)
+    data = train_data if train_data is not None else fargs.train
+    if data is None:
+        raise ValueError("give --train (the training file, or in-memory rows in Python)")
+    examples, source = task.read_data(data)
+    task.fit_labels(examples)
+    labels = task.label_names()
+    fold, kind = assign_folds(task, examples, cargs, source)
+    logger.info("%d examples in %d %s folds, seeds %s", len(examples), cargs.folds, kind, seeds)
+
+    record = {
+        "cv": dataclasses.asdict(cargs),
+        "seeds": seeds,
+        "finetune": {k: v for k, v in _settings(fargs).items() if k not in ("train", "test")},
+        "train": {k: v for k, v in dataclasses.asdict(targs).items() if k not in _NOT_COMPARED},
+        "folds": fold,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_output_dir(out):  # one cv run at a time in this folder (each fold locks its own)
+        _claim(out, record, fargs.overwrite)
+        per_fold = dataclasses.replace(fargs, train=None, eval=None, test=None, overwrite=False)
+        outputs: list[torch.Tensor | None] = [None] * len(examples)
+        test_examples, test_source, test_sum, test_count = None, "", None, 0
+        test_given = test_data if test_data is not None else fargs.test
+        if test_given is not None:
+            test_examples, test_source = task.read_data(test_given, labelled=False)
+            test_labelled = task.settings.label_column is not None and all(
+                task.settings.label_column in e for e in test_examples
+            )
+        for k in range(cargs.folds):
+            held = [i for i, f in enumerate(fold) if f == k]
+            train_rows = [examples[i] for i, f in enumerate(fold) if f != k]
+            fold_sum = None
+            for seed in seeds:
+                run_dir = out / f"fold{k}" if len(seeds) == 1 else out / f"fold{k}" / f"seed{seed}"
+                if (run_dir / "metrics.json").is_file():
+                    logger.info("fold %d seed %d: finished earlier in %s, skipped", k, seed, run_dir)
+                else:
+                    fresh = run_dir.exists() and not (run_dir / "checkpoints").is_dir()
+                    shown = (k, seed, len(train_rows), len(held))
+                    logger.info("fold %d seed %d: training on %d, evaluating on %d", *shown)
+                    run_finetune(
+                        # a killed fold without checkpoints starts again
+                        dataclasses.replace(per_fold, overwrite=fresh),
+                        dataclasses.replace(targs, output_dir=str(run_dir), seed=seed),
+                        Inputs(train=train_rows, eval=[examples[i] for i in held]),
+                    )
+                fold_task, model, tokenizer = load_finetuned(run_dir, device=targs.device if targs.device else None)
+                if fold_task.label_names() != labels:
+                    raise ValueError(
+                        f"{run_dir}: its labels {fold_task.label_names()} differ from the training data's {labels}; "
+                        "every class needs examples in every fold's training part"
+                    )
+                batch = fargs.eval_batch_size or targs.batch_size
+                features = fold_task.encode(tokenizer, [examples[i] for i in held], source=source)
+                scores = _scores(fold_task, infer(fold_task, model, features, batch, pad_id(tokenizer)))
+                fold_sum = scores if fold_sum is None else fold_sum + scores
+                if test_examples is not None:
+                    test_features = fold_task.encode(tokenizer, test_examples, labelled=False, source=test_source)
+                    test_scores = _scores(fold_task, infer(fold_task, model, test_features, batch, pad_id(tokenizer)))
+                    test_sum = test_scores if test_sum is None else test_sum + test_scores
+                    test_count += 1
+            mean = fold_sum / len(seeds)
+            for j, i in enumerate(held):
+                outputs[i] = mean[j]
+
+        return _write(
+            out,
+            task,
+            examples,
+            source,
+            fold,
+            outputs,
+            test_examples,
+            test_source,
+            test_sum,
+            test_count,
+            test_labelled if test_examples is not None else False,
+            cargs.folds,
+        )
+
+
+_NOT_COMPARED = ("overwrite", "resume", "progress", "plot", "output_dir", "device", "num_threads", "seed")
+
+
+def _claim(out: Path, record: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a folder holding another cv run (other settings or folds) unless overwrite, which clears it."""
+    path = out / "cv.json"
+    if overwrite:
+        for child in out.iterdir():
+            if child.name.startswith("fold") or child.name in (*CV_RESULTS, "cv.json"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    elif path.is_file():
+        before, now = json.loads(path.read_text(encoding="utf-8")), json.loads(json.dumps(record))
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise ValueError(
+                f"{out} holds a cv run with other settings ({', '.join(changed)}); rerun with the same settings to "
+                "resume it, or pass --overwrite (overwrite=True) to start again"
+            )
+        return
+    else:
+        present = sorted(p.name for p in out.iterdir() if p.name.startswith("fold") or p.name in CV_RESULTS)
+        if present:
+            raise ValueError(
+                f"{out} already holds {', '.join(present[:6])} but no cv.json; pass --overwrite or another --output-dir"
+            )
+    write_json_atomic(path, record, sort_keys=False)
+
+
+def _write(
+    out, task, examples, source, fold, outputs, test_examples, test_source, test_sum, test_count, test_labelled, n_folds
+) -> CvResult:
+    scores = torch.stack(outputs)  # type: ignore[arg-type]
+    logits = _to_logits(task, scores)
+    features = [{"labels": task._target(e, source)} for e in examples]
+    metrics = task.metrics(examples, features, logits)
+    records = task.predictions(examples, features, logits)
+    oof = []
+    for i, record in enumerate(records):
+        value = scores[i]
+        oof.append({**record, "row": i, "fold": fold[i], "scores": value.tolist() if value.dim() else float(value)})
+    per_fold = []
+    for k in range(n_folds):
+        held = [i for i, f in enumerate(fold) if f == k]
+        per_fold.append(
+            {
+                "fold": k,
+                "examples": len(held),
+                **task.metrics([examples[i] for i in held], [features[i] for i in held], [logits[i] for i in held]),
+            }
+        )
+    keys = [key for key in per_fold[0] if key not in ("fold", "examples")]
+    summary = {"folds": per_fold, "mean": {}, "std": {}}
+    for key in keys:
+        values = [f[key] for f in per_fold if f[key] is not None and not math.isnan(f[key])]
+        summary["mean"][key] = float(np.mean(values)) if values else None
+        summary["std"][key] = float(np.std(values)) if values else None
+    write_jsonl_atomic(out / "oof.jsonl", oof)
+    write_json_atomic(out / "fold_metrics.json", summary, sort_keys=False)
+    result = CvResult(metrics=metrics, fold_metrics=summary, oof=oof, output_dir=str(out))
+    if test_examples is not None:
+        test_scores = test_sum / test_count
+        test_logits = _to_logits(task, test_scores)
+        test_features = [{"labels": task._target(e, test_source)} for e in test_examples] if test_labelled else []
+        predicted = task.predictions(test_examples, test_features or [{}] * len(test_examples), test_logits)
+        result.test_predictions = [
+            {**p, "row": i, "scores": test_scores[i].tolist() if test_scores.dim() > 1 else float(test_scores[i])}
+            for i, p in enumerate(predicted)
+        ]
+        write_jsonl_atomic(out / "test_predictions.jsonl", result.test_predictions)
+        if test_labelled:
+            result.test_metrics = task.metrics(test_examples, test_features, test_logits)
+            write_json_atomic(out / "test_metrics.json", result.test_metrics, sort_keys=False)
+    write_json_atomic(out / "metrics.json", metrics, sort_keys=False)  # last: it marks a finished cv run
+    return result
+
+
+def cv(**options: Any) -> CvResult:
+    """K-fold cross-validation: the Python twin of ``bunmyaku cv`` (the options of :func:`bunmyaku.finetune`
+    plus ``folds``, ``fold_seed``, ``group_column``, ``seeds``); ``train`` / ``test`` may be in-memory rows.
+    ``output_dir`` is required. Returns a :class:`CvResult`."""
+    import os
+
+    check_keywords("cv", options, cv.__signature__)  # type: ignore[attr-defined]
+    values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
+    train = values.pop("train") if not isinstance(values.get("train"), (str, type(None))) else None
+    test = values.pop("test") if not isinstance(values.get("test"), (str, type(None))) else None
+    cargs, fargs, targs = build_args(OPTION_CLASSES, values)
+    return run_cv(cargs, fargs, targs, train_data=train, test_data=test)
+
+
+cv.__signature__ = keyword_signature(OPTION_CLASSES, CvResult)  # type: ignore[attr-defined]
