@@ -216,6 +216,9 @@ class BertModel(BertPreTrainedModel):
         self.layers = nn.ModuleList([Block(config.layer_config(i), i) for i in range(config.num_layers)])
         self.pooler = BertPooler(config) if add_pooler else None
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed.tokens
+
     def _pack_inputs(self, packing, input_ids, token_type_ids, position_ids, inputs_embeds):
         """The real tokens' ids, segments, positions (N,) and embeddings (N, C), defaults filled in on (B, T) first.
 

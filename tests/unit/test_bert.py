@@ -89,3 +89,24 @@ def test_roberta_masked_lm_builds_only_its_own_mlm_head(monkeypatch):
     assert built == [RobertaMLMHead] and type(model.head.mlm) is RobertaMLMHead
     BertForMaskedLM(BertConfig(**TINY))
     assert built == [RobertaMLMHead, bert.BertMLMHead]
+
+
+def test_every_bert_head_finds_its_token_embeddings():
+    """What FGM perturbs and resize_token_embeddings grows: the (V, C) token table, the one the encoder reads."""
+    from bunmyaku.models.bert import BertForSequenceClassification
+    from bunmyaku.models.roberta import RobertaConfig, RobertaForMaskedLM
+
+    classifier = _model(BertForSequenceClassification, id2label={0: "a", 1: "b", 2: "c"})
+    for model in (_model(), classifier, _model(BertForMaskedLM)):
+        table = model.get_input_embeddings()
+        assert isinstance(table, torch.nn.Embedding) and table.weight.shape == (99, 32)
+        ids = torch.tensor([[5, 6, 7]])
+        with torch.no_grad():
+            before = model(input_ids=ids)
+            table.weight[6] += torch.randn(32)  # the encoder must read this very table (not a constant: LayerNorm)
+            after = model(input_ids=ids)
+        first = before.logits if before.logits is not None else before.last_hidden_state
+        second = after.logits if after.logits is not None else after.last_hidden_state
+        assert not torch.allclose(first, second)
+    roberta = RobertaForMaskedLM.from_config(RobertaConfig(**TINY, pad_token_id=1))
+    assert roberta.get_input_embeddings().weight.shape == (99, 32)
