@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bunmyaku.data.tables import iter_jsonl
 from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from bunmyaku.tasks.metrics import accuracy, macro_f1, mean_squared_error, pearson, spearman
 
@@ -70,18 +71,7 @@ class EnsembleResult:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            records.append(record)
+    records = [record for _, record in iter_jsonl(path)]  # the one JSONL reader: DataError naming file and line
     if not records:
         raise ValueError(f"{path}: no records")
     return records

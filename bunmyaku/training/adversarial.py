@@ -41,6 +41,17 @@ def unscaled_grads(trainer: Trainer, params: list[nn.Parameter]) -> list[torch.T
     return grads
 
 
+def second_pass(trainer: Trainer, params: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
+    """Run the step's micro-batches forward and backward at the perturbed weights, then restore ``saved`` (also
+    when the pass fails, so an error never leaves perturbed weights behind)."""
+    try:
+        trainer.forward_backward()
+    finally:
+        with torch.no_grad():
+            for param, original in zip(params, saved, strict=True):
+                param.copy_(original)
+
+
 class FGM(Plugin):
     """Fast Gradient Method (Miyato et al. 2017) on the word embeddings.
 
@@ -76,11 +87,7 @@ class FGM(Plugin):
         saved = weight.detach().clone()
         with torch.no_grad():
             weight.add_((self.epsilon * grads[0] / norm).to(weight.dtype))
-        try:
-            trainer.forward_backward()
-        finally:
-            with torch.no_grad():
-                weight.copy_(saved)
+        second_pass(trainer, [weight], [saved])
 
 
 class AWP(Plugin):
@@ -125,12 +132,7 @@ class AWP(Plugin):
                 bound = self.eps * w.abs()
                 moved = w + self.lr * w.norm() * grad / g_norm
                 param.copy_(torch.minimum(torch.maximum(moved, w - bound), w + bound))
-        try:
-            trainer.forward_backward()
-        finally:
-            with torch.no_grad():
-                for param, original in zip(params, saved, strict=True):
-                    param.copy_(original)
+        second_pass(trainer, params, saved)
 
 
 class SAM(Plugin):
@@ -167,12 +169,7 @@ class SAM(Plugin):
                 param.add_((self.rho * s / norm).to(param.dtype))
         for param in params:
             param.grad = None
-        try:
-            trainer.forward_backward()
-        finally:
-            with torch.no_grad():
-                for param, original in zip(params, saved, strict=True):
-                    param.copy_(original)
+        second_pass(trainer, params, saved)
 
 
 def adversarial_plugins(args: object) -> list[Plugin]:
