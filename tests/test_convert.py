@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bunmyaku.cli import app
 from bunmyaku.models.llama import LlamaForCausalLM
 from tests.conftest import require_module
-from tests.unit.test_llama import llama_cpp_names, llama_cpp_permute, tiny
+from tests.unit.test_llama import tiny, write_gguf
 
 transformers = require_module("transformers")
 gguf = require_module("gguf")
@@ -44,40 +44,21 @@ def vocabulary() -> list[str]:
 def write_gguf_with_tokenizer(path, model: LlamaForCausalLM) -> None:
     """A GGUF file as llama.cpp writes a SmolLM2-like model: tests/unit/test_llama.py's tensors and metadata,
     plus a byte-level BPE tokenizer with special tokens and a chat template."""
-    c = model.config
     tokens = vocabulary()
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(c.num_layers)
-    writer.add_context_length(c.max_seq_len)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_heads)
-    writer.add_head_count_kv(c.num_kv_heads)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
-    hf_state = model.hf_state_dict()
-    for gguf_name, hf_name in llama_cpp_names(c).items():
-        tensor = hf_state[hf_name]
-        if ".attn_q." in gguf_name:
-            tensor = llama_cpp_permute(tensor, c.num_heads)
-        elif ".attn_k." in gguf_name:
-            tensor = llama_cpp_permute(tensor, c.num_kv_heads)
-        writer.add_tensor(gguf_name, tensor.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def add_tokenizer(writer) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("smollm")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+        writer.add_token_merges(MERGES)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(0)
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(CHAT_TEMPLATE)
+
+    write_gguf(path, model, tokenizer=add_tokenizer)
 
 
 @pytest.fixture(params=[False, True], ids=["untied", "tied"])

@@ -387,12 +387,8 @@ def _decoder_beam_search(model, input_ids, attention_mask, max_new_tokens, num_b
             num_beams,
             max_new_tokens,
             eos,
-            rules.length_penalty,
             pad,
-            rules.bad_token_ids,
-            rules.min_new_tokens,
-            rules.early_stopping,
-            rules.num_return_sequences,
+            rules,
         )
 
 
@@ -427,12 +423,8 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     eos: torch.Tensor,
-    length_penalty: float = 1.0,
     pad_token_id: int = 0,
-    bad_token_ids: list[int] | None = None,
-    min_new_tokens: int = 0,
-    early_stopping: bool = False,
-    num_return_sequences: int = 1,
+    rules: BeamRules = BeamRules(),
 ) -> torch.Tensor:
     """Keep the N best partial sequences per input; collect the N best finished ones; return the best.
 
@@ -450,12 +442,8 @@ def beam_search(
         num_beams: N.
         max_new_tokens: the most tokens added.
         eos: (E,) end-of-sequence ids.
-        length_penalty: exponent on the generated length in finished scores.
         pad_token_id: fills the tail of shorter results.
-        bad_token_ids: ids never generated.
-        min_new_tokens: the end tokens are forbidden for the first that many steps.
-        early_stopping: an input is done as soon as it holds N finished hypotheses (HF's ``early_stopping=True``).
-        num_return_sequences: R <= N, the number of best finished hypotheses returned per input.
+        rules: length penalty, min new tokens, bad ids, early stopping, sequences returned (:class:`BeamRules`).
 
     Returns:
         (B * R, L0 + n) the R best finished sequences per input (best first), right-padded.
@@ -471,7 +459,7 @@ def beam_search(
     for i in range(max_new_tokens):
         length, is_last = i + 1, i == max_new_tokens - 1
         log_probs = step(tokens).log_softmax(-1)  # (B * N, V)
-        log_probs = forbid(log_probs, bad_token_ids, eos if i < min_new_tokens else None)
+        log_probs = forbid(log_probs, rules.bad_token_ids, eos if i < rules.min_new_tokens else None)
         V = log_probs.size(-1)
         scores = (running[:, :, None] + log_probs.view(B, N, V)).view(B, N * V)
         top_scores, top_index = scores.topk(width, dim=-1)  # (B, W)
@@ -479,7 +467,7 @@ def beam_search(
         candidates = torch.cat([tokens[source_beam.view(-1)], (top_index % V).view(-1, 1)], dim=1)
         candidates = candidates.view(B, width, -1)  # (B, W, L + 1)
         ended = torch.isin(top_index % V, eos) | is_last  # (B, W)
-        finished_scores = top_scores / length**length_penalty
+        finished_scores = top_scores / length**rules.length_penalty
         for b in range(B):
             if open_inputs[b]:
                 new = [(finished_scores[b, r].item(), candidates[b, r]) for r in range(N) if ended[b, r]]
@@ -490,13 +478,13 @@ def beam_search(
         rows = source_beam.gather(1, keep).view(-1)
         tokens = candidates.gather(1, keep[:, :, None].expand(-1, -1, candidates.size(-1))).view(B * N, -1)
         reorder(rows)
-        best_running = running[:, 0] / length**length_penalty
+        best_running = running[:, 0] / length**rules.length_penalty
         for b in range(B):
-            if len(hypotheses[b]) == N and (early_stopping or best_running[b].item() <= hypotheses[b][-1][0]):
+            if len(hypotheses[b]) == N and (rules.early_stopping or best_running[b].item() <= hypotheses[b][-1][0]):
                 open_inputs[b] = False
         if is_last or not any(open_inputs):
             break
-    best = [hyp[1] for hyps in hypotheses for hyp in hyps[:num_return_sequences]]
+    best = [hyp[1] for hyps in hypotheses for hyp in hyps[: rules.num_return_sequences]]
     out = torch.full((len(best), max(len(t) for t in best)), pad_token_id, dtype=torch.long, device=device)
     for b, t in enumerate(best):
         out[b, : len(t)] = t

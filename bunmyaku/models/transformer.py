@@ -569,12 +569,8 @@ class TransformerForSeq2SeqLM(GenerationMixin, TransformerPreTrainedModel):
             N,
             max_new_tokens,
             eos,
-            rules.length_penalty,
             pad,
-            rules.bad_token_ids,
-            rules.min_new_tokens,
-            rules.early_stopping,
-            rules.num_return_sequences,
+            rules,
         )
 
 

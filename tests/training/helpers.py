@@ -48,3 +48,21 @@ def random_split(num_docs: int = 40, seed: int = 0, low: int = 5, high: int = 60
     tokens = np.concatenate(docs).astype(np.uint16)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
     return Split(tokens, offsets)
+
+
+class Plan:
+    """A batch plan of ready batches: the Trainer draws them as they come, with no collator."""
+
+    def __init__(self, batches):
+        self.batches, self.position, self.batches_per_epoch = batches, 0, len(batches)
+
+    def next_batch(self):
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]

@@ -11,7 +11,7 @@ from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import Plugin, TrainArgs, Trainer
 from bunmyaku.training.adversarial import AWP, FGM, SAM
 from bunmyaku.training.recipe import build_args
-from tests.training.helpers import EOS, random_split, tiny_gpt2
+from tests.training.helpers import EOS, Plan, random_split, tiny_gpt2
 
 LR = 1e-2
 EPS = 1e-3  # Adam epsilon: the key biases have a zero gradient up to rounding, which a tiny epsilon would amplify
@@ -21,22 +21,6 @@ SETTINGS = {
     "sam": {"sam": 0.05},
     "asam": {"sam": 0.5, "sam_adaptive": True},
 }
-
-
-class _Plan:
-    def __init__(self, batches):
-        self.batches, self.position, self.batches_per_epoch = batches, 0, len(batches)
-
-    def next_batch(self):
-        batch = self.batches[self.position % len(self.batches)]
-        self.position += 1
-        return batch
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
 
 
 def _batches(n: int, size: int):
@@ -69,7 +53,7 @@ def _args(tmp_path, **kwargs) -> TrainArgs:
 def _train(tmp_path, batches, plugins=(), checkpoint=False, **kwargs):
     model = tiny_gpt2()
     args = _args(tmp_path, **kwargs)
-    trainer = Trainer(model, args, _Plan(batches), plugins=plugins, export_dir=None, checkpoint_at_end=checkpoint)
+    trainer = Trainer(model, args, Plan(batches), plugins=plugins, export_dir=None, checkpoint_at_end=checkpoint)
     trainer.fit()
     return trainer, model
 
@@ -213,7 +197,7 @@ def test_fp16_perturbation_reads_the_unscaled_gradient(tmp_path, kind):
     for precision in ("fp32", "fp16"):
         model = tiny_gpt2()
         args = _args(tmp_path / precision, max_steps=1, precision=precision, **SETTINGS[kind])
-        trainer = Trainer(model, args, _Plan(batches), plugins=[Record()], export_dir=None)
+        trainer = Trainer(model, args, Plan(batches), plugins=[Record()], export_dir=None)
         trainer._passes = 0
         trainer.fit()
     for name, value in moved["fp32"].items():
@@ -248,11 +232,11 @@ def test_awp_waits_for_its_start_epoch_and_resumes_exactly(tmp_path):
 
 
 def test_adversarial_flags_build_the_plugins_and_bad_values_are_refused(tmp_path):
-    trainer = Trainer(tiny_gpt2(), _args(tmp_path, fgm=1.0, awp_lr=0.1, awp_start_epoch=2), _Plan([]))
+    trainer = Trainer(tiny_gpt2(), _args(tmp_path, fgm=1.0, awp_lr=0.1, awp_start_epoch=2), Plan([]))
     kinds = {type(p): p for p in trainer.plugins}
     assert kinds[FGM].epsilon == 1.0 and kinds[AWP].lr == 0.1 and kinds[AWP].start_epoch == 2
     (args,) = build_args((TrainArgs,), {"sam": 0.5, "sam_adaptive": True})  # recipe keys
-    (sam,) = Trainer(tiny_gpt2(), args, _Plan([])).plugins
+    (sam,) = Trainer(tiny_gpt2(), args, Plan([])).plugins
     assert isinstance(sam, SAM) and sam.rho == 0.5 and sam.adaptive
     bad = [("fgm", -1.0), ("sam", float("nan")), ("awp_eps", 0.0), ("awp_lr", "1e-3"), ("sam_adaptive", True)]
     for field, value in bad:

@@ -12,7 +12,7 @@ from bunmyaku.training import EMA, Freeze, Plugin, TrainArgs, Trainer
 from bunmyaku.training.args import field_docs
 from bunmyaku.training.checkpoint import list_checkpoints
 from bunmyaku.training.optim import lr_multiplier
-from tests.training.helpers import CLS, EOS, MASK, PAD, SEP, VOCAB, random_split, tiny_bert, tiny_gpt2
+from tests.training.helpers import CLS, EOS, MASK, PAD, SEP, VOCAB, Plan, random_split, tiny_bert, tiny_gpt2
 
 
 def _args(tmp_path, **kwargs) -> TrainArgs:
@@ -362,29 +362,11 @@ def test_a_non_finite_metric_stops_the_run(tmp_path):
         ).fit()
 
 
-class _Plan:
-    """A batch plan of ready batches: the Trainer draws them as they come, with no collator."""
-
-    def __init__(self, batches):
-        self.batches, self.position, self.batches_per_epoch = batches, 0, len(batches)
-
-    def next_batch(self):
-        batch = self.batches[self.position % len(self.batches)]
-        self.position += 1
-        return batch
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
-
-
 def test_a_batch_plan_feeds_ready_batches_and_its_position_is_checkpointed(tmp_path):
     train, _ = _clm_data()
     collate = CausalLMCollator()
     batches = [collate([train[i] for i in range(j, j + 3 + j)], epoch=0, indices=[]) for j in range(3)]
-    plan = _Plan(batches)
+    plan = Plan(batches)
     seen = []
 
     class Look(Plugin):

@@ -250,8 +250,10 @@ def test_gguf_tensor_names():
         hf_tensor_name("blk.0.attn_q_norm.weight")
 
 
-def write_gguf(path, model: LlamaForCausalLM, quantize_embeddings: bool = False) -> None:
-    """A GGUF file as llama.cpp's converter writes one: its metadata, its names, Q and K rows permuted."""
+def write_gguf(path, model: LlamaForCausalLM, quantize_embeddings: bool = False, tokenizer=None) -> None:
+    """A GGUF file as llama.cpp's converter writes one: its metadata, its names, Q and K rows permuted.
+
+    ``tokenizer(writer)``, when given, adds the tokenizer's metadata (it then sets the special token ids)."""
     gguf = require_module("gguf")
     c = model.config
     writer = gguf.GGUFWriter(path, "llama")
@@ -264,8 +266,11 @@ def write_gguf(path, model: LlamaForCausalLM, quantize_embeddings: bool = False)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    if tokenizer is not None:
+        tokenizer(writer)
+    else:
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
     hf_state = model.hf_state_dict()
     for gguf_name, hf_name in llama_cpp_names(c).items():
         tensor = hf_state[hf_name]
