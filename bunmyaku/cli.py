@@ -673,7 +673,9 @@ def ensemble_command(
     meta: str | None = typer.Option(
         None, help="Stacking's second-stage model: logistic (classification) | ridge (regression)."
     ),
-    output_dir: str = typer.Option(..., "--output-dir", help="Folder for oof.jsonl, metrics.json, report.md."),
+    output_dir: str = typer.Option(
+        ..., "--output-dir", help="Folder for oof.jsonl, metrics.json, fold_metrics.json, report.md."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs."),
 ) -> None:
     """Combine k-fold runs into one ensemble, every reported score out of fold.
@@ -683,7 +685,8 @@ def ensemble_command(
     weighted (non-negative weights summing to 1) and stacking (a scikit-learn model) are fitted on K-1 folds and
     scored on the held-out one.
 
-    Writes OUT/oof.jsonl, OUT/metrics.json, OUT/report.md and, when every run has them, OUT/test_predictions.jsonl.
+    Writes OUT/oof.jsonl, OUT/metrics.json, OUT/fold_metrics.json, OUT/report.md and, when every run has them,
+    OUT/test_predictions.jsonl (the formats of bunmyaku cv).
     """
     from bunmyaku.tasks.ensemble import ensemble
 
@@ -692,4 +695,6 @@ def ensemble_command(
     for name, values in result.run_metrics.items():
         typer.echo(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None))
     typer.echo(f"ensemble ({method}): " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if v is not None))
+    mean, std = result.fold_metrics["mean"], result.fold_metrics["std"]
+    typer.echo("per fold: " + ", ".join(f"{k} {v:.4f} ± {std[k]:.4f}" for k, v in mean.items() if v is not None))
     typer.echo(f"-> {output_dir}/report.md")

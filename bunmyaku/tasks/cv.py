@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from bunmyaku.tasks.finetune import (
     load_finetuned,
     run_finetune,
 )
+from bunmyaku.tasks.metrics import fold_summary
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int
 from bunmyaku.training.outputs import exclusive_output_dir
 from bunmyaku.training.recipe import build_args, check_keywords, keyword_signature
@@ -303,12 +303,7 @@ def _write(
                 **task.metrics([examples[i] for i in held], [features[i] for i in held], [logits[i] for i in held]),
             }
         )
-    keys = [key for key in per_fold[0] if key not in ("fold", "examples")]
-    summary = {"folds": per_fold, "mean": {}, "std": {}}
-    for key in keys:
-        values = [f[key] for f in per_fold if f[key] is not None and not math.isnan(f[key])]
-        summary["mean"][key] = float(np.mean(values)) if values else None
-        summary["std"][key] = float(np.std(values)) if values else None
+    summary = fold_summary(per_fold)
     write_jsonl_atomic(out / "oof.jsonl", oof)
     write_json_atomic(out / "fold_metrics.json", summary, sort_keys=False)
     result = CvResult(metrics=metrics, fold_metrics=summary, oof=oof, output_dir=str(out))

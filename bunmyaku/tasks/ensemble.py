@@ -12,6 +12,7 @@ predictions come from one more fit on all folds. The output folder::
 
     OUT/oof.jsonl                 the ensemble's out-of-fold predictions, in the format of cv's oof.jsonl
     OUT/metrics.json              their metrics (accuracy and macro f1, or pearson, spearman and mse)
+    OUT/fold_metrics.json         the metrics on each held-out fold, and their mean and std (as cv writes it)
     OUT/test_predictions.jsonl    when every run has test predictions
     OUT/report.md                 each run's out-of-fold metrics beside the ensemble's, and the fitted weights
 """
@@ -29,7 +30,7 @@ import numpy as np
 
 from bunmyaku.data.tables import iter_jsonl
 from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from bunmyaku.tasks.metrics import accuracy, macro_f1, mean_squared_error, pearson, spearman
+from bunmyaku.tasks.metrics import accuracy, fold_summary, macro_f1, mean_squared_error, pearson, spearman
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class EnsembleResult:
     method: str
     metrics: dict[str, float | None]  # the ensemble's out-of-fold metrics
     run_metrics: dict[str, dict[str, float | None]]  # each input run's out-of-fold metrics
-    fold_metrics: list[dict[str, float | None]]  # the ensemble's metrics on each held-out fold, in fold order
+    fold_metrics: dict[str, Any]  # fold_metrics.json: {"folds": [{"fold", "examples", metrics...}], "mean", "std"}
     weights: dict[str, Any] = field(default_factory=dict)  # fitted on all folds (weighted / stacking)
     oof_scores: np.ndarray | None = None  # (N, C) or (N, 1)
 
@@ -426,8 +427,10 @@ def _report(method, meta, runs, run_metrics, metrics, fold_metrics, weights_text
     lines.append(f"| **ensemble ({method})** | " + " | ".join(_fmt(metrics[k]) for k in keys) + " |")
     lines += ["", "Ensemble per held-out fold:", ""]
     lines += ["| fold | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for fold, values in enumerate(fold_metrics):
-        lines.append(f"| {fold} | " + " | ".join(_fmt(values[k]) for k in keys) + " |")
+    for values in fold_metrics["folds"]:
+        lines.append(f"| {values['fold']} | " + " | ".join(_fmt(values[k]) for k in keys) + " |")
+    for stat in ("mean", "std"):
+        lines.append(f"| {stat} | " + " | ".join(_fmt(fold_metrics[stat].get(k)) for k in keys) + " |")
     lines += ["", weights_text, ""]
     return "\n".join(lines)
 
@@ -487,7 +490,12 @@ def ensemble(
 
     metrics = _metrics(oof, target, regression)
     run_metrics = {str(run.path): _metrics(run.scores, target, regression) for run in runs}
-    fold_metrics = [_metrics(oof[base.folds == f], target[base.folds == f], regression) for f in np.unique(base.folds)]
+    per_fold = []
+    for fold in np.unique(base.folds):
+        held = base.folds == fold
+        values = _metrics(oof[held], target[held], regression)
+        per_fold.append({"fold": int(fold), "examples": int(held.sum()), **values})
+    fold_metrics = fold_summary(per_fold)  # cv's fold_metrics.json, from the same function
     weights: dict[str, Any] = {}
     if method == "weighted":
         weights = {str(run.path): float(w) for run, w in zip(runs, fitted, strict=True)}
@@ -518,6 +526,7 @@ def ensemble(
             [{"row": int(row)} | _record(s, names) for row, s in zip(base.test_rows, test, strict=True)],
         )
     write_text_atomic(out / "report.md", _report(method, meta, runs, run_metrics, metrics, fold_metrics, weights_text))
-    write_json_atomic(out / "metrics.json", metrics)  # last: its presence means the ensemble finished
+    write_json_atomic(out / "fold_metrics.json", fold_metrics, sort_keys=False)
+    write_json_atomic(out / "metrics.json", metrics, sort_keys=False)  # last: its presence means the ensemble finished
     logger.info("ensemble %s of %d runs: %s", method, len(runs), metrics)
     return EnsembleResult(method, metrics, run_metrics, fold_metrics, weights, oof)

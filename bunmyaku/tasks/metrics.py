@@ -208,3 +208,26 @@ def squad_metrics(predictions: list[dict[str, Any]], examples: list[Any]) -> dic
         em += max(exact_match(pred["prediction_text"], g) for g in golds)
         f1 += max(f1_score(pred["prediction_text"], g) for g in golds)
     return {"exact_match": 100.0 * em / len(examples), "f1": 100.0 * f1 / len(examples)}
+
+
+# ------------------------------------------------------------------------------------------------
+# K-fold summaries (cv's and ensemble's fold_metrics.json)
+
+
+def fold_summary(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each fold's metrics with their mean and standard deviation (ddof 0) over the folds.
+
+    Args:
+        per_fold: one dict per fold, ``{"fold": k, "examples": n, <metric>: value, ...}``, in fold order.
+
+    Returns:
+        ``{"folds": per_fold, "mean": {...}, "std": {...}}``; a metric undefined (None or NaN) on a fold is left
+        out of its mean and std, and is None there when no fold defines it.
+    """
+    keys = [key for key in (per_fold[0] if per_fold else {}) if key not in ("fold", "examples")]
+    summary: dict[str, Any] = {"folds": per_fold, "mean": {}, "std": {}}
+    for key in keys:
+        values = [f[key] for f in per_fold if f.get(key) is not None and not math.isnan(f[key])]
+        summary["mean"][key] = float(np.mean(values)) if values else None
+        summary["std"][key] = float(np.std(values)) if values else None
+    return summary

@@ -158,10 +158,11 @@ def test_nested_fit_never_sees_the_held_out_fold(tmp_path, method):
     both = ensemble([a, b], tmp_path / "both", method=method)
     full_fit_leak = both.weights[str(b)]
     assert np.abs(full_fit_leak).max() > 0.1  # the all-folds fit does lean on the leak: the detector can fire
-    assert both.fold_metrics[0]["accuracy"] <= alone.fold_metrics[0]["accuracy"] + 0.05
-    assert both.fold_metrics[0]["accuracy"] < 0.9
+    both_folds, alone_folds = both.fold_metrics["folds"], alone.fold_metrics["folds"]
+    assert both_folds[0]["accuracy"] <= alone_folds[0]["accuracy"] + 0.05
+    assert both_folds[0]["accuracy"] < 0.9
     for k in range(1, 5):
-        assert both.fold_metrics[k]["accuracy"] <= alone.fold_metrics[k]["accuracy"] + 0.05
+        assert both_folds[k]["accuracy"] <= alone_folds[k]["accuracy"] + 0.05
 
 
 def test_stacking_classification_is_out_of_fold(tmp_path):
@@ -224,7 +225,7 @@ def test_cli(tmp_path):
     command = [sys.executable, "-m", "bunmyaku", "ensemble", "--method", "weighted", "--output-dir"]
     done = subprocess.run([*command, str(tmp_path / "out"), str(a), str(b)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "accuracy" in done.stdout
+    assert "accuracy" in done.stdout and "per fold: accuracy" in done.stdout
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["accuracy"] > 0.5
     bad = write_run(tmp_path / "c", informative(rng, gold)[:-1], gold[:-1], folds[:-1])
     done = subprocess.run([*command, str(tmp_path / "out2"), str(a), str(bad)], capture_output=True, text=True)
@@ -276,3 +277,48 @@ def test_labels_from_the_fold_model_and_integer_gold(tmp_path):
     predicted = scores.argmax(1)
     assert result.metrics["accuracy"] == pytest.approx(float(np.mean(predicted == gold)))
     assert {r["label"] for r in read_jsonl(tmp_path / "out" / "oof.jsonl")} == {"0"}
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_outputs_have_the_format_of_a_real_cv_run(tmp_path, kind):
+    """ensemble writes what cv writes: the same oof.jsonl record keys, metrics.json keys and fold_metrics.json
+    layout; a mean of one run reproduces that run's cv numbers (cv computes them with the task's own metrics)."""
+    import bunmyaku
+    from tests.finetune.helpers import save_tiny, sentiment_rows
+
+    model = save_tiny(tmp_path / "tiny", "bert")
+    options = {"epochs": 1, "batch_size": 4, "max_length": 16, "progress": False, "plot": False, "device": "cpu"}
+    if kind == "classification":
+        train = [{"text": t, "label": lab} for t, lab in sentiment_rows(8)]
+    else:
+        train = [{"a": t, "b": "nice film", "score": 5.0 * (lab == "pos")} for t, lab in sentiment_rows(8)]
+        options |= {"task": "sentence-similarity", "text_column": "a", "text_pair_column": "b", "label_column": "score"}
+    cv = tmp_path / "cv"
+    bunmyaku.cv(model=str(model), train=train, folds=2, output_dir=str(cv), **options)
+    reference_oof = read_jsonl(cv / "oof.jsonl")
+    reference_metrics = json.loads((cv / "metrics.json").read_text())
+    reference_folds = json.loads((cv / "fold_metrics.json").read_text())
+    for method, runs in (("mean", [cv]), ("stacking", [cv, cv])):
+        out = tmp_path / method
+        result = ensemble(runs, out, method=method)
+        oof = read_jsonl(out / "oof.jsonl")
+        assert [set(r) for r in oof] == [set(r) for r in reference_oof]
+        same = [(r["row"], r["fold"], r["gold"]) for r in reference_oof]
+        assert [(r["row"], r["fold"], r["gold"]) for r in oof] == same
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert list(metrics) == list(reference_metrics)
+        folds = json.loads((out / "fold_metrics.json").read_text())
+        assert folds == result.fold_metrics
+        assert list(folds) == ["folds", "mean", "std"] and list(folds["mean"]) == list(reference_folds["mean"])
+        assert [list(f) for f in folds["folds"]] == [list(f) for f in reference_folds["folds"]]
+        assert [(f["fold"], f["examples"]) for f in folds["folds"]] == [
+            (f["fold"], f["examples"]) for f in reference_folds["folds"]
+        ]
+        if method == "mean":  # the run itself: the same predictions and numbers as cv wrote
+            assert [r.get("label") for r in oof] == [r.get("label") for r in reference_oof]
+            np.testing.assert_allclose([r["scores"] for r in oof], [r["scores"] for r in reference_oof], rtol=1e-9)
+            assert metrics == pytest.approx(reference_metrics, rel=1e-9, nan_ok=False)
+            for mine, theirs in zip(folds["folds"], reference_folds["folds"], strict=True):
+                assert mine == pytest.approx(theirs, rel=1e-9)
+            for stat in ("mean", "std"):
+                assert folds[stat] == pytest.approx(reference_folds[stat], rel=1e-9)
