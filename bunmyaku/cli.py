@@ -671,7 +671,7 @@ def ensemble_command(
     run_dirs: Annotated[list[str], typer.Argument(help="bunmyaku cv output folders (same training file and folds).")],
     method: str = typer.Option("mean", help="mean | weighted | rank | stacking."),
     meta: str | None = typer.Option(
-        None, help="Stacking's second-stage model: logistic (classification) | ridge (regression)."
+        None, help="Stacking's second-stage model: logistic (on log-probabilities) | ridge (regression)."
     ),
     output_dir: str = typer.Option(
         ..., "--output-dir", help="Folder for oof.jsonl, metrics.json, fold_metrics.json, report.md."

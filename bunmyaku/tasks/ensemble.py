@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("mean", "weighted", "rank", "stacking")
 METAS = ("logistic", "ridge")
 _EPS = 1e-12
+_LOG_FLOOR = 1e-7  # stacking's log-probability features: log(max(p, 1e-7)) keeps a 0 probability finite
 
 
 @dataclass
@@ -292,14 +293,21 @@ def fit_weights(stack: np.ndarray, target: np.ndarray, regression: bool) -> np.n
     return weights / weights.sum()
 
 
-def _meta_features(stack: np.ndarray) -> np.ndarray:
-    """(R, N, C) -> (N, R * C): the runs' scores side by side."""
-    return np.concatenate(list(stack), axis=1)
+def _meta_features(stack: np.ndarray, regression: bool) -> np.ndarray:
+    """(R, N, C) -> (N, R * C): the runs' scores side by side; for classification their log-probabilities.
+
+    Log-probabilities are the runs' logits up to a constant per row, so a linear model reproduces any one run
+    (softmax(log p) = p) or their geometric mean with small coefficients. On probabilities it cannot: near-uniform
+    ones (an undertrained run) differ by a few hundredths, and the regularised fit falls back on the class
+    priors; saturated ones squeeze every confident row to the same 0 / 1.
+    """
+    features = np.concatenate(list(stack), axis=1)
+    return features if regression else np.log(np.maximum(features, _LOG_FLOOR))
 
 
 def fit_meta(stack: np.ndarray, target: np.ndarray, regression: bool, meta: str, num_classes: int):
-    """A scikit-learn second-stage model on the runs' scores: logistic regression (classification) or ridge
-    regression (regression)."""
+    """A scikit-learn second-stage model on the runs' scores: logistic regression on their log-probabilities
+    (classification) or ridge regression on their values (regression)."""
     if meta == "logistic":
         from sklearn.linear_model import LogisticRegression
 
@@ -308,11 +316,11 @@ def fit_meta(stack: np.ndarray, target: np.ndarray, regression: bool, meta: str,
         from sklearn.linear_model import Ridge
 
         model = Ridge(alpha=1.0)
-    return model.fit(_meta_features(stack), target)
+    return model.fit(_meta_features(stack, regression), target)
 
 
 def predict_meta(model, stack: np.ndarray, regression: bool, num_classes: int) -> np.ndarray:
-    features = _meta_features(stack)
+    features = _meta_features(stack, regression)
     if regression:
         return model.predict(features)[:, None]
     probabilities = np.zeros((features.shape[0], num_classes))
@@ -447,7 +455,8 @@ def ensemble(
         run_dirs: ``cv`` output folders of the same training file with the same folds.
         output_dir: where ``oof.jsonl``, ``metrics.json``, ``report.md`` (and ``test_predictions.jsonl``) go.
         method: ``mean`` (probability average), ``rank`` (rank average per class), ``weighted`` (non-negative
-            weights summing to 1 fitted on the out-of-fold scores) or ``stacking`` (a second-stage model).
+            weights summing to 1 fitted on the out-of-fold scores) or ``stacking`` (a second-stage model on the
+            runs' log-probabilities, or on their values for regression).
         meta: stacking's model: ``logistic`` (classification, the default there) or ``ridge`` (regression, the
             default there).
 
@@ -508,7 +517,8 @@ def ensemble(
         weights = {str(run.path): coef[:, r * width : (r + 1) * width].tolist() for r, run in enumerate(runs)} | {
             "intercept": np.atleast_1d(fitted.intercept_).tolist()
         }
-        weights_text = f"Meta model ({meta}) coefficients fitted on all folds (rows: classes; columns: a run's scores):"
+        columns = "a run's values" if regression else "a run's log-probabilities"
+        weights_text = f"Meta model ({meta}) coefficients fitted on all folds (rows: classes; columns: {columns}):"
         listed = [f"- {path}: {np.round(np.asarray(c), 4).tolist()}" for path, c in weights.items()]
         weights_text += "\n\n" + "\n".join(listed)
     else:
