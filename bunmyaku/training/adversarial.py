@@ -12,6 +12,11 @@ The logged training loss is the first (clean) pass's. Under fp16 the gradients h
 the GradScaler's scale: the perturbation is computed from the unscaled gradient (its direction ``g / ||g||`` is
 the same either way; its finiteness decides), and when that gradient is not finite (the scaler is about to skip
 the step) nothing is perturbed and no second pass runs.
+
+Under DDP the gradient here is already all-reduced (the step's last micro-batch syncs), so every process perturbs
+the same weights by the same amount; the second pass syncs again on its last micro-batch, so the gradient the
+optimizer steps with is the whole batch's: 2 processes with half the batch each train exactly like 1 with all of it
+(not SAM's per-device "m-sharpness" variant, whose result would change with the number of processes).
 """
 
 from __future__ import annotations

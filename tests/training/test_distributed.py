@@ -1,4 +1,9 @@
-"""Data parallelism: 2 gloo processes with micro-batches of B match 1 process with micro-batches of 2B."""
+"""Data parallelism: 2 gloo processes with micro-batches of B match 1 process with micro-batches of 2B, plain and with
+each training plugin (FGM, AWP, SAM, ASAM, LLRD, EMA) on.
+
+One launch of each (the single process and torchrun's two) trains every configuration one after the other: starting
+the processes costs more than the tiny runs.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT
+from tests.training.run_tiny import PLUGINS
 
 SCRIPT = ["-m", "tests.training.run_tiny"]
 
@@ -38,18 +44,50 @@ def _wait(process: subprocess.Popen, timeout: float) -> int:
         raise
 
 
-@pytest.mark.distributed
-def test_two_process_gloo_run_matches_a_single_process(tmp_path):
-    single = _start([*SCRIPT, str(tmp_path / "single"), "6", "8", "--save-every", "3"])
+def _weights(run_dir, step=None):
+    folder = run_dir if step is None else run_dir / "checkpoints" / f"step-{step:08d}"
+    return load_file(folder / "model.safetensors")
+
+
+def _assert_same(got, expected, what):
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=f"{what}: {name}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """6 steps of 2 micro-batches (checkpoints at 3 and 6) per configuration: OUT/<name>/ for each name in PLUGINS
+    ("none" is the plain run), by 1 process with batches of 8 and by 2 with batches of 4."""
+    out = tmp_path_factory.mktemp("ddp")
+    flags = ["--save-every", "3", "--plugins", ",".join(PLUGINS)]
+    single = _start([*SCRIPT, str(out / "single"), "6", "8", *flags])
     torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
-    with open(tmp_path / "ddp.log", "w+b") as log:
-        code = _wait(_start([*torchrun, *SCRIPT, str(tmp_path / "ddp"), "6", "4", "--save-every", "3"], log), 90)
+    with open(out / "ddp.log", "w+b") as log:
+        code = _wait(_start([*torchrun, *SCRIPT, str(out / "ddp"), "6", "4", *flags], log), 150)
         log.seek(0)
         stderr = log.read().decode(errors="replace")
     assert code == 0, stderr[-3000:]
-    assert _wait(single, 90) == 0
-    expected = load_file(tmp_path / "single" / "model.safetensors")
-    got = load_file(tmp_path / "ddp" / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert _wait(single, 150) == 0
+    return out / "single", out / "ddp"
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_run_matches_a_single_process(runs):
+    single, ddp = runs
+    _assert_same(_weights(ddp / "none"), _weights(single / "none"), "plain")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("plugin", [name for name in PLUGINS if name != "none"])
+def test_plugins_under_ddp_match_a_single_process(runs, plugin):
+    """The perturbations (FGM, AWP, SAM / ASAM) use the all-reduced gradient and their second pass is all-reduced
+    again; LLRD's groups and EMA's average are the same on every process: so after 3 steps (the checkpoint) and 6
+    (the exported model, EMA's average for ema) 2 processes with half the batch hold the weights of 1 with the whole
+    batch."""
+    single, ddp = runs
+    for step in (3, None):
+        _assert_same(_weights(ddp / plugin, step), _weights(single / plugin, step), f"{plugin} at step {step or 6}")
+    # the plugin changed the run (EMA only its export), by far more than the tolerance above
+    with_plugin, plain = _weights(single / plugin), _weights(single / "none")
+    assert max(float((with_plugin[k] - plain[k]).abs().max()) for k in plain) > 1e-3
