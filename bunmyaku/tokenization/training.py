@@ -1,7 +1,8 @@
 """Training new vocabularies with the `tokenizers` trainers: WordPiece, BPE, byte-level BPE, Unigram, characters.
 
 `train_tokenizer(files, kind=..., pre_tokenizer="mecab")` reproduces the cl-tohoku Japanese BERT recipe
-(NFKC, MeCab words, WordPiece); `kind="byte-bpe"` is GPT-2's recipe.
+(NFKC, MeCab words, WordPiece); `kind="byte-bpe"` is GPT-2's recipe; `kind="unigram", style="deberta"` is
+DeBERTa-v2 / v3's (its special ids, text pipeline and template, a folder `DebertaV2Tokenizer` loads).
 """
 
 from __future__ import annotations
