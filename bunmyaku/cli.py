@@ -193,6 +193,11 @@ def train_tokenizer_command(
     ] = None,
     min_frequency: int = typer.Option(None, help="Minimum count for a token to enter the vocabulary (default 2)."),
     lowercase: bool = typer.Option(None, "--lowercase/--no-lowercase", help="Lower-case the text."),
+    style: str = typer.Option(
+        None,
+        help="deberta: the DeBERTa-v2/v3 layout (with --kind unigram): [PAD] [CLS] [SEP] [UNK] at ids 0-3, [MASK] "
+        "last, DebertaV2Tokenizer's text pipeline and template.",
+    ),
     output_dir: str = typer.Option(None, "--output-dir", help="Folder to write the trained tokenizer to."),
     data_dir: str = typer.Option(None, help="Where relative paths resolve: $BUNMYAKU_DATA, else ../shared/data."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -216,6 +221,7 @@ def train_tokenizer_command(
         "special_tokens": special_tokens or None,
         "min_frequency": min_frequency,
         "lowercase": lowercase,
+        "style": style,
         "output_dir": output_dir,
     }
     settings = {**recipe, **{key: value for key, value in flags.items() if value is not None}}

@@ -39,6 +39,19 @@ _BERT_SPECIALS = {
     "cls_token": "[CLS]",
     "mask_token": "[MASK]",
 }
+# DeBERTa-v2 / v3 (microsoft/deberta-v3-*): the spm.model holds [PAD] [CLS] [SEP] [UNK] as ids 0-3 and
+# [MASK] is added after the last piece.
+DEBERTA_V2_SPECIALS = {
+    "bos_token": "[CLS]",
+    "eos_token": "[SEP]",
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
+DEBERTA_V2_RESERVED = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+_DEBERTA_V2_CLASSES = ("DebertaV2Tokenizer", "DebertaV2TokenizerFast")
 # llama.cpp names the pre-tokenizer regex a byte-level vocabulary was trained with; files that name
 # none of these use GPT-2's regex, which is what ByteLevel(use_regex=True) applies.
 _LLAMA3_SPLIT = (
@@ -59,6 +72,18 @@ def token_content(value: Any) -> str | None:
 def is_japanese(config: dict[str, Any]) -> bool:
     """Whether tokenizer_config.json describes a cl-tohoku Japanese tokenizer (MeCab words first)."""
     return config.get("tokenizer_class") == "BertJapaneseTokenizer" or "word_tokenizer_type" in config
+
+
+def is_deberta_v2(config: dict[str, Any]) -> bool:
+    """Whether a folder's settings name DeBERTa-v2 / v3's tokenizer, by class or, lacking one, by model type.
+
+    microsoft/deberta-v3-* ship a tokenizer_config.json without `tokenizer_class`; transformers then goes by
+    config.json's `model_type`, and so do we.
+    """
+    name = config.get("tokenizer_class")
+    if name:
+        return name in _DEBERTA_V2_CLASSES
+    return config.get("model_type") == "deberta-v2"
 
 
 def read_json(path: Path) -> Any:
@@ -401,6 +426,10 @@ def build_sentencepiece(path: Path) -> tuple[Backend, dict[str, Any]]:
     if not proto.pieces:
         raise ValueError(f"{path} is not a SentencePiece model (no pieces)")
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    # protobuf hands back bytes for a piece that is not UTF-8: the wire format survived a damaged payload.
+    broken = next((index for index, (piece, _, _) in enumerate(pieces) if not isinstance(piece, str)), None)
+    if broken is not None:
+        raise ValueError(f"{path} is damaged: piece {broken} ({pieces[broken][0]!r:.40}) is not UTF-8 text")
     # SentencePiece piece types: 2 = unknown, 3 = control, 4 = user-defined, 6 = byte.
     unk_id = next((i for i, (_, _, t) in enumerate(pieces) if t == 2), 0)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
@@ -437,6 +466,72 @@ def build_sentencepiece(path: Path) -> tuple[Backend, dict[str, Any]]:
     # SentencePiece itself adds no special tokens; a folder's tokenizer_config.json may ask for a template.
     backend.post_processor = sequence_template(None, None, {})
     config["model_input_names"] = CAUSAL_INPUT_NAMES
+    return backend, config
+
+
+def set_deberta_v2_pipeline(backend: Backend, config: dict[str, Any]) -> None:
+    """DeBERTa-v2's text pipeline on `backend`, as transformers' `DebertaV2Tokenizer` builds it.
+
+    transformers 5 rebuilds this pipeline from tokenizer_config.json whenever it loads a DeBERTa-v2 folder (the
+    normaliser stored in tokenizer.json or spm.model is ignored), so we build the same one from the same keys:
+    optional lower-casing, runs of whitespace and every tab or newline to one space, NFC (not SentencePiece's
+    NFKC: full-width letters stay distinct), trailing spaces stripped; words split at spaces (and at each
+    punctuation character with `split_by_punct`), each prefixed with `▁` (`add_prefix_space`, default on,
+    else only the first word).
+    """
+    steps = [normalizers.Lowercase()] if config.get("do_lower_case") else []
+    steps += [
+        normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "),
+        normalizers.NFC(),
+        normalizers.Strip(left=False, right=True),
+    ]
+    backend.normalizer = normalizers.Sequence(steps)
+    prepend = "always" if config.get("add_prefix_space", True) else "first"
+    words = [pre_tokenizers.Punctuation(behavior="isolated")] if config.get("split_by_punct") else []
+    words.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(words)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend)
+
+
+def build_deberta_v2(backend: Backend, config: dict[str, Any], source: Path | None) -> tuple[Backend, dict[str, Any]]:
+    """A DeBERTa-v2 / v3 tokenizer from the Unigram model of its spm.model or tokenizer.json.
+
+    Only the pieces and their scores are taken from `backend` (built by :func:`build_sentencepiece` or read
+    from tokenizer.json); the text pipeline comes from the folder's settings (:func:`set_deberta_v2_pipeline`),
+    the template is `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` with segment ids, and a `[MASK]` missing from
+    the pieces is added after the last one when the `Tokenizer` registers its special tokens.
+
+    Args:
+        backend: a tokenizer whose model is the vocabulary's Unigram.
+        config: tokenizer_config.json / special_tokens_map.json settings (`do_lower_case`, `split_by_punct`,
+            `add_prefix_space`, special tokens); DeBERTa's special tokens fill in the missing ones.
+        source: the file the vocabulary came from, for error messages.
+
+    Raises:
+        ValueError: when the vocabulary is not a Unigram, or lacks the `[CLS]` / `[SEP]` pieces.
+    """
+    where = source or "The DeBERTa-v2 vocabulary"
+    state = json.loads(backend.model.__getstate__())
+    if state.get("type") != "Unigram":
+        raise ValueError(f"{where}: a DeBERTa-v2 tokenizer is a SentencePiece Unigram model, got {state.get('type')}")
+    config = {key: value for key, value in config.items() if key not in ("model_type", "tokenizer_class")}
+    config = {**DEBERTA_V2_SPECIALS, "do_lower_case": False, "split_by_punct": False, **config}
+    config["tokenizer_class"] = "DebertaV2Tokenizer"
+    config.setdefault("model_input_names", BERT_INPUT_NAMES)
+    # transformers takes the unknown piece by name, and never falls back to bytes.
+    unk_id = backend.model.token_to_id(token_content(config["unk_token"]))
+    if unk_id is None:
+        unk_id = state.get("unk_id")
+    if unk_id != state.get("unk_id") or state.get("byte_fallback"):
+        pieces = [(piece, score) for piece, score in state["vocab"]]
+        backend.model = models.Unigram(pieces, unk_id=unk_id, byte_fallback=False)
+    set_deberta_v2_pipeline(backend, config)
+    cls_token, sep_token = token_content(config["cls_token"]), token_content(config["sep_token"])
+    vocab = {token: backend.token_to_id(token) for token in (cls_token, sep_token)}
+    missing = [token for token, index in vocab.items() if index is None]
+    if missing:
+        raise ValueError(f"{where}: a DeBERTa-v2 vocabulary must hold {missing} (the [CLS] A [SEP] template)")
+    backend.post_processor = bert_template(cls_token, sep_token, vocab)
     return backend, config
 
 

@@ -196,11 +196,21 @@ class Tokenizer:
 
     @classmethod
     def from_sentencepiece(cls, path: str | os.PathLike, config: dict[str, Any] | None = None) -> Tokenizer:
-        """A SentencePiece `.model` (Unigram or BPE), optionally with tokenizer_config.json settings."""
+        """A SentencePiece `.model` (Unigram or BPE), optionally with tokenizer_config.json settings.
+
+        Settings that name DeBERTa-v2 (`tokenizer_class: DebertaV2Tokenizer`, or `model_type: deberta-v2`) give
+        DeBERTa-v2 / v3's pipeline and template (see :func:`formats.build_deberta_v2`).
+
+        Raises:
+            FileNotFoundError: when there is no file at `path`.
+            ValueError: when the file is not a SentencePiece model (damaged, truncated, another format).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No SentencePiece model at {path}")
         backend, defaults = formats.build_sentencepiece(path)
+        if formats.is_deberta_v2(config or {}):
+            return cls(*formats.build_deberta_v2(backend, config or {}, path))
         config = {**defaults, **(config or {})}
         cls_token, sep_token = (
             formats.token_content(config.get("cls_token")),
@@ -208,7 +218,7 @@ class Tokenizer:
         )
         vocab = backend.get_vocab()
         if cls_token in vocab and sep_token in vocab:
-            # DeBERTa-v3 / ALBERT style: the folder asks for [CLS] A [SEP] B [SEP].
+            # ALBERT style: the folder asks for [CLS] A [SEP] B [SEP].
             backend.post_processor = formats.bert_template(cls_token, sep_token, vocab)
             config.setdefault("model_input_names", formats.BERT_INPUT_NAMES)
         elif config.get("add_eos_token") or "Marian" in str(config.get("tokenizer_class", "")):
@@ -232,6 +242,8 @@ class Tokenizer:
                 raise ValueError(f"{path} is not a valid tokenizer.json: {error}") from error
             if formats.is_japanese(config):
                 backend, config = formats.build_japanese(None, config, backend)
+            elif formats.is_deberta_v2(config):
+                backend, config = formats.build_deberta_v2(backend, config, path)
             return cls(backend, config)
         if path.suffix == ".txt":
             if formats.is_japanese(config):
@@ -249,6 +261,10 @@ class Tokenizer:
         model_config = folder / "config.json"
         if "tokenizer_class" not in config and model_config.is_file():
             config["model_type"] = formats.read_json(model_config).get("model_type")
+        if formats.is_deberta_v2(config):
+            # Whichever file holds the pieces, the pipeline and template are DeBERTa's, as in transformers.
+            config.pop("model_type", None)
+            config["tokenizer_class"] = "DebertaV2Tokenizer"
 
         if (folder / "tokenizer.json").is_file():
             config.pop("model_type", None)

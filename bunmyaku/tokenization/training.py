@@ -1,7 +1,8 @@
 """Training new vocabularies with the `tokenizers` trainers: WordPiece, BPE, byte-level BPE, Unigram, characters.
 
 `train_tokenizer(files, kind=..., pre_tokenizer="mecab")` reproduces the cl-tohoku Japanese BERT recipe
-(NFKC, MeCab words, WordPiece); `kind="byte-bpe"` is GPT-2's recipe.
+(NFKC, MeCab words, WordPiece); `kind="byte-bpe"` is GPT-2's recipe; `kind="unigram", style="deberta"` is
+DeBERTa-v2 / v3's (its special ids, text pipeline and template, a folder `DebertaV2Tokenizer` loads).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 Kind = Literal["wordpiece", "bpe", "byte-bpe", "unigram", "character"]
 PreTokenizerName = Literal["mecab", "bert", "whitespace", "metaspace", "byte-level"]
+Style = Literal["deberta"]
 
 _DEFAULT_PRE_TOKENIZER = {
     "wordpiece": "bert",
@@ -63,6 +65,7 @@ def train_tokenizer(
     lowercase: bool = False,
     limit_alphabet: int | None = None,
     model_max_length: int | None = 512,
+    style: Style | None = None,
     show_progress: bool = False,
 ) -> Tokenizer:
     """Train a vocabulary on text files and return (and optionally save) the tokenizer.
@@ -83,6 +86,10 @@ def train_tokenizer(
         lowercase: lower-case the text (after MeCab for Japanese, as cl-tohoku does).
         limit_alphabet: keep at most this many distinct characters as initial tokens (WordPiece / BPE).
         model_max_length: the length limit saved with the tokenizer.
+        style: "deberta" lays the folder out as DeBERTa-v2 / v3's tokenizer (with kind="unigram"): `[PAD]`
+            `[CLS]` `[SEP]` `[UNK]` at ids 0-3, `[MASK]` after the last piece, DeBERTa's normaliser and
+            `▁`-word pre-tokenizer (training sees the text exactly as `DebertaV2Tokenizer` will), the
+            `[CLS] A [SEP] B [SEP]` template with segment ids, and `tokenizer_class: DebertaV2Tokenizer`.
         show_progress: draw the trainer's progress bars (for the CLI).
 
     Returns:
@@ -100,6 +107,13 @@ def train_tokenizer(
         raise ValueError(f"kind='byte-bpe' works on bytes and takes pre_tokenizer='byte-level', got {pre_name!r}")
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if style == "deberta":
+        _check_deberta_options(kind, pre_name, special_tokens, vocab_size)
+        special_tokens = formats.DEBERTA_V2_RESERVED
+        # [MASK] comes after the learned pieces, so the trainer leaves it one slot.
+        vocab_size -= 1
+    elif style is not None:
+        raise ValueError(f"style must be 'deberta' or None, got {style!r}")
     if special_tokens is None:
         special_tokens = _GPT_SPECIALS if kind in ("bpe", "byte-bpe") else _BERT_SPECIALS
     special_tokens = list(dict.fromkeys(special_tokens))
@@ -112,11 +126,20 @@ def train_tokenizer(
     backend, trainer = _model_and_trainer(
         kind, vocab_size, min_frequency, special_tokens, roles, limit_alphabet, show_progress
     )
-    backend.normalizer = _normalizer(pre_name, lowercase)
-    backend.pre_tokenizer = _pre_tokenizer(pre_name, lowercase, kind)
-    backend.decoder = _decoder(kind, pre_name)
+    if style == "deberta":
+        deberta = {**formats.DEBERTA_V2_SPECIALS, "do_lower_case": lowercase, "model_max_length": model_max_length}
+        formats.set_deberta_v2_pipeline(backend, deberta)
+    else:
+        backend.normalizer = _normalizer(pre_name, lowercase)
+        backend.pre_tokenizer = _pre_tokenizer(pre_name, lowercase, kind)
+        backend.decoder = _decoder(kind, pre_name)
     batches = (texts[i : i + _TRAIN_BATCH] for i in range(0, len(texts), _TRAIN_BATCH))
     backend.train_from_iterator(batches, trainer=trainer, length=(len(texts) + _TRAIN_BATCH - 1) // _TRAIN_BATCH)
+    if style == "deberta":
+        tokenizer = Tokenizer(*formats.build_deberta_v2(backend, deberta, None))
+        if output_dir is not None:
+            tokenizer.save_pretrained(output_dir)
+        return tokenizer
 
     vocab = backend.get_vocab()
     if "cls_token" in roles and "sep_token" in roles:
@@ -145,6 +168,24 @@ def train_tokenizer(
     if output_dir is not None:
         tokenizer.save_pretrained(output_dir)
     return tokenizer
+
+
+def _check_deberta_options(kind: str, pre_name: str, special_tokens: Sequence[str] | None, vocab_size: int) -> None:
+    """DeBERTa-v2's tokenizer is a Unigram over `▁`-prefixed words with fixed special tokens; say so early."""
+    if vocab_size <= len(formats.DEBERTA_V2_RESERVED) + 1:
+        raise ValueError(f"style='deberta' needs vocab_size above its 5 special tokens, got {vocab_size}")
+    if kind != "unigram":
+        raise ValueError(f"style='deberta' trains a SentencePiece-style Unigram: pass kind='unigram', got {kind!r}")
+    if pre_name != "metaspace":
+        raise ValueError(
+            f"style='deberta' splits words at spaces as DebertaV2Tokenizer does (pre_tokenizer='metaspace'), "
+            f"got {pre_name!r}"
+        )
+    if special_tokens is not None and list(special_tokens) != formats.DEBERTA_V2_RESERVED + ["[MASK]"]:
+        raise ValueError(
+            f"style='deberta' reserves [PAD] [CLS] [SEP] [UNK] (ids 0-3) and [MASK] (last); leave special_tokens "
+            f"unset, got {list(special_tokens)}"
+        )
 
 
 def _assign_roles(special_tokens: Sequence[str]) -> dict[str, str]:
