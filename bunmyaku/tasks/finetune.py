@@ -483,6 +483,10 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
             output folder that is not empty without ``overwrite``.
         bunmyaku.training.outputs.OutputDirBusy: another run is writing into the output folder.
     """
+    if targs.swa_start and targs.swa_start >= fargs.epochs:
+        raise ValueError(
+            f"swa_start ({targs.swa_start:g}) must be below epochs ({fargs.epochs:g}): averaging starts at that epoch"
+        )
     inputs = dataclasses.replace(inputs or Inputs())
     inputs.callbacks = [_plugin(path) for path in fargs.callbacks] + list(inputs.callbacks)
     if inputs.compute_metrics is None and fargs.compute_metrics:

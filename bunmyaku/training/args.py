@@ -70,6 +70,9 @@ class TrainArgs:
     """SAM sharpness-aware minimization: the neighbourhood radius rho (e.g. 0.05); 0: off. Doubles the step's cost."""
     sam_adaptive: bool = False
     """With sam: ASAM's scale-invariant neighbourhood (rho around 0.5 to 2)."""
+    swa_start: float = 0.0
+    """Stochastic weight averaging: from this epoch on (0-based, fractions allowed) evaluate and export the equal
+    average of every step's weights; 0: off."""
     eval_every: int = 200
     """Evaluate every N steps (and at the end); 0: only at the end."""
     eval_batches: int = 0
@@ -128,6 +131,10 @@ class TrainArgs:
         if self.sam and (self.fgm or self.awp_lr):
             # SAM replaces the step's gradient by the one at its perturbed point, discarding FGM's / AWP's term
             raise ValueError("sam cannot be combined with fgm or awp_lr: choose one (fgm and awp_lr may be combined)")
+        check_number("swa_start", self.swa_start, low=0.0)
+        if self.swa_start and self.ema_decay:
+            # both replace the weights by an average for evaluation and export: one would silently win
+            raise ValueError("swa_start and ema_decay both average the weights for evaluation and export: choose one")
         if self.sam_adaptive and not self.sam:
             raise ValueError("sam_adaptive needs sam > 0 (ASAM's rho, e.g. sam: 0.5)")
         if self.precision not in ("fp32", "bf16", "fp16"):

@@ -8,6 +8,8 @@ The Trainer calls each plugin's hooks at fixed points of a step::
     evaluation_context (around evaluation and the final export), on_evaluate(metrics)
     state_dict / load_state_dict (saved in every checkpoint)
 
+Plugins that act from an epoch on (AWP, SWA) read the epoch of a step with :func:`step_epoch`.
+
 A plugin that needs another forward / backward pass over the step's micro-batches (SAM, AWP) calls
 ``trainer.forward_backward()`` from ``before_optimizer_step``; one that changes parameter groups (layer-wise
 learning-rate decay) overrides ``param_groups``.
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 if TYPE_CHECKING:
     from bunmyaku.training.trainer import Trainer
@@ -71,6 +75,22 @@ class Plugin:
         """Restore :meth:`state_dict`."""
 
 
+@contextlib.contextmanager
+def swapped_in(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Hold ``values`` (an average of the weights) in ``params`` for the ``with`` block, then put the trained
+    weights back (also after an error)."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name])
+
+
 class EMA(Plugin):
     """An exponential moving average of the trainable weights, used for evaluation and the exported model.
 
@@ -98,19 +118,8 @@ class EMA(Plugin):
         for name, param in self._params(trainer).items():
             self.shadow[name].lerp_(param.float(), 1.0 - self.decay)
 
-    @contextlib.contextmanager
-    def evaluation_context(self, trainer: Trainer) -> Iterator[None]:
-        params = self._params(trainer)
-        saved = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(self.shadow[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(saved[name])
+    def evaluation_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
+        return swapped_in(self._params(trainer), self.shadow)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "shadow": self.shadow}
@@ -118,6 +127,83 @@ class EMA(Plugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, tensor in state["shadow"].items():
             self.shadow[name].copy_(tensor)
+
+
+def step_epoch(trainer: Trainer, step: int | None = None) -> float:
+    """The (0-based, fractional) epoch in which optimizer step ``step`` (0-based; default: the one being taken,
+    ``trainer.step``) runs: the micro-batches drawn before it over the micro-batches per epoch."""
+    per_epoch = max(getattr(trainer.train_stream, "batches_per_epoch", 1), 1)
+    return (trainer.step if step is None else step) * trainer.args.grad_accum_steps / per_epoch
+
+
+class SWA(Plugin):
+    """Stochastic weight averaging (Izmailov et al. 2018): the equal-weight average of the iterates of the last
+    epochs, used for evaluation and the exported model.
+
+    From epoch ``start`` on (0-based, fractions allowed: see :func:`step_epoch`), the trainable weights after every
+    optimizer step join a running mean, ``avg_n = avg_{n-1} + (w - avg_{n-1}) / n``, updated with
+    ``torch.optim.swa_utils.get_swa_multi_avg_fn`` on fp32 copies. The paper's Algorithm 1 with a constant
+    learning rate (cycle length c = 1) averages every iterate; torch's documentation calls ``update_parameters``
+    once per epoch instead, which in a fine-tuning run of a few epochs leaves one or two snapshots, so every step
+    is averaged here. The learning rate keeps the run's schedule (``--schedule constant`` is the paper's constant
+    rate). Before the first averaged step, evaluation sees the plain weights. A step the fp16 GradScaler skips
+    (an inf in the gradient) leaves the weights as they were and is not averaged again.
+
+    SWA recomputes BatchNorm statistics for the averaged weights (``swa_utils.update_bn``); Transformers normalise
+    with LayerNorm, which has no running statistics, so nothing needs recomputing.
+
+    Args:
+        start: the first epoch whose steps are averaged (> 0).
+    """
+
+    def __init__(self, start: float):
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start < math.inf:
+            raise ValueError(f"swa_start must be a finite number of epochs > 0, got {start!r}")
+        self.start = start
+        self.average: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self._update = get_swa_multi_avg_fn()
+        self._scale: float | None = None
+
+    def _params(self, trainer: Trainer) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in trainer.unwrapped_model.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        last = step_epoch(trainer, trainer.args.max_steps - 1)
+        if last < self.start:
+            total = step_epoch(trainer, trainer.args.max_steps)
+            raise ValueError(
+                f"swa_start is {self.start:g} but the run is {total:.3g} epochs long (its last step runs in epoch "
+                f"{last:.3g}): nothing would be averaged; lower swa_start or train longer"
+            )
+        self.average = {n: p.detach().float().clone() for n, p in self._params(trainer).items()}
+        self.count = 0
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        self._scale = trainer.scaler.get_scale() if trainer.scaler is not None else None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        if step_epoch(trainer) < self.start:  # trainer.step: the step just taken (counted after this hook)
+            return
+        if self._scale is not None and trainer.scaler.get_scale() < self._scale:
+            return  # the fp16 GradScaler found an inf and skipped the step: the same iterate is not counted twice
+        params = self._params(trainer)
+        self._update(list(self.average.values()), [params[n].detach().float() for n in self.average], self.count)
+        self.count += 1
+
+    def evaluation_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
+        if self.count == 0:
+            return contextlib.nullcontext()
+        return swapped_in(self._params(trainer), self.average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "count": self.count, "average": self.average}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        for name, tensor in state["average"].items():
+            self.average[name].copy_(tensor)
 
 
 class Freeze(Plugin):
