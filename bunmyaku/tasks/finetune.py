@@ -58,7 +58,7 @@ from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int, check_number
 from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
-from bunmyaku.training.plugins import Plugin
+from bunmyaku.training.plugins import MultiSampleDropout, Plugin
 from bunmyaku.training.recipe import build_args, check_keywords, import_object, keyword_signature
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,11 @@ class FinetuneArgs:
     compute_metrics: str | None = None
     """fn(predictions, labels) -> {name: number} by import path (package.module:name): extra eval metrics."""
 
+    multi_sample_dropout: int = 1
+    """Multi-sample dropout: in training the classification head's dropout + classifier run N times with their own
+    masks and the N losses are averaged (text / token classification, cross-encoder similarity, multiple choice; BERT
+    family); 1: off."""
+
     # intermediate fine-tuning
     init_from: str | None = None
     """Start from a model fine-tuned on another task (RUN or RUN/model): its encoder is kept, its head replaced."""
@@ -190,6 +195,16 @@ class FinetuneArgs:
             check_int(name, getattr(self, name), low=1)
         for name in ("stride", "eval_batch_size", "patience"):
             check_int(name, getattr(self, name), low=0)
+        check_int("multi_sample_dropout", self.multi_sample_dropout, low=1)
+        if self.multi_sample_dropout > 1 and (
+            self.task in ("question-answering", "pair-classification")
+            or (self.task == "sentence-similarity" and self.encoder == "bi")
+        ):
+            head = "the bi-encoder (no classifier)" if self.task == "sentence-similarity" else f"{self.task}'s head"
+            raise ValueError(
+                f"multi_sample_dropout is for classification heads with dropout (text-classification, "
+                f"token-classification, multiple-choice, sentence-similarity with encoder cross), not {head}"
+            )
         if self.init_from is not None and (self.model is not None or self.from_scratch):
             raise ValueError(
                 "init_from starts from a fine-tuned model instead of --model: give one of model, init_from "
@@ -510,6 +525,11 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
                 raise
 
 
+def _head_plugins(fargs: FinetuneArgs) -> list[Plugin]:
+    """The plugins FinetuneArgs switches on (the Trainer builds those of TrainArgs)."""
+    return [MultiSampleDropout(fargs.multi_sample_dropout)] if fargs.multi_sample_dropout > 1 else []
+
+
 def _plugin(path: str) -> Plugin:
     found = import_object(path, "callbacks")
     plugin = found() if isinstance(found, type) else found
@@ -647,7 +667,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
         loop_args,
         plan,
         objective=TaskObjective(task),
-        plugins=inputs.callbacks,
+        plugins=inputs.callbacks + _head_plugins(fargs),
         evaluate=evaluator,
         metric=metric,
         patience=fargs.patience,

@@ -21,6 +21,7 @@ _LAZY = {
     "EMA": "bunmyaku.training.plugins",
     "Freeze": "bunmyaku.training.plugins",
     "SWA": "bunmyaku.training.plugins",
+    "MultiSampleDropout": "bunmyaku.training.plugins",
     "FGM": "bunmyaku.training.adversarial",
     "AWP": "bunmyaku.training.adversarial",
     "SAM": "bunmyaku.training.adversarial",

@@ -206,6 +206,38 @@ class SWA(Plugin):
             self.average[name].copy_(tensor)
 
 
+class MultiSampleDropout(Plugin):
+    """Multi-sample dropout (Inoue 2019) for classification heads: while training, the head's dropout and
+    classifier run ``samples`` times with independent masks and the losses are averaged (see
+    :func:`bunmyaku.models.heads.multi_sample`); evaluation and the exported model are the plain head.
+
+    Supported: heads that apply dropout before their classifier on BERT-family models (BERT, RoBERTa, MiniLM...):
+    sequence classification (single-label, multi-label, regression), token classification, multiple choice.
+
+    Args:
+        samples: dropout samples per training forward (>= 2 to have an effect).
+    """
+
+    def __init__(self, samples: int):
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"multi_sample_dropout must be a whole number >= 1, got {samples!r}")
+        self.samples = samples
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        model = trainer.unwrapped_model
+        if not hasattr(type(model), "multi_sample_dropout"):
+            raise ValueError(
+                f"multi_sample_dropout needs a classification head that applies dropout before its classifier "
+                f"(BERT-family sequence / token classification, multiple choice); {type(model).__name__} has none"
+            )
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.head.modules()):
+            logger.warning(
+                "multi_sample_dropout: the head's dropout is 0, so its %d samples are all alike", self.samples
+            )
+        model.multi_sample_dropout = self.samples  # an attribute, not a weight: the saved model is unchanged
+        logger.info("Multi-sample dropout: %d dropout samples of the head per training forward", self.samples)
+
+
 class Freeze(Plugin):
     """Stop training the embeddings and / or the first ``layers`` Transformer layers (the talk's memory tip).
 
