@@ -199,6 +199,9 @@ def test_cli_flags_and_recipe_keys():
             assert flag in result.output, (verb, flag)
         for flag in absent:
             assert flag not in result.output, (verb, flag)
+    for function in (bunmyaku.finetune, bunmyaku.cv):  # the Python twins take them as keywords, same defaults
+        parameters = __import__("inspect").signature(function).parameters
+        assert parameters["swa_start"].default == 0.0 and parameters["multi_sample_dropout"].default == 1
 
 
 def test_bad_values_and_heads_without_a_classifier_are_refused(tiny_bert_dir):

@@ -1,7 +1,7 @@
 """A tiny causal-LM training run, as a script: the kill / resume and DDP tests start it in fresh processes.
 
-Usage: ``python -m tests.training.run_tiny OUTPUT_DIR MAX_STEPS BATCH_SIZE [--dropout P]``; under torchrun it joins
-the gloo process group first.
+Usage: ``python -m tests.training.run_tiny OUTPUT_DIR MAX_STEPS BATCH_SIZE [--dropout P] [--swa-start E]``; under
+torchrun it joins the gloo process group first.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("batch_size", type=int)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--swa-start", type=float, default=0.0)
     cli = parser.parse_args()
     torch.set_num_threads(1)
     with process_group_from_env("gloo"):
@@ -39,6 +40,7 @@ def main() -> None:
             device="cpu",
             progress=False,
             plot=False,
+            swa_start=cli.swa_start,
         )
         model = tiny_gpt2(dropout=cli.dropout)
         train = PackedBlocks(random_split(60), 16, EOS, random_offset=True)

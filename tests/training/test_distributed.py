@@ -39,11 +39,14 @@ def _wait(process: subprocess.Popen, timeout: float) -> int:
 
 
 @pytest.mark.distributed
-def test_two_process_gloo_run_matches_a_single_process(tmp_path):
-    single = _start([*SCRIPT, str(tmp_path / "single"), "6", "8", "--save-every", "3"])
+@pytest.mark.parametrize("extra", [[], ["--swa-start", "0.2"]], ids=["plain", "swa"])
+def test_two_process_gloo_run_matches_a_single_process(tmp_path, extra):
+    # with SWA the exported weights are the average of the steps from epoch 0.2 on (steps 2 to 6 of ~7 per epoch)
+    single = _start([*SCRIPT, str(tmp_path / "single"), "6", "8", "--save-every", "3", *extra])
     torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
     with open(tmp_path / "ddp.log", "w+b") as log:
-        code = _wait(_start([*torchrun, *SCRIPT, str(tmp_path / "ddp"), "6", "4", "--save-every", "3"], log), 90)
+        ddp = _start([*torchrun, *SCRIPT, str(tmp_path / "ddp"), "6", "4", "--save-every", "3", *extra], log)
+        code = _wait(ddp, 90)
         log.seek(0)
         stderr = log.read().decode(errors="replace")
     assert code == 0, stderr[-3000:]
@@ -53,3 +56,6 @@ def test_two_process_gloo_run_matches_a_single_process(tmp_path):
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    last = load_file(tmp_path / "ddp" / "checkpoints" / "step-00000006" / "model.safetensors")  # the last iterate
+    averaged = any(not torch.allclose(last[n], got[n], atol=1e-5) for n in got)
+    assert averaged == bool(extra), "the export is the SWA average, not the last iterate"
