@@ -169,9 +169,7 @@ class FinetuneArgs:
     """fn(predictions, labels) -> {name: number} by import path (package.module:name): extra eval metrics."""
 
     multi_sample_dropout: int = 1
-    """Multi-sample dropout: in training the classification head's dropout + classifier run N times with their own
-    masks and the N losses are averaged (text / token classification, cross-encoder similarity, multiple choice; BERT
-    family); 1: off."""
+    """Multi-sample dropout: train the classification head on N dropout samples, averaging their N losses; 1: off."""
 
     # intermediate fine-tuning
     init_from: str | None = None

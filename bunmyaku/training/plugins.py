@@ -145,8 +145,11 @@ class SWA(Plugin):
     ``torch.optim.swa_utils.get_swa_multi_avg_fn`` on fp32 copies. The paper's Algorithm 1 with a constant
     learning rate (cycle length c = 1) averages every iterate; torch's documentation calls ``update_parameters``
     once per epoch instead, which in a fine-tuning run of a few epochs leaves one or two snapshots, so every step
-    is averaged here. The learning rate keeps the run's schedule (``--schedule constant`` is the paper's constant
-    rate). Before the first averaged step, evaluation sees the plain weights. A step the fp16 GradScaler skips
+    is averaged here. Before the first averaged step, evaluation sees the plain weights.
+
+    The learning rate keeps the run's schedule unless ``lr`` is given: then every averaged step runs at the
+    constant rate ``lr`` (the paper's constant SWA rate; torch's ``SWALR`` with ``anneal_epochs=0``), each parameter
+    group at ``lr`` times its own factor (layer-wise decay's ratios are kept). A step the fp16 GradScaler skips
     (an inf in the gradient) leaves the weights as they were and is not averaged again.
 
     SWA recomputes BatchNorm statistics for the averaged weights (``swa_utils.update_bn``); Transformers normalise
@@ -154,12 +157,15 @@ class SWA(Plugin):
 
     Args:
         start: the first epoch whose steps are averaged (> 0).
+        lr: the constant learning rate of the averaged steps (0: the run's schedule).
     """
 
-    def __init__(self, start: float):
+    def __init__(self, start: float, lr: float = 0.0):
         if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start < math.inf:
             raise ValueError(f"swa_start must be a finite number of epochs > 0, got {start!r}")
-        self.start = start
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+            raise ValueError(f"swa_lr must be a finite number >= 0, got {lr!r}")
+        self.start, self.lr = start, lr
         self.average: dict[str, torch.Tensor] = {}
         self.count = 0
         self._update = get_swa_multi_avg_fn()
@@ -182,12 +188,18 @@ class SWA(Plugin):
     def before_optimizer_step(self, trainer: Trainer) -> None:
         self._scale = trainer.scaler.get_scale() if trainer.scaler is not None else None
 
-    @torch.no_grad()
     def after_optimizer_step(self, trainer: Trainer) -> None:
-        if step_epoch(trainer) < self.start:  # trainer.step: the step just taken (counted after this hook)
-            return
-        if self._scale is not None and trainer.scaler.get_scale() < self._scale:
-            return  # the fp16 GradScaler found an inf and skipped the step: the same iterate is not counted twice
+        # trainer.step is the step just taken (it is counted after this hook)
+        skipped = self._scale is not None and trainer.scaler.get_scale() < self._scale
+        if step_epoch(trainer) >= self.start and not skipped:  # a skipped fp16 step would count an iterate twice
+            self._add(trainer)
+        if self.lr and step_epoch(trainer, trainer.step + 1) >= self.start:
+            # after the scheduler's step: the next step's rate (it is in the optimizer's state, so resuming keeps it)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = self.lr * group["initial_lr"] / trainer.args.lr
+
+    @torch.no_grad()
+    def _add(self, trainer: Trainer) -> None:
         params = self._params(trainer)
         self._update(list(self.average.values()), [params[n].detach().float() for n in self.average], self.count)
         self.count += 1
@@ -198,7 +210,7 @@ class SWA(Plugin):
         return swapped_in(self._params(trainer), self.average)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "count": self.count, "average": self.average}
+        return {"start": self.start, "lr": self.lr, "count": self.count, "average": self.average}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count = int(state["count"])

@@ -124,7 +124,7 @@ class Trainer:
         if args.ema_decay:
             self.plugins.append(EMA(args.ema_decay))
         if args.swa_start:
-            self.plugins.append(SWA(args.swa_start))
+            self.plugins.append(SWA(args.swa_start, args.swa_lr))
         if args.reinit_layers:  # first: EMA and the others must see the new weights
             self.plugins.insert(0, ReinitLayers(args.reinit_layers))
         if args.llrd:
@@ -542,7 +542,7 @@ class Trainer:
         record = {
             "step": self.step,
             **metrics,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.optimizer.param_groups[0]["lr"],  # the scheduler's, or a plugin's (SWA's constant rate)
             "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
             "elapsed_s": elapsed,

@@ -12,7 +12,7 @@ from bunmyaku.training import Plugin, TrainArgs, Trainer
 from bunmyaku.training.plugins import SWA
 from bunmyaku.training.recipe import build_args
 from tests.training.helpers import Plan, tiny_gpt2
-from tests.training.test_adversarial import _args, _batches
+from tests.training.test_adversarial import EPS, LR, _args, _batches, _loss
 
 
 class Record(Plugin):
@@ -88,9 +88,53 @@ def test_accumulation_four_by_one_equals_one_by_four(tmp_path):
     _assert_close(whole.average, _mean(record.iterates, [3, 4]), atol=1e-7, rtol=1e-6)
 
 
+class GroupRates(Plugin):
+    def __init__(self):
+        self.rates = {}
+
+    def before_optimizer_step(self, trainer):
+        self.rates[trainer.step + 1] = [g["lr"] for g in trainer.optimizer.param_groups]
+
+
+def test_swa_lr_is_constant_from_the_start_epoch_like_a_plain_adamw_loop(tmp_path):
+    batches = _batches(2, 2)
+    rates = GroupRates()
+    trainer, _, _, swa = _run(
+        tmp_path,
+        batches,
+        plugins=[rates],
+        max_steps=6,
+        swa_start=1.0,
+        swa_lr=3e-2,
+        schedule="linear",
+        min_lr_ratio=0.0,
+        log_every=1,
+    )
+    # plain PyTorch: AdamW at the linear schedule's rate for steps 1-2 (of 6, no warmup), then 3e-2 for steps 3-6
+    model = tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+    iterates = {}
+    for step in range(6):
+        opt.param_groups[0]["lr"] = 3e-2 if step >= 2 else LR * (1 - step / 6)
+        opt.zero_grad()
+        _loss(model, batches[step % 2]).backward()
+        opt.step()
+        iterates[step + 1] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _assert_close(swa.average, _mean(iterates, [3, 4, 5, 6]), atol=1e-6, rtol=1e-5)
+    assert [r[0] for r in rates.rates.values()] == pytest.approx([LR, LR * 5 / 6, 3e-2, 3e-2, 3e-2, 3e-2])
+    logged = [r["lr"] for r in trainer.history if "loss" in r]  # each step's record: the next step's rate
+    assert logged[1:] == pytest.approx([3e-2] * 5)
+    # with layer-wise decay every group keeps its factor under the SWA rate
+    rates = GroupRates()
+    _run(tmp_path / "llrd", batches, plugins=[rates], max_steps=4, swa_start=1.0, swa_lr=3e-2, llrd=0.5)
+    # 2 layers: head and top layer x1, layer 0 x0.5, embeddings x0.25
+    assert {round(r, 12) for r in rates.rates[3]} == {round(3e-2 * f, 12) for f in (1.0, 0.5, 0.25)}
+    assert {round(r, 12) for r in rates.rates[2]} == {round(LR * f, 12) for f in (1.0, 0.5, 0.25)}  # before: LR
+
+
 def test_checkpoint_and_resume_mid_average_give_identical_weights(tmp_path):
     batches = _batches(2, 2)
-    settings = dict(max_steps=6, swa_start=1.0)
+    settings = dict(max_steps=6, swa_start=1.0, swa_lr=2e-2)  # constant schedule: a shorter run is a killed one
     _, _, _, whole = _run(tmp_path / "whole", batches, export=True, **settings)
     # killed after 4 steps (2 of them averaged), then resumed to 6
     _run(tmp_path / "cut", batches, checkpoint=True, **{**settings, "max_steps": 4})
@@ -126,6 +170,11 @@ def test_flags_recipe_keys_and_bad_values(tmp_path):
     for value in (-1.0, float("nan"), float("inf"), "1e-3", True):
         with pytest.raises(ValueError, match="swa_start"):
             _args(tmp_path, swa_start=value)
+    for value in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="swa_lr"):
+            _args(tmp_path, swa_start=1.0, swa_lr=value)
+    with pytest.raises(ValueError, match="give swa_start too"):
+        _args(tmp_path, swa_lr=1e-3)
     with pytest.raises(ValueError, match="swa_start and ema_decay"):
         _args(tmp_path, swa_start=1.0, ema_decay=0.99)
     # 2 batches per epoch, 4 steps: the last step runs in epoch 1.5, so averaging from epoch 2 averages nothing
