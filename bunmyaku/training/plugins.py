@@ -142,10 +142,11 @@ class SWA(Plugin):
 
     From epoch ``start`` on (0-based, fractions allowed: see :func:`step_epoch`), the trainable weights after every
     optimizer step join a running mean, ``avg_n = avg_{n-1} + (w - avg_{n-1}) / n``, updated with
-    ``torch.optim.swa_utils.get_swa_multi_avg_fn`` on fp32 copies. The paper's Algorithm 1 with a constant
-    learning rate (cycle length c = 1) averages every iterate; torch's documentation calls ``update_parameters``
-    once per epoch instead, which in a fine-tuning run of a few epochs leaves one or two snapshots, so every step
-    is averaged here. Before the first averaged step, evaluation sees the plain weights.
+    ``torch.optim.swa_utils.get_swa_multi_avg_fn`` on fp32 copies. Torch's documentation example calls
+    ``AveragedModel.update_parameters`` once per epoch, which in a fine-tuning run of a few epochs leaves one or two
+    snapshots, so every step's iterate is averaged here. Before the first averaged step, evaluation sees the plain
+    weights; when the Trainer keeps the best evaluation (fine-tuning does), the exported model is the weights of
+    that evaluation: the average when it came after ``start``.
 
     The learning rate keeps the run's schedule unless ``lr`` is given: then every averaged step runs at the
     constant rate ``lr`` (the paper's constant SWA rate; torch's ``SWALR`` with ``anneal_epochs=0``), each parameter
