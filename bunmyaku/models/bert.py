@@ -32,7 +32,7 @@ from bunmyaku.models.attention import padding_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.fastpath import Packing
-from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
+from bunmyaku.models.heads import multi_sample, sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear, linear
 
@@ -513,6 +513,8 @@ class BertForSequenceClassification(_BertHeadModel):
     reads = "first"
     add_pooler = True
 
+    multi_sample_dropout: int = 1  # dropout samples of the head per training forward (see multi_sample)
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.head.dropout = self._classifier_dropout()
@@ -537,8 +539,8 @@ class BertForSequenceClassification(_BertHeadModel):
             inputs_embeds,
             output_hidden_states,
         )
-        logits = self._classify(out)
-        loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
+        loss_of = None if labels is None else lambda logits: sequence_classification_loss(self.config, logits, labels)
+        logits, loss = multi_sample(self, lambda: self._classify(out), loss_of)
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
     def _classify(self, out: ModelOutput) -> torch.Tensor:
@@ -552,6 +554,8 @@ class BertForTokenClassification(_BertHeadModel):
     task = "token-classification"
     hf_architecture = "BertForTokenClassification"
     head_key_map = KeyMap(CLASSIFIER_FROM_HF)
+
+    multi_sample_dropout: int = 1  # dropout samples of the head per training forward (see multi_sample)
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -578,8 +582,10 @@ class BertForTokenClassification(_BertHeadModel):
             output_hidden_states,
             labels,
         )
-        logits = self.head.classifier(self.head.dropout(out.last_hidden_state))
-        loss = token_loss(logits, labels) if labels is not None else None
+        loss_of = None if labels is None else lambda logits: token_loss(logits, labels)
+        logits, loss = multi_sample(
+            self, lambda: self.head.classifier(self.head.dropout(out.last_hidden_state)), loss_of
+        )
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -627,6 +633,8 @@ class BertForMultipleChoice(_BertHeadModel):
     reads = "first"
     add_pooler = True
 
+    multi_sample_dropout: int = 1  # dropout samples of the head per training forward (see multi_sample)
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.head.dropout = self._classifier_dropout()
@@ -657,8 +665,10 @@ class BertForMultipleChoice(_BertHeadModel):
             flat(inputs_embeds),
             output_hidden_states,
         )
-        logits = self.head.classifier(self.head.dropout(out.pooler_output)).view(B, N)
-        loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None
+        loss_of = None if labels is None else lambda logits: F.cross_entropy(logits, labels.view(-1))
+        logits, loss = multi_sample(
+            self, lambda: self.head.classifier(self.head.dropout(out.pooler_output)).view(B, N), loss_of
+        )
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 

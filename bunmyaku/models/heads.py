@@ -1,4 +1,4 @@
-"""Losses shared by the task heads of every architecture, with HF's conventions.
+"""Losses shared by the task heads of every architecture, with HF's conventions, and multi-sample dropout.
 
 Labels equal to -100 are ignored everywhere (padding, sub-tokens after the first, unmasked positions).
 """
@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bunmyaku.models.base import ModelOutput
 
@@ -82,3 +83,31 @@ def causal_lm_output(
     logits = lm_head(out.last_hidden_state[:, -logits_to_keep:])  # logits_to_keep = 0 keeps every position
     loss = shifted_lm_loss(logits, labels) if labels is not None else None
     return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+
+
+def multi_sample(
+    model: nn.Module,
+    classify: Callable[[], torch.Tensor],
+    loss_of: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A classification head's logits and loss, with multi-sample dropout while training (Inoue 2019).
+
+    In training mode with ``model.multi_sample_dropout = N`` (> 1), ``classify`` (the head's dropout and
+    classifier) runs N times, each with its own dropout masks, and the loss is the mean of the N losses, as in the
+    paper (a mean of the N logits would, for a linear classifier, be one pass with a milder mask: less of the
+    regularisation the extra samples are for). The returned logits are the N logits' mean. In eval mode dropout is
+    the identity, so one pass gives the plain head's output. No weight is added: the model saves and loads as it
+    always does.
+
+    Args:
+        model: the head model; its ``multi_sample_dropout`` attribute is N (1: one pass).
+        classify: runs the head's dropout + classifier on the encoder output, returning logits.
+        loss_of: logits -> the mean loss, or None without labels.
+
+    Returns:
+        ``(logits, loss)``; ``loss`` is None without ``loss_of``.
+    """
+    samples = model.multi_sample_dropout if model.training else 1
+    logits = [classify() for _ in range(samples)]
+    loss = None if loss_of is None else torch.stack([loss_of(x) for x in logits]).mean()
+    return (logits[0] if samples == 1 else torch.stack(logits).mean(0)), loss

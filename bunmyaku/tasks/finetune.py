@@ -58,7 +58,7 @@ from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int, check_number
 from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
-from bunmyaku.training.plugins import Plugin
+from bunmyaku.training.plugins import MultiSampleDropout, Plugin
 from bunmyaku.training.recipe import build_args, check_keywords, import_object, keyword_signature
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,9 @@ class FinetuneArgs:
     compute_metrics: str | None = None
     """fn(predictions, labels) -> {name: number} by import path (package.module:name): extra eval metrics."""
 
+    multi_sample_dropout: int = 1
+    """Multi-sample dropout: train the classification head on N dropout samples, averaging their N losses; 1: off."""
+
     # intermediate fine-tuning
     init_from: str | None = None
     """Start from a model fine-tuned on another task (RUN or RUN/model): its encoder is kept, its head replaced."""
@@ -190,6 +193,16 @@ class FinetuneArgs:
             check_int(name, getattr(self, name), low=1)
         for name in ("stride", "eval_batch_size", "patience"):
             check_int(name, getattr(self, name), low=0)
+        check_int("multi_sample_dropout", self.multi_sample_dropout, low=1)
+        if self.multi_sample_dropout > 1 and (
+            self.task in ("question-answering", "pair-classification")
+            or (self.task == "sentence-similarity" and self.encoder == "bi")
+        ):
+            head = "the bi-encoder (no classifier)" if self.task == "sentence-similarity" else f"{self.task}'s head"
+            raise ValueError(
+                f"multi_sample_dropout is for classification heads with dropout (text-classification, "
+                f"token-classification, multiple-choice, sentence-similarity with encoder cross), not {head}"
+            )
         if self.init_from is not None and (self.model is not None or self.from_scratch):
             raise ValueError(
                 "init_from starts from a fine-tuned model instead of --model: give one of model, init_from "
@@ -483,6 +496,10 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
             output folder that is not empty without ``overwrite``.
         bunmyaku.training.outputs.OutputDirBusy: another run is writing into the output folder.
     """
+    if targs.swa_start and targs.swa_start >= fargs.epochs:
+        raise ValueError(
+            f"swa_start ({targs.swa_start:g}) must be below epochs ({fargs.epochs:g}): averaging starts at that epoch"
+        )
     inputs = dataclasses.replace(inputs or Inputs())
     inputs.callbacks = [_plugin(path) for path in fargs.callbacks] + list(inputs.callbacks)
     if inputs.compute_metrics is None and fargs.compute_metrics:
@@ -504,6 +521,11 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
             except Exception as error:
                 logger.error("Fine-tuning failed: %s", error)  # the log says why there are no results
                 raise
+
+
+def _head_plugins(fargs: FinetuneArgs) -> list[Plugin]:
+    """The plugins FinetuneArgs switches on (the Trainer builds those of TrainArgs)."""
+    return [MultiSampleDropout(fargs.multi_sample_dropout)] if fargs.multi_sample_dropout > 1 else []
 
 
 def _plugin(path: str) -> Plugin:
@@ -643,7 +665,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
         loop_args,
         plan,
         objective=TaskObjective(task),
-        plugins=inputs.callbacks,
+        plugins=inputs.callbacks + _head_plugins(fargs),
         evaluate=evaluator,
         metric=metric,
         patience=fargs.patience,

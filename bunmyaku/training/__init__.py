@@ -20,6 +20,8 @@ _LAZY = {
     "Plugin": "bunmyaku.training.plugins",
     "EMA": "bunmyaku.training.plugins",
     "Freeze": "bunmyaku.training.plugins",
+    "SWA": "bunmyaku.training.plugins",
+    "MultiSampleDropout": "bunmyaku.training.plugins",
     "FGM": "bunmyaku.training.adversarial",
     "AWP": "bunmyaku.training.adversarial",
     "SAM": "bunmyaku.training.adversarial",

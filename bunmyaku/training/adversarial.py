@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from bunmyaku.training.plugins import Plugin
+from bunmyaku.training.plugins import Plugin, step_epoch
 
 if TYPE_CHECKING:
     from bunmyaku.training.trainer import Trainer
@@ -116,8 +116,7 @@ class AWP(Plugin):
 
     def epoch(self, trainer: Trainer) -> float:
         """The (fractional) epoch of the step about to be taken."""
-        per_epoch = max(getattr(trainer.train_stream, "batches_per_epoch", 1), 1)
-        return trainer.step * trainer.args.grad_accum_steps / per_epoch
+        return step_epoch(trainer)
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
         if self.epoch(trainer) < self.start_epoch:

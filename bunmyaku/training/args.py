@@ -70,6 +70,10 @@ class TrainArgs:
     """SAM sharpness-aware minimization: the neighbourhood radius rho (e.g. 0.05); 0: off. Doubles the step's cost."""
     sam_adaptive: bool = False
     """With sam: ASAM's scale-invariant neighbourhood (rho around 0.5 to 2)."""
+    swa_start: float = 0.0
+    """Stochastic weight averaging: evaluate and export the mean of every step's weights from this epoch on; 0: off."""
+    swa_lr: float = 0.0
+    """With swa_start: a constant learning rate from that epoch on (torch's SWALR; LLRD ratios kept); 0: schedule."""
     eval_every: int = 200
     """Evaluate every N steps (and at the end); 0: only at the end."""
     eval_batches: int = 0
@@ -128,6 +132,13 @@ class TrainArgs:
         if self.sam and (self.fgm or self.awp_lr):
             # SAM replaces the step's gradient by the one at its perturbed point, discarding FGM's / AWP's term
             raise ValueError("sam cannot be combined with fgm or awp_lr: choose one (fgm and awp_lr may be combined)")
+        check_number("swa_start", self.swa_start, low=0.0)
+        check_number("swa_lr", self.swa_lr, low=0.0)
+        if self.swa_lr and not self.swa_start:
+            raise ValueError("swa_lr is the learning rate of stochastic weight averaging: give swa_start too")
+        if self.swa_start and self.ema_decay:
+            # both replace the weights by an average for evaluation and export: one would silently win
+            raise ValueError("swa_start and ema_decay both average the weights for evaluation and export: choose one")
         if self.sam_adaptive and not self.sam:
             raise ValueError("sam_adaptive needs sam > 0 (ASAM's rho, e.g. sam: 0.5)")
         if self.precision not in ("fp32", "bf16", "fp16"):

@@ -8,6 +8,8 @@ The Trainer calls each plugin's hooks at fixed points of a step::
     evaluation_context (around evaluation and the final export), on_evaluate(metrics)
     state_dict / load_state_dict (saved in every checkpoint)
 
+Plugins that act from an epoch on (AWP, SWA) read the epoch of a step with :func:`step_epoch`.
+
 A plugin that needs another forward / backward pass over the step's micro-batches (SAM, AWP) calls
 ``trainer.forward_backward()`` from ``before_optimizer_step``; one that changes parameter groups (layer-wise
 learning-rate decay) overrides ``param_groups``.
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 if TYPE_CHECKING:
     from bunmyaku.training.trainer import Trainer
@@ -71,6 +75,22 @@ class Plugin:
         """Restore :meth:`state_dict`."""
 
 
+@contextlib.contextmanager
+def swapped_in(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Hold ``values`` (an average of the weights) in ``params`` for the ``with`` block, then put the trained
+    weights back (also after an error)."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name])
+
+
 class EMA(Plugin):
     """An exponential moving average of the trainable weights, used for evaluation and the exported model.
 
@@ -98,19 +118,8 @@ class EMA(Plugin):
         for name, param in self._params(trainer).items():
             self.shadow[name].lerp_(param.float(), 1.0 - self.decay)
 
-    @contextlib.contextmanager
-    def evaluation_context(self, trainer: Trainer) -> Iterator[None]:
-        params = self._params(trainer)
-        saved = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(self.shadow[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(saved[name])
+    def evaluation_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
+        return swapped_in(self._params(trainer), self.shadow)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "shadow": self.shadow}
@@ -118,6 +127,128 @@ class EMA(Plugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, tensor in state["shadow"].items():
             self.shadow[name].copy_(tensor)
+
+
+def step_epoch(trainer: Trainer, step: int | None = None) -> float:
+    """The (0-based, fractional) epoch in which optimizer step ``step`` (0-based; default: the one being taken,
+    ``trainer.step``) runs: the micro-batches drawn before it over the micro-batches per epoch."""
+    per_epoch = max(getattr(trainer.train_stream, "batches_per_epoch", 1), 1)
+    return (trainer.step if step is None else step) * trainer.args.grad_accum_steps / per_epoch
+
+
+class SWA(Plugin):
+    """Stochastic weight averaging (Izmailov et al. 2018): the equal-weight average of the iterates of the last
+    epochs, used for evaluation and the exported model.
+
+    From epoch ``start`` on (0-based, fractions allowed: see :func:`step_epoch`), the trainable weights after every
+    optimizer step join a running mean, ``avg_n = avg_{n-1} + (w - avg_{n-1}) / n``, updated with
+    ``torch.optim.swa_utils.get_swa_multi_avg_fn`` on fp32 copies. Torch's documentation example calls
+    ``AveragedModel.update_parameters`` once per epoch, which in a fine-tuning run of a few epochs leaves one or two
+    snapshots, so every step's iterate is averaged here. Before the first averaged step, evaluation sees the plain
+    weights; when the Trainer keeps the best evaluation (fine-tuning does), the exported model is the weights of
+    that evaluation: the average when it came after ``start``.
+
+    The learning rate keeps the run's schedule unless ``lr`` is given: then every averaged step runs at the
+    constant rate ``lr`` (the paper's constant SWA rate; torch's ``SWALR`` with ``anneal_epochs=0``), each parameter
+    group at ``lr`` times its own factor (layer-wise decay's ratios are kept). A step the fp16 GradScaler skips
+    (an inf in the gradient) leaves the weights as they were and is not averaged again.
+
+    SWA recomputes BatchNorm statistics for the averaged weights (``swa_utils.update_bn``); Transformers normalise
+    with LayerNorm, which has no running statistics, so nothing needs recomputing.
+
+    Args:
+        start: the first epoch whose steps are averaged (> 0).
+        lr: the constant learning rate of the averaged steps (0: the run's schedule).
+    """
+
+    def __init__(self, start: float, lr: float = 0.0):
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start < math.inf:
+            raise ValueError(f"swa_start must be a finite number of epochs > 0, got {start!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+            raise ValueError(f"swa_lr must be a finite number >= 0, got {lr!r}")
+        self.start, self.lr = start, lr
+        self.average: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self._update = get_swa_multi_avg_fn()
+        self._scale: float | None = None
+
+    def _params(self, trainer: Trainer) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in trainer.unwrapped_model.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        last = step_epoch(trainer, trainer.args.max_steps - 1)
+        if last < self.start:
+            total = step_epoch(trainer, trainer.args.max_steps)
+            raise ValueError(
+                f"swa_start is {self.start:g} but the run is {total:.3g} epochs long (its last step runs in epoch "
+                f"{last:.3g}): nothing would be averaged; lower swa_start or train longer"
+            )
+        self.average = {n: p.detach().float().clone() for n, p in self._params(trainer).items()}
+        self.count = 0
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        self._scale = trainer.scaler.get_scale() if trainer.scaler is not None else None
+
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        # trainer.step is the step just taken (it is counted after this hook)
+        skipped = self._scale is not None and trainer.scaler.get_scale() < self._scale
+        if step_epoch(trainer) >= self.start and not skipped:  # a skipped fp16 step would count an iterate twice
+            self._add(trainer)
+        if self.lr and step_epoch(trainer, trainer.step + 1) >= self.start:
+            # after the scheduler's step: the next step's rate (it is in the optimizer's state, so resuming keeps it)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = self.lr * group["initial_lr"] / trainer.args.lr
+
+    @torch.no_grad()
+    def _add(self, trainer: Trainer) -> None:
+        params = self._params(trainer)
+        self._update(list(self.average.values()), [params[n].detach().float() for n in self.average], self.count)
+        self.count += 1
+
+    def evaluation_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
+        if self.count == 0:
+            return contextlib.nullcontext()
+        return swapped_in(self._params(trainer), self.average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "lr": self.lr, "count": self.count, "average": self.average}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        for name, tensor in state["average"].items():
+            self.average[name].copy_(tensor)
+
+
+class MultiSampleDropout(Plugin):
+    """Multi-sample dropout (Inoue 2019) for classification heads: while training, the head's dropout and
+    classifier run ``samples`` times with independent masks and the losses are averaged (see
+    :func:`bunmyaku.models.heads.multi_sample`); evaluation and the exported model are the plain head.
+
+    Supported: heads that apply dropout before their classifier on BERT-family models (BERT, RoBERTa, MiniLM...):
+    sequence classification (single-label, multi-label, regression), token classification, multiple choice.
+
+    Args:
+        samples: dropout samples per training forward (>= 2 to have an effect).
+    """
+
+    def __init__(self, samples: int):
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"multi_sample_dropout must be a whole number >= 1, got {samples!r}")
+        self.samples = samples
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        model = trainer.unwrapped_model
+        if not hasattr(type(model), "multi_sample_dropout"):
+            raise ValueError(
+                f"multi_sample_dropout needs a classification head that applies dropout before its classifier "
+                f"(BERT-family sequence / token classification, multiple choice); {type(model).__name__} has none"
+            )
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.head.modules()):
+            logger.warning(
+                "multi_sample_dropout: the head's dropout is 0, so its %d samples are all alike", self.samples
+            )
+        model.multi_sample_dropout = self.samples  # an attribute, not a weight: the saved model is unchanged
+        logger.info("Multi-sample dropout: %d dropout samples of the head per training forward", self.samples)
 
 
 class Freeze(Plugin):

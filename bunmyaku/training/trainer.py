@@ -41,7 +41,7 @@ from bunmyaku.training.args import TrainArgs
 from bunmyaku.training.metrics import MetricsWriter, plot_losses
 from bunmyaku.training.objectives import objective_for
 from bunmyaku.training.optim import build_optimizer, build_scheduler
-from bunmyaku.training.plugins import EMA, LLRD, Freeze, Plugin, ReinitLayers
+from bunmyaku.training.plugins import EMA, LLRD, SWA, Freeze, Plugin, ReinitLayers
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class Trainer:
             default evaluation).
         objective: ``objective(model, batch)`` -> (loss sums, metric sums), with ``count(batch)``; default: from the
             model's task (causal-lm, masked-lm, pretraining).
-        plugins: hooks that change the step (see :mod:`bunmyaku.training.plugins`); ``args.ema_decay`` and the
-            freezing flags add EMA and Freeze plugins.
+        plugins: hooks that change the step (see :mod:`bunmyaku.training.plugins`); ``args.ema_decay``,
+            ``args.swa_start`` and the freezing flags add EMA, SWA and Freeze plugins.
         tokenizer: saved with the final model when given.
         evaluate: ``evaluate(trainer) -> {name: value}`` (plain names, None for an undefined value), run in eval
             mode under the plugins' evaluation contexts; default: loss, perplexity and accuracy on ``eval_data``.
@@ -123,6 +123,8 @@ class Trainer:
             self.plugins.append(Freeze(args.freeze_embeddings, args.freeze_layers))
         if args.ema_decay:
             self.plugins.append(EMA(args.ema_decay))
+        if args.swa_start:
+            self.plugins.append(SWA(args.swa_start, args.swa_lr))
         if args.reinit_layers:  # first: EMA and the others must see the new weights
             self.plugins.insert(0, ReinitLayers(args.reinit_layers))
         if args.llrd:
@@ -359,6 +361,12 @@ class Trainer:
             model.compile()  # nn.Module.compile: the module and its state-dict keys stay as they are
             if hasattr(self.objective, "compile"):
                 self.objective.compile()  # the loss over the logits, outside the model's forward
+        if _is_batch_plan(self.train_data):  # before the plugins: those acting from an epoch on read its length
+            self.train_stream = self.train_data
+        else:
+            self.train_stream = BatchStream(
+                self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
+            )
         for plugin in self.plugins:
             plugin.on_fit_start(self)
         if self.world_size > 1:
@@ -373,12 +381,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
         self.grad_norm: float | torch.Tensor | None = None
         self._first_bad_step = torch.tensor(-1, device=self.device)
-        if _is_batch_plan(self.train_data):
-            self.train_stream = self.train_data
-        else:
-            self.train_stream = BatchStream(
-                self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
-            )
         resumed = self._resume() if args.resume else None
         if self.is_main:
             self.writer = MetricsWriter(self.output_dir, resume_step=resumed)
@@ -413,7 +415,7 @@ class Trainer:
         return self.step
 
     def _restore(self, path: Path) -> None:
-        """Load a checkpoint's weights and plugin states (EMA's average) for export."""
+        """Load a checkpoint's weights and plugin states (EMA's or SWA's average) for export."""
         found = ckpt.read_checkpoint(self.unwrapped_model, path)
         ckpt.load_weights(self.unwrapped_model, found.weights, path)
         for plugin, plugin_state in zip(self.plugins, found.state["plugins"], strict=False):
@@ -421,7 +423,7 @@ class Trainer:
         logger.info("Exporting the best checkpoint, %s (eval loss %.4f)", path, self.best["eval_loss"])
 
     def _finish(self) -> dict[str, float]:
-        """Load the best evaluation's weights (``restore_best``); export the model (EMA weights when averaging)
+        """Load the best evaluation's weights (``restore_best``); export the model (EMA's or SWA's average when on)
         and the tokenizer to ``export_dir``; plot the losses; return the last evaluation's metrics."""
         args = self.args
         self._raise_if_diverged()
@@ -540,7 +542,7 @@ class Trainer:
         record = {
             "step": self.step,
             **metrics,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.optimizer.param_groups[0]["lr"],  # the scheduler's, or a plugin's (SWA's constant rate)
             "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
             "elapsed_s": elapsed,

@@ -25,6 +25,7 @@ PLUGINS = {
     "asam": {"sam": 0.5, "sam_adaptive": True},
     "llrd": {"llrd": 0.5},
     "ema": {"ema_decay": 0.5},
+    "swa": {"swa_start": 0.2},  # the export averages the steps from epoch 0.2 on (steps 2 to 6 of ~7 per epoch)
 }
 
 

@@ -83,11 +83,14 @@ def test_two_process_gloo_run_matches_a_single_process(runs):
 def test_plugins_under_ddp_match_a_single_process(runs, plugin):
     """The perturbations (FGM, AWP, SAM / ASAM) use the all-reduced gradient and their second pass is all-reduced
     again; LLRD's groups and EMA's average are the same on every process: so after 3 steps (the checkpoint) and 6
-    (the exported model, EMA's average for ema) 2 processes with half the batch hold the weights of 1 with the whole
+    (the exported model, the average for EMA and SWA) 2 processes with half the batch hold the weights of 1 with the whole
     batch."""
     single, ddp = runs
     for step in (3, None):
         _assert_same(_weights(ddp / plugin, step), _weights(single / plugin, step), f"{plugin} at step {step or 6}")
-    # the plugin changed the run (EMA only its export), by far more than the tolerance above
+    # the plugin changed the run (EMA and SWA only its export), by far more than the tolerance above
     with_plugin, plain = _weights(single / plugin), _weights(single / "none")
     assert max(float((with_plugin[k] - plain[k]).abs().max()) for k in plain) > 1e-3
+    if plugin in ("ema", "swa"):  # the export is the average, not the last iterate
+        last = _weights(ddp / plugin, 6)
+        assert any(not torch.allclose(last[n], with_plugin[n], atol=1e-5) for n in last)
