@@ -321,6 +321,9 @@ def decode(
     logits = _to_logits(kind, torch.tensor(scores, dtype=torch.float64))
     features = [{"labels": task._target(e, source)} for e in examples] if labelled else [{}] * len(examples)
     records = task.predictions(examples, features, logits)
+    if task.name == "multiple-choice":  # as classification: the chosen answer's probability
+        for record, row in zip(records, scores, strict=True):
+            record["score"] = row[record["label"]]
     return records, task.metrics(examples, features, logits) if labelled else None
 
 
