@@ -139,10 +139,10 @@ def test_choice_seeds_and_folds_average_the_fold_models(choice_run):
         held = [row for row, r in zip(rows, oof, strict=True) if r["fold"] == k]
         seeds = [choice_probabilities(models[k, s], held) for s in (0, 1)]
         assert not np.allclose(seeds[0], seeds[1], atol=1e-6, rtol=0)  # two different models
-        np.testing.assert_allclose([r["scores"] for r in oof if r["fold"] == k], np.mean(seeds, axis=0), atol=1e-5)
+        np.testing.assert_allclose([r["scores"] for r in oof if r["fold"] == k], np.mean(seeds, axis=0), atol=1e-6)
     expected = np.mean([choice_probabilities(m, test) for m in models.values()], axis=0)
     written = read_jsonl(choice_run / "test_predictions.jsonl")
-    np.testing.assert_allclose([w["scores"] for w in written], expected, atol=1e-5)
+    np.testing.assert_allclose([w["scores"] for w in written], expected, atol=1e-6)
     assert [w["label"] for w in written] == expected.argmax(1).tolist()
     test_metrics = json.loads((choice_run / "test_metrics.json").read_text())
     assert test_metrics["accuracy"] == pytest.approx(np.mean(expected.argmax(1) == [t["label"] for t in test]))
@@ -185,10 +185,10 @@ def test_pair_oof_contract_metrics_and_seed_average(pair_run):
         held = [row for row, r in zip(rows, oof, strict=True) if r["fold"] == k]
         seeds = [cosines(models[k, s], held) for s in (0, 1)]
         assert not np.allclose(seeds[0], seeds[1], atol=1e-6, rtol=0)
-        np.testing.assert_allclose([r["scores"] for r in oof if r["fold"] == k], np.mean(seeds, axis=0), atol=1e-5)
+        np.testing.assert_allclose([r["scores"] for r in oof if r["fold"] == k], np.mean(seeds, axis=0), atol=1e-6)
     expected = np.mean([cosines(m, test) for m in models.values()], axis=0)
     written = read_jsonl(pair_run / "test_predictions.jsonl")
-    np.testing.assert_allclose([w["cosine"] for w in written], expected, atol=1e-5)
+    np.testing.assert_allclose([w["cosine"] for w in written], expected, atol=1e-6)
 
 
 def test_pair_ensembles(pair_run, choice_run, tmp_path, tiny_bert_dir):

@@ -106,7 +106,7 @@ def assert_units_close(written, expected):
     for a, b in zip(written, expected, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
-            np.testing.assert_allclose(a, b, atol=1e-5)
+            np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def id2label(run):
