@@ -123,3 +123,16 @@ def check_mismatched_runs_refused(out, other_family, tmp_path):
     with pytest.raises(ValueError, match="different task families"):
         ensemble([out, other_family], tmp_path / "e2")
     assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+
+
+def ensemble_with_changed_copy(out, tmp_path, change):
+    """``ensemble --method mean`` of the run and a copy of it whose oof scores went through ``change``; returns
+    (the run's records, the copy's, the ensemble's)."""
+    from bunmyaku.tasks.ensemble import ensemble
+
+    other = tmp_path / "changed"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("*.safetensors", "checkpoints"))
+    changed = [{**r, "scores": change(r["scores"])} for r in read_jsonl(out / "oof.jsonl")]
+    (other / "oof.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+    ensemble([out, other], tmp_path / "mean-of-two", method="mean")
+    return read_jsonl(out / "oof.jsonl"), changed, read_jsonl(tmp_path / "mean-of-two" / "oof.jsonl")

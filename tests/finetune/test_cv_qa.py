@@ -21,6 +21,7 @@ from tests.finetune.cv_checks import (
     check_groups_kept,
     check_mismatched_runs_refused,
     check_rows_and_folds,
+    ensemble_with_changed_copy,
     read_jsonl,
 )
 from tests.finetune.helpers import FILLER, NAMES, PLACES
@@ -224,3 +225,16 @@ def test_fold_models_load_in_transformers(qa_run):
     transformers = require_module("transformers")
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(qa_run / "fold0" / "seed1" / "model")
     assert model.config.num_labels == 2
+
+
+def test_ensemble_mean_of_two_runs_merges_candidates(qa_run, tmp_path):
+    def flat(found):  # every candidate equally likely, and one new span the run never proposed
+        extra = {"start": 0, "end": 0, "text": "", "probability": 0.0}  # no real span is empty
+        return [{**c, "probability": 1 / (len(found) + 1)} for c in [*found, extra]]
+
+    run, changed, written = ensemble_with_changed_copy(qa_run, tmp_path, flat)
+    for a, b, w in zip(run, changed, written, strict=True):
+        expected = merged([as_dict(a["scores"]), as_dict(b["scores"])])
+        assert as_dict(w["scores"]) == pytest.approx(expected, abs=1e-12)
+        top = max(expected, key=expected.get)
+        assert w["prediction_text"] == next(c["text"] for c in w["scores"] if (c["start"], c["end"]) == top)

@@ -18,6 +18,7 @@ from tests.finetune.cv_checks import (
     check_groups_kept,
     check_mismatched_runs_refused,
     check_rows_and_folds,
+    ensemble_with_changed_copy,
     read_jsonl,
 )
 from tests.finetune.helpers import NAMES, PLACES, ner_records
@@ -263,3 +264,15 @@ def test_fold_models_load_in_transformers(conll_run):
     transformers = require_module("transformers")
     model = transformers.AutoModelForTokenClassification.from_pretrained(conll_run / "fold1" / "seed1" / "model")
     assert model.config.num_labels == len(id2label(conll_run)) == 5
+
+
+def test_ensemble_mean_of_two_runs_averages_and_decodes(span_run, tmp_path):
+    names = id2label(span_run)
+    run, changed, written = ensemble_with_changed_copy(
+        span_run, tmp_path, lambda units: [None if u is None else u[::-1] for u in units]
+    )
+    for a, b, w in zip(run, changed, written, strict=True):
+        expected = [None if x is None else (np.array(x) + y) / 2 for x, y in zip(a["scores"], b["scores"], strict=True)]
+        assert_units_close(w["scores"], expected)
+        assert w["entities"] == decode_characters(w["text"], w["scores"], names)
+    assert [w["entities"] for w in written] != [r["entities"] for r in run]  # the copy's scores changed them
