@@ -1,22 +1,38 @@
 """K-fold cross-validation on top of :func:`~bunmyaku.tasks.finetune.run_finetune`: ``bunmyaku cv`` and
-``bunmyaku.cv(...)``.
+``bunmyaku.cv(...)``, for every task family but GPT-style pair classification.
 
-The training file is split into K folds (stratified by label for single-label classification, by group with
-``group_column``, else shuffled K-fold; scikit-learn, seeded by ``fold_seed``). Fold k trains on the other folds
-and evaluates on itself (its held-out rows are its eval set, which picks its best epoch). The output folder::
+The training file is split into K folds (stratified by label for single-label classification and multiple choice,
+by group with ``group_column``, else shuffled K-fold; scikit-learn, seeded by ``fold_seed``). QA questions are
+grouped by article with ``group_column="title"`` (their SQuAD ``data`` entry; for in-memory rows their ``title``,
+else their context) or by paragraph with ``"context"``. Fold k trains on the other folds and evaluates on itself
+(its held-out rows are its eval set, which picks its best epoch). The output folder::
 
-    DIR/oof.jsonl            one record per training example, in file order: the fields of predictions.jsonl plus
-                             row (0-based), fold and scores (every class's probability in id2label order; the
-                             value for regression)
+    DIR/oof.jsonl            one record per training example (per question for QA), in file order: the fields of
+                             predictions.jsonl, gold, row (0-based), fold and scores (below)
     DIR/metrics.json         the out-of-fold metrics (the task's plain keys)
     DIR/fold_metrics.json    each fold's metrics on its held-out rows, and their mean and std (ddof 0)
     DIR/fold{k}/             fold k's finetune output (DIR/fold{k}/seed{s}/ with several seeds)
     DIR/test_predictions.jsonl, DIR/test_metrics.json   with a test file: scores averaged over folds and seeds
     DIR/cv.json              the settings; a rerun with other settings is refused unless overwrite
 
-With several ``seeds`` every fold is trained once per seed and the probabilities are averaged. A rerun of the
-same command skips finished folds (``metrics.json`` present) and resumes an unfinished one from its checkpoints
-(finetune's resume, with ``save_every``).
+``scores`` per family (:mod:`bunmyaku.tasks.averaging` defines them, averages them and decodes them):
+
+- classification: every class's probability in id2label order (softmax; sigmoid for multi-label); regression and
+  the cross-encoder: the value;
+- multiple choice: every choice's probability (softmax over the choices); ``label`` is the chosen index, ``score``
+  its probability;
+- bi-encoder similarity: the cosine (also ``cosine``); metrics ``pearson`` and ``spearman`` against the gold
+  scores (the in-batch retrieval accuracy finetune reports depends on the batches and has no out-of-fold form);
+- token classification: per word (CoNLL) or per character of the text (spans) the probabilities over id2label,
+  null where no token covers the unit; ``tags`` / ``entities`` are decoded from the averaged scores. CoNLL metrics
+  compare the word tags of the words the model saw; span metrics compare gold and predicted entities as BIO tags
+  over the characters (an entity counts when type, start and end match);
+- QA: the n-best answers ``[{"start", "end", "text", "probability"}]`` (character offsets, the null answer as
+  start = end = -1); ``prediction_text`` is the most probable one, ``score`` its probability.
+
+With several ``seeds`` every fold is trained once per seed and the scores are averaged, test scores over every
+fold and seed model. A rerun of the same command skips finished folds (``metrics.json`` present) and resumes an
+unfinished one from its checkpoints (finetune's resume, with ``save_every``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ Each input folder is a ``cv`` output: ``RUN/oof.jsonl`` (one record per training
 optionally, ``RUN/test_predictions.jsonl`` (``row`` and averaged ``scores`` per test example). The runs must
 share the training file and the folds: the same rows, the same gold label and the same fold per row.
 
+Multiple choice (classification over the choices) and bi-encoder similarity (a value, as regression) take every
+method. Token classification and QA scores are not one vector per row (tag probabilities per word or character,
+n-best answer spans): they take ``mean`` only, averaged and decoded as ``cv`` averages its seeds
+(:mod:`bunmyaku.tasks.averaging`). A run's family comes from its ``cv.json``.
+
 Every score the ensemble reports is out of fold. ``weighted`` and ``stacking`` fit their weights or their
 second-stage model once per fold on the other K-1 folds and predict the held-out fold with it (nested), so the
 ensemble's out-of-fold metric is comparable to the single runs'. The weights in ``report.md`` and the test

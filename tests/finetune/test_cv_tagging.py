@@ -276,3 +276,27 @@ def test_ensemble_mean_of_two_runs_averages_and_decodes(span_run, tmp_path):
         assert_units_close(w["scores"], expected)
         assert w["entities"] == decode_characters(w["text"], w["scores"], names)
     assert [w["entities"] for w in written] != [r["entities"] for r in run]  # the copy's scores changed them
+
+
+@pytest.mark.parametrize("label_all_tokens", [False, True])
+def test_later_sub_tokens_score_as_finetune_tags_them(label_all_tokens):
+    torch = require_module("torch")
+    from bunmyaku.tasks.averaging import example_scores
+    from bunmyaku.tasks.finetune import FinetuneArgs, build_task
+
+    settings = FinetuneArgs(task="token-classification", format="spans", label_all_tokens=label_all_tokens)
+    task = build_task(settings)
+    task.labels = ["O", "B-PER", "I-PER"]
+    # [CLS] hana ##ko ok [SEP] over "hanako ok"
+    feature = {
+        "_first": [False, True, False, True, False],
+        "_words": [None, 0, 0, 1, None],
+        "_offsets": [None, (0, 4), (4, 6), (7, 9), None],
+    }
+    probs = torch.tensor([[1, 0, 0], [0.2, 0.7, 0.1], [0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [1, 0, 0]])
+    [units] = example_scores(task, [{"text": "hanako ok"}], [feature], [probs])
+    # trained on first sub-tokens only, "##ko" takes "hana"'s probabilities with B-PER's mass moved to I-PER (the
+    # continuation finetune predicts); trained on every sub-token, its own
+    later = [0.9, 0.05, 0.05] if label_all_tokens else [0.2, 0.0, 0.8]
+    expected = [[0.2, 0.7, 0.1]] * 4 + [later] * 2 + [None] + [[0.6, 0.3, 0.1]] * 2
+    assert_units_close(units, expected)
