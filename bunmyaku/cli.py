@@ -688,6 +688,9 @@ def ensemble_command(
 
     mean averages the probabilities and rank the per-class ranks.
 
+    Token classification and QA runs take mean only: their tag probabilities and candidate answers average as cv
+    averages its seeds.
+
     weighted (non-negative weights summing to 1) and stacking (a scikit-learn model) are fitted on K-1 folds and
     scored on the held-out one.
 

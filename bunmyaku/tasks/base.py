@@ -99,6 +99,11 @@ class Task:
         """Per example, the group a held-out split must keep together (QA: the article); default: itself."""
         return list(range(len(examples)))
 
+    def group_value(self, example: dict[str, Any], column: str) -> Any:
+        """The value of ``column`` that keeps an example's group in one fold (``cv --group-column``); None when the
+        example has no such column."""
+        return example.get(column)
+
     # ------------------------------------------------------------------------------ model
 
     def num_labels(self) -> int | None:

@@ -1,22 +1,38 @@
 """K-fold cross-validation on top of :func:`~bunmyaku.tasks.finetune.run_finetune`: ``bunmyaku cv`` and
-``bunmyaku.cv(...)``.
+``bunmyaku.cv(...)``, for every task family but GPT-style pair classification.
 
-The training file is split into K folds (stratified by label for single-label classification, by group with
-``group_column``, else shuffled K-fold; scikit-learn, seeded by ``fold_seed``). Fold k trains on the other folds
-and evaluates on itself (its held-out rows are its eval set, which picks its best epoch). The output folder::
+The training file is split into K folds (stratified by label for single-label classification and multiple choice,
+by group with ``group_column``, else shuffled K-fold; scikit-learn, seeded by ``fold_seed``). QA questions are
+grouped by article with ``group_column="title"`` (their SQuAD ``data`` entry; for in-memory rows their ``title``,
+else their context) or by paragraph with ``"context"``. Fold k trains on the other folds and evaluates on itself
+(its held-out rows are its eval set, which picks its best epoch). The output folder::
 
-    DIR/oof.jsonl            one record per training example, in file order: the fields of predictions.jsonl plus
-                             row (0-based), fold and scores (every class's probability in id2label order; the
-                             value for regression)
+    DIR/oof.jsonl            one record per training example (per question for QA), in file order: the fields of
+                             predictions.jsonl, gold, row (0-based), fold and scores (below)
     DIR/metrics.json         the out-of-fold metrics (the task's plain keys)
     DIR/fold_metrics.json    each fold's metrics on its held-out rows, and their mean and std (ddof 0)
     DIR/fold{k}/             fold k's finetune output (DIR/fold{k}/seed{s}/ with several seeds)
     DIR/test_predictions.jsonl, DIR/test_metrics.json   with a test file: scores averaged over folds and seeds
     DIR/cv.json              the settings; a rerun with other settings is refused unless overwrite
 
-With several ``seeds`` every fold is trained once per seed and the probabilities are averaged. A rerun of the
-same command skips finished folds (``metrics.json`` present) and resumes an unfinished one from its checkpoints
-(finetune's resume, with ``save_every``).
+``scores`` per family (:mod:`bunmyaku.tasks.averaging` defines them, averages them and decodes them):
+
+- classification: every class's probability in id2label order (softmax; sigmoid for multi-label); regression and
+  the cross-encoder: the value;
+- multiple choice: every choice's probability (softmax over the choices); ``label`` is the chosen index, ``score``
+  its probability;
+- bi-encoder similarity: the cosine (also ``cosine``); metrics ``pearson`` and ``spearman`` against the gold
+  scores (the in-batch retrieval accuracy finetune reports depends on the batches and has no out-of-fold form);
+- token classification: per word (CoNLL) or per character of the text (spans) the probabilities over id2label,
+  null where no token covers the unit; ``tags`` / ``entities`` are decoded from the averaged scores. CoNLL metrics
+  compare the word tags of the words the model saw; span metrics compare gold and predicted entities as BIO tags
+  over the characters (an entity counts when type, start and end match);
+- QA: the n-best answers ``[{"start", "end", "text", "probability"}]`` (character offsets, the null answer as
+  start = end = -1); ``prediction_text`` is the most probable one, ``score`` its probability.
+
+With several ``seeds`` every fold is trained once per seed and the scores are averaged, test scores over every
+fold and seed model. A rerun of the same command skips finished folds (``metrics.json`` present) and resumes an
+unfinished one from its checkpoints (finetune's resume, with ``save_every``).
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ import numpy as np
 import torch
 
 from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic
+from bunmyaku.tasks import averaging
 from bunmyaku.tasks.base import pad_id
 from bunmyaku.tasks.finetune import (
     FinetuneArgs,
@@ -43,14 +60,20 @@ from bunmyaku.tasks.finetune import (
     load_finetuned,
     run_finetune,
 )
-from bunmyaku.tasks.metrics import fold_summary
+from bunmyaku.tasks.metrics import fold_summary, pearson, spearman
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int
 from bunmyaku.training.outputs import exclusive_output_dir
 from bunmyaku.training.recipe import build_args, check_keywords, keyword_signature
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ("text-classification", "sentence-similarity")
+SUPPORTED = (
+    "text-classification",
+    "sentence-similarity",
+    "multiple-choice",
+    "token-classification",
+    "question-answering",
+)
 CV_RESULTS = ("oof.jsonl", "metrics.json", "fold_metrics.json", "test_predictions.jsonl", "test_metrics.json")
 
 
@@ -114,14 +137,15 @@ def assign_folds(task: Any, examples: list[dict[str, Any]], cargs: CvArgs, sourc
     if cargs.group_column:
         groups = []
         for i, example in enumerate(examples):
-            if cargs.group_column not in example:
+            value = task.group_value(example, cargs.group_column)
+            if value is None:
                 raise ValueError(f"{source or 'training data'} row {i + 1}: no group column {cargs.group_column!r}")
-            groups.append(str(example[cargs.group_column]))
+            groups.append(str(value))
         if len(set(groups)) < k:
             raise ValueError(f"group k-fold: {len(set(groups))} groups in column {cargs.group_column!r} for {k} folds")
         splitter, kind = GroupKFold(n_splits=k, shuffle=True, random_state=cargs.fold_seed), "group"
         splits = splitter.split(index, groups=groups)
-    elif task.name == "text-classification" and task.problem == "single-label":
+    elif task.name == "multiple-choice" or (task.name == "text-classification" and task.problem == "single-label"):
         labels = [str(e[task.settings.label_column]) for e in examples]
         counts: dict[str, int] = {}
         for label in labels:
@@ -142,29 +166,55 @@ def assign_folds(task: Any, examples: list[dict[str, Any]], cargs: CvArgs, sourc
     return fold, kind
 
 
-def _to_logits(task: Any, scores: torch.Tensor) -> list[torch.Tensor]:
+class _TagProbabilities:
+    """A token-classification task whose outputs are the tag probabilities per token (its own forward returns
+    the argmax tags, all finetune needs)."""
+
+    def __init__(self, task: Any):
+        self.task = task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+    def forward(self, model, batch):
+        return None, averaging.tag_probabilities(model, batch).detach()
+
+
+def _example_scores(task: Any, model, tokenizer, examples, source: str, batch: int, labelled: bool) -> list[Any]:
+    """One model's scores (:mod:`bunmyaku.tasks.averaging`) on ``examples``."""
+    features = task.encode(tokenizer, examples, labelled=labelled, source=source)
+    runner = _TagProbabilities(task) if averaging.kind_of(task) == "tags" else task
+    outputs = infer(runner, model, features, batch, pad_id(tokenizer))
+    return averaging.example_scores(task, examples, features, outputs)
+
+
+def _to_logits(kind: str, scores: torch.Tensor) -> list[torch.Tensor]:
     """Outputs the task decodes back into ``scores`` (averaged probabilities): log p for softmax, logit p for
     sigmoid, the value for regression; so the task's own metrics and predictions serve averaged scores."""
-    if task.problem == "regression":
+    if kind == "value":
         return list(scores.unsqueeze(-1))
     eps = torch.finfo(scores.dtype).tiny
-    if task.problem == "multi-label":
+    if kind == "multi-label":
         p = scores.clamp(eps, 1 - 1e-7)
         return list(torch.log(p) - torch.log1p(-p))
     return list(torch.log(scores.clamp_min(eps)))
 
 
-def _scores(task: Any, outputs: list[torch.Tensor]) -> torch.Tensor:
-    scores, _ = task._decoded(outputs)
-    return scores.double()
+def _check_task(task: Any, examples: list[dict[str, Any]], source: str) -> None:
+    if task.name == "sentence-embedding":
+        column = task.settings.label_column
+        unscored = next((i for i, e in enumerate(examples) if not column or e.get(column) is None), None)
+        if unscored is not None:
+            raise ValueError(
+                f"{source or 'training data'} row {unscored + 1}: cv of a bi-encoder needs a score for every pair "
+                f"(label_column {column!r}): its out-of-fold metrics are pearson and spearman against them"
+            )
 
 
 def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any = None, test_data: Any = None):
     """Cross-validate as described in the module docstring; returns a :class:`CvResult`."""
     if fargs.task not in SUPPORTED:
-        raise ValueError(f"cv supports the tasks {list(SUPPORTED)} (one prediction per example), not {fargs.task!r}")
-    if fargs.task == "sentence-similarity" and fargs.encoder != "cross":
-        raise ValueError("cv supports sentence-similarity with encoder=cross only")
+        raise ValueError(f"cv supports the tasks {list(SUPPORTED)}, not {fargs.task!r}")
     if fargs.eval is not None or fargs.eval_split or fargs.test_split:
         raise ValueError("cv holds each fold out as its eval set: give no eval, eval_split or test_split")
     if targs.output_dir is None:
@@ -172,14 +222,16 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
     seeds = cargs.seed_list() if cargs.seeds is not None else [targs.seed]
     out = Path(targs.output_dir)
     task = build_task(fargs)
+    kind = averaging.kind_of(task)
     data = train_data if train_data is not None else fargs.train
     if data is None:
         raise ValueError("give --train (the training file, or in-memory rows in Python)")
     examples, source = task.read_data(data)
+    _check_task(task, examples, source)
     task.fit_labels(examples)
     labels = task.label_names()
-    fold, kind = assign_folds(task, examples, cargs, source)
-    logger.info("%d examples in %d %s folds, seeds %s", len(examples), cargs.folds, kind, seeds)
+    fold, kind_of_folds = assign_folds(task, examples, cargs, source)
+    logger.info("%d examples in %d %s folds, seeds %s", len(examples), cargs.folds, kind_of_folds, seeds)
 
     record = {
         "cv": dataclasses.asdict(cargs),
@@ -192,18 +244,18 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
     with exclusive_output_dir(out):  # one cv run at a time in this folder (each fold locks its own)
         _claim(out, record, fargs.overwrite)
         per_fold = dataclasses.replace(fargs, train=None, eval=None, test=None, overwrite=False)
-        outputs: list[torch.Tensor | None] = [None] * len(examples)
-        test_examples, test_source, test_sum, test_count = None, "", None, 0
+        scores: list[Any] = [None] * len(examples)
+        test_examples, test_source, test_runs, test_labelled = None, "", [], False
         test_given = test_data if test_data is not None else fargs.test
         if test_given is not None:
             test_examples, test_source = task.read_data(test_given, labelled=False)
-            test_labelled = task.settings.label_column is not None and all(
-                task.settings.label_column in e for e in test_examples
-            )
+            test_labelled = _labelled(task, test_examples)
+        batch = fargs.eval_batch_size or targs.batch_size
         for k in range(cargs.folds):
             held = [i for i, f in enumerate(fold) if f == k]
+            held_examples = [examples[i] for i in held]
             train_rows = [examples[i] for i, f in enumerate(fold) if f != k]
-            fold_sum = None
+            seed_runs = []
             for seed in seeds:
                 run_dir = out / f"fold{k}" if len(seeds) == 1 else out / f"fold{k}" / f"seed{seed}"
                 if (run_dir / "metrics.json").is_file():
@@ -216,7 +268,7 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
                         # a killed fold without checkpoints starts again
                         dataclasses.replace(per_fold, overwrite=fresh),
                         dataclasses.replace(targs, output_dir=str(run_dir), seed=seed),
-                        Inputs(train=train_rows, eval=[examples[i] for i in held]),
+                        Inputs(train=train_rows, eval=held_examples),
                     )
                 fold_task, model, tokenizer = load_finetuned(run_dir, device=targs.device if targs.device else None)
                 if fold_task.label_names() != labels:
@@ -224,33 +276,70 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
                         f"{run_dir}: its labels {fold_task.label_names()} differ from the training data's {labels}; "
                         "every class needs examples in every fold's training part"
                     )
-                batch = fargs.eval_batch_size or targs.batch_size
-                features = fold_task.encode(tokenizer, [examples[i] for i in held], source=source)
-                scores = _scores(fold_task, infer(fold_task, model, features, batch, pad_id(tokenizer)))
-                fold_sum = scores if fold_sum is None else fold_sum + scores
+                seed_runs.append(_example_scores(fold_task, model, tokenizer, held_examples, source, batch, True))
                 if test_examples is not None:
-                    test_features = fold_task.encode(tokenizer, test_examples, labelled=False, source=test_source)
-                    test_scores = _scores(fold_task, infer(fold_task, model, test_features, batch, pad_id(tokenizer)))
-                    test_sum = test_scores if test_sum is None else test_sum + test_scores
-                    test_count += 1
-            mean = fold_sum / len(seeds)
-            for j, i in enumerate(held):
-                outputs[i] = mean[j]
+                    test_runs.append(
+                        _example_scores(fold_task, model, tokenizer, test_examples, test_source, batch, False)
+                    )
+            for i, value in zip(held, averaging.average(kind, seed_runs), strict=True):
+                scores[i] = value
 
-        return _write(
-            out,
-            task,
-            examples,
-            source,
-            fold,
-            outputs,
-            test_examples,
-            test_source,
-            test_sum,
-            test_count,
-            test_labelled if test_examples is not None else False,
-            cargs.folds,
-        )
+        test_scores = averaging.average(kind, test_runs) if test_examples is not None else None
+        return _write(out, task, examples, source, fold, scores, test_examples, test_source, test_scores, test_labelled)
+
+
+def _labelled(task: Any, examples: list[dict[str, Any]]) -> bool:
+    """Whether test examples carry gold labels the task's metrics can use."""
+    if task.name == "token-classification":
+        return all((e.get("tags") if task.conll else e.get("_entities")) is not None for e in examples)
+    if task.name == "question-answering":
+        return any(e["qa"].answers for e in examples)
+    column = task.settings.label_column
+    return column is not None and all(e.get(column) is not None for e in examples)
+
+
+def decode(
+    task: Any, examples: list[dict[str, Any]], source: str, scores: list[Any], labelled: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Averaged scores -> one record per example (the task's predictions.jsonl fields, and ``gold``) and the
+    task's metrics (None when not ``labelled``)."""
+    kind = averaging.kind_of(task)
+    s = task.settings
+    if kind == "tags":
+        texts = None if task.conll else [str(e[s.text_column]) for e in examples]
+        predicted = averaging.tag_predictions(scores, task.labels or [], texts)
+        gold = [task.gold(e) for e in examples]
+        records = []
+        for e, p, g in zip(examples, predicted, gold, strict=True):
+            shown = {"tokens": e["tokens"]} if task.conll else {"text": e[s.text_column]}
+            records.append({**shown, **p, **({"gold": g} if labelled else {})})
+        return records, averaging.tag_metrics(gold, predicted, scores, texts) if labelled else None
+    if kind == "answers":
+        predicted = averaging.answer_predictions(scores, s.null_threshold)
+        gold = [task.gold(e) for e in examples]
+        records = [
+            {"id": e["qa"].id, "question": e["qa"].question, **p, **({"gold": g} if labelled else {})}
+            for e, p, g in zip(examples, predicted, gold, strict=True)
+        ]
+        return records, averaging.answer_metrics(gold, predicted) if labelled else None
+    if task.name == "sentence-embedding":
+        records = [
+            {"text": e[s.text_column], "text_pair": e[s.text_pair_column], "cosine": v}
+            for e, v in zip(examples, scores, strict=True)
+        ]
+        if not labelled:
+            return records, None
+        gold = [float(e[s.label_column]) for e in examples]
+        for record, g in zip(records, gold, strict=True):
+            record["gold"] = g
+        return records, {"pearson": pearson(gold, scores), "spearman": spearman(gold, scores)}
+    logits = _to_logits(kind, torch.tensor(scores, dtype=torch.float64))
+    features = [{"labels": task._target(e, source)} for e in examples] if labelled else [{}] * len(examples)
+    records = task.predictions(examples, features, logits)
+    if task.name == "multiple-choice":  # as classification: the chosen answer's probability
+        for record, row in zip(records, scores, strict=True):
+            record["score"] = row[record["label"]]
+    return records, task.metrics(examples, features, logits) if labelled else None
 
 
 _NOT_COMPARED = ("overwrite", "resume", "progress", "plot", "output_dir", "device", "num_threads", "seed")
@@ -281,46 +370,26 @@ def _claim(out: Path, record: dict[str, Any], overwrite: bool) -> None:
     write_json_atomic(path, record, sort_keys=False)
 
 
-def _write(
-    out, task, examples, source, fold, outputs, test_examples, test_source, test_sum, test_count, test_labelled, n_folds
-) -> CvResult:
-    scores = torch.stack(outputs)  # type: ignore[arg-type]
-    logits = _to_logits(task, scores)
-    features = [{"labels": task._target(e, source)} for e in examples]
-    metrics = task.metrics(examples, features, logits)
-    records = task.predictions(examples, features, logits)
-    oof = []
-    for i, record in enumerate(records):
-        value = scores[i]
-        oof.append({**record, "row": i, "fold": fold[i], "scores": value.tolist() if value.dim() else float(value)})
+def _write(out, task, examples, source, fold, scores, test_examples, test_source, test_scores, test_labelled):
+    records, metrics = decode(task, examples, source, scores, labelled=True)
+    oof = [{**r, "row": i, "fold": fold[i], "scores": scores[i]} for i, r in enumerate(records)]
     per_fold = []
-    for k in range(n_folds):
+    for k in range(max(fold) + 1):
         held = [i for i, f in enumerate(fold) if f == k]
-        per_fold.append(
-            {
-                "fold": k,
-                "examples": len(held),
-                **task.metrics([examples[i] for i in held], [features[i] for i in held], [logits[i] for i in held]),
-            }
-        )
+        _, values = decode(task, [examples[i] for i in held], source, [scores[i] for i in held], labelled=True)
+        per_fold.append({"fold": k, "examples": len(held), **(values or {})})
     summary = fold_summary(per_fold)
     write_jsonl_atomic(out / "oof.jsonl", oof)
     write_json_atomic(out / "fold_metrics.json", summary, sort_keys=False)
-    result = CvResult(metrics=metrics, fold_metrics=summary, oof=oof, output_dir=str(out))
+    result = CvResult(metrics=metrics or {}, fold_metrics=summary, oof=oof, output_dir=str(out))
     if test_examples is not None:
-        test_scores = test_sum / test_count
-        test_logits = _to_logits(task, test_scores)
-        test_features = [{"labels": task._target(e, test_source)} for e in test_examples] if test_labelled else []
-        predicted = task.predictions(test_examples, test_features or [{}] * len(test_examples), test_logits)
-        result.test_predictions = [
-            {**p, "row": i, "scores": test_scores[i].tolist() if test_scores.dim() > 1 else float(test_scores[i])}
-            for i, p in enumerate(predicted)
-        ]
+        predicted, test_metrics = decode(task, test_examples, test_source, test_scores, labelled=test_labelled)
+        result.test_predictions = [{**p, "row": i, "scores": test_scores[i]} for i, p in enumerate(predicted)]
         write_jsonl_atomic(out / "test_predictions.jsonl", result.test_predictions)
-        if test_labelled:
-            result.test_metrics = task.metrics(test_examples, test_features, test_logits)
-            write_json_atomic(out / "test_metrics.json", result.test_metrics, sort_keys=False)
-    write_json_atomic(out / "metrics.json", metrics, sort_keys=False)  # last: it marks a finished cv run
+        if test_metrics is not None:
+            result.test_metrics = test_metrics
+            write_json_atomic(out / "test_metrics.json", test_metrics, sort_keys=False)
+    write_json_atomic(out / "metrics.json", result.metrics, sort_keys=False)  # last: it marks a finished cv run
     return result
 
 

@@ -5,6 +5,11 @@ Each input folder is a ``cv`` output: ``RUN/oof.jsonl`` (one record per training
 optionally, ``RUN/test_predictions.jsonl`` (``row`` and averaged ``scores`` per test example). The runs must
 share the training file and the folds: the same rows, the same gold label and the same fold per row.
 
+Multiple choice (classification over the choices) and bi-encoder similarity (a value, as regression) take every
+method. Token classification and QA scores are not one vector per row (tag probabilities per word or character,
+n-best answer spans): they take ``mean`` only, averaged and decoded as ``cv`` averages its seeds
+(:mod:`bunmyaku.tasks.averaging`). A run's family comes from its ``cv.json``.
+
 Every score the ensemble reports is out of fold. ``weighted`` and ``stacking`` fit their weights or their
 second-stage model once per fold on the other K-1 folds and predict the held-out fold with it (nested), so the
 ensemble's out-of-fold metric is comparable to the single runs'. The weights in ``report.md`` and the test
@@ -474,6 +479,9 @@ def ensemble(
     if meta is not None and method != "stacking":
         raise ValueError(f"--meta {meta} is for --method stacking, not {method}")
     out = Path(output_dir)
+    family = common_family(run_dirs)
+    if family in STRUCTURED:
+        return ensemble_structured(family, run_dirs, out, method)
     runs = [load_cv_run(d) for d in run_dirs]
     for run in runs:
         if out.resolve() == run.path.resolve():
@@ -487,7 +495,7 @@ def ensemble(
             raise ValueError("--meta logistic is for classification; these runs are regression: use --meta ridge")
         if meta == "ridge" and not regression:
             raise ValueError("--meta ridge is for regression; these runs are classification: use --meta logistic")
-    names = None if regression else _class_names(runs)
+    names = family_names(family, runs)
     target = _targets(base, names or [])
     stack = np.stack([run.scores for run in runs])
     with_test = all(run.test_scores is not None for run in runs)
@@ -527,16 +535,219 @@ def ensemble(
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for record, scores_row in zip(base.records, oof, strict=True):
-        kept = {k: v for k, v in record.items() if k not in ("label", "labels", "score", "scores")}
-        records.append(kept | _record(scores_row, names))
+        records.append(family_record(family, record, scores_row, names))
     write_jsonl_atomic(out / "oof.jsonl", records)
     if test is not None:
         write_jsonl_atomic(
             out / "test_predictions.jsonl",
-            [{"row": int(row)} | _record(s, names) for row, s in zip(base.test_rows, test, strict=True)],
+            [family_record(family, {"row": int(row)}, s, names) for row, s in zip(base.test_rows, test, strict=True)],
         )
     write_text_atomic(out / "report.md", _report(method, meta, runs, run_metrics, metrics, fold_metrics, weights_text))
     write_json_atomic(out / "fold_metrics.json", fold_metrics, sort_keys=False)
     write_json_atomic(out / "metrics.json", metrics, sort_keys=False)  # last: its presence means the ensemble finished
     logger.info("ensemble %s of %d runs: %s", method, len(runs), metrics)
     return EnsembleResult(method, metrics, run_metrics, fold_metrics, weights, oof)
+
+
+# ------------------------------------------------------------------------------------------------
+# Task families: what each run's cv.json says it holds, and the families whose scores are not one matrix
+
+STRUCTURED = {"tags": "token-classification", "answers": "question-answering"}
+
+
+def _cv_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The finetune settings of a ``cv`` run (its ``cv.json``), or None for a folder without one."""
+    path = run_dir / "cv.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("finetune") or {}
+    except (ValueError, AttributeError):
+        raise ValueError(f"{path}: not a cv settings file (invalid JSON)") from None
+
+
+def run_family(run_dir: Path) -> str | None:
+    """The kind of scores a run holds (:mod:`bunmyaku.tasks.averaging`'s kinds, with ``multiple-choice`` and
+    ``bi-encoder`` told apart from classification and regression), or None when the folder has no ``cv.json``."""
+    settings = _cv_settings(run_dir)
+    if settings is None:
+        return None
+    task = settings.get("task")
+    if task == "multiple-choice":
+        return "multiple-choice"
+    if task == "sentence-similarity" and settings.get("encoder") == "bi":
+        return "bi-encoder"
+    if task == "token-classification":
+        return "tags"
+    if task == "question-answering":
+        return "answers"
+    return "classification"
+
+
+def common_family(run_dirs: list[str | os.PathLike]) -> str | None:
+    """The one family of all runs; refuses runs of different task families."""
+    families = {str(d): run_family(Path(d)) for d in run_dirs}
+    known = {f for f in families.values() if f is not None}
+    if len(known) > 1:
+        shown = ", ".join(f"{d}: {f}" for d, f in families.items())
+        raise ValueError(f"the runs are of different task families ({shown}); ensemble runs of one task")
+    if known and None in families.values() and known & set(STRUCTURED):
+        raise ValueError(f"the runs are of different task families ({families}); ensemble runs of one task")
+    return next(iter(known), None)
+
+
+def family_names(family: str | None, runs: list[CvRun]) -> list[Any] | None:
+    """Class names: choice indices for multiple choice, None for values (regression, bi-encoder)."""
+    if family == "multiple-choice":
+        return list(range(runs[0].scores.shape[1]))
+    return None if runs[0].regression else _class_names(runs)
+
+
+def family_record(family: str | None, record: dict[str, Any], scores_row: np.ndarray, names: list[Any] | None):
+    """An ensemble oof / test record: ``record``'s fields without the run's own prediction, plus the ensemble's
+    in cv's format (a bi-encoder's value is its ``cosine``; a multiple-choice ``choice`` text is dropped: the
+    ensemble has no choices to name)."""
+    dropped = ("label", "labels", "score", "scores", "cosine", "choice")
+    kept = {k: v for k, v in record.items() if k not in dropped}
+    if family == "bi-encoder":
+        value = float(scores_row[0])
+        return kept | {"cosine": value, "scores": value}
+    return kept | _record(scores_row, names)
+
+
+def _model_labels(run_dir: Path) -> list[str]:
+    """id2label of the run's first fold model (``fold*/model`` or, with seeds, ``fold*/seed*/model``)."""
+    configs = sorted(run_dir.glob("fold*/model/config.json")) + sorted(run_dir.glob("fold*/seed*/model/config.json"))
+    for config in configs:
+        id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
+        return [id2label[str(i)] for i in range(len(id2label))]
+    raise ValueError(f"{run_dir}: no fold*/model/config.json to read the tags (id2label) from")
+
+
+@dataclass
+class _StructuredRun:
+    path: Path
+    records: list[dict[str, Any]]
+    test_records: list[dict[str, Any]] | None
+
+
+def _read_structured(run_dir: str | os.PathLike) -> _StructuredRun:
+    path = Path(run_dir)
+    oof = path / "oof.jsonl"
+    if not oof.is_file():
+        raise FileNotFoundError(f"{oof}: no such file (ensemble needs bunmyaku cv output folders)")
+    records = _sorted_by_row(_read_jsonl(oof), oof)
+    for record in records:
+        for key in ("fold", "gold", "scores"):
+            if key not in record:
+                raise ValueError(f"{oof}: row {record['row']} has no '{key}'")
+    test = path / "test_predictions.jsonl"
+    test_records = _sorted_by_row(_read_jsonl(test), test) if test.is_file() else None
+    return _StructuredRun(path, records, test_records)
+
+
+def _check_structured(runs: list[_StructuredRun]) -> None:
+    base = runs[0]
+    for run in runs[1:]:
+        pair = f"{base.path} and {run.path}"
+        rows, other = [r["row"] for r in base.records], [r["row"] for r in run.records]
+        if rows != other:
+            missing = sorted(set(rows) ^ set(other))
+            raise ValueError(
+                f"{pair} do not share the training rows (first row in one but not the other: {missing[0]}); "
+                "ensemble runs of the same training file"
+            )
+        for key, what in (("gold", "gold labels"), ("fold", "folds")):
+            i = _first_difference([r[key] for r in base.records], [r[key] for r in run.records])
+            if i >= 0:
+                raise ValueError(
+                    f"{pair} do not share the {what}: row {rows[i]} has {key} {base.records[i][key]!r} vs "
+                    f"{run.records[i][key]!r}"
+                    + (" (run cv with the same --folds, --fold-seed and --group-column)" if key == "fold" else "")
+                )
+        if base.test_records is not None and run.test_records is not None:
+            if [r["row"] for r in base.test_records] != [r["row"] for r in run.test_records]:
+                raise ValueError(f"{pair} do not share the test rows (test_predictions.jsonl)")
+
+
+def _decode_structured(family: str, records, scores, names, null_threshold):
+    """(prediction fields per record, their metrics or None without gold) for averaged tags or answers."""
+    from bunmyaku.tasks import averaging
+
+    gold = [r.get("gold") for r in records]
+    labelled = all("gold" in r for r in records)
+    if family == "tags":
+        texts = None if "tokens" in records[0] else [r["text"] for r in records]
+        predicted = averaging.tag_predictions(scores, names, texts)
+        return predicted, averaging.tag_metrics(gold, predicted, scores, texts) if labelled else None
+    predicted = averaging.answer_predictions(scores, null_threshold)
+    return predicted, averaging.answer_metrics(gold, predicted) if labelled else None
+
+
+def ensemble_structured(family: str, run_dirs: list[str | os.PathLike], out: Path, method: str) -> EnsembleResult:
+    """``ensemble --method mean`` of token-classification or QA runs: the scores averaged as ``cv`` averages its
+    seeds (:func:`bunmyaku.tasks.averaging.average`) and decoded the same way."""
+    from bunmyaku.tasks import averaging
+
+    task = STRUCTURED[family]
+    if method != "mean":
+        raise ValueError(
+            f"--method {method} does not apply to {task}: its scores are "
+            + ("per-word or per-character tag probabilities" if family == "tags" else "n-best candidate answer spans")
+            + ", not one score vector per row to rank, weight or stack; use --method mean"
+        )
+    runs = [_read_structured(d) for d in run_dirs]
+    for run in runs:
+        if out.resolve() == run.path.resolve():
+            raise ValueError(f"--output-dir {out} is an input run folder; give the ensemble its own folder")
+    _check_structured(runs)
+    names = None
+    if family == "tags":
+        names = _model_labels(runs[0].path)
+        for run in runs[1:]:
+            if _model_labels(run.path) != names:
+                raise ValueError(f"{runs[0].path} and {run.path} do not share the tag set (their models' id2label)")
+    null_threshold = float((_cv_settings(runs[0].path) or {}).get("null_threshold", 0.0))
+    base = runs[0]
+
+    def combined(records_of_runs, records):
+        scores = averaging.average(family, [[r["scores"] for r in rs] for rs in records_of_runs])
+        predicted, metrics = _decode_structured(family, records, scores, names, null_threshold)
+        return scores, predicted, metrics
+
+    kind = "entities" if family == "tags" else "prediction_text"
+    dropped = ("tags", "entities", "prediction_text", "score", "scores")
+    scores, predicted, metrics = combined([run.records for run in runs], base.records)
+    oof = [
+        {k: v for k, v in r.items() if k not in dropped} | p | {"scores": s}
+        for r, p, s in zip(base.records, predicted, scores, strict=True)
+    ]
+    run_metrics = {str(run.path): combined([run.records], run.records)[2] or {} for run in runs}
+    folds = sorted({r["fold"] for r in base.records})
+    per_fold = []
+    for k in folds:
+        held = [i for i, r in enumerate(base.records) if r["fold"] == k]
+        _, values = _decode_structured(
+            family, [base.records[i] for i in held], [scores[i] for i in held], names, null_threshold
+        )
+        per_fold.append({"fold": k, "examples": len(held), **(values or {})})
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out / "oof.jsonl", oof)
+    write_json_atomic(out / "fold_metrics.json", fold_summary(per_fold), sort_keys=False)
+    if all(run.test_records is not None for run in runs):
+        test_scores, test_predicted, _ = combined([run.test_records for run in runs], base.test_records)
+        write_jsonl_atomic(
+            out / "test_predictions.jsonl",
+            [
+                {k: v for k, v in r.items() if k not in dropped} | p | {"scores": s}
+                for r, p, s in zip(base.test_records, test_predicted, test_scores, strict=True)
+            ],
+        )
+    elif any(run.test_records is not None for run in runs):
+        logger.warning("not every run has test_predictions.jsonl: no test predictions written")
+    fold_values = [{k: v for k, v in f.items() if k not in ("fold", "examples")} for f in per_fold]
+    text = f"No fitted weights: mean gives every run the same weight ({task}: {kind} from the averaged scores)."
+    write_text_atomic(out / "report.md", _report(method, None, runs, run_metrics, metrics or {}, fold_values, text))
+    write_json_atomic(out / "metrics.json", metrics or {})  # last: its presence means the ensemble finished
+    logger.info("ensemble %s of %d runs: %s", method, len(runs), metrics)
+    return EnsembleResult(method, metrics or {}, run_metrics, fold_values, {}, None)

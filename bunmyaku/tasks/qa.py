@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,8 @@ def postprocess(
         null_threshold: the best span must beat the null score by more than this to be answered.
 
     Returns:
-        Per example ``{"id", "prediction_text", "score", "null_score", "candidates"}`` (n-best list).
+        Per example ``{"id", "prediction_text", "score", "null_score", "candidates"}`` (the n-best list, each
+        ``{"text", "score", "start", "end"}`` with character offsets into the context).
     """
     windows = collections.defaultdict(list)
     for w, example_idx in enumerate(features.example_index):
@@ -132,7 +134,8 @@ def postprocess(
                     if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_answer_length:
                         continue
                     text = example.context[offsets[s][0] : offsets[e][1]]
-                    candidates.append({"text": text, "score": float(s_logits[s] + e_logits[e])})
+                    score = float(s_logits[s] + e_logits[e])
+                    candidates.append({"text": text, "score": score, "start": offsets[s][0], "end": offsets[e][1]})
         candidates.sort(key=lambda c: -c["score"])
         candidates = candidates[:n_best]
         best = candidates[0] if candidates else {"text": "", "score": float("-inf")}
@@ -174,7 +177,10 @@ class QuestionAnswering(Task):
     def read_records(self, records, labelled: bool = True) -> list[dict[str, Any]]:
         """Rows in the layout of Hugging Face's ``squad`` data sets: ``id``, ``question``, ``context``, and
         ``answers`` as ``{"text": [...], "answer_start": [...]}`` (or a list of ``{"text", "answer_start"}``);
-        questions on one ``title`` (else one context) stay together in a held-out split."""
+        questions on one ``title`` (else one context) stay together in a held-out split. Examples already read
+        (``{"qa": QAExample}``, as ``cv`` hands a fold's rows to ``finetune``) are taken as they are."""
+        if all(isinstance(r.get("qa"), QAExample) for r in records):
+            return records
         examples, articles = [], {}
         for r in records:
             at = where(r)
@@ -200,6 +206,16 @@ class QuestionAnswering(Task):
 
     def split_groups(self, examples):
         return [e["qa"].article for e in examples]
+
+    def group_value(self, example, column):
+        """A flat column of in-memory rows is gone once read: ``title`` (or ``article``) is the question's article
+        (its SQuAD ``data`` entry; for rows, its title, else its context) and ``context`` its paragraph."""
+        qa = example["qa"]
+        if column in ("title", "article"):
+            return qa.article
+        if column == "context":
+            return qa.context
+        return example.get(column)
 
     def num_labels(self) -> int | None:
         return None
@@ -267,7 +283,13 @@ class QuestionAnswering(Task):
     def predictions(self, examples, features, outputs):
         answers = self._answers(examples, features, outputs)
         return [
-            {"id": a["id"], "question": e["qa"].question, "prediction_text": a["prediction_text"], "score": a["score"]}
+            {
+                "id": a["id"],
+                "question": e["qa"].question,
+                "prediction_text": a["prediction_text"],
+                # no valid span among the n-best starts and ends: no score (JSON has no -inf)
+                "score": a["score"] if math.isfinite(a["score"]) else None,
+            }
             for a, e in zip(answers, examples, strict=True)
         ]
 

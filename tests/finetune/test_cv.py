@@ -241,7 +241,7 @@ def test_the_command_and_the_function_share_options_and_refuse_bad_ones(tmp_path
     with pytest.raises(ValueError, match="seeds must be comma-separated integers"):
         bunmyaku.cv(**base, seeds="0,x")
     with pytest.raises(ValueError, match="cv supports the tasks"):
-        bunmyaku.cv(**{**base, "task": "token-classification"})
+        bunmyaku.cv(**{**base, "task": "pair-classification", "choice_columns": "a,b"})
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['fold'\]"):
         bunmyaku.cv(**base, fold=2)
     assert not (tmp_path / "x").exists()  # refused before anything was written

@@ -82,9 +82,9 @@ def test_two_process_gloo_run_matches_a_single_process(runs):
 @pytest.mark.parametrize("plugin", [name for name in PLUGINS if name != "none"])
 def test_plugins_under_ddp_match_a_single_process(runs, plugin):
     """The perturbations (FGM, AWP, SAM / ASAM) use the all-reduced gradient and their second pass is all-reduced
-    again; LLRD's groups and EMA's average are the same on every process: so after 3 steps (the checkpoint) and 6
-    (the exported model, the average for EMA and SWA) 2 processes with half the batch hold the weights of 1 with the whole
-    batch."""
+    again; LLRD's groups and the EMA / SWA averages are the same on every process: so after 3 steps (the checkpoint)
+    and 6 (the exported model, the average for EMA and SWA) 2 processes with half the batch hold the weights of 1
+    with the whole batch."""
     single, ddp = runs
     for step in (3, None):
         _assert_same(_weights(ddp / plugin, step), _weights(single / plugin, step), f"{plugin} at step {step or 6}")
