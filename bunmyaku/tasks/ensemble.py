@@ -733,7 +733,8 @@ def ensemble_structured(family: str, run_dirs: list[str | os.PathLike], out: Pat
         per_fold.append({"fold": k, "examples": len(held), **(values or {})})
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out / "oof.jsonl", oof)
-    write_json_atomic(out / "fold_metrics.json", fold_summary(per_fold), sort_keys=False)
+    fold_metrics = fold_summary(per_fold)
+    write_json_atomic(out / "fold_metrics.json", fold_metrics, sort_keys=False)
     if all(run.test_records is not None for run in runs):
         test_scores, test_predicted, _ = combined([run.test_records for run in runs], base.test_records)
         write_jsonl_atomic(
@@ -745,9 +746,8 @@ def ensemble_structured(family: str, run_dirs: list[str | os.PathLike], out: Pat
         )
     elif any(run.test_records is not None for run in runs):
         logger.warning("not every run has test_predictions.jsonl: no test predictions written")
-    fold_values = [{k: v for k, v in f.items() if k not in ("fold", "examples")} for f in per_fold]
     text = f"No fitted weights: mean gives every run the same weight ({task}: {kind} from the averaged scores)."
-    write_text_atomic(out / "report.md", _report(method, None, runs, run_metrics, metrics or {}, fold_values, text))
-    write_json_atomic(out / "metrics.json", metrics or {})  # last: its presence means the ensemble finished
+    write_text_atomic(out / "report.md", _report(method, None, runs, run_metrics, metrics or {}, fold_metrics, text))
+    write_json_atomic(out / "metrics.json", metrics or {}, sort_keys=False)  # last: it marks a finished ensemble
     logger.info("ensemble %s of %d runs: %s", method, len(runs), metrics)
-    return EnsembleResult(method, metrics or {}, run_metrics, fold_values, {}, None)
+    return EnsembleResult(method, metrics or {}, run_metrics, fold_metrics, {}, None)
