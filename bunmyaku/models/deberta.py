@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from bunmyaku.hub import KeyMap
 from bunmyaku.hub.keymap import linear_map
 from bunmyaku.models import bert
+from bunmyaku.models.attention import Attention
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
@@ -229,6 +230,34 @@ def relative_positions(length: int, buckets: int, max_position: int, device=None
 # Attention
 
 
+def disentangled_attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pos_query: torch.Tensor | None,
+    pos_key: torch.Tensor | None,
+    relative_pos: torch.Tensor,
+    span: int,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The (B, H, T, T) weights of :func:`disentangled_attention_reference` (same arguments), before dropout."""
+    B, H, T, _ = query.shape
+    scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, T, T) content -> content
+    if pos_key is not None:  # content -> position: query i against the key embedding of r(i, j)
+        c2p = query @ pos_key.transpose(-1, -2)  # (B, H, T, R)
+        index = (relative_pos + span).clamp(0, 2 * span - 1)  # (T, T)
+        scores = scores + c2p.gather(-1, index.expand(B, H, T, T)) * scale
+    if pos_query is not None:  # position -> content: key j against the query embedding of r(j, i)
+        p2c = key @ pos_query.transpose(-1, -2)  # (B, H, T, R), one row per key
+        index = (span - relative_pos).clamp(0, 2 * span - 1)  # (T, T)
+        scores = scores + p2c.gather(-1, index.expand(B, H, T, T)).transpose(-1, -2) * scale
+    if mask is not None:
+        real = mask.bool()
+        pairs = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, T, T): both ends real
+        scores = scores.masked_fill(~pairs, torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=-1)
+
+
 def disentangled_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -259,44 +288,28 @@ def disentangled_attention_reference(
     Returns:
         (B, H, T, D) the attention output, heads not merged.
     """
-    B, H, T, _ = query.shape
-    scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, T, T) content -> content
-    if pos_key is not None:  # content -> position: query i against the key embedding of r(i, j)
-        c2p = query @ pos_key.transpose(-1, -2)  # (B, H, T, R)
-        index = (relative_pos + span).clamp(0, 2 * span - 1)  # (T, T)
-        scores = scores + c2p.gather(-1, index.expand(B, H, T, T)) * scale
-    if pos_query is not None:  # position -> content: key j against the query embedding of r(j, i)
-        p2c = key @ pos_query.transpose(-1, -2)  # (B, H, T, R), one row per key
-        index = (span - relative_pos).clamp(0, 2 * span - 1)  # (T, T)
-        scores = scores + p2c.gather(-1, index.expand(B, H, T, T)).transpose(-1, -2) * scale
-    if mask is not None:
-        real = mask.bool()
-        pairs = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, T, T): both ends real
-        scores = scores.masked_fill(~pairs, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1)
+    weights = disentangled_attention_weights(query, key, pos_query, pos_key, relative_pos, span, mask, scale)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ value  # (B, H, T, D)
 
 
-class DisentangledAttention(nn.Module):
-    """Project, split heads, project the relative embeddings, call the attention core, merge, project."""
+class DisentangledAttention(Attention):
+    """Project, split heads, project the relative embeddings, call the attention core, merge, project.
 
-    def __init__(self, config: DebertaV2Config):
-        super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+    ``q_proj`` ... ``out_proj`` are :class:`~bunmyaku.models.attention.Attention`'s (so ``output_attentions`` records
+    these weights as it records every model's); the position projections are DeBERTa's own.
+    """
+
+    def __init__(self, config: DebertaV2Config, layer_idx: int = 0):
+        super().__init__(config.layer_config(layer_idx), layer_idx)
         self.terms = config.position_terms
         self.relative = config.relative_attention
         self.span = config.att_span
-        self.dropout = config.attention_dropout
         # HF counts the position terms in the scale whether or not relative attention is on
         self.scale = 1.0 / math.sqrt(self.head_dim * (1 + len(self.terms)))
-        C, HD = config.hidden_size, config.num_heads * config.head_dim
-        self.q_proj = Linear(C, HD)
-        self.k_proj = Linear(C, HD)
-        self.v_proj = Linear(C, HD)
-        self.out_proj = Linear(HD, C)
         self.share_att_key = config.share_att_key
+        C, HD = config.hidden_size, config.num_heads * config.head_dim
         if self.relative and not self.share_att_key:
             if "c2p" in self.terms:
                 self.pos_k_proj = Linear(C, HD)
@@ -324,9 +337,14 @@ class DisentangledAttention(nn.Module):
             if "p2c" in self.terms:
                 pos_q = self._heads((self.q_proj if self.share_att_key else self.pos_q_proj)(rel))  # (H, R, D)
         dropout_p = self.dropout if self.training else 0.0
-        y = disentangled_attention_reference(
-            q, k, v, pos_q, pos_k, relative_pos, self.span, mask, self.scale, dropout_p
-        )
+        if self.recorded is not None:  # output_attentions: the weights kept
+            weights = disentangled_attention_weights(q, k, pos_q, pos_k, relative_pos, self.span, mask, self.scale)
+            self.recorded.append(weights)
+            y = F.dropout(weights, p=dropout_p) @ v  # (B, H, T, D)
+        else:
+            y = disentangled_attention_reference(
+                q, k, v, pos_q, pos_k, relative_pos, self.span, mask, self.scale, dropout_p
+            )
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): heads merged
         return self.out_proj(y)
 
@@ -336,7 +354,7 @@ class DebertaBlock(Block):
 
     def __init__(self, config: DebertaV2Config, layer_idx: int):
         super().__init__(config.layer_config(layer_idx), layer_idx)
-        self.attn = DisentangledAttention(config)
+        self.attn = DisentangledAttention(config, layer_idx)
 
     def _forward(self, x, mask, rel_embeddings, relative_pos):
         x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, rel_embeddings, relative_pos))

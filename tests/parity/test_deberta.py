@@ -253,10 +253,28 @@ BUCKETINGS = [(256, 512), (8, 16), (8, 64), (-1, 6), (32, 128), (4, 15), (8, 384
 def test_relative_positions_match_transformers(buckets, max_position):
     """Log buckets are a ceil of a log ratio: every distance of long sequences lands in HF's bucket ((4, 15) and
     (8, 384) have distances where a float64 log ratio would round into the next bucket)."""
-    for length in (1, 7, 300, 1100):
+    for length in (1, 7, min(2 * max_position + 5, 1100)):  # past max_position both ways
         probe = torch.empty(1, length, 1)
         expected = hf_deberta.build_relative_position(probe, probe, bucket_size=buckets, max_position=max_position)
         assert torch.equal(deberta.relative_positions(length, buckets, max_position), expected[0]), length
+
+
+@pytest.mark.parametrize("name", ["v3", "v2-xlarge"])
+def test_output_attentions_and_hidden_states(tmp_path, name):
+    """Every layer's attention weights (padding rows included) and hidden states, as HF returns them."""
+    hf_model = _hf_model(name, "base", seed=9)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    inputs, mask = _inputs("base", seed=6)
+    with torch.no_grad():
+        ours = model(**inputs, output_attentions=True, output_hidden_states=True)
+        theirs = hf_model(**inputs, output_attentions=True, output_hidden_states=True)
+    assert (
+        len(ours.attentions) == len(theirs.attentions) == len(ours.hidden_states) - 1 == len(theirs.hidden_states) - 1
+    )
+    for a, b in zip(ours.attentions, theirs.attentions, strict=True):
+        assert_close(a, b)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        assert_close(a, b, mask)
 
 
 def test_reference_attention_mask_none_is_all_real():
