@@ -321,30 +321,37 @@ class DisentangledAttention(Attention):
         """(..., L, H * D) -> (..., H, L, D)."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> q, k, v (B, H, T, D)."""
+        return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def _project_positions(
+        self, rel: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(R, C) relative embeddings (after dropout) -> pos_q, pos_k (H, R, D) (None for an absent term), span."""
+        pos_q = pos_k = None
+        if "c2p" in self.terms:
+            pos_k = self._heads((self.k_proj if self.share_att_key else self.pos_k_proj)(rel))  # (H, R, D)
+        if "p2c" in self.terms:
+            pos_q = self._heads((self.q_proj if self.share_att_key else self.pos_q_proj)(rel))  # (H, R, D)
+        return pos_q, pos_k, self.span
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, rel_embeddings: torch.Tensor | None, relative_pos
     ) -> torch.Tensor:
         """x: (B, T, C); mask: (B, T) or None; rel_embeddings: (R, C) (normed) or None -> (B, T, C)."""
         B, T, _ = x.shape
-        q = self._heads(self.q_proj(x))  # (B, H, T, D)
-        k = self._heads(self.k_proj(x))  # (B, H, T, D)
-        v = self._heads(self.v_proj(x))  # (B, H, T, D)
-        pos_q = pos_k = None
+        q, k, v = self._project(x)  # (B, H, T, D) each
+        pos_q, pos_k, span = None, None, self.span
         if self.relative and self.terms:
-            rel = self.pos_dropout(rel_embeddings)  # (R, C)
-            if "c2p" in self.terms:
-                pos_k = self._heads((self.k_proj if self.share_att_key else self.pos_k_proj)(rel))  # (H, R, D)
-            if "p2c" in self.terms:
-                pos_q = self._heads((self.q_proj if self.share_att_key else self.pos_q_proj)(rel))  # (H, R, D)
+            pos_q, pos_k, span = self._project_positions(self.pos_dropout(rel_embeddings), T)
         dropout_p = self.dropout if self.training else 0.0
         if self.recorded is not None:  # output_attentions: the weights kept
-            weights = disentangled_attention_weights(q, k, pos_q, pos_k, relative_pos, self.span, mask, self.scale)
+            weights = disentangled_attention_weights(q, k, pos_q, pos_k, relative_pos, span, mask, self.scale)
             self.recorded.append(weights)
             y = F.dropout(weights, p=dropout_p) @ v  # (B, H, T, D)
         else:
-            y = disentangled_attention_reference(
-                q, k, v, pos_q, pos_k, relative_pos, self.span, mask, self.scale, dropout_p
-            )
+            y = disentangled_attention_reference(q, k, v, pos_q, pos_k, relative_pos, span, mask, self.scale, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): heads merged
         return self.out_proj(y)
 
@@ -352,9 +359,11 @@ class DisentangledAttention(Attention):
 class DebertaBlock(Block):
     """BERT's post-LN block with disentangled attention: norm(x + attn(x)), then norm(x + mlp(x))."""
 
+    attention_class: ClassVar[type[DisentangledAttention]] = DisentangledAttention
+
     def __init__(self, config: DebertaV2Config, layer_idx: int):
         super().__init__(config.layer_config(layer_idx), layer_idx)
-        self.attn = DisentangledAttention(config, layer_idx)
+        self.attn = self.attention_class(config, layer_idx)
 
     def _forward(self, x, mask, rel_embeddings, relative_pos):
         x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, rel_embeddings, relative_pos))
@@ -497,11 +506,12 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
     task = "base"
     hf_architecture = "DebertaV2Model"
     our_base_prefix = ""
+    block_class: ClassVar[type[DebertaBlock]] = DebertaBlock
 
     def __init__(self, config: DebertaV2Config):
         super().__init__(config)
         self.embed = DebertaV2Embeddings(config)
-        self.layers = nn.ModuleList([DebertaBlock(config, i) for i in range(config.num_layers)])
+        self.layers = nn.ModuleList([self.block_class(config, i) for i in range(config.num_layers)])
         self.rel_embed = nn.Embedding(2 * config.att_span, config.hidden_size) if config.relative_attention else None
         self.rel_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps) if config.rel_layer_norm else None
         self.conv = ConvLayer(config) if config.conv_kernel_size > 0 else None
@@ -616,9 +626,11 @@ def deberta_sequence_loss(config: DebertaV2Config, logits: torch.Tensor, labels:
 class _DebertaHeadModel(DebertaV2PreTrainedModel):
     """A head on top of ``self.backbone``; subclasses set the key map and build ``self.head``."""
 
+    base_class: ClassVar[type[DebertaV2Model]] = DebertaV2Model
+
     def __init__(self, config: DebertaV2Config):
         super().__init__(config)
-        self.backbone = DebertaV2Model(config)
+        self.backbone = self.base_class(config)
         self.head = nn.Module()
 
     def _classifier_dropout(self) -> nn.Dropout:

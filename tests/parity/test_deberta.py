@@ -73,6 +73,27 @@ CONFIGS = {
     ),
 }
 
+# DeBERTa v1 (model_type "deberta"): fused q/k/v, no buckets; relative span min(T, max_relative_positions)
+V1_CONFIGS = {
+    "v1-base": dict(
+        TINY,
+        relative_attention=True,
+        pos_att_type="c2p|p2c",
+        position_biased_input=False,
+        type_vocab_size=0,
+        max_position_embeddings=64,
+    ),
+    "v1-clamped": dict(
+        TINY,
+        relative_attention=True,
+        max_relative_positions=6,
+        pos_att_type="p2c",
+        position_biased_input=True,
+        type_vocab_size=2,
+        max_position_embeddings=64,
+    ),
+}
+
 # task -> (HF class, fields read at real positions only, fields read everywhere, extra config)
 HEADS = {
     "base": ("DebertaV2Model", ["last_hidden_state"], [], {}),
@@ -85,8 +106,13 @@ HEADS = {
 
 
 def _hf_model(name: str, task: str, seed: int = 0, **extra):
-    hf_class = getattr(transformers, HEADS[task][0])
-    config = transformers.DebertaV2Config(**CONFIGS[name], **HEADS[task][3], **extra)
+    """A random HF model of config ``name`` (v2 / v3, or v1 for the V1_CONFIGS) with the ``task`` head."""
+    if name in V1_CONFIGS:
+        hf_class = getattr(transformers, HEADS[task][0].replace("V2", ""))
+        config = transformers.DebertaConfig(**{**V1_CONFIGS[name], **HEADS[task][3], **extra})
+    else:
+        hf_class = getattr(transformers, HEADS[task][0])
+        config = transformers.DebertaV2Config(**{**CONFIGS[name], **HEADS[task][3], **extra})
     return randomize(hf_class(config), seed=seed)
 
 
@@ -109,14 +135,16 @@ def _compare(ours, theirs, task, mask):
         assert_close(ours[field], getattr(theirs, field))
 
 
+# transformers has no v1 multiple-choice head
 CASES = [(name, task) for name in CONFIGS for task in HEADS]
+CASES += [(name, task) for name in V1_CONFIGS for task in HEADS if task != "multiple-choice"]
 
 
 @pytest.mark.parametrize(("name", "task"), CASES)
 def test_deberta_parity_both_directions(tmp_path, name, task):
     hf_model = _hf_model(name, task, seed=len(task))
     model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))  # the head from ``architectures``
-    assert type(model).task == task and type(model).__name__ == HEADS[task][0]
+    assert type(model).task == task and type(model).__name__ == type(hf_model).__name__
     inputs, mask = _inputs(task, seed=1)
     with torch.no_grad():
         expected = hf_model(**inputs)
@@ -125,7 +153,7 @@ def test_deberta_parity_both_directions(tmp_path, name, task):
         _compare(reloaded(**inputs), expected, task, mask)
 
 
-@pytest.mark.parametrize("name", ["v3", "v2-xlarge"])
+@pytest.mark.parametrize("name", ["v3", "v2-xlarge", "v1-base"])
 def test_masked_lm_current_head_layout(tmp_path, name):
     """legacy=False: the lm_predictions.lm_head layout of the EMD checkpoints, saved back under the same names."""
     hf_model = _hf_model(name, "masked-lm", seed=5, legacy=False)
@@ -137,7 +165,7 @@ def test_masked_lm_current_head_layout(tmp_path, name):
         model.save_pretrained(tmp_path / "ours")
         names = bunmyaku.hub.files.checkpoint_keys(tmp_path / "ours")
         assert "lm_predictions.lm_head.dense.weight" in names and not any(k.startswith("cls.") for k in names)
-        reloaded = transformers.DebertaV2ForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+        reloaded = type(hf_model).from_pretrained(tmp_path / "ours").eval()
         assert_close(reloaded(**inputs).logits, expected, mask)
 
 
@@ -211,12 +239,13 @@ def _loss_cases():
     ]
 
 
-@pytest.mark.parametrize("name", ["v3", "v2-xlarge"])
+@pytest.mark.parametrize("name", ["v3", "v2-xlarge", "v1-clamped"])
 def test_losses_match(tmp_path, name):
     inputs_by_task = {task: _inputs(task, seed=4)[0] for task in ("masked-lm", "multiple-choice")}
     for i, (task, extra, labels) in enumerate(_loss_cases()):
-        hf_class = getattr(transformers, HEADS[task][0])
-        hf_model = randomize(hf_class(transformers.DebertaV2Config(**CONFIGS[name], **extra)), seed=i)
+        if name in V1_CONFIGS and task == "multiple-choice":
+            continue
+        hf_model = _hf_model(name, task, seed=i, **{"num_labels": 2, **extra})
         model = bunmyaku.from_pretrained(save(hf_model, tmp_path / str(i)))
         inputs = inputs_by_task["multiple-choice" if task == "multiple-choice" else "masked-lm"]
         with torch.no_grad():
