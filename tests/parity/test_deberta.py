@@ -341,3 +341,86 @@ def test_mlm_projection_needs_the_legacy_layout():
     config = deberta.DebertaV2Config.from_hf(dict(CONFIGS["v3-proj"], legacy=False))
     with pytest.raises(ValueError, match="legacy=True"):
         deberta.DebertaV2ForMaskedLM(config)
+
+
+# config.json of microsoft/deberta-v3-base, microsoft/deberta-v2-xlarge and microsoft/deberta-base (fewer layers)
+PUBLISHED = {
+    "deberta-v3-base": dict(
+        model_type="deberta-v2",
+        hidden_size=768,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        relative_attention=True,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type="p2c|c2p",
+        layer_norm_eps=1e-7,
+        max_relative_positions=-1,
+        position_biased_input=False,
+        num_attention_heads=12,
+        num_hidden_layers=2,
+        type_vocab_size=0,
+        vocab_size=128100,
+    ),
+    "deberta-v2-xlarge": dict(
+        model_type="deberta-v2",
+        hidden_size=1536,
+        intermediate_size=6144,
+        max_position_embeddings=512,
+        relative_attention=True,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type="p2c|c2p",
+        layer_norm_eps=1e-7,
+        conv_kernel_size=3,
+        conv_act="gelu",
+        max_relative_positions=-1,
+        position_biased_input=False,
+        num_attention_heads=24,
+        attention_head_size=64,
+        num_hidden_layers=2,
+        type_vocab_size=0,
+        vocab_size=128100,
+    ),
+    "deberta-base": dict(
+        model_type="deberta",
+        hidden_size=768,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        relative_attention=True,
+        pos_att_type="c2p|p2c",
+        layer_norm_eps=1e-7,
+        max_relative_positions=-1,
+        position_biased_input=False,
+        num_attention_heads=12,
+        num_hidden_layers=2,
+        type_vocab_size=0,
+        vocab_size=50265,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+@pytest.mark.parametrize("legacy", [True, False])
+def test_published_configs_have_hf_tensors(name, legacy):
+    """At full width (on the meta device, no memory): every tensor HF's masked LM saves, by name and shape."""
+    from bunmyaku.models.auto import model_class
+
+    config = dict(PUBLISHED[name], legacy=legacy)
+    hf_config_class = (
+        transformers.DebertaV2Config if config["model_type"] == "deberta-v2" else transformers.DebertaConfig
+    )
+    hf_class = (
+        transformers.DebertaV2ForMaskedLM if config["model_type"] == "deberta-v2" else transformers.DebertaForMaskedLM
+    )
+    cls = model_class(config["model_type"], "masked-lm")
+    with torch.device("meta"):
+        hf_model = hf_class(hf_config_class(**{k: v for k, v in config.items() if k != "model_type"}))
+        model = cls(cls.configure(config))
+    hf_state = {k: tuple(v.shape) for k, v in hf_model.state_dict().items() if "position_ids" not in k}
+    for tied in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+        hf_state.pop(tied, None)
+    ours = {k: tuple(v.shape) for k, v in model.hf_state_dict().items()}
+    assert ours == hf_state
