@@ -254,11 +254,11 @@ def test_losses_match(tmp_path, name):
         assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["v3", "v2-xlarge"])
+@pytest.mark.parametrize("name", ["v3", "v2-xlarge", "v1-base"])
 def test_training_gradients_match(tmp_path, name):
     """Train mode without dropout: the loss's gradient on every parameter is HF's, with gradient checkpointing too."""
-    config = dict(CONFIGS[name], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
-    hf_model = randomize(transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**config)), 8)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf_model = _hf_model(name, "sequence-classification", seed=8, **no_dropout)
     model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
     inputs, _ = _inputs("sequence-classification", seed=5)
     labels = torch.tensor([1, 0, 2])
