@@ -12,12 +12,15 @@ R = 2 * span relative-position embeddings, N choices, L labels.
 Disentangled attention adds to the content score q_i . k_j two position terms, read from one table of R relative
 embeddings (LayerNorm-ed when ``norm_rel_ebd`` says so, shared by every layer, projected by each layer):
 
-    score(i, j) = [ q_i . k_j  +  q_i . pk[r(i, j)] (c2p)  +  k_j . pq[r(j, i)] (p2c) ] / sqrt(D * (1 + terms))
+    score(i, j) = [ q_i . k_j  +  q_i . pk[c2p(i, j)]  +  k_j . pq[p2c(i, j)] ] / sqrt(D * (1 + terms))
+    c2p(i, j) = clamp(span + rel(i, j)),  p2c(i, j) = clamp(span - rel(j, i)),  clamp into [0, R - 1]
 
-where r is the clamped index of the bucketed relative distance (:func:`relative_positions`), pk / pq the relative
+where rel(i, j) is the (log-bucketed) distance i - j (:func:`relative_positions`) and pk / pq the relative
 embeddings projected by the key / query projections (``share_att_key``) or by their own (``pos_k_proj`` /
-``pos_q_proj``). The attention core is one function, :func:`disentangled_attention_reference`: the
-``transformers``-style computation with (B, H, T, T) gathers, kept as the reference that faster kernels must equal.
+``pos_q_proj``). Buckets are odd (rel(j, i) = -rel(i, j)), so both terms read row clamp(span + rel(i, j)): a
+relative-position bias that depends on i - j only. The attention core is one function,
+:func:`disentangled_attention_reference`: the ``transformers``-style computation with (B, H, T, T) gathers, kept as
+the reference that faster kernels must equal.
 
 Padding is handled exactly as ``transformers`` handles it, so that every output and every loss is HF's, padding
 positions included (QA's span loss reads them): embeddings are zeroed at padding, the attention mask is the
@@ -25,9 +28,10 @@ outer product m_i * m_j (a padding query sees every key at the same score, hence
 convolution's output is zeroed at padding. This module always runs the padded batch; no unpadded path yet.
 
 Heads: masked LM (the current ``lm_predictions.lm_head`` layout of the enhanced mask decoder's checkpoints, or the
-legacy ``cls.predictions`` one, as ``config.legacy`` says; both are the same computation), sequence classification
-(ContextPooler; DeBERTa's own loss rule when ``problem_type`` is unset), token classification, extractive QA,
-multiple choice.
+legacy ``cls.predictions`` one, as ``config.legacy`` says; both are the same computation; as in ``transformers``, the
+EMD's extra decoding pass is not run and a checkpoint's ``mask_predictions`` (RTD) head is ignored), sequence
+classification (ContextPooler; DeBERTa's own loss rule when ``problem_type`` is unset), token classification,
+extractive QA, multiple choice. DeBERTa v1 is built from these parts in :mod:`bunmyaku.models.deberta_v1`.
 """
 
 from __future__ import annotations
