@@ -17,6 +17,8 @@ from bunmyaku.models.base import PreTrainedModel
 MODEL_TYPES = {
     "bert": "bunmyaku.models.bert",
     "roberta": "bunmyaku.models.roberta",
+    "deberta": "bunmyaku.models.deberta_v1",
+    "deberta-v2": "bunmyaku.models.deberta",
     "gpt2": "bunmyaku.models.gpt2",
     "llama": "bunmyaku.models.llama",
     "marian": "bunmyaku.models.transformer",
