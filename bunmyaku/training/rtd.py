@@ -29,8 +29,9 @@ DeBERTa-v3 does). Keeping the width keeps every shared table's shape, so sharing
 
 Export (:func:`export_discriminator`): the discriminator as the backbone's base model in HF layout (``BertModel``,
 ``RobertaModel``...) with E_D = E_G + E_delta merged into its tables, so ``transformers.AutoModel`` and
-``bunmyaku finetune`` load it; the generator goes to ``generator/`` as a masked LM. The RTD head is not exported
-(``transformers`` would report its tensors as unused; the run's checkpoints keep it).
+``bunmyaku finetune`` load it; the generator goes to ``generator/`` as a masked LM. The RTD head stays out of that
+folder (``transformers`` would report its tensors as unused); a BERT discriminator is also written to ``electra/``
+as ``transformers``' ``ElectraForPreTraining``, head included, the same encoder under ELECTRA's names.
 
 A backbone plugs in when its ``model_type`` is registered in :data:`bunmyaku.models.auto.MODEL_TYPES` with a
 ``"base"`` and a ``"masked-lm"`` class, its config has ``num_layers`` (and ``hidden_size``, ``hidden_act``,
@@ -310,8 +311,34 @@ def merged_discriminator(model: ReplacedTokenDetection) -> PreTrainedModel:
 
 def export_discriminator(model: ReplacedTokenDetection, directory: Path, dtype: str | None = None) -> None:
     """Write the discriminator (merged tables) to ``directory`` and the generator to ``directory/generator``,
-    both in HF layout."""
+    both in HF layout; a BERT discriminator also goes to ``directory/electra`` with its RTD head
+    (:func:`save_electra`)."""
     directory = Path(directory)
-    merged_discriminator(model).save_pretrained(directory, dtype=dtype)
+    discriminator = merged_discriminator(model)
+    discriminator.save_pretrained(directory, dtype=dtype)
     model.generator.save_pretrained(directory / "generator", dtype=dtype)
+    if discriminator.config.model_type == "bert":
+        save_electra(discriminator, model.head, directory / "electra", dtype=dtype)
     logger.info("Exported the discriminator to %s and the generator to %s", directory, directory / "generator")
+
+
+def save_electra(discriminator: PreTrainedModel, head: DiscriminatorHead, directory: Path, dtype=None) -> None:
+    """A BERT discriminator and its RTD head as ``transformers``' ``ElectraForPreTraining`` (ELECTRA's encoder is
+    BERT's, with the embedding projection absent when ``embedding_size == hidden_size``)."""
+    from bunmyaku.hub import save_state_dict
+    from bunmyaku.hub.files import write_json_atomic
+    from bunmyaku.models.base import _resolve_dtype as resolve_dtype
+
+    state = {f"electra.{k}": v for k, v in discriminator.hf_state_dict().items() if not k.startswith("pooler.")}
+    for ours, theirs in (("dense", "dense"), ("out_proj", "dense_prediction")):
+        for name in ("weight", "bias"):
+            state[f"discriminator_predictions.{theirs}.{name}"] = getattr(getattr(head, ours), name).detach()
+    config = discriminator.hf_config()
+    config.update(model_type="electra", architectures=["ElectraForPreTraining"], embedding_size=config["hidden_size"])
+    if dtype is not None:
+        resolved = resolve_dtype(dtype, config)
+        state = {k: v.to(resolved) if v.is_floating_point() else v for k, v in state.items()}
+        config["dtype"] = str(resolved).replace("torch.", "")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_dict({k: v.contiguous() for k, v in state.items()}, directory)
+    write_json_atomic(directory / "config.json", config)

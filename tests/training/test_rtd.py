@@ -271,6 +271,13 @@ def test_pretrain_rtd_exports_a_discriminator_transformers_loads(botchan, tmp_pa
             rtol=1e-5,
             atol=1e-5,
         )
+    # with its RTD head as transformers' ElectraForPreTraining: the checkpoint's discriminator logits
+    electra = transformers.ElectraForPreTraining.from_pretrained(out / "electra").eval()
+    trained = ReplacedTokenDetection.from_config(ours.config, generator_layers=1).eval()
+    trained.load_state_dict(state)
+    with torch.no_grad():
+        expected = trained.head(trained.discriminator(**ids).last_hidden_state)
+        torch.testing.assert_close(electra(**ids).logits[real], expected[real], rtol=1e-5, atol=1e-5)
     # a classifier starts from it (what `bunmyaku finetune --model RUN` loads)
     assert bunmyaku.from_pretrained(out, task="sequence-classification").config.num_layers == 2
     metrics = json.loads((out / "metrics.json").read_text())
@@ -301,3 +308,23 @@ def test_pretrain_rtd_resumes_to_identical_weights(botchan, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["head.dense.weight"], start["head.dense.weight"])  # steps 3 and 4 did train
     assert load_file(whole / "model.safetensors").keys() == load_file(resumed / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize("sharing", ["gdes", "es"])
+def test_a_checkpoint_round_trip_keeps_the_sharing(sharing, tmp_path):
+    from bunmyaku.training import checkpoint as ckpt
+
+    model = _model("bert", sharing)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    ckpt.save_model(model, tmp_path)
+    again = _model("bert", sharing, seed=1)
+    ckpt.load_model(again, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    gen, disc = again.generator.backbone.embed.tokens, again.discriminator.embed.tokens
+    if sharing == "es":
+        assert disc.weight is gen.weight
+    else:
+        torch.testing.assert_close(disc.weight, gen.weight + disc.parametrizations.weight.original, rtol=0, atol=0)
+        assert torch.equal(disc.weight, model.discriminator.embed.tokens.weight)
