@@ -207,7 +207,8 @@ class ReplacedTokenDetection(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, embedding_sharing: EmbeddingSharing = "gdes") -> ReplacedTokenDetection:
         """Continue from an exported run: the discriminator from ``path``, the generator from ``path/generator``.
-        With ``gdes``, E_delta starts as E_D - E_G, so the discriminator's tables are the exported ones.
+        With ``gdes``, E_delta starts as E_D - E_G, so the discriminator's tables are the exported ones; with ``es``
+        the discriminator takes the generator's tables.
 
         Raises:
             FileNotFoundError: ``path`` has no ``generator`` folder.

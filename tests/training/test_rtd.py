@@ -177,6 +177,27 @@ def test_the_loss_is_mlm_plus_lambda_rtd_from_the_two_models_outputs(sharing):
     assert metrics["rtd_correct"] == ((scores[real] > 0) == (replaced[real] > 0)).sum()
 
 
+@pytest.mark.parametrize("sharing", ["gdes", "es"])
+def test_continuing_from_an_export_starts_from_its_tables(sharing, tmp_path):
+    from bunmyaku.training.rtd import export_discriminator
+
+    model = _model("bert", "gdes")
+    with torch.no_grad():
+        model.discriminator.embed.tokens.parametrizations.weight.original.normal_()
+    export_discriminator(model, tmp_path)
+    again = ReplacedTokenDetection.from_pretrained(tmp_path, embedding_sharing=sharing)
+    exported = merged_discriminator(model).embed.tokens.weight
+    table = again.discriminator.embed.tokens.weight
+    if sharing == "gdes":  # E_delta = E_D - E_G: the discriminator reads the exported table
+        torch.testing.assert_close(table, exported, rtol=0, atol=1e-6)
+    else:  # one table: the generator's
+        assert torch.equal(table, model.generator.backbone.embed.tokens.weight)
+    query = again.generator.backbone.layers[0].attn.q_proj.weight
+    assert torch.equal(query, model.generator.backbone.layers[0].attn.q_proj.weight)
+    with pytest.raises(FileNotFoundError, match="generator"):
+        ReplacedTokenDetection.from_pretrained(tmp_path / "generator")
+
+
 def test_the_merged_discriminator_holds_e_g_plus_delta():
     model = _model("bert", "gdes")
     with torch.no_grad():
@@ -293,14 +314,17 @@ def test_pretrain_rtd_resumes_to_identical_weights(botchan, tmp_path):
     """A run stopped after its step-2 checkpoint and resumed ends as the uninterrupted run does."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     options = {"save_every": 2, "keep_last": 3, "lr": 3e-3, "warmup_steps": 1}
-    for out in (whole,):
-        result = CliRunner().invoke(app, ["pretrain", *_options(botchan, out, **options)])
-        assert result.exit_code == 0, result.output + repr(result.exception)
+    result = CliRunner().invoke(app, ["pretrain", *_options(botchan, whole, **options)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
     shutil.copy(whole / "metrics.jsonl", resumed / "metrics.jsonl")
-    result = CliRunner().invoke(app, ["pretrain", *_options(botchan, resumed, **options)])
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    result = bunmyaku.pretrain(  # the Python twin, with the command's defaults
+        objective="rtd", model_config=botchan / "bert.json", tokenizer=botchan / "vocab.txt", doc_split="line",
+        data=[botchan / "botchan.txt"], output_dir=resumed, block_size=24, batch_size=4, max_steps=4, eval_every=0,
+        device="cpu", seed=0, progress=False, plot=False, **options,
+    )  # fmt: skip
+    assert type(result.model).__name__ == "BertModel" and "eval_rtd_accuracy" in result.metrics
     first = load_file(whole / "checkpoints" / "step-00000004" / "model.safetensors")
     second = load_file(resumed / "checkpoints" / "step-00000004" / "model.safetensors")
     start = load_file(whole / "checkpoints" / "step-00000002" / "model.safetensors")
