@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,8 +281,6 @@ class ReplacedTokenDetection(nn.Module):
 
     def _generator_logits(self, input_ids, labels, masked, inputs) -> torch.Tensor:
         """(M, V): only the masked positions go through the vocabulary projection when the model can do that."""
-        import inspect
-
         if "masked_only" in inspect.signature(self.generator.forward).parameters:
             return self.generator(input_ids=input_ids, labels=labels, masked_only=True, **inputs).logits
         return self.generator(input_ids=input_ids, **inputs).logits[masked]
