@@ -277,7 +277,7 @@ def _pretrain_command():
 
     command = typer_command((PretrainArgs, TrainArgs), _pretrain)
     command.__doc__ = (
-        "Pretrain a model from raw text: --objective clm | mlm | mlm+nsp, a new model (--model-config) or "
+        "Pretrain a model from raw text: --objective clm | mlm | mlm+nsp | rtd, a new model (--model-config) or "
         "--init-from a checkpoint, --tokenizer, --data files, --output-dir; or --config recipe.yaml with the "
         "same keys. Run under torchrun for data-parallel training."
     )

@@ -209,15 +209,15 @@ def check_int(name: str, value: object, low: int | None = None) -> None:
         raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
-OBJECTIVE_TASKS = {"clm": "causal-lm", "mlm": "masked-lm", "mlm+nsp": "pretraining"}
+OBJECTIVE_TASKS = {"clm": "causal-lm", "mlm": "masked-lm", "mlm+nsp": "pretraining", "rtd": "base"}  # the export's
 
 
 @dataclass
 class PretrainArgs:
     """What to pretrain on what: objective, model, tokenizer, corpus and example construction."""
 
-    objective: Literal["clm", "mlm", "mlm+nsp"] = "clm"
-    """clm (causal LM, GPT), mlm (masked LM, RoBERTa-style), mlm+nsp (BERT's masked LM + next-sentence)."""
+    objective: Literal["clm", "mlm", "mlm+nsp", "rtd"] = "clm"
+    """clm (causal LM, GPT), mlm (masked LM, RoBERTa), mlm+nsp (BERT's MLM + NSP), rtd (ELECTRA / DeBERTa-v3 RTD)."""
     model_config: str | None = None
     """A HF config.json-style JSON / YAML file (model_type bert, gpt2, llama...) for a new model; inline in a recipe."""
     init_from: str | None = None
@@ -244,6 +244,12 @@ class PretrainArgs:
     """The same mask for an example every epoch (BERT) instead of a fresh one (RoBERTa)."""
     short_seq_prob: float = 0.1
     """How often an NSP example gets a shorter random target length (mlm+nsp)."""
+    generator_layers: int | None = None
+    """rtd: the generator's depth, same width as the discriminator (default: half its layers, as DeBERTa-v3)."""
+    rtd_weight: float = 50.0
+    """rtd: lambda in loss = generator MLM loss + lambda x discriminator RTD loss (50 in ELECTRA and DeBERTa-v3)."""
+    embedding_sharing: Literal["gdes", "es", "none"] = "gdes"
+    """rtd: gdes (DeBERTa-v3: discriminator tables = sg(generator's) + a delta), es (ELECTRA: one table), or none."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVE_TASKS:
@@ -258,6 +264,11 @@ class PretrainArgs:
         check_number("valid_fraction", self.valid_fraction, low=0.0, high=1.0, high_open=True)
         check_number("mlm_probability", self.mlm_probability, low=0.0, high=1.0, low_open=True, high_open=True)
         check_number("short_seq_prob", self.short_seq_prob, low=0.0, high=1.0)
+        if self.generator_layers is not None:
+            check_int("generator_layers", self.generator_layers, low=1)
+        check_number("rtd_weight", self.rtd_weight, low=0.0)
+        if self.embedding_sharing not in ("gdes", "es", "none"):
+            raise ValueError(f"embedding_sharing must be gdes, es or none, got {self.embedding_sharing!r}")
 
 
 @cache

@@ -108,7 +108,58 @@ class MaskedLMWithNSP(MaskedLM):
         return {"lm": lm_loss, "nsp": nsp_loss}, {"lm_correct": lm_correct, "nsp_correct": nsp_correct}
 
 
-OBJECTIVES = {"causal-lm": CausalLM, "masked-lm": MaskedLM, "pretraining": MaskedLMWithNSP}
+class ReplacedTokenDetection(TokenObjective):
+    """ELECTRA's loss for a :class:`~bunmyaku.training.rtd.ReplacedTokenDetection` model: the generator's masked LM
+    (term ``lm``, per masked token) + ``rtd_weight`` x the discriminator's binary cross-entropy (term ``rtd``, per
+    real token; logged as that weighted term, ``rtd_bce`` unweighted).
+
+    Metrics: ``accuracy`` (the generator's, at the masked positions), ``rtd_accuracy`` (the discriminator's, every
+    real token), ``rtd_precision`` / ``rtd_recall`` on the replaced tokens (logit > 0 predicts "replaced"), and
+    ``replaced_fraction`` (the share of real tokens replaced: below the mask rate as the generator learns).
+    Ratios are reported as ``<name>_num`` / ``<name>_den`` sums, divided after summing over micro-batches.
+
+    Args:
+        rtd_weight: lambda, the RTD loss's weight (50 in ELECTRA and DeBERTa-v3).
+    """
+
+    def __init__(self, rtd_weight: float = 50.0):
+        self.rtd_weight = rtd_weight
+
+    def count(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Masked positions (``lm``) and real tokens (``rtd``)."""
+        mask = batch.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return {"lm": int((batch["labels"] != IGNORE_INDEX).sum()), "rtd": real}
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
+        out = model(**_inputs(batch, ("next_sentence_label",)))
+        lm_loss, lm_correct = self.token_sums(out.logits, out.mlm_labels)
+        logits, labels = out.rtd_logits.float(), out.rtd_labels.float()
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        with torch.no_grad():
+            predicted, replaced = logits > 0, labels > 0.5
+            hits = (predicted & replaced).sum()
+            metrics = {
+                "lm_correct": lm_correct,
+                "rtd_correct": (predicted == replaced).sum(),
+                "rtd_bce_num": bce.detach(),
+                "rtd_bce_den": torch.tensor(labels.numel(), device=logits.device),
+                "rtd_precision_num": hits,
+                "rtd_precision_den": predicted.sum(),
+                "rtd_recall_num": hits,
+                "rtd_recall_den": replaced.sum(),
+                "replaced_fraction_num": replaced.sum(),
+                "replaced_fraction_den": torch.tensor(labels.numel(), device=logits.device),
+            }
+        return {"lm": lm_loss, "rtd": self.rtd_weight * bce}, metrics
+
+
+OBJECTIVES = {
+    "causal-lm": CausalLM,
+    "masked-lm": MaskedLM,
+    "pretraining": MaskedLMWithNSP,
+    "replaced-token-detection": ReplacedTokenDetection,
+}
 
 
 def objective_for(model: nn.Module):

@@ -1,11 +1,12 @@
-"""Pretraining from raw text: causal LM, masked LM, or BERT's masked LM + next-sentence prediction.
+"""Pretraining from raw text: causal LM, masked LM, BERT's masked LM + next-sentence prediction, or ELECTRA /
+DeBERTa-v3 replaced token detection (:mod:`bunmyaku.training.rtd`).
 
 ``run_pretraining`` wires the layers together: a tokenizer (a folder, or ``"char"`` for a character vocabulary
 built from the data), a model (a HF ``config.json``-style JSON / YAML file, or ``init_from`` an existing
 checkpoint for domain-adaptive pretraining), a token corpus built from the raw files, the objective's examples
 and collator, and the Trainer. The output folder is HF layout: ``transformers`` loads the model with
-``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` / ``BertForPreTraining`` and the tokenizer with
-``AutoTokenizer``.
+``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` / ``BertForPreTraining`` (``AutoModel`` for the
+discriminator of ``rtd``, whose generator is in ``generator/``) and the tokenizer with ``AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ from bunmyaku.data.corpus import INDEX_NAME, expand_sources
 from bunmyaku.hub.files import write_json_atomic
 from bunmyaku.training import distributed as dist_utils
 from bunmyaku.training.args import OBJECTIVE_TASKS, PretrainArgs, TrainArgs
+from bunmyaku.training.objectives import ReplacedTokenDetection
 from bunmyaku.training.outputs import OutputDirBusy, exclusive_output_dir
 from bunmyaku.training.recipe import build_args, check_keywords, keyword_signature
+from bunmyaku.training.rtd import ReplacedTokenDetection as RTDModel
+from bunmyaku.training.rtd import export_discriminator
 from bunmyaku.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -148,8 +152,16 @@ def _pretrain(pargs: PretrainArgs, targs: TrainArgs, output_dir: Path) -> dict[s
             f"{len(train_data):,}",
             f"{len(eval_data) if eval_data is not None else 0:,}",
         )
-    trainer = Trainer(model, targs, train_data, eval_data, collator, tokenizer=tokenizer)
+    if pargs.objective == "rtd":  # the wrapper is no HF model: the discriminator and generator are exported below
+        objective = ReplacedTokenDetection(pargs.rtd_weight)
+        trainer = Trainer(
+            model, targs, train_data, eval_data, collator, objective, tokenizer=tokenizer, export_dir=None
+        )
+    else:
+        trainer = Trainer(model, targs, train_data, eval_data, collator, tokenizer=tokenizer)
     metrics = trainer.fit()
+    if dist_utils.is_main() and pargs.objective == "rtd":
+        _export_rtd(trainer, output_dir, targs.export_dtype)
     if dist_utils.is_main():
         summary = {"step": targs.max_steps, **metrics, "best_step": trainer.best["step"]}
         if trainer.best["step"] is not None:
@@ -157,6 +169,17 @@ def _pretrain(pargs: PretrainArgs, targs: TrainArgs, output_dir: Path) -> dict[s
         summary["exported"] = "best" if targs.export_best and trainer.best["step"] is not None else "last"
         write_json_atomic(output_dir / "metrics.json", summary, sort_keys=False)
     return metrics
+
+
+def _export_rtd(trainer: Trainer, output_dir: Path, dtype: str | None) -> None:
+    """The discriminator (merged embeddings) to ``output_dir``, the generator to ``output_dir/generator``, with the
+    tokenizer in both; under the plugins' evaluation contexts (EMA's averaged weights), as the Trainer exports."""
+    with contextlib.ExitStack() as stack:
+        for plugin in trainer.plugins:
+            stack.enter_context(plugin.evaluation_context(trainer))
+        export_discriminator(trainer.unwrapped_model, output_dir, dtype=dtype)
+    for folder in (output_dir, output_dir / "generator"):
+        trainer.tokenizer.save_pretrained(folder)
 
 
 def _load_tokenizer(pargs: PretrainArgs):
@@ -198,7 +221,9 @@ def _load_model(pargs: PretrainArgs, tokenizer):
     from bunmyaku.models.auto import from_pretrained, model_class
 
     task = OBJECTIVE_TASKS[pargs.objective]
-    if pargs.init_from is not None:
+    if pargs.objective == "rtd" and pargs.init_from is not None:
+        model = RTDModel.from_pretrained(pargs.init_from, embedding_sharing=pargs.embedding_sharing)
+    elif pargs.init_from is not None:
         model = from_pretrained(pargs.init_from, task=task)
     else:
         hf = read_model_config(pargs.model_config)
@@ -208,7 +233,11 @@ def _load_model(pargs: PretrainArgs, tokenizer):
             if token_id is not None and f"{name}_token_id" not in hf:
                 hf[f"{name}_token_id"] = token_id
         cls = model_class(hf["model_type"], task)
-        model = cls.from_config(cls.config_class.from_hf(hf))
+        config = cls.config_class.from_hf(hf)
+        if pargs.objective == "rtd":
+            model = RTDModel.from_config(config, pargs.generator_layers, pargs.embedding_sharing)
+        else:
+            model = cls.from_config(config)
     vocab = model.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
@@ -290,7 +319,7 @@ def _examples(pargs: PretrainArgs, tokenizer, corpus: TokenCorpus, seed: int):
         static=pargs.static_masking,
         seed=seed,
     )
-    if pargs.objective == "mlm":
+    if pargs.objective in ("mlm", "rtd"):
         size = pargs.block_size - 2
         return (
             PackedBlocks(train, size, sep_id, prefix=[cls_id], suffix=[sep_id], random_offset=True, seed=seed),

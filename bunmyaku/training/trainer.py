@@ -606,6 +606,10 @@ def _summarise(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
             name = "accuracy" if term == "lm" else f"{term}_accuracy"
             out[f"{prefix}{name}"] = sums[f"{term}_correct"] / count
     out[f"{prefix}loss"] = total
+    for key in sums:  # ratios an objective reports as summed numerators and denominators (precision, recall...)
+        name = key.removesuffix("_num")
+        if name != key and sums.get(f"{name}_den", 0.0) > 0:
+            out[f"{prefix}{name}"] = sums[key] / sums[f"{name}_den"]
     if "lm" in terms and "lm" in sums:
         out[f"{prefix}perplexity"] = math.exp(min(sums["lm"] / max(sums["count_lm"], 1.0), 50.0))
     return out
