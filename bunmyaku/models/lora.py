@@ -20,17 +20,22 @@ input where PEFT on ``c_attn`` draws one; saved adapters and outputs in eval mod
 
 The new task head (a classifier, ``score``, ``qa_outputs``) trains in full and is saved as PEFT's
 ``modules_to_save``. An adapter folder (:func:`save_adapter`) holds ``adapter_config.json`` (with
-``base_model_name_or_path``), ``adapter_model.safetensors`` and the fine-tuned ``config.json`` (label maps; PEFT
-ignores it); :func:`load_adapter` rebuilds base + adapter from it and :func:`merge_lora` folds the adapters into
-the weights, leaving a plain model that ``save_pretrained`` writes as an ordinary HF folder.
+``base_model_name_or_path``), ``adapter_model.safetensors`` and the fine-tuned model's config (head, label maps) as
+``bunmyaku_config.json``: not as ``config.json``, because ``transformers`` takes a folder with a ``config.json`` and
+an adapter for a full model with its weights inside, while without one its ``AutoModel*.from_pretrained(DIR)``
+loads the base and the adapter as PEFT does. :func:`load_adapter` rebuilds base + adapter from the folder and
+:func:`merge_lora` folds the adapters into the weights, leaving a plain model that ``save_pretrained`` writes as an
+ordinary HF folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,13 @@ import torch
 from torch import nn
 
 from bunmyaku.hub.files import atomic_path, write_json_atomic
+from bunmyaku.models.base import _resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_CONFIG = "bunmyaku_config.json"  # the fine-tuned config.json (see the module notes)
 ADAPTER_NAME = "default"  # PEFT's name for the one adapter; it never appears in saved names
 _PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the wrapped model: saved names start with it
 _HF_WEIGHT = re.compile(r"^(?P<module>.+)\.weight(?:\[(?P<part>\w+)\])?$")  # "x.c_attn.weight[q]": a fused part
@@ -275,7 +282,7 @@ def _head_keys(model: nn.Module) -> list[str]:
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, base_model: str, dtype: str | torch.dtype | None = None
 ) -> Path:
-    """Write ``model``'s adapters as PEFT does, plus the fine-tuned ``config.json``.
+    """Write ``model``'s adapters as PEFT does, plus the fine-tuned model's config (:data:`MODEL_CONFIG`).
 
     Args:
         model: a bunmyaku model with LoRA layers (:func:`add_lora`).
@@ -295,12 +302,12 @@ def save_adapter(
     state = adapter_state_dict(model)
     config = model.hf_config()
     if dtype is not None:
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = _resolve_dtype(dtype, config)
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         config["dtype"] = str(dtype).replace("torch.", "")
     with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
         save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(directory / "config.json", config)
+    write_json_atomic(directory / MODEL_CONFIG, config)
     write_json_atomic(directory / ADAPTER_CONFIG, adapter_config(model, base))  # last: it marks the folder
     return directory
 
@@ -355,24 +362,44 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
             params[type(model)._hf_to_ours(hf)[1]].copy_(tensor)
 
 
+class _NewHeadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "newly initialised" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _head_comes_from_adapter() -> Iterator[None]:
+    """Without the base loader's warning about a newly initialised head: the adapter's tensors replace it (and
+    :func:`load_adapter_weights` refuses an adapter that lacks them)."""
+    base_logger, quiet = logging.getLogger("bunmyaku.models.base"), _NewHeadWarning()
+    base_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        base_logger.removeFilter(quiet)
+
+
 def load_adapter(
     directory: str | os.PathLike, task: str | None = None, device: str | torch.device | None = None, **kwargs: Any
 ) -> nn.Module:
     """Base model + adapter from a PEFT adapter folder, adapters not merged (:func:`merge_lora` merges them).
 
     The base comes from ``base_model_name_or_path``; the head's size and label maps from the folder's
-    ``config.json`` (a folder without one takes the base's).
+    :data:`MODEL_CONFIG` (a folder without one, such as PEFT's own, takes the base's).
 
     Raises:
         FileNotFoundError: the base model is not where the adapter says.
     """
-    from bunmyaku.hub import read_config
     from bunmyaku.models.auto import from_pretrained, model_class
 
     directory = Path(directory)
     record = read_adapter_config(directory)
     base = record["base_model_name_or_path"]
-    own = read_config(directory) if (directory / "config.json").is_file() else {}
+    own = (
+        json.loads((directory / MODEL_CONFIG).read_text(encoding="utf-8"))
+        if (directory / MODEL_CONFIG).is_file()
+        else {}
+    )
     labels = own.get("id2label")
     if labels:
         kwargs.setdefault("num_labels", len(labels))
@@ -380,7 +407,8 @@ def load_adapter(
     if task is None and own.get("architectures"):  # the fine-tuned head, not the base's
         task = model_class(own["model_type"], None, own["architectures"][0]).task
     try:
-        model = from_pretrained(base, task=task, device=device, **kwargs)
+        with _head_comes_from_adapter():
+            model = from_pretrained(base, task=task, device=device, **kwargs)
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"{directory / ADAPTER_CONFIG}: base_model_name_or_path {base!r} cannot be loaded ({e}); the adapter "
@@ -394,8 +422,7 @@ def load_adapter(
             setattr(model.config, name, own[name])
     add_lora(model, record["r"], record["lora_alpha"], list(record["target_modules"]), record.get("lora_dropout", 0))
     load_adapter_weights(model, directory)
-    parameter = next(model.parameters())
-    return model.to(parameter.device).eval()
+    return model.eval()
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

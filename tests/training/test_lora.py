@@ -88,7 +88,7 @@ def test_only_the_adapters_and_the_new_head_train(bert_run):
 def test_the_run_folder_is_a_peft_adapter(bert_run, bert_base):
     out, _, _ = bert_run
     model_dir = out / "model"
-    assert not (model_dir / "model.safetensors").exists()
+    assert not (model_dir / "model.safetensors").exists() and not (model_dir / "config.json").exists()
     config = json.loads((model_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert config["base_model_name_or_path"] == str(bert_base.resolve())
@@ -117,6 +117,9 @@ def test_peft_and_transformers_load_the_adapter_with_equal_outputs(bert_run, ber
         assert_close(theirs(**batch).logits, ours)
         with theirs.disable_adapter():  # the adapters themselves matter, not the head alone
             assert (theirs(**batch).logits - ours).abs().max() > 1e-3
+        # transformers' own PEFT integration reads the folder as an adapter too (base from adapter_config.json)
+        direct = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model", num_labels=2)
+        assert_close(direct.eval()(**batch).logits, ours)
 
 
 def test_bunmyaku_loads_the_adapter_folder(bert_run):
