@@ -901,6 +901,7 @@ class FinetuneResult:
 def model_card(result: FinetuneResult) -> str:
     """A model card (README.md): base model, data, task, metrics, hyperparameters, date, library version."""
     import bunmyaku
+    from bunmyaku.models.lora import has_lora
 
     s, t = result.settings, result.train_settings
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in ("train_seconds",)}
@@ -952,6 +953,8 @@ def model_card(result: FinetuneResult) -> str:
         "precision": t.precision,
         "seed": t.seed,
     }
+    if s.lora_r:
+        hyper.update(lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout)
     lines += ["", "## Hyperparameters", "", *[f"- {k}: {v}" for k, v in hyper.items()], ""]
     lines += [
         "## Use",
@@ -965,6 +968,12 @@ def model_card(result: FinetuneResult) -> str:
         "The folder is in Hugging Face layout: `transformers` loads it too.",
         "",
     ]
+    if has_lora(result.model):
+        lines[-2] = (
+            "The folder is a LoRA adapter in PEFT's format for its base model (adapter_config.json): "
+            "`peft.PeftModel.from_pretrained(base, THIS_FOLDER)` loads it onto the `transformers` model; "
+            "`bunmyaku merge-lora THIS_FOLDER --output-dir OUT` writes the merged model."
+        )
     return "\n".join(lines)
 
 

@@ -105,6 +105,8 @@ def test_the_run_folder_is_a_peft_adapter(bert_run, bert_base):
     }
     expected |= {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
     assert keys == expected
+    card = (model_dir / "README.md").read_text()
+    assert "- lora_r: 4" in card and "LoRA adapter in PEFT's format" in card
 
 
 def test_peft_and_transformers_load_the_adapter_with_equal_outputs(bert_run, bert_base):
@@ -170,6 +172,7 @@ def test_finetune_command_with_lora_merge(bert_base, tmp_path):
     with torch.no_grad():
         expected = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "model").eval()(**batch).logits
         assert_close(merged(**batch).logits, expected)
+    assert "LoRA adapter" not in (tmp_path / "run" / "merged" / "README.md").read_text()  # a plain model there
     scores = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "run"), "--eval", str(train)])
     assert scores.exit_code == 0, scores.output
 
