@@ -234,6 +234,28 @@ def test_decoder_adapter_matches_peft_merged_and_generating(kind, tmp_path):
         assert_close(plain(**batch).logits, expected, mask=batch["attention_mask"])
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_bunmyaku_loads_an_adapter_peft_wrote(kind, tmp_path):
+    """The other direction: an adapter trained with peft on the transformers model, loaded by bunmyaku."""
+    hf, targets = _hf_decoder(kind)
+    randomize(hf, seed=0)
+    hf.save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM")
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = bunmyaku.from_pretrained(tmp_path / "adapter")
+    batch = _batch(99)
+    with torch.no_grad():
+        assert_close(ours(**batch).logits, theirs.eval()(**batch).logits, mask=batch["attention_mask"])
+
+
 def test_bad_targets_name_the_valid_ones(bert_base):
     model = bunmyaku.from_pretrained(bert_base, task="sequence-classification", num_labels=2)
     with pytest.raises(ValueError, match="q_proj: not a linear layer of BertForSequenceClassification") as error:
