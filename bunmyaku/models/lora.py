@@ -88,21 +88,22 @@ def has_lora(model: nn.Module) -> bool:
 # Names: our linears under transformers' module names
 
 
+def _hf_module(model: nn.Module, name: str) -> tuple[str, str | None] | None:
+    """transformers' module name for our linear ``name`` and, for a part of a module transformers fuses, which part
+    (``("transformer.h.0.attn.c_attn", "q")``); None for a linear the checkpoint does not store (tied)."""
+    try:
+        hf = type(model)._ours_to_hf(f"{name}.weight")
+    except KeyError:
+        return None
+    match = _HF_WEIGHT.match(hf)
+    return None if match is None else (match["module"], match["part"])
+
+
 def _base_linears(model: nn.Module) -> dict[str, tuple[str, str | None]]:
-    """Our linear modules of the base model -> (transformers' module name, part of a fused module or None)."""
-    out = {}
+    """Our linear modules of the base model -> :func:`_hf_module`."""
     prefix = type(model).our_base_prefix
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name.startswith(prefix):
-            continue
-        try:
-            hf = type(model)._ours_to_hf(f"{name}.weight")
-        except KeyError:
-            continue  # a linear the checkpoint does not store (tied), so no transformers module either
-        match = _HF_WEIGHT.match(hf)
-        if match is not None:
-            out[name] = (match["module"], match["part"])
-    return out
+    found = {name: _hf_module(model, name) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {name: hf for name, hf in found.items() if hf is not None and name.startswith(prefix)}
 
 
 def _matches(hf_module: str, target: str) -> bool:
@@ -224,11 +225,10 @@ def _lora_layers(model: nn.Module) -> dict[str, Any]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters and the head under PEFT's saved names (``base_model.model.<transformers name>.lora_A.weight``)."""
-    linears = _base_linears_of_lora(model)
     fused: dict[str, dict[str, torch.Tensor]] = {}
     out = {}
     for ours, layer in _lora_layers(model).items():
-        hf, part = linears[ours]
+        hf, part = _hf_module(model, ours)
         a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # (r, in), (out, r)
         out[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = a.detach()
         if part is None:
@@ -244,21 +244,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _base_linears_of_lora(model: nn.Module) -> dict[str, tuple[str, str | None]]:
-    """:func:`_base_linears` for a model with LoRA layers (whose own weight sits in ``base_layer``)."""
-    out = {}
-    for name in _lora_layers(model):
-        hf = type(model)._ours_to_hf(f"{name}.weight")
-        match = _HF_WEIGHT.match(hf)
-        out[name] = (match["module"], match["part"])
-    return out
-
-
 def adapter_config(model: nn.Module, base_model: str) -> dict[str, Any]:
     """``adapter_config.json`` for ``model``'s adapters, written by PEFT's own ``LoraConfig``."""
     peft = _peft()
     settings = model._lora
-    head_modules = sorted({key.removeprefix(_PEFT_PREFIX).rsplit(".", 1)[0] for key in _head_keys(model)})
+    head_modules = sorted(
+        {key.removeprefix(_PEFT_PREFIX).rsplit(".", 1)[0] for key in _head_keys(adapter_state_dict(model))}
+    )
     conv1d = getattr(model.config, "model_type", None) == "gpt2"  # transformers' GPT-2 stores (in, out) Conv1D
     config = peft.LoraConfig(
         r=settings["r"],
@@ -274,9 +266,9 @@ def adapter_config(model: nn.Module, base_model: str) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in record.items()}
 
 
-def _head_keys(model: nn.Module) -> list[str]:
-    head = {type(model)._ours_to_hf(name): None for name in _head_parameters(model)}
-    return [_PEFT_PREFIX + k for k in head]
+def _head_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The head's tensors among :func:`adapter_state_dict`'s names: all but the adapters."""
+    return [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
 
 
 def save_adapter(
@@ -346,17 +338,15 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
     unknown, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
     if unknown or missing:
         raise ValueError(f"{path}: tensors do not match the adapter (unexpected {unknown}, missing {missing})")
-    linears = _base_linears_of_lora(model)
-    layers = _lora_layers(model)
     with torch.no_grad():
-        for ours, (hf, part) in linears.items():
-            layer = layers[ours]
+        for ours, layer in _lora_layers(model).items():
+            hf, part = _hf_module(model, ours)
             layer.lora_A[ADAPTER_NAME].weight.copy_(state[f"{_PEFT_PREFIX}{hf}.lora_A.weight"])
             b = state[f"{_PEFT_PREFIX}{hf}.lora_B.weight"]
             if part is not None:  # this part's rows of the fused B
                 b = type(model).preprocess_hf({f"{hf}.bias": b})[f"{hf}.bias[{part}]"]
             layer.lora_B[ADAPTER_NAME].weight.copy_(b)
-        head = {k.removeprefix(_PEFT_PREFIX): state[k] for k in _head_keys(model)}
+        head = {k.removeprefix(_PEFT_PREFIX): state[k] for k in _head_keys(expected)}
         params = dict(model.named_parameters())
         for hf, tensor in type(model).preprocess_hf(head).items():
             params[type(model)._hf_to_ours(hf)[1]].copy_(tensor)
