@@ -416,6 +416,11 @@ def _load_intermediate(task: Task, fargs: FinetuneArgs, labels: list[str] | None
     if isinstance(task, SentenceEmbedding):
         raise ValueError("init_from replaces a task head, and the bi-encoder has none: pass the folder as --model")
     source = model_in_run_folder(Path(fargs.init_from))
+    if (source / "adapter_config.json").is_file():
+        raise ValueError(
+            f"init_from {source} is a LoRA adapter, not a whole model: merge it first "
+            f"(bunmyaku merge-lora {source} --output-dir MERGED) and give MERGED as init_from"
+        )
     hf = read_config(resolve_model_dir(source))
     cls = model_class(hf["model_type"], task.head)
     before = (hf.get("architectures") or [None])[0]

@@ -138,6 +138,13 @@ def test_bunmyaku_loads_the_adapter_folder(bert_run):
         assert_close(finetuned(**batch).logits, result.model(**batch).logits)
 
 
+def test_init_from_an_adapter_asks_for_a_merge(bert_run, tmp_path):
+    out, _, _ = bert_run
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a whole model: merge it first"):
+        rows = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]
+        bunmyaku.finetune(init_from=str(out), train=rows, eval=rows, output_dir=str(tmp_path), **QUIET)
+
+
 def test_merge_lora_writes_a_plain_folder_with_equal_outputs(bert_run, bert_base, tmp_path):
     out, result, _ = bert_run
     batch = _batch(result.model.config.vocab_size)
