@@ -256,6 +256,24 @@ def convert_command(
     typer.echo(f"Converted {file} to {output_dir}")
 
 
+@app.command("merge-lora")
+def merge_lora_command(
+    adapter: Annotated[str, typer.Argument(help="A LoRA adapter folder (RUN/model of a finetune run with --lora-r).")],
+    output_dir: str = typer.Option(..., "--output-dir", help="The merged HF model folder to write (new or empty)."),
+    dtype: str | None = typer.Option(None, help="Store the weights as float32 (default), bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output-dir."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs."),
+) -> None:
+    """Merge a LoRA adapter into its base model (adapter_config.json's base_model_name_or_path): one ordinary HF
+    folder (config.json, model.safetensors, tokenizer, finetune.json) that transformers and bunmyaku load without
+    peft."""
+    from bunmyaku.models.lora import merge_adapter_dir
+
+    _setup_logging(verbose)
+    merge_adapter_dir(adapter, output_dir, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"Merged {adapter} into {output_dir}")
+
+
 # ------------------------------------------------------------------------------------------------- pretrain
 
 

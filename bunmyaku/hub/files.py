@@ -111,7 +111,7 @@ def model_in_run_folder(path: Path) -> Path:
     """
     inner = path / RUN_MODEL_DIR
     if path.is_dir() and not (path / CONFIG).exists() and not (path / "tokenizer.json").exists():
-        if (inner / CONFIG).is_file():
+        if (inner / CONFIG).is_file() or (inner / "adapter_config.json").is_file():  # a model, or a LoRA adapter
             logger.info("%s is a run folder: using its model, %s", path, inner)
             return inner
     return path

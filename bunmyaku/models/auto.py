@@ -147,7 +147,11 @@ def from_pretrained(
     """
     local = Path(path_or_repo_id).expanduser()
     gguf = _gguf_file(local)
-    if gguf is not None:
+    if local.is_dir() and (local / "adapter_config.json").is_file():  # a PEFT adapter: its base model + the adapter
+        from bunmyaku.models.lora import load_adapter
+
+        model = load_adapter(local, task=task, dtype=dtype, device=device, **kwargs)
+    elif gguf is not None:
         from bunmyaku.models.llama import from_gguf
 
         model = from_gguf(gguf, task=task or "causal-lm", dtype=dtype, device=device, **kwargs)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 # attention.py imports this module for its dispatch line: a cycle, safe because only the module object is bound here
 # and its functions (apply_rotary) are looked up at call time
 from bunmyaku.models import attention as reference
-from bunmyaku.models.linear import linear
+from bunmyaku.models.linear import Linear, linear
 
 if TYPE_CHECKING:
     from bunmyaku.models.attention import Attention, KVCache
@@ -50,7 +50,12 @@ except ImportError:  # torch without variable-length flash attention: packed bat
 def applies(attn: Attention, cache: KVCache | None, packing: Packing | None, context: torch.Tensor | None) -> bool:
     """Whether :func:`forward` takes this call: a packed batch, or a decoding step of self-attention."""
     return packing is not None or (
-        cache is not None and context is None and not attn.is_cross and not torch.is_grad_enabled()
+        cache is not None
+        and context is None
+        and not attn.is_cross
+        and not torch.is_grad_enabled()
+        # the fused step reads the projections' weights: a wrapped projection (a LoRA layer) must run as a module
+        and all(type(m) is Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj))
     )
 
 

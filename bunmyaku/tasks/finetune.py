@@ -12,7 +12,9 @@ best evaluation's weights restored at the end. The output folder::
     DIR/metrics.json         final (best evaluation) eval metrics with plain keys, and the test split's
     DIR/predictions.jsonl    one record per eval example
     DIR/model/               HF layout: config.json (id2label / label2id), weights, tokenizer, finetune.json,
-                             README.md (the model card)
+                             README.md (the model card); with LoRA (lora_r), PEFT's adapter_config.json and
+                             adapter_model.safetensors instead of the weights (see bunmyaku.models.lora)
+    DIR/merged/              with lora_merge: the adapters merged into the base, an ordinary HF folder
     DIR/metrics.jsonl        the training log (loss from step 1, lr, eval metrics); DIR/finetune.log; loss_curves.png
     DIR/checkpoints/         with save_every: what a killed run resumes from (--resume, on by default)
 
@@ -78,6 +80,7 @@ RESULTS = (
     "metrics.json",
     "predictions.jsonl",
     "model",
+    "merged",
     "metrics.jsonl",
     "finetune.log",
     "loss_curves.png",
@@ -177,6 +180,18 @@ class FinetuneArgs:
     keep_head: bool = False
     """With init_from: keep its head too (needs the same head type and label set; else the head is new)."""
 
+    # LoRA
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters on lora_targets (and the new head) instead of the whole model; 0: off."""
+    lora_alpha: float = 8.0
+    """LoRA scale: each adapter's update is multiplied by lora_alpha / lora_r."""
+    lora_targets: str | None = None
+    """Comma-separated transformers module names to adapt: query,value (BERT), q_proj,v_proj (Llama), c_attn (GPT-2)."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of each LoRA adapter."""
+    lora_merge: bool = False
+    """Also write DIR/merged/: the adapters merged into the base weights, a plain HF model folder."""
+
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
             raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASK_NAMES)}")
@@ -210,6 +225,7 @@ class FinetuneArgs:
             )
         if self.keep_head and self.init_from is None:
             raise ValueError("keep_head keeps the head of the init_from model: give init_from (RUN/model) too")
+        self._check_lora()
         if isinstance(self.callbacks, str):
             self.callbacks = [self.callbacks]
         if isinstance(self.choice_columns, list):
@@ -218,6 +234,24 @@ class FinetuneArgs:
             value = getattr(self, name)
             if isinstance(value, int):  # a position written as a number in YAML
                 setattr(self, name, str(value))
+
+    def _check_lora(self) -> None:
+        if isinstance(self.lora_targets, (list, tuple)):  # a YAML list
+            self.lora_targets = ",".join(self.lora_targets)
+        check_int("lora_r", self.lora_r, low=0)
+        check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        if self.lora_r and not self.targets():
+            raise ValueError(
+                "lora_r needs lora_targets: transformers' module names to adapt, e.g. query,value for BERT, "
+                "q_proj,v_proj for Llama, c_attn for GPT-2"
+            )
+        if not self.lora_r and (self.lora_targets or self.lora_merge):
+            raise ValueError("lora_targets and lora_merge take effect with LoRA on: give lora_r (e.g. 8) too")
+
+    def targets(self) -> list[str]:
+        """``lora_targets`` as a list of names."""
+        return [t.strip() for t in (self.lora_targets or "").split(",") if t.strip()]
 
 
 def build_task(settings: FinetuneArgs) -> Task:
@@ -395,6 +429,11 @@ def _load_intermediate(task: Task, fargs: FinetuneArgs, labels: list[str] | None
     if isinstance(task, SentenceEmbedding):
         raise ValueError("init_from replaces a task head, and the bi-encoder has none: pass the folder as --model")
     source = model_in_run_folder(Path(fargs.init_from))
+    if (source / "adapter_config.json").is_file():
+        raise ValueError(
+            f"init_from {source} is a LoRA adapter, not a whole model: merge it first "
+            f"(bunmyaku merge-lora {source} --output-dir MERGED) and give MERGED as init_from"
+        )
     hf = read_config(resolve_model_dir(source))
     cls = model_class(hf["model_type"], task.head)
     before = (hf.get("architectures") or [None])[0]
@@ -618,7 +657,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer.from_pretrained(tokenizer)
     torch.manual_seed(targs.seed)
-    model = task.prepare_model(_load_model(task, fargs, inputs.model), tokenizer)
+    model = _with_lora(fargs, targs, task, _load_model(task, fargs, inputs.model), tokenizer)
     train_features = task.encode(tokenizer, train, source=source["train"])
     eval_features = task.encode(tokenizer, evaluation, source=source["eval"])
     test_features = task.encode(tokenizer, test, source=source["test"]) if test else None
@@ -715,10 +754,35 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     )
     if keep:
         result.save(out / "model")
+        if fargs.lora_merge:
+            from bunmyaku.models.lora import merge_lora
+
+            merge_lora(model).eval()  # the returned model too: the same outputs, without adapters
+            result.save(out / "merged")
         write_jsonl_atomic(out / "predictions.jsonl", task.predictions(evaluation, eval_features, best_outputs))
         write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: it marks a finished run
     logger.info("Done: %s", {k: v for k, v in summary.items() if k != "history"})
     return result
+
+
+def _with_lora(fargs: FinetuneArgs, targs: TrainArgs, task: Task, model: nn.Module, tokenizer: Any) -> nn.Module:
+    """The task's model, with LoRA adapters when ``fargs.lora_r`` (only they and the new head train)."""
+    if not fargs.lora_r:
+        return task.prepare_model(model, tokenizer)
+    from bunmyaku.models.lora import add_lora
+
+    if isinstance(task, SentenceEmbedding):
+        raise ValueError("LoRA is not supported for the bi-encoder (sentence-similarity with encoder=bi)")
+    if targs.save_every:
+        raise ValueError("LoRA runs do not write resumable checkpoints yet: drop save_every (or lora_r)")
+    vocab = model.get_input_embeddings().num_embeddings
+    model = task.prepare_model(model, tokenizer)
+    if model.get_input_embeddings().num_embeddings != vocab:
+        raise ValueError(
+            f"{fargs.task} adds tokens to the vocabulary, but LoRA keeps the base model's embeddings frozen and "
+            "the adapter must load onto the base: fine-tune without lora_r"
+        )
+    return add_lora(model, fargs.lora_r, fargs.lora_alpha, fargs.targets(), fargs.lora_dropout)
 
 
 def _init_dir(fargs: FinetuneArgs) -> str | None:
@@ -847,8 +911,13 @@ class FinetuneResult:
         """Write the model folder a run writes as ``model/``: HF layout (config.json with the label maps, weights,
         tokenizer) that ``transformers`` loads, ``finetune.json`` for ``bunmyaku predict`` / ``evaluate``, and a
         model card (README.md). Returns the folder."""
+        from bunmyaku.models.lora import has_lora, save_adapter
+
         directory = Path(directory)
-        self.model.save_pretrained(directory, dtype=self.train_settings.export_dtype)
+        if has_lora(self.model):  # PEFT's adapter folder, for the base model it was trained on
+            save_adapter(self.model, directory, self.base_model, dtype=self.train_settings.export_dtype)
+        else:
+            self.model.save_pretrained(directory, dtype=self.train_settings.export_dtype)
         self.tokenizer.save_pretrained(directory)
         record = {"settings": _settings(self.settings), "state": self.task.state()}
         write_json_atomic(directory / SETTINGS_NAME, record, sort_keys=False)
@@ -859,6 +928,7 @@ class FinetuneResult:
 def model_card(result: FinetuneResult) -> str:
     """A model card (README.md): base model, data, task, metrics, hyperparameters, date, library version."""
     import bunmyaku
+    from bunmyaku.models.lora import has_lora
 
     s, t = result.settings, result.train_settings
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in ("train_seconds",)}
@@ -910,6 +980,8 @@ def model_card(result: FinetuneResult) -> str:
         "precision": t.precision,
         "seed": t.seed,
     }
+    if s.lora_r:
+        hyper.update(lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout)
     lines += ["", "## Hyperparameters", "", *[f"- {k}: {v}" for k, v in hyper.items()], ""]
     lines += [
         "## Use",
@@ -923,6 +995,12 @@ def model_card(result: FinetuneResult) -> str:
         "The folder is in Hugging Face layout: `transformers` loads it too.",
         "",
     ]
+    if has_lora(result.model):
+        lines[-2] = (
+            "The folder is a LoRA adapter in PEFT's format for its base model (adapter_config.json): "
+            "`peft.PeftModel.from_pretrained(base, THIS_FOLDER)` loads it onto the `transformers` model; "
+            "`bunmyaku merge-lora THIS_FOLDER --output-dir OUT` writes the merged model."
+        )
     return "\n".join(lines)
 
 
