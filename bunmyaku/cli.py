@@ -182,7 +182,8 @@ def _print_row(console, row: dict) -> None:
 @app.command("train-tokenizer")
 def train_tokenizer_command(
     files: Annotated[
-        list[str] | None, typer.Argument(help="Training files or globs, relative to --data-dir unless absolute.")
+        list[str] | None,
+        typer.Argument(help="Training files or globs, relative to the current folder (to --data-dir when given)."),
     ] = None,
     config: str = typer.Option(None, "--config", help="A recipe YAML with the same keys as these flags."),
     kind: str = typer.Option(None, help="wordpiece | bpe | byte-bpe | unigram | character (default wordpiece)."),
@@ -213,6 +214,8 @@ def train_tokenizer_command(
 
     _setup_logging(verbose)
     recipe = load_recipe(config) if config else {}
+    if files and data_dir is None:  # files named on the command line are the user's, where the user stands
+        files = [str(Path(f).absolute()) for f in files]
     flags = {
         "files": files or None,
         "kind": kind,

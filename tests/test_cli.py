@@ -189,3 +189,13 @@ def test_an_output_dir_that_is_not_writable_is_refused_before_training(files, mo
     args = ["train-tokenizer", f"{root}/text.txt", "--output-dir", f"{root}/tok", "--data-dir", str(root)]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and result.stderr == f"error: --output-dir {root}/tok: {root} is not writable\n"
+
+
+def test_train_tokenizer_reads_a_file_named_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """`bunmyaku train-tokenizer corpus.txt` (as the README writes it) reads ./corpus.txt, not the data folder's."""
+    (tmp_path / "corpus.txt").write_text("a small corpus of words\n" * 50, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BUNMYAKU_DATA", str(tmp_path / "elsewhere"))
+    result = runner.invoke(app, ["train-tokenizer", "corpus.txt", "--vocab-size", "60", "--output-dir", "tok"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
