@@ -392,6 +392,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         unpad: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Encode a batch (unpadded inside when it is right-padded and ``config.unpad``).
 
@@ -402,6 +403,8 @@ class ModernBertModel(ModernBertPreTrainedModel):
             inputs_embeds: (B, T, C) instead of ``input_ids``.
             output_hidden_states: also return the embeddings and every layer's output (the last one normed).
             unpad: run on the real tokens only (outputs at padding are then zeros); default ``config.unpad``.
+            token_type_ids: accepted and ignored, as a tokenizer of BERT's kind returns them: ModernBERT has no
+                segment embeddings (the separator token tells a pair's texts apart).
 
         Returns:
             ``last_hidden_state`` (B, T, C), ``hidden_states``.
@@ -538,6 +541,7 @@ class ModernBertForMaskedLM(_ModernBertHeadModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         masked_only: bool = False,
+        token_type_ids=None,  # ignored: no segment embeddings
     ) -> ModelOutput:
         """``labels``: (B, T) original ids at masked positions, -100 elsewhere. Returns logits (B, T, V).
 
@@ -576,6 +580,7 @@ class ModernBertForSequenceClassification(_ModernBertHeadModel):
         inputs_embeds=None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        token_type_ids=None,  # ignored: no segment embeddings
     ) -> ModelOutput:
         """Returns logits (B, L). ``labels``: (B,) ids, (B,) floats (regression) or (B, L) multi-hot."""
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
@@ -606,6 +611,7 @@ class ModernBertForTokenClassification(_ModernBertHeadModel):
         inputs_embeds=None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        token_type_ids=None,  # ignored: no segment embeddings
     ) -> ModelOutput:
         """Returns logits (B, T, L). ``labels``: (B, T) tag ids, -100 on positions not scored."""
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, labels)
@@ -636,6 +642,7 @@ class ModernBertForQuestionAnswering(_ModernBertHeadModel):
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        token_type_ids=None,  # ignored: no segment embeddings
     ) -> ModelOutput:
         """Returns ``start_logits`` and ``end_logits`` (B, T); loss when both positions (B,) are given."""
         labels = start_positions if end_positions is not None else None
@@ -669,6 +676,7 @@ class ModernBertForMultipleChoice(_ModernBertHeadModel):
         inputs_embeds=None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        token_type_ids=None,  # ignored: no segment embeddings
     ) -> ModelOutput:
         """Inputs are (B, N, T) (embeddings (B, N, T, C)); returns logits (B, N); ``labels``: (B,) the right choice."""
         ref = input_ids if input_ids is not None else inputs_embeds

@@ -295,3 +295,47 @@ def test_output_attentions_is_refused_not_silently_empty():
                                                          intermediate_size=40, pad_token_id=0))  # fmt: skip
     with pytest.raises(ValueError, match="output_attentions"):
         model(input_ids=torch.tensor([[5, 6, 7]]), output_attentions=True)
+
+
+def test_gradient_checkpointing_keeps_hf_gradients(tmp_path):
+    hf_model = _hf_model("token-classification", 1, seed=12)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    model.gradient_checkpointing_enable()
+    model.train()  # every dropout is 0 in these configs: train mode only switches checkpointing on
+    assert all(layer.gradient_checkpointing for layer in model.backbone.layers)
+    inputs, mask = _inputs("token-classification", 1, seed=13)
+    labels = _labels("token-classification", inputs, mask, False)
+    model(**inputs, **labels).loss.backward()
+    hf_model(**inputs, **labels).loss.backward()
+    hf_params = dict(hf_model.named_parameters())
+    for name, param in model.named_parameters():
+        assert_close(param.grad, hf_params[model._ours_to_hf(name)].grad, atol=2e-5)
+
+
+def test_finetune_picks_modernbert_and_transformers_loads_the_result(tmp_path):
+    """`bunmyaku.finetune` on a ModernBERT folder (a BERT-style tokenizer, whose token_type_ids are ignored):
+    the classifier learns a toy task and its folder is a ModernBertForSequenceClassification for transformers."""
+    import json
+
+    from bunmyaku.models.modernbert import ModernBertConfig, ModernBertModel
+    from tests.finetune.helpers import SPECIALS, WORDS, finetune, sentiment_rows, write_tsv
+
+    folder = tmp_path / "modernbert"
+    folder.mkdir()
+    vocab = SPECIALS + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=len(vocab), hidden_size=32, num_layers=3, num_heads=4, intermediate_size=40,
+                              max_seq_len=64, local_attention=4, pad_token_id=0, cls_token_id=2, sep_token_id=3,
+                              bos_token_id=2, eos_token_id=3)  # fmt: skip
+    ModernBertModel.from_config(config).save_pretrained(folder)
+    data = write_tsv(tmp_path / "d.tsv", sentiment_rows(16))
+    summary = finetune(tmp_path / "run", task="text-classification", model=str(folder), train=str(data),
+                       eval=str(data), text_column="0", label_column="1")  # fmt: skip
+    assert summary["accuracy"] == 1.0
+    saved = tmp_path / "run" / "model"
+    assert json.loads((saved / "config.json").read_text())["architectures"] == ["ModernBertForSequenceClassification"]
+    assert type(transformers.AutoModelForSequenceClassification.from_pretrained(saved)).__name__ == (
+        "ModernBertForSequenceClassification"
+    )
