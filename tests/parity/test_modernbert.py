@@ -45,7 +45,7 @@ CONFIGS = [
         local_rope_theta=300.0,
         norm_eps=1e-6,
     ),
-    dict(  # an irregular pattern spelled as HF 5's layer_types, an odd window, no decoder bias
+    dict(  # an irregular pattern spelled as HF 5's layer_types, an odd window, an untied decoder without bias
         vocab_size=77,
         hidden_size=24,
         intermediate_size=31,
@@ -55,6 +55,7 @@ CONFIGS = [
         local_attention=11,
         max_position_embeddings=64,
         decoder_bias=False,
+        tie_word_embeddings=False,
     ),
 ]
 
