@@ -340,3 +340,22 @@ def test_finetune_picks_modernbert_and_transformers_loads_the_result(tmp_path):
     assert type(transformers.AutoModelForSequenceClassification.from_pretrained(saved)).__name__ == (
         "ModernBertForSequenceClassification"
     )
+
+
+def test_left_padding_and_inputs_embeds(tmp_path):
+    """Left padding runs padded (its positions count the padding, as HF's do); embeddings given instead of ids."""
+    hf_model = _hf_model("base", 1, seed=14)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    ids, mask = _batch(CONFIGS[1]["vocab_size"], seed=15)
+    ids, mask = ids.flip(-1), mask.flip(-1)
+    embeds = hf_model.embeddings.tok_embeddings(ids)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, expected, mask)
+        assert_close(model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, expected, mask)
+        right = mask.flip(-1)
+        assert_close(
+            model(inputs_embeds=embeds.flip(1), attention_mask=right).last_hidden_state,
+            hf_model(inputs_embeds=embeds.flip(1), attention_mask=right).last_hidden_state,
+            right,
+        )
