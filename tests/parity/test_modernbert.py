@@ -120,17 +120,28 @@ def test_modernbert_parity_both_directions(tmp_path, task, index):
 
 
 @pytest.mark.parametrize("index", [0, 1])
-@pytest.mark.parametrize("unpad", [True, False])
-def test_hidden_states_at_real_positions(tmp_path, monkeypatch, index, unpad):
-    """Every layer's output (the last one normed, as HF returns it), on the unpadded and the padded path; the
-    unpadded path must really pack the batch."""
+@pytest.mark.parametrize("route", ["row-groups", "whole-batch", "padded"])
+def test_hidden_states_at_real_positions(tmp_path, monkeypatch, index, route):
+    """Every layer's output (the last one normed, as HF returns it), on each path: packed with attention by row
+    groups (CPU), packed with the batch re-padded as a whole (what runs on CUDA), and padded. The packed routes must
+    really pack the batch."""
     from bunmyaku.models import modernbert
 
+    unpad = route != "padded"
     hf_model = _hf_model("base", index, seed=3)
     model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), unpad=unpad)
     packings = []
     original = modernbert.Packing.from_mask
-    monkeypatch.setattr(modernbert.Packing, "from_mask", lambda m: packings.append(1) or original(m))
+
+    def from_mask(m):
+        packing = original(m)
+        assert packing.groups is not None  # on CPU
+        if route == "whole-batch":
+            packing.groups = None
+        packings.append(1)
+        return packing
+
+    monkeypatch.setattr(modernbert.Packing, "from_mask", from_mask)
     inputs, mask = _inputs("base", index, seed=5)
     with torch.no_grad():
         ours = model(**inputs, output_hidden_states=True).hidden_states
