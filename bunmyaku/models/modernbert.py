@@ -43,7 +43,7 @@ from bunmyaku.models.attention import ATTENTION_FUNCTIONS, RotaryEmbedding, appl
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resized_rows
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.fastpath import Packing
-from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
+from bunmyaku.models.heads import multi_sample, sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import activation
 from bunmyaku.models.linear import Linear
 
@@ -567,6 +567,8 @@ class ModernBertForSequenceClassification(_ModernBertHeadModel):
     hf_architecture = "ModernBertForSequenceClassification"
     head_key_map = KeyMap(CLASSIFIER_FROM_HF)
 
+    multi_sample_dropout: int = 1  # dropout samples of the head per training forward (see multi_sample)
+
     def __init__(self, config: ModernBertConfig):
         super().__init__(config)
         self.head.dropout = nn.Dropout(config.classifier_dropout)
@@ -584,9 +586,9 @@ class ModernBertForSequenceClassification(_ModernBertHeadModel):
     ) -> ModelOutput:
         """Returns logits (B, L). ``labels``: (B,) ids, (B,) floats (regression) or (B, L) multi-hot."""
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
-        pooled = self._pool(out.last_hidden_state, attention_mask, 0)
-        logits = self.head.classifier(self.head.dropout(self.head.transform(pooled)))
-        loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
+        h = self.head.transform(self._pool(out.last_hidden_state, attention_mask, 0))  # (B, C)
+        loss_of = None if labels is None else lambda logits: sequence_classification_loss(self.config, logits, labels)
+        logits, loss = multi_sample(self, lambda: self.head.classifier(self.head.dropout(h)), loss_of)
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -597,6 +599,8 @@ class ModernBertForTokenClassification(_ModernBertHeadModel):
     hf_architecture = "ModernBertForTokenClassification"
     head_key_map = KeyMap(CLASSIFIER_FROM_HF)
     reads = "labelled"
+
+    multi_sample_dropout: int = 1  # dropout samples of the head per training forward (see multi_sample)
 
     def __init__(self, config: ModernBertConfig):
         super().__init__(config)
@@ -615,8 +619,9 @@ class ModernBertForTokenClassification(_ModernBertHeadModel):
     ) -> ModelOutput:
         """Returns logits (B, T, L). ``labels``: (B, T) tag ids, -100 on positions not scored."""
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, labels)
-        logits = self.head.classifier(self.head.dropout(self.head.transform(out.last_hidden_state)))
-        loss = token_loss(logits, labels) if labels is not None else None
+        h = self.head.transform(out.last_hidden_state)  # (B, T, C)
+        loss_of = None if labels is None else lambda logits: token_loss(logits, labels)
+        logits, loss = multi_sample(self, lambda: self.head.classifier(self.head.dropout(h)), loss_of)
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
@@ -663,6 +668,8 @@ class ModernBertForMultipleChoice(_ModernBertHeadModel):
     hf_architecture = "ModernBertForMultipleChoice"
     head_key_map = KeyMap(CLASSIFIER_FROM_HF)
 
+    multi_sample_dropout: int = 1  # dropout samples of the head per training forward (see multi_sample)
+
     def __init__(self, config: ModernBertConfig):
         super().__init__(config)
         self.head.dropout = nn.Dropout(config.classifier_dropout)
@@ -688,9 +695,9 @@ class ModernBertForMultipleChoice(_ModernBertHeadModel):
         mask = flat(attention_mask)
         out = self._encode(flat(input_ids), mask, flat(position_ids), flat(inputs_embeds), output_hidden_states)
         cls_index = 0 if mask is None else mask.argmax(-1)  # the first real token, left padding or right
-        pooled = self._pool(out.last_hidden_state, mask, cls_index)
-        logits = self.head.classifier(self.head.dropout(self.head.transform(pooled))).view(B, N)
-        loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None
+        h = self.head.transform(self._pool(out.last_hidden_state, mask, cls_index))  # (B * N, C)
+        loss_of = None if labels is None else lambda logits: F.cross_entropy(logits, labels.view(-1))
+        logits, loss = multi_sample(self, lambda: self.head.classifier(self.head.dropout(h)).view(B, N), loss_of)
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 

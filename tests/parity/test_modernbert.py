@@ -370,3 +370,48 @@ def test_left_padding_and_inputs_embeds(tmp_path):
             hf_model(inputs_embeds=embeds.flip(1), attention_mask=right).last_hidden_state,
             right,
         )
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token", "choice"])
+def test_multi_sample_dropout_is_the_mean_of_n_dropped_heads(kind):
+    """Training with ``multi_sample_dropout = N``: the loss is the mean of N losses, each under its own dropout mask
+    on the prediction head's output, written out here on the same random stream; the logits are their mean."""
+    import torch.nn.functional as F
+
+    from bunmyaku.models import modernbert
+
+    P, N = 0.4, 3
+    config = modernbert.ModernBertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4,
+                                         intermediate_size=40, pad_token_id=0, classifier_dropout=P,
+                                         id2label={0: "a", 1: "b", 2: "c"})  # fmt: skip
+    cls = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification", "choice": "ForMultipleChoice"}
+    torch.manual_seed(0)
+    model = getattr(modernbert, "ModernBert" + cls[kind]).from_config(config)
+    ids, mask = _batch(99, seed=16, length=12)
+    labels = torch.tensor([0, 2, 1]) if kind == "sequence" else torch.randint(0, 3, (3, 12))
+    if kind == "choice":
+        ids, mask, labels = ids.view(3, 1, 12).repeat(1, 2, 1), mask.view(3, 1, 12).repeat(1, 2, 1), labels[:, 0] % 2
+    with torch.no_grad():
+        # padded: the token labels cover padding positions too, which makes the head model run padded as well
+        states = model.eval().backbone(input_ids=ids.view(-1, 12), attention_mask=mask.view(-1, 12), unpad=False)
+        states = states.last_hidden_state
+        h = model.head.transform(states[:, 0] if kind != "token" else states)  # cls pooling: the first token
+
+        def dropped():
+            logits = F.linear(F.dropout(h, P, training=True), model.head.classifier.weight, model.head.classifier.bias)
+            if kind == "choice":
+                return logits.view(3, 2)
+            return logits
+
+        torch.manual_seed(1)
+        samples = [dropped() for _ in range(N)]
+        scored = [x.reshape(-1, x.size(-1)) if kind == "token" else x for x in samples]
+        target = labels.reshape(-1) if kind == "token" else labels
+        expected_loss = torch.stack([F.cross_entropy(x, target) for x in scored]).mean()
+        model.train()
+        model.multi_sample_dropout = N
+        torch.manual_seed(1)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.loss, expected_loss)
+    assert_close(out.logits, torch.stack(samples).mean(0))
+    assert not torch.allclose(samples[0], samples[1])  # the masks differ: N samples, not one
