@@ -23,8 +23,9 @@ head whose loss reads them (labels at padding, QA's softmax over every position)
 
 Heads: masked LM (decoder tied to the token embeddings; ``sparse_prediction`` / ``masked_only`` computes logits at
 the labelled positions only), sequence classification (``classifier_pooling`` "cls" or "mean"), token
-classification, extractive QA, multiple choice. Every head but the masked LM reads through a prediction head
-(dense -> act -> LayerNorm), as in HF.
+classification, extractive QA, multiple choice. Every head reads the encoder through a prediction head
+(dense -> act -> LayerNorm), as in HF; the classification heads take multi-sample dropout. Attention is always
+fused, so ``output_attentions=True`` is refused.
 """
 
 from __future__ import annotations

@@ -415,3 +415,28 @@ def test_multi_sample_dropout_is_the_mean_of_n_dropped_heads(kind):
     assert_close(out.loss, expected_loss)
     assert_close(out.logits, torch.stack(samples).mean(0))
     assert not torch.allclose(samples[0], samples[1])  # the masks differ: N samples, not one
+
+
+def test_initialisation_follows_hf_recipe():
+    """Truncated normals cut at 2 std: std 0.02 for input projections and embeddings, 0.02 / sqrt(2 * layers) for
+    each residual branch's output projection, 1 / sqrt(C) for a classifier; the std of a normal truncated at +-2
+    sigma is 0.8796 sigma (hand-computed: sqrt(1 - 2 * 2 * phi(2) / (1 - 2 * Phi(-2))))."""
+    from bunmyaku.models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=500, hidden_size=128, num_layers=8, num_heads=4, intermediate_size=256,
+                              pad_token_id=0)  # fmt: skip
+    model = ModernBertForSequenceClassification.from_config(config)
+    layer = model.backbone.layers[3]
+    expected = {
+        "tokens": (model.backbone.embed.tokens.weight, 0.02),
+        "qkv_proj": (layer.attn.qkv_proj.weight, 0.02),
+        "fc_in": (layer.mlp.fc_in.weight, 0.02),
+        "out_proj": (layer.attn.out_proj.weight, 0.02 / 4.0),
+        "fc_out": (layer.mlp.fc_out.weight, 0.02 / 4.0),
+        "classifier": (model.head.classifier.weight, 128**-0.5),
+    }
+    for name, (weight, std) in expected.items():
+        assert weight.abs().max() <= 2 * std + 1e-7, name
+        assert abs(weight.std().item() / (0.8796 * std) - 1) < 0.1, name
+    assert bool((layer.mlp_norm.weight == 1).all()) and layer.mlp_norm.bias is None  # norm_bias False
