@@ -17,6 +17,7 @@ from bunmyaku.models.base import PreTrainedModel
 MODEL_TYPES = {
     "bert": "bunmyaku.models.bert",
     "roberta": "bunmyaku.models.roberta",
+    "modernbert": "bunmyaku.models.modernbert",
     "deberta": "bunmyaku.models.deberta_v1",
     "deberta-v2": "bunmyaku.models.deberta",
     "gpt2": "bunmyaku.models.gpt2",
