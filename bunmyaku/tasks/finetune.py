@@ -261,6 +261,11 @@ class FinetuneArgs:
                 f"long_strategy windows is for text-classification, sentence-similarity (cross), token-classification "
                 f"and question-answering, not {self.task}{' with encoder bi' if self.encoder == 'bi' else ''}"
             )
+        if sequence and self.long_strategy == "windows" and self.multi_sample_dropout > 1:
+            raise ValueError(
+                "multi_sample_dropout averages the head's per-row losses, but with long_strategy windows the loss is "
+                "per document over pooled window logits: use one of them"
+            )
         if self.window_pooling == "attention" and self.lora_r and self.long_strategy == "windows":
             raise ValueError("window_pooling attention is not saved in a LoRA adapter: use mean or max with lora_r")
 

@@ -260,6 +260,8 @@ def test_options_are_checked():
         FinetuneArgs(long_strategy="sliding")
     with pytest.raises(ValueError, match="not multiple-choice"):
         FinetuneArgs(task="multiple-choice", long_strategy="windows")
+    with pytest.raises(ValueError, match="multi_sample_dropout averages"):
+        FinetuneArgs(long_strategy="windows", multi_sample_dropout=4)
     with pytest.raises(ValueError, match="head_tokens 300 leaves no room"):
         FinetuneArgs(long_strategy="head-tail", head_tokens=300, max_length=256)
 
