@@ -573,6 +573,11 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
         raise ValueError(
             f"swa_start ({targs.swa_start:g}) must be below epochs ({fargs.epochs:g}): averaging starts at that epoch"
         )
+    if targs.save_every and task_uses_pooler(fargs):
+        raise ValueError(
+            "window_pooling attention: resumable checkpoints (save_every) hold the HF weights only, not the pooler; "
+            "drop save_every or use window_pooling mean / max"
+        )
     inputs = dataclasses.replace(inputs or Inputs())
     inputs.callbacks = [_plugin(path) for path in fargs.callbacks] + list(inputs.callbacks)
     if inputs.compute_metrics is None and fargs.compute_metrics:

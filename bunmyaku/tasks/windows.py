@@ -31,8 +31,9 @@ How the windows' outputs become one result per document depends on the task:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -293,20 +294,16 @@ def save_pooler(model: nn.Module, folder: str | Path) -> None:
         save_file(state, str(tmp))
 
 
-def without_pooler(model: nn.Module):
-    """A context in which ``model`` has no ``window_pooler`` (HF weights are saved without it)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def detached():
-        pooler = model._modules.pop("window_pooler", None)
-        try:
-            yield pooler
-        finally:
-            if pooler is not None:
-                model.window_pooler = pooler
-
-    return detached()
+@contextlib.contextmanager
+def without_pooler(model: nn.Module) -> Iterator[WindowAttention | None]:
+    """Take ``model.window_pooler`` (if any) off the model for the block, so that the HF weights are saved without
+    it; yields it (or None) and puts it back."""
+    pooler = model._modules.pop("window_pooler", None)
+    try:
+        yield pooler
+    finally:
+        if pooler is not None:
+            model.window_pooler = pooler
 
 
 def window_logits(model: nn.Module, inputs: dict[str, torch.Tensor], owner: torch.Tensor, documents: int, mode: str):

@@ -253,7 +253,17 @@ def test_cv_keeps_one_record_per_document(tmp_path, tiny_bert_dir):
     assert all(len(r["scores"]) == 2 for r in result.oof)
 
 
-def test_options_are_checked():
+def test_options_are_checked(tiny_bert_dir):
+    with pytest.raises(ValueError, match="resumable checkpoints"):
+        bunmyaku.finetune(
+            model=str(tiny_bert_dir),
+            train=keyword_rows(4, 0),
+            eval_split=0.5,
+            long_strategy="windows",
+            window_pooling="attention",
+            save_every=1,
+            **FAST,
+        )
     with pytest.raises(ValueError, match="head-tail is for text-classification"):
         FinetuneArgs(task="token-classification", long_strategy="head-tail")
     with pytest.raises(ValueError, match="unknown long_strategy"):
