@@ -188,6 +188,21 @@ def test_training_batches_keep_a_documents_windows_together(tok):
     assert task.count(batch) == 4  # the loss averages over documents
 
 
+def test_sentence_pairs_window_the_second_text(tok):
+    settings = FinetuneArgs(text_pair_column="pair", long_strategy="windows", max_length=MAX_LENGTH, stride=2)
+    task = build_task(settings)
+    rows = [{"text": "who lives", "pair": random_texts([30], seed=5)[0], "label": "pos"}]
+    task.fit_labels(rows)
+    (feature,) = task.encode(tok, rows)
+    first = tok("who lives", return_tensors=None)["input_ids"]  # [CLS] who lives [SEP]
+    second = tok(rows[0]["pair"], add_special_tokens=False, return_tensors=None)["input_ids"]
+    room = MAX_LENGTH - len(first) - 1
+    assert len(feature["input_ids"]) == 1 + math.ceil((len(second) - room) / (room - 2))
+    for k, ids in enumerate(feature["input_ids"]):
+        start = k * (room - 2)
+        assert ids == [*first, *second[start : start + room], tok.sep_token_id]
+
+
 def test_attention_pooling_is_saved_beside_a_model_transformers_loads(tmp_path, tiny_bert_dir):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "attention"
