@@ -386,6 +386,10 @@ def predict_command(
     text_column: str = typer.Option(None, help=_COLUMN_HELP),
     text_pair_column: str = typer.Option(None, help=_COLUMN_HELP),
     choice_columns: str = typer.Option(None, help=_COLUMN_HELP),
+    long_strategy: str = typer.Option(None, help="truncate, head-tail or windows (default: as at training)."),
+    stride: int = typer.Option(None, min=0, help="Tokens shared by consecutive windows (default: as at training)."),
+    head_tokens: int = typer.Option(None, min=0, help="head-tail: tokens kept from the start (default: as trained)."),
+    window_pooling: str = typer.Option(None, help="windows: mean, max or attention (default: as at training)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Predict with a fine-tuned model: one JSON line per input example (labels, scores, spans or answers)."""
@@ -393,6 +397,7 @@ def predict_command(
 
     _setup_logging(verbose)
     overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
+    overrides.update(long_strategy=long_strategy, stride=stride, head_tokens=head_tokens, window_pooling=window_pooling)
     n = predict_file(model, input, output, batch_size, choice_columns=choice_columns, **overrides)
     typer.echo(f"Wrote {n} predictions to {output}")
 
@@ -409,6 +414,10 @@ def evaluate_command(
     text_pair_column: str = typer.Option(None, help=_COLUMN_HELP),
     label_column: str = typer.Option(None, help=_COLUMN_HELP),
     choice_columns: str = typer.Option(None, help=_COLUMN_HELP),
+    long_strategy: str = typer.Option(None, help="truncate, head-tail or windows (default: as at training)."),
+    stride: int = typer.Option(None, min=0, help="Tokens shared by consecutive windows (default: as at training)."),
+    head_tokens: int = typer.Option(None, min=0, help="head-tail: tokens kept from the start (default: as trained)."),
+    window_pooling: str = typer.Option(None, help="windows: mean, max or attention (default: as at training)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Score a fine-tuned model on a labelled file with its task's metrics; prints them as JSON."""
@@ -419,6 +428,7 @@ def evaluate_command(
     _setup_logging(verbose)
     overrides = {"format": format, "text_column": text_column, "text_pair_column": text_pair_column}
     overrides.update(label_column=label_column, choice_columns=choice_columns)
+    overrides.update(long_strategy=long_strategy, stride=stride, head_tokens=head_tokens, window_pooling=window_pooling)
     metrics = evaluate_file(model, eval, output_dir, batch_size, overwrite=overwrite, **overrides)
     typer.echo(json.dumps(metrics, indent=2))
 

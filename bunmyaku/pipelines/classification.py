@@ -3,6 +3,10 @@
 How logits become scores follows the checkpoint's ``problem_type``: a softmax over the labels for
 single-label classification, an independent sigmoid per label for multi-label classification, and the
 raw value for regression. A head with one output and no ``problem_type`` is read as a binary sigmoid.
+
+Long texts follow ``long_strategy`` as in fine-tuning (:mod:`bunmyaku.tasks.windows`): ``truncate`` (default),
+``head-tail``, or ``windows``, whose windows' logits are pooled per text by ``window_pooling`` (``attention``
+reads the ``window_pooling.safetensors`` a fine-tuning run saved beside the model).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torch
 
 from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
+from bunmyaku.tasks import windows as long
+from bunmyaku.tasks.base import collate_features, pad_id
 
 ScoreFunction = Literal["softmax", "sigmoid", "none"]
 
@@ -56,7 +62,11 @@ class TextClassificationPipeline(Pipeline):
         top_k: labels returned per text, best first; None returns every label; unset: the best label alone.
         function_to_apply: "softmax", "sigmoid" or "none"; default from the checkpoint's ``problem_type``.
         batch_size: texts per forward pass (texts are sorted by length first).
-        max_length: token limit per text (longer texts are truncated); default the model's.
+        max_length: token limit per text (per window); default the model's.
+        long_strategy: ``truncate`` (default), ``head-tail`` or ``windows`` for texts longer than ``max_length``.
+        stride: ``windows``: tokens shared by consecutive windows.
+        head_tokens: ``head-tail``: tokens kept from the start of the text.
+        window_pooling: ``windows``: ``mean``, ``max`` or ``attention`` over a text's window logits.
     """
 
     head = "sequence-classification"
@@ -69,7 +79,12 @@ class TextClassificationPipeline(Pipeline):
         function_to_apply: ScoreFunction | None = None,
         batch_size: int = 32,
         max_length: int | None = None,
+        long_strategy: long.Strategy = "truncate",
+        stride: int = 128,
+        head_tokens: int = 128,
+        window_pooling: long.Pooling = "mean",
     ):
+        long.check_options(long_strategy, stride, head_tokens, window_pooling)
         if top_k != "default":
             check_at_least("top_k", top_k)
         check_at_least("batch_size", batch_size)
@@ -80,12 +95,19 @@ class TextClassificationPipeline(Pipeline):
         self.function_to_apply = function_to_apply or score_function(self.model.config)
         self.batch_size = batch_size
         self.max_length = max_input_length(self.tokenizer, self.model.config, max_length)
+        long.check_options(long_strategy, stride, head_tokens, window_pooling, self.max_length)
+        self.long_strategy, self.stride, self.head_tokens = long_strategy, stride, head_tokens
+        self.window_pooling = window_pooling
+        if long_strategy == "windows" and window_pooling == "attention":
+            long.attach_pooler(self.model, self.path)
 
     @torch.inference_mode()
     def logits(
         self, texts: list[str], text_pairs: list[str] | None = None, truncation: str = "longest_first"
     ) -> torch.Tensor:
         """(N, L) float32 logits on the CPU for N texts (or pairs), in the input order."""
+        if self.long_strategy != "truncate":
+            return self._window_logits(texts, text_pairs)
         out = torch.empty(len(texts), len(self.labels))
         for rows in length_sorted_batches([len(t) for t in texts], self.batch_size):
             batch = self.tokenizer(
@@ -98,6 +120,32 @@ class TextClassificationPipeline(Pipeline):
             )
             out[rows] = self.model(**model_inputs(batch, self.device)).logits.float().cpu()
         return out
+
+    def _window_logits(self, texts: list[str], text_pairs: list[str] | None) -> torch.Tensor:
+        """(N, L) logits from the texts' head-tail inputs, or pooled from all their windows."""
+        windows = long.cut(
+            self.tokenizer,
+            texts,
+            text_pairs,
+            max_length=self.max_length,
+            strategy=self.long_strategy,
+            stride=self.stride,
+            head_tokens=self.head_tokens,
+        )
+        attention = self.long_strategy == "windows" and self.window_pooling == "attention"
+        logits, weights = torch.empty(len(windows), len(self.labels)), torch.zeros(len(windows))
+        pad = pad_id(self.tokenizer)
+        for rows in length_sorted_batches([len(w["input_ids"]) for w in windows], self.batch_size):
+            rows_in = [{"index": 0, **{k: windows[i][k] for k in long.INPUT_KEYS if k in windows[i]}} for i in rows]
+            batch = collate_features(rows_in, pad)
+            out = self.model(**model_inputs(batch, self.device), output_hidden_states=attention)
+            logits[rows] = out.logits.float().cpu()
+            if attention:
+                weights[rows] = self.model.window_pooler(out.hidden_states[-1][:, 0]).float().cpu()
+        if self.long_strategy == "head-tail":
+            return logits
+        owner = torch.tensor([w["example"] for w in windows])
+        return long.pool(logits, owner, len(texts), self.window_pooling, weights if attention else None)
 
     def scores(
         self, texts: list[str], text_pairs: list[str] | None = None, function_to_apply: ScoreFunction | None = None

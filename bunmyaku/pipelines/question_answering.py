@@ -32,6 +32,8 @@ class QuestionAnsweringPipeline(Pipeline):
         max_answer_len: the longest answer, in tokens.
         handle_impossible_answer: allow the empty answer (SQuAD 2.0 models).
         batch_size: windows per forward pass (sorted by length first).
+        long_strategy: ``windows``, the only strategy for QA (accepted for the same options as the other
+            pipelines): every window of the context is searched.
     """
 
     head = "question-answering"
@@ -45,7 +47,10 @@ class QuestionAnsweringPipeline(Pipeline):
         max_answer_len: int = 15,
         handle_impossible_answer: bool = False,
         batch_size: int = 16,
+        long_strategy: str = "windows",
     ):
+        if long_strategy != "windows":
+            raise ValueError(f"question answering always windows long contexts; long_strategy {long_strategy!r}")
         check_at_least("max_length", max_length)
         check_at_least("stride", stride, 0)
         check_at_least("max_answer_len", max_answer_len)

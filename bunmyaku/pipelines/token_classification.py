@@ -8,8 +8,9 @@ Each token gets the label the model scores highest; ``aggregation`` then decides
 - ``"first"``: each word takes the label of its first token before grouping, so an entity never splits a
   word (words as the tokenizer's pre-tokenizer sees them: MeCab words for Japanese, for instance).
 
-Texts longer than the model's window are cut into windows sharing ``stride`` tokens; a token seen in
-two windows keeps the scores of the window where it sits farther from the edge.
+Texts longer than the model's window are cut into windows sharing ``stride`` tokens (``long_strategy``
+``windows``, the default; ``truncate`` keeps the first window only); a token seen in two windows keeps the
+scores of the window where it has the most context on both sides (:func:`bunmyaku.tasks.windows.best_windows`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
+from bunmyaku.tasks import windows as long
+from bunmyaku.tasks.base import collate_features, pad_id
 from bunmyaku.tasks.ner import group_tags
 
 Aggregation = Literal["none", "simple", "first"]
@@ -37,7 +40,6 @@ class _Token:
     word: int | None
     scores: torch.Tensor  # (L,)
     index: int
-    margin: int  # distance to the nearer window edge, to pick the best copy of a token seen twice
 
 
 class TokenClassificationPipeline(Pipeline):
@@ -53,6 +55,7 @@ class TokenClassificationPipeline(Pipeline):
         batch_size: windows per forward pass (sorted by length first).
         max_length: tokens per window; default the model's limit.
         stride: tokens shared by neighbouring windows of a long text.
+        long_strategy: ``windows`` (default) or ``truncate`` for texts longer than ``max_length``.
     """
 
     head = "token-classification"
@@ -67,7 +70,11 @@ class TokenClassificationPipeline(Pipeline):
         max_length: int | None = None,
         stride: int = 32,
         aggregation_strategy: Aggregation | None = None,
+        long_strategy: Literal["truncate", "windows"] = "windows",
     ):
+        if long_strategy not in ("truncate", "windows"):
+            raise ValueError(f"long_strategy for token classification is windows or truncate, not {long_strategy!r}")
+        self.long_strategy = long_strategy
         aggregation = _one_aggregation(aggregation, aggregation_strategy, "simple")
         check_at_least("batch_size", batch_size)
         check_at_least("max_length", max_length)
@@ -84,37 +91,32 @@ class TokenClassificationPipeline(Pipeline):
     @torch.inference_mode()
     def tokens(self, texts: list[str]) -> list[list[_Token]]:
         """The scored tokens of each text, special tokens left out, in text order."""
-        enc = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            stride=self.stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            return_tensors="pt",
+        windows = long.cut(
+            self.tokenizer, texts, max_length=self.max_length, strategy=self.long_strategy, stride=self.stride
         )
-        owners = enc["overflow_to_sample_mapping"].tolist()
-        probs: list[torch.Tensor | None] = [None] * len(owners)
-        for rows in length_sorted_batches(enc["attention_mask"].sum(1).tolist(), self.batch_size):
-            logits = self.model(**model_inputs(enc, self.device, rows)).logits
+        probs: list[torch.Tensor] = [torch.empty(0)] * len(windows)
+        pad = pad_id(self.tokenizer)
+        for rows in length_sorted_batches([len(w["input_ids"]) for w in windows], self.batch_size):
+            rows_in = [{"index": 0, **{k: windows[i][k] for k in long.INPUT_KEYS if k in windows[i]}} for i in rows]
+            logits = self.model(**model_inputs(collate_features(rows_in, pad), self.device)).logits
             for row, p in zip(rows, logits.float().softmax(-1).cpu(), strict=True):
                 probs[row] = p
-        best: list[dict[tuple[int, int], _Token]] = [{} for _ in texts]
+        by_text: list[list[int]] = [[] for _ in texts]
+        for w, window in enumerate(windows):
+            by_text[window["example"]].append(w)
         unk = self.tokenizer.unk_token_id
-        for w, owner in enumerate(owners):
-            ids, offsets, word_ids = enc["input_ids"][w].tolist(), enc["offset_mapping"][w].tolist(), enc.word_ids(w)
-            special = enc["special_tokens_mask"][w].tolist()
-            content = [j for j in range(len(ids)) if not special[j] and enc["attention_mask"][w, j]]
-            for j in content:
-                start, end = offsets[j]
-                margin = min(j - content[0], content[-1] - j)
-                seen = best[owner].get((start, end))
-                if seen is None or margin > seen.margin:
-                    piece = texts[owner][start:end] if ids[j] == unk else self.tokenizer.convert_ids_to_tokens(ids[j])
-                    best[owner][(start, end)] = _Token(piece, start, end, word_ids[j], probs[w][j], j, margin)
-        return [sorted(found.values(), key=lambda t: (t.start, t.end)) for found in best]
+        found = []
+        for owner, rows in enumerate(by_text):
+            chosen = long.best_windows([windows[w] for w in rows])
+            tokens = []
+            for w, j in chosen.values():  # in document order
+                window = windows[rows[w]]
+                start, end = window["_offsets"][j]
+                token_id = window["input_ids"][j]
+                piece = texts[owner][start:end] if token_id == unk else self.tokenizer.convert_ids_to_tokens(token_id)
+                tokens.append(_Token(piece, start, end, window["_words"][j], probs[rows[w]][j], j))
+            found.append(tokens)
+        return found
 
     def __call__(
         self,

@@ -142,6 +142,7 @@ def _unit_probabilities(task, examples, features, outputs) -> list[list[Any]]:
     # a later sub-token is not trained unless label_all_tokens: it continues its word's first token's tag
     continued = [names.index(f"I-{split_tag(n)[1]}") if n.startswith("B-") else j for j, n in enumerate(names)]
     scores = []
+    features, outputs = task.documents(examples, features, outputs)  # one per example (windows merged)
     for example, feature, probs in zip(examples, features, outputs, strict=True):
         rows: list[list[float] | None] = []
         first_row = None

@@ -28,7 +28,7 @@ Feature = dict[str, Any]
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
 # keys a collated batch may hold that are not model inputs
-BOOKKEEPING = ("index",)
+BOOKKEEPING = ("index", "window_doc")  # window_doc: the document of each window (bunmyaku.tasks.windows)
 
 
 class Task:

@@ -7,6 +7,11 @@ One text (``text_column``) or a pair (``text_pair_column``, encoded ``[CLS] a [S
 - ``multi-label``: any number of classes per example (a list in JSON, or names joined by
   ``label_separator`` in a table); sigmoid > 0.5 per class; ``accuracy`` is exact-set accuracy, ``f1`` macro;
 - ``regression``: one number; ``pearson``, ``spearman`` and ``mse``.
+
+Long texts follow ``long_strategy`` (:mod:`bunmyaku.tasks.windows`): ``truncate``, ``head-tail``, or ``windows``,
+where a feature is a whole document holding all its windows (a pair keeps its first text in each window), a
+batch runs every window of its documents, the windows' logits are pooled per document (``window_pooling``) and
+the loss, metrics and predictions are per document.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 import torch
 
 from bunmyaku.data.tables import LabelMap, finite_number, where
-from bunmyaku.tasks.base import Feature, Task
+from bunmyaku.tasks import windows as long
+from bunmyaku.tasks.base import Feature, Task, model_inputs
 from bunmyaku.tasks.metrics import accuracy, macro_f1, mean_squared_error, multi_label_f1, pearson, spearman
 
 PROBLEM_TYPES = {
@@ -86,20 +92,71 @@ class TextClassification(Task):
         s = self.settings
         texts = [str(e[s.text_column]) for e in examples]
         pairs = [str(e[s.text_pair_column]) for e in examples] if s.text_pair_column else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=s.max_length, return_tensors=None)
         features = []
-        for i, example in enumerate(examples):
-            feature = {k: enc[k][i] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        for i, feature in enumerate(self._inputs(tokenizer, texts, pairs)):
             feature["example"] = i
+            example = examples[i]
             if labelled:
                 feature["labels"] = self._target(example, source)
             features.append(feature)
         return features
 
+    def _inputs(self, tokenizer: Any, texts: list[str], pairs: list[str] | None) -> list[Feature]:
+        """Per document its model inputs: one row (truncate, head-tail), or with windows a list of rows per key."""
+        s = self.settings
+        strategy = getattr(s, "long_strategy", "truncate")
+        keys = long.INPUT_KEYS
+        if strategy == "truncate":
+            enc = tokenizer(texts, pairs, truncation=True, max_length=s.max_length, return_tensors=None)
+            return [{k: enc[k][i] for k in keys if k in enc} for i in range(len(texts))]
+        cut = long.cut(
+            tokenizer,
+            texts,
+            pairs,
+            max_length=s.max_length,
+            strategy=strategy,
+            stride=s.stride,
+            head_tokens=s.head_tokens,
+        )
+        if strategy == "head-tail":
+            return [{k: w[k] for k in keys if k in w} for w in cut]
+        docs: list[Feature] = [{k: [] for k in keys if k in cut[0]} for _ in texts]
+        for window in cut:
+            for k, rows in docs[window["example"]].items():
+                rows.append(window[k])
+        return docs
+
+    @property
+    def windowed(self) -> bool:
+        return getattr(self.settings, "long_strategy", "truncate") == "windows"
+
+    def prepare_model(self, model, tokenizer):
+        model = super().prepare_model(model, tokenizer)
+        if self.windowed and self.settings.window_pooling == "attention":
+            long.attach_pooler(model)
+        return model
+
+    def collate(self, features, pad):
+        return long.collate_windows(features, pad) if self.windowed else super().collate(features, pad)
+
     def forward(self, model, batch):
         if "labels" in batch and self.problem == "regression":
             batch = {**batch, "labels": batch["labels"].float()}
-        return super().forward(model, batch)
+        if "window_doc" not in batch:
+            return super().forward(model, batch)
+        inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+        pooling = self.settings.window_pooling
+        logits = long.window_logits(model, inputs, batch["window_doc"], len(batch["index"]), pooling)
+        return (self._loss(logits, batch["labels"]) if "labels" in batch else None), logits.detach()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean loss over documents, as the sequence-classification heads compute it over rows."""
+        logits = logits.float()
+        if self.problem == "regression":
+            return torch.nn.functional.mse_loss(logits[:, 0], labels.float())
+        if self.problem == "multi-label":
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        return torch.nn.functional.cross_entropy(logits, labels)
 
     # ------------------------------------------------------------------------------ results
 

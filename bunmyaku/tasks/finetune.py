@@ -58,6 +58,7 @@ from bunmyaku.tasks.classification import SentenceSimilarityCross, TextClassific
 from bunmyaku.tasks.embedding import BiEncoder, SentenceEmbedding
 from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
+from bunmyaku.tasks.windows import POOLER_FILE, attach_pooler, check_options, save_pooler, without_pooler
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int, check_number
 from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
 from bunmyaku.training.plugins import MultiSampleDropout, Plugin
@@ -88,6 +89,7 @@ RESULTS = (
     "checkpoints",
 )
 EVAL_RESULTS = ("metrics.json", "predictions.jsonl")
+WINDOWED_TASKS = ("token-classification", "question-answering")  # besides the sequence-classification ones
 
 
 @dataclass
@@ -144,8 +146,17 @@ class FinetuneArgs:
     """Tagging: train on every sub-token, not only on the first of each word."""
     max_length: int = 256
     """Tokens per input (per window for QA), special tokens included."""
+    long_strategy: Literal["truncate", "head-tail", "windows"] = "truncate"
+    """Texts longer than max_length: truncate (keep the start), head-tail (keep head_tokens from the start and the
+    rest from the end), windows (every window of stride-overlapping max_length tokens; per-document results).
+    Question answering always windows its contexts (see bunmyaku.tasks.windows)."""
     stride: int = 128
-    """QA: tokens shared by consecutive windows of a long context."""
+    """Tokens shared by consecutive windows of a long text (windows; QA's contexts)."""
+    head_tokens: int = 128
+    """head-tail: tokens kept from the start of a long text; the end fills the rest of max_length."""
+    window_pooling: Literal["mean", "max", "attention"] = "mean"
+    """windows, sequence tasks: how a document's window logits become its logits (attention: learned weights
+    over the windows' first-token vectors, saved as window_pooling.safetensors beside the model)."""
     max_answer_length: int = 30
     """QA: the longest answer, in tokens."""
     n_best: int = 20
@@ -209,6 +220,7 @@ class FinetuneArgs:
         for name in ("stride", "eval_batch_size", "patience"):
             check_int(name, getattr(self, name), low=0)
         check_int("multi_sample_dropout", self.multi_sample_dropout, low=1)
+        self._check_long()
         if self.multi_sample_dropout > 1 and (
             self.task in ("question-answering", "pair-classification")
             or (self.task == "sentence-similarity" and self.encoder == "bi")
@@ -234,6 +246,28 @@ class FinetuneArgs:
             value = getattr(self, name)
             if isinstance(value, int):  # a position written as a number in YAML
                 setattr(self, name, str(value))
+
+    def _check_long(self) -> None:
+        check_options(self.long_strategy, self.stride, self.head_tokens, self.window_pooling, self.max_length)
+        cross = self.task == "sentence-similarity" and self.encoder == "cross"
+        sequence = self.task == "text-classification" or cross
+        if self.long_strategy == "head-tail" and not sequence:
+            raise ValueError(
+                f"long_strategy head-tail is for text-classification and sentence-similarity (cross), not {self.task}: "
+                "use windows for token-classification and question-answering"
+            )
+        if self.long_strategy == "windows" and not sequence and self.task not in WINDOWED_TASKS:
+            raise ValueError(
+                f"long_strategy windows is for text-classification, sentence-similarity (cross), token-classification "
+                f"and question-answering, not {self.task}{' with encoder bi' if self.encoder == 'bi' else ''}"
+            )
+        if sequence and self.long_strategy == "windows" and self.multi_sample_dropout > 1:
+            raise ValueError(
+                "multi_sample_dropout averages the head's per-row losses, but with long_strategy windows the loss is "
+                "per document over pooled window logits: use one of them"
+            )
+        if self.window_pooling == "attention" and self.lora_r and self.long_strategy == "windows":
+            raise ValueError("window_pooling attention is not saved in a LoRA adapter: use mean or max with lora_r")
 
     def _check_lora(self) -> None:
         if isinstance(self.lora_targets, (list, tuple)):  # a YAML list
@@ -538,6 +572,11 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
     if targs.swa_start and targs.swa_start >= fargs.epochs:
         raise ValueError(
             f"swa_start ({targs.swa_start:g}) must be below epochs ({fargs.epochs:g}): averaging starts at that epoch"
+        )
+    if targs.save_every and task_uses_pooler(fargs):
+        raise ValueError(
+            "window_pooling attention: resumable checkpoints (save_every) hold the HF weights only, not the pooler; "
+            "drop save_every or use window_pooling mean / max"
         )
     inputs = dataclasses.replace(inputs or Inputs())
     inputs.callbacks = [_plugin(path) for path in fargs.callbacks] + list(inputs.callbacks)
@@ -917,7 +956,10 @@ class FinetuneResult:
         if has_lora(self.model):  # PEFT's adapter folder, for the base model it was trained on
             save_adapter(self.model, directory, self.base_model, dtype=self.train_settings.export_dtype)
         else:
-            self.model.save_pretrained(directory, dtype=self.train_settings.export_dtype)
+            with without_pooler(self.model) as pooler:  # HF weights only: transformers loads the folder
+                self.model.save_pretrained(directory, dtype=self.train_settings.export_dtype)
+            if pooler is not None:
+                save_pooler(self.model, directory)
         self.tokenizer.save_pretrained(directory)
         record = {"settings": _settings(self.settings), "state": self.task.state()}
         write_json_atomic(directory / SETTINGS_NAME, record, sort_keys=False)
@@ -1032,7 +1074,15 @@ def load_finetuned(path: str | Path, overrides: dict[str, Any] | None = None, de
         model = BiEncoder.from_pretrained(model_dir).to(device)
     else:
         model = from_pretrained(model_dir, task=task.head, device=device)
+        if (model_dir / POOLER_FILE).is_file() or task_uses_pooler(task.settings):
+            attach_pooler(model, model_dir)
     return task, model.eval(), Tokenizer.from_pretrained(model_dir)
+
+
+def task_uses_pooler(settings: FinetuneArgs) -> bool:
+    """Whether the settings train a window attention pooler (saved as window_pooling.safetensors)."""
+    windowed = settings.long_strategy == "windows" and settings.window_pooling == "attention"
+    return windowed and settings.task in ("text-classification", "sentence-similarity")
 
 
 def predict_file(

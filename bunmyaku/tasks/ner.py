@@ -6,6 +6,10 @@ ja-wikipedia-ner). Training tags come from the tokenizer's offsets: a token insi
 back into character spans through the same offsets, so spans survive the round trip exactly when
 entity boundaries fall on token boundaries.
 
+With ``long_strategy`` windows a long text is cut into overlapping windows (:mod:`bunmyaku.tasks.windows`), each a
+training row with its own aligned tags; metrics and predictions are per text, each token taken from the window
+where it has the most context on both sides.
+
 :func:`group_tags` is the one BIO grouping, shared with the token-classification pipeline; labels without a
 ``B-`` / ``I-`` prefix (``PER``, or schemes with no ``O``) group as continuations of their type.
 """
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from bunmyaku.data.tables import DataError, read_conll, read_table, where
+from bunmyaku.tasks import windows as long
 from bunmyaku.tasks.base import IGNORE_INDEX, Feature, Task, model_inputs
 from bunmyaku.tasks.metrics import accuracy, entity_f1
 
@@ -189,6 +194,8 @@ class TokenClassification(Task):
     def encode(self, tokenizer, examples, labelled=True, source=""):
         s = self.settings
         texts = [e["tokens"] for e in examples] if self.conll else [str(e[s.text_column]) for e in examples]
+        if getattr(s, "long_strategy", "truncate") == "windows":
+            return self._encode_windows(tokenizer, examples, texts, labelled, source)
         enc = tokenizer(
             texts,
             truncation=True,
@@ -215,6 +222,62 @@ class TokenClassification(Task):
                 feature["labels"] = [ids[t] if t is not None else IGNORE_INDEX for t in tags]
             features.append(feature)
         return features
+
+    def _encode_windows(self, tokenizer, examples, texts, labelled: bool, source: str) -> list[Feature]:
+        """Every window of every text (``long_strategy`` windows), each a training row of its own; a word's first
+        token is found on the whole text, so a window that starts inside a word does not restart it."""
+        s = self.settings
+        split = self.conll
+        windows = long.cut(
+            tokenizer, texts, max_length=s.max_length, strategy="windows", stride=s.stride, is_split_into_words=split
+        )
+        words: dict[tuple[int, int], int] = {}  # (text, position) -> word
+        for window in windows:
+            for p, w in zip(window["_positions"], window["_words"], strict=True):
+                if p is not None:
+                    words[window["example"], p] = w
+        ids = {name: i for i, name in enumerate(self.labels or [])}
+        features = []
+        for window in windows:
+            i = window["example"]
+            first = [
+                p is not None and w is not None and (p == 0 or words.get((i, p - 1)) != w)
+                for p, w in zip(window["_positions"], window["_words"], strict=True)
+            ]
+            feature = {k: window[k] for k in long.INPUT_KEYS if k in window}
+            feature.update(example=i, _first=first, _words=window["_words"], _positions=window["_positions"])
+            if not self.conll:
+                feature["_offsets"] = window["_offsets"]
+            if labelled:
+                tags = self._token_tags(examples[i], feature)
+                for tag in tags:
+                    if tag is not None and tag not in ids:
+                        raise DataError(f"{where(examples[i], source)}: tag {tag!r} was not seen in the training data")
+                feature["labels"] = [ids[t] if t is not None else IGNORE_INDEX for t in tags]
+            features.append(feature)
+        return features
+
+    def documents(self, examples, features, outputs) -> tuple[list[Feature], list[Any]]:
+        """One feature and one output per example: with windows, each token of a text taken from the window where
+        it has the most context (:func:`bunmyaku.tasks.windows.best_windows`); special tokens dropped. Outputs are
+        anything indexed by token first (tag ids (T,), probabilities (T, L))."""
+        if not features or "_positions" not in features[0]:
+            return features, outputs
+        by_example: dict[int, list[int]] = {}
+        for f, feature in enumerate(features):
+            by_example.setdefault(feature["example"], []).append(f)
+        doc_features, doc_outputs = [], []
+        for i in range(len(examples)):
+            rows = by_example.get(i, [])
+            windows = [features[f] for f in rows]
+            chosen = list(long.best_windows(windows).values())
+            keys = [k for k in ("_first", "_words", "_offsets", "labels") if k in windows[0]] if windows else []
+            doc = {k: [windows[w][k][j] for w, j in chosen] for k in keys}
+            doc["example"] = i
+            doc_features.append(doc)
+            picked = [outputs[rows[w]][j] for w, j in chosen]
+            doc_outputs.append(torch.stack(picked) if picked else torch.zeros(0, dtype=torch.long))
+        return doc_features, doc_outputs
 
     def _token_tags(self, example: dict[str, Any], feature: Feature) -> list[str | None]:
         first, words = feature["_first"], feature["_words"]
@@ -255,6 +318,7 @@ class TokenClassification(Task):
         return tags
 
     def metrics(self, examples, features, outputs):
+        features, outputs = self.documents(examples, features, outputs)
         names = self.labels or []
         gold, pred = [], []
         for feature, predicted in zip(features, outputs, strict=True):
@@ -265,6 +329,7 @@ class TokenClassification(Task):
         return {**entity_f1(gold, pred), "accuracy": accuracy(flat_gold, flat_pred)}
 
     def predictions(self, examples, features, outputs):
+        features, outputs = self.documents(examples, features, outputs)
         records = []
         for example, feature, predicted in zip(examples, features, outputs, strict=True):
             tags = self._tags(feature, predicted)

@@ -1,10 +1,11 @@
 """Extractive question answering (SQuAD 1.1 / 2.0): windows, span search, EM / F1.
 
 A context longer than the model's window is cut into overlapping windows (``stride`` tokens shared
-between neighbours) so that every answer lies whole inside at least one window. The model scores each
-token as a start and as an end; an answer is the best-scoring valid span (inside the context, end not
-before start, at most ``max_answer_length`` tokens) across all windows of the example. SQuAD 2.0 adds
-"no answer": the [CLS] span's score is the null score, and the example is unanswerable when no span
+between neighbours; :func:`bunmyaku.tasks.windows.cut`, the question kept whole in each) so that every
+answer lies whole inside at least one window. The model scores each token as a start and as an end; an
+answer is the best-scoring valid span (inside the context, end not before start, at most
+``max_answer_length`` tokens) across all windows of the example. SQuAD 2.0 adds "no answer": the [CLS]
+span's score is the null score, and the example is unanswerable when no span
 beats it by more than ``null_threshold``.
 """
 
@@ -21,6 +22,7 @@ import torch
 from bunmyaku.data.tables import LINE, DataError, QAExample, read_squad, where
 from bunmyaku.tasks.base import Task, model_inputs
 from bunmyaku.tasks.metrics import squad_metrics
+from bunmyaku.tasks.windows import INPUT_KEYS, cut
 
 logger = logging.getLogger(__name__)
 
@@ -45,35 +47,32 @@ class QAFeatures:
 def prepare_features(tokenizer, examples: list[QAExample], max_length: int = 384, stride: int = 128) -> QAFeatures:
     """Tokenize (question, context) pairs into overlapping windows over the context, with span targets.
 
+    The windows are :func:`bunmyaku.tasks.windows.cut`'s (the question kept whole in each), padded to
+    ``max_length``.
+
     Args:
         tokenizer: a ``bunmyaku.Tokenizer``.
         examples: the questions.
         max_length: tokens per window, question and special tokens included.
-        stride: tokens shared by consecutive windows.
+        stride: tokens shared by consecutive windows (lowered, with a warning, when the longest question leaves
+            fewer context tokens per window).
     """
-    enc = tokenizer(
-        [e.question for e in examples],
-        [e.context for e in examples],
-        truncation="only_second",
-        max_length=max_length,
-        stride=stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-        return_tensors="pt",
-    )
-    sample_map = enc.pop("overflow_to_sample_mapping").tolist()
-    offsets_all = enc.pop("offset_mapping").tolist()
-    starts, ends, offsets = [], [], []
-    for w, example_idx in enumerate(sample_map):
-        seq_ids = enc.sequence_ids(w)
-        window_offsets = [tuple(o) if s == 1 else None for o, s in zip(offsets_all[w], seq_ids, strict=True)]
-        offsets.append(window_offsets)
-        start, end = _target_span(examples[example_idx], window_offsets)
-        starts.append(start)
-        ends.append(end)
-    inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    return QAFeatures(inputs, sample_map, offsets, torch.tensor(starts), torch.tensor(ends))
+    windows = _windows(tokenizer, examples, max_length, stride)
+    pad = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
+    inputs = {
+        k: torch.tensor([w[k] + [pad[k]] * (max_length - len(w[k])) for w in windows])
+        for k in INPUT_KEYS
+        if k in windows[0]
+    }
+    offsets = [w["_offsets"] + [None] * (max_length - len(w["_offsets"])) for w in windows]
+    spans = [_target_span(examples[w["example"]], o) for w, o in zip(windows, offsets, strict=True)]
+    starts, ends = torch.tensor([a for a, _ in spans]), torch.tensor([b for _, b in spans])
+    return QAFeatures(inputs, [w["example"] for w in windows], offsets, starts, ends)
+
+
+def _windows(tokenizer, examples: list[QAExample], max_length: int, stride: int) -> list[dict[str, Any]]:
+    questions, contexts = [e.question for e in examples], [e.context for e in examples]
+    return cut(tokenizer, questions, contexts, max_length=max_length, strategy="windows", stride=stride)
 
 
 def _target_span(example: QAExample, offsets: list[tuple[int, int] | None]) -> tuple[int, int]:
@@ -221,38 +220,16 @@ class QuestionAnswering(Task):
         return None
 
     def encode(self, tokenizer, examples, labelled=True, source=""):
-        s = self.settings
         qa_examples = [e["qa"] for e in examples]
-        prepared = prepare_features(
-            tokenizer, qa_examples, max_length=s.max_length, stride=self._stride(tokenizer, qa_examples)
-        )
         features = []
-        for w, example_idx in enumerate(prepared.example_index):
-            n = int(prepared.inputs["attention_mask"][w].sum())
-            feature = {k: v[w, :n].tolist() for k, v in prepared.inputs.items()}
-            feature.update(example=example_idx, _offsets=prepared.offsets[w][:n])
+        for window in _windows(tokenizer, qa_examples, self.settings.max_length, self.settings.stride):
+            feature = {k: window[k] for k in INPUT_KEYS if k in window}
+            feature.update(example=window["example"], _offsets=window["_offsets"])
             if labelled:
-                feature["start_positions"] = int(prepared.start_positions[w])
-                feature["end_positions"] = int(prepared.end_positions[w])
+                start, end = _target_span(qa_examples[window["example"]], window["_offsets"])
+                feature.update(start_positions=start, end_positions=end)
             features.append(feature)
         return features
-
-    def _stride(self, tokenizer, examples: list[QAExample]) -> int:
-        """``stride``, lowered when the longest question leaves fewer context tokens per window than that
-        (the tokenizers library requires overlap < context room)."""
-        s = self.settings
-        longest = max(len(ids) for ids in tokenizer([e.question for e in examples], return_tensors=None)["input_ids"])
-        room = s.max_length - longest - 1  # the question's own special tokens are counted; one more [SEP]
-        if room < 2:
-            raise ValueError(
-                f"max_length {s.max_length} leaves no room for the context after a {longest}-token question"
-            )
-        if s.stride >= room:
-            logger.warning(
-                "stride %d lowered to %d: the longest question leaves %d context tokens", s.stride, room // 2, room
-            )
-            return room // 2
-        return s.stride
 
     def forward(self, model, batch):
         out = model(**model_inputs(batch))
