@@ -17,6 +17,7 @@ from bunmyaku.models.base import PreTrainedModel
 MODEL_TYPES = {
     "bert": "bunmyaku.models.bert",
     "roberta": "bunmyaku.models.roberta",
+    "longformer": "bunmyaku.models.longformer",
     "gpt2": "bunmyaku.models.gpt2",
     "llama": "bunmyaku.models.llama",
     "marian": "bunmyaku.models.transformer",

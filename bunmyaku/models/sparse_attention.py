@@ -34,7 +34,7 @@ takes them as ``global_qkv``, and the global rows are overwritten with :func:`gl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ class SparsePattern:
     valid: torch.Tensor | None = None
     is_global: torch.Tensor | None = None
     dilation: int = 1
+    _slots: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 0:
@@ -97,6 +98,11 @@ class SparsePattern:
             (P,), (P,) of every global token with slot (P,) its slot: what scatters G-slot outputs back.
         """
         assert self.is_global is not None
+        if self._slots is None:
+            self._slots = self._find_global_slots()
+        return self._slots
+
+    def _find_global_slots(self) -> tuple[torch.Tensor, ...]:
         is_global = self.is_global
         B = is_global.size(0)
         counts = is_global.sum(-1)  # (B,)
@@ -166,14 +172,14 @@ def _blocked_local(
         q, k, v: (B, H, T, D).
         key_ok: (B, T) bool, keys a window may contain (real, not global: global keys are scored apart).
         global_kv: (B, H, G, D) global keys and values, and (B, G) bool the slots in use; or None.
-        block_size: queries per block b; default max(window, 64) (wide enough that the per-block matmuls are not tiny).
+        block_size: queries per block b; default max(window, ``MIN_BLOCK``).
 
     Returns:
         (B, H, T, D).
     """
     B, H, T, D = q.shape
     w = window
-    b = block_size or max(w, 64)
+    b = block_size or max(w, MIN_BLOCK)
     n = -(-T // b)  # blocks
     Tp = n * b
     q = F.pad(q, (0, 0, 0, Tp - T)) * scale  # (B, H, Tp, D)
@@ -222,6 +228,8 @@ def _dilated_local(q, k, v, window, dilation, key_ok, global_kv, dropout_p, scal
     return out[:, :, :T]
 
 
+# the fewest queries per block of the CPU path: narrower blocks make many tiny matmuls (tests lower it)
+MIN_BLOCK = 64
 _compiled_flex = None
 
 
