@@ -9,7 +9,9 @@ What differs from RoBERTa, and nothing else:
   (:mod:`bunmyaku.models.sparse_attention`), so one sequence can be as long as the position table (4,096);
 - global queries, and the keys and values they read, have their own projections (``query_global``,
   ``key_global``, ``value_global``, §3.1: "we use two sets of projections"): their rows are computed apart and
-  replace the local rows of the global tokens. Local queries read global tokens through the ordinary keys;
+  replace the local rows of the global tokens. Local queries read global tokens through the ordinary keys. With
+  fewer global tokens than head dims, global queries score the inputs directly instead of projecting every token
+  (:meth:`LongformerSelfAttention._global_rows_through_inputs`), the same numbers for a fraction of the work;
 - the heads set global attention where the paper does when the caller gives none: on ``<s>`` for sequence
   classification, on the question (every token before the first ``</s>``) for question answering.
 
@@ -26,10 +28,12 @@ Heads: masked LM, sequence classification, token classification, extractive QA.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bunmyaku.hub import KeyMap
@@ -39,7 +43,7 @@ from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block
 from bunmyaku.models.linear import Linear
-from bunmyaku.models.sparse_attention import SparsePattern, sparse_attention
+from bunmyaku.models.sparse_attention import SparsePattern, global_query_attention, sparse_attention
 
 
 @dataclass
@@ -93,18 +97,46 @@ class LongformerSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        global_qkv = None
+        dropout_p = self.dropout if self.training else 0.0
+        global_out = None
         if pattern.is_global is not None:
             index = pattern.global_slots()[0]  # (B, G)
-            x_global = x.gather(1, index[:, :, None].expand(B, index.size(1), C))  # (B, G, C)
-            global_qkv = (
-                self.q_global(x_global).view(B, -1, H, D).transpose(1, 2),  # (B, H, G, D)
-                self.k_global(x).view(B, T, H, D).transpose(1, 2),  # (B, H, T, D)
-                self.v_global(x).view(B, T, H, D).transpose(1, 2),  # (B, H, T, D)
-            )
-        dropout_p = self.dropout if self.training else 0.0
-        y = sparse_attention(q, k, v, pattern, global_qkv, dropout_p=dropout_p)  # (B, H, T, D)
+            G = index.size(1)
+            x_global = x.gather(1, index[:, :, None].expand(B, G, C))  # (B, G, C)
+            q_global = self.q_global(x_global).view(B, G, H, D).transpose(1, 2)  # (B, H, G, D)
+            if G < D:
+                global_out = self._global_rows_through_inputs(x, q_global, pattern.valid, dropout_p)
+            else:
+                k_global = self.k_global(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+                v_global = self.v_global(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+                global_out = global_query_attention(q_global, k_global, v_global, pattern.valid, dropout_p)
+        y = sparse_attention(q, k, v, pattern, dropout_p=dropout_p, global_out=global_out)  # (B, H, T, D)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _global_rows_through_inputs(
+        self, x: torch.Tensor, q_global: torch.Tensor, valid: torch.Tensor | None, dropout_p: float
+    ) -> torch.Tensor:
+        """The global rows without projecting every token by ``key_global`` and ``value_global``: (B, H, G, D).
+
+        With W_k, b_k the key projection of one head, q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, and q . b_k is the
+        same for every key, so it cancels in the softmax; with W_v, b_v the value projection and p weights summing to
+        1, sum_t p_t (W_v x_t + b_v) = W_v (sum_t p_t x_t) + b_v. So each global query scores the inputs x directly,
+        and the values are projected once per query: 2 H G T C multiply-adds instead of the 2 T C^2 of projecting
+        every token, fewer whenever G < D (one <s> token, or a short question).
+        """
+        B, T, C = x.shape
+        H, D, G = self.num_heads, self.head_dim, q_global.size(2)
+        w_k = self.k_global.weight.view(H, D, C)
+        w_v = self.v_global.weight.view(H, D, C)
+        u = (q_global @ w_k).reshape(B, H * G, C) / math.sqrt(D)  # (B, H * G, C): each query mapped to input space
+        scores = u @ x.transpose(1, 2)  # (B, H * G, T)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, :], torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        if dropout_p > 0:
+            weights = F.dropout(weights, p=dropout_p)
+        z = (weights @ x).view(B, H, G, C)  # (B, H, G, C): the weighted inputs
+        return z @ w_v.transpose(1, 2) + self.v_global.bias.view(H, 1, D)  # (B, H, G, D)
 
 
 class LongformerBlock(Block):

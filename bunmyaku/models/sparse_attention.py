@@ -18,11 +18,12 @@ Three computations of the same function:
 - :func:`dense_reference`: the (T, T) mask above, built and applied to the full score matrix. Quadratic in T; the
   tests' oracle, never used by a model.
 - the blocked CPU path (:func:`_blocked_local`): queries in blocks of b; block k's keys are the overlapping span
-  [k b - w, (k + 1) b + w), taken from one strided view (``unfold``), so scores are (n, b, b + 2w), never (T, T):
-  time and memory grow linearly in T. Global keys are scored against every query in a (T, G) side matrix that
-  joins the window's scores in one softmax; global queries attend to every key in a (G, T) matrix. Dilation d
-  splits the sequence into its d residue classes (positions i with the same i mod d only ever see each other's
-  keys within the window), each a plain sliding window of w.
+  [k b - w, (k + 1) b + w), taken from one strided view (``unfold``), with the G global keys in front. The n
+  blocks are the batch of one ``F.scaled_dot_product_attention`` call under a (b, G + b + 2w) mask per block, so
+  PyTorch's fused CPU kernel does the softmax in tiles and nothing is ever (T, T): time and memory grow linearly
+  in T. Global queries attend to every key in a (G, T) call of their own. Dilation d splits the sequence into its
+  d residue classes (positions i with the same i mod d only ever see each other's keys within the window), each a
+  plain sliding window of w.
 - the CUDA path (:func:`_flex_local`): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the
   same rule, so the kernel skips the blocks outside the band. Dropout on the attention weights is not a flex
   option, so training with attention dropout takes the blocked path.
@@ -56,6 +57,7 @@ class SparsePattern:
     is_global: torch.Tensor | None = None
     dilation: int = 1
     _slots: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False)
+    _block_mask: object | None = field(default=None, init=False, repr=False)  # FlexAttention's, built once
 
     def __post_init__(self) -> None:
         if self.window < 0:
@@ -147,12 +149,10 @@ def global_query_attention(
         k, v: (B, H, T, D) every position's keys and values.
         valid: (B, T) bool real tokens, or None.
     """
-    scale = 1.0 / math.sqrt(q_global.size(-1)) if scale is None else scale
-    scores = (q_global * scale) @ k.transpose(-2, -1)  # (B, H, G, T)
-    if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, None, :], _neg(scores.dtype))
-    weights = F.dropout(_softmax(scores), p=dropout_p) if dropout_p > 0 else _softmax(scores)
-    return weights @ v
+    mask = None
+    if valid is not None:  # a row of padding only keeps its keys: no query of it is used, and none gives NaN
+        mask = (valid | ~valid.any(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, T)
+    return F.scaled_dot_product_attention(q_global, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 def _blocked_local(
@@ -168,6 +168,10 @@ def _blocked_local(
 ) -> torch.Tensor:
     """Sliding-window attention (window ``window`` each side, no dilation) plus global keys, in blocks of queries.
 
+    Each block of b queries is one row of a batched SDPA call over its own b + 2w window keys (and the G global
+    keys in front of them), under a (b, G + b + 2w) mask: PyTorch's fused CPU kernel then never forms the scores
+    of more than a tile, and the mask, the largest tensor, is T x (G + b + 2w) booleans.
+
     Args:
         q, k, v: (B, H, T, D).
         key_ok: (B, T) bool, keys a window may contain (real, not global: global keys are scored apart).
@@ -182,30 +186,33 @@ def _blocked_local(
     b = block_size or max(w, MIN_BLOCK)
     n = -(-T // b)  # blocks
     Tp = n * b
-    q = F.pad(q, (0, 0, 0, Tp - T)) * scale  # (B, H, Tp, D)
     span = b + 2 * w  # keys of one block: w before it, its b, w after it
-    k_blocks = F.pad(k, (0, 0, w, Tp - T + w)).unfold(2, span, b)  # (B, H, n, D, span), a strided view
-    v_blocks = F.pad(v, (0, 0, w, Tp - T + w)).unfold(2, span, b).transpose(-2, -1)  # (B, H, n, span, D)
-    ok_blocks = F.pad(key_ok, (w, Tp - T + w), value=False).unfold(1, span, b)  # (B, n, span)
-    # key j of a block is at offset j - w - i from its query i: within the band when |offset| <= w
+
+    def key_blocks(x):  # (B, H, T, D) -> (B * n, H, span, D): block k's keys, from one strided view
+        x = F.pad(x, (0, 0, w, Tp - T + w)).unfold(2, span, b)  # (B, H, n, D, span)
+        return x.permute(0, 2, 1, 4, 3).reshape(B * n, H, span, D)
+
+    q_blocks = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, n, b, D).transpose(1, 2).reshape(B * n, H, b, D)
+    k_blocks, v_blocks = key_blocks(k), key_blocks(v)
+    ok = F.pad(key_ok, (w, Tp - T + w), value=False).unfold(1, span, b)  # (B, n, span)
+    # key j of a block is at offset j - w - i from its query i: within the band when |offset| <= w. Each query may
+    # also see its own position, so that no row is empty (padding and global queries, whose outputs are replaced)
     offset = torch.arange(span, device=q.device)[None, :] - w - torch.arange(b, device=q.device)[:, None]  # (b, span)
-    allowed = (offset.abs() <= w) & ok_blocks[:, None, :, None, :]  # (B, 1, n, b, span)
-    q_blocks = q.view(B, H, n, b, D)
-    scores = (q_blocks @ k_blocks).masked_fill(~allowed, _neg(q.dtype))  # (B, H, n, b, span)
+    allowed = ((offset.abs() <= w) & ok[:, :, None, :]) | (offset == 0)  # (B, n, b, span)
     if global_kv is not None:
         k_global, v_global, used = global_kv
-        global_scores = (q @ k_global.transpose(-2, -1)).view(B, H, n, b, -1)  # (B, H, n, b, G)
-        global_scores = global_scores.masked_fill(~used[:, None, None, None, :], _neg(q.dtype))
-        scores = torch.cat([global_scores, scores], dim=-1)  # (B, H, n, b, G + span): one softmax over both
-    weights = _softmax(scores)
-    if dropout_p > 0:
-        weights = F.dropout(weights, p=dropout_p)
-    if global_kv is None:
-        out = weights @ v_blocks  # (B, H, n, b, D)
-    else:
-        G = global_kv[0].size(2)
-        out = weights[..., G:] @ v_blocks + (weights[..., :G].reshape(B, H, Tp, G) @ v_global).view(B, H, n, b, D)
-    return out.reshape(B, H, Tp, D)[:, :, :T]
+        G = k_global.size(2)
+
+        def with_global(x_global, x_blocks):  # every block's keys get the G global keys in front
+            x_global = x_global[:, None].expand(B, n, H, G, D).reshape(B * n, H, G, D)
+            return torch.cat([x_global, x_blocks], dim=2)  # (B * n, H, G + span, D)
+
+        k_blocks, v_blocks = with_global(k_global, k_blocks), with_global(v_global, v_blocks)
+        allowed = torch.cat([used[:, None, None, :].expand(B, n, b, G), allowed], dim=-1)  # (B, n, b, G + span)
+    out = F.scaled_dot_product_attention(
+        q_blocks, k_blocks, v_blocks, attn_mask=allowed.reshape(B * n, 1, b, -1), dropout_p=dropout_p, scale=scale
+    )  # (B * n, H, b, D)
+    return out.view(B, n, H, b, D).transpose(1, 2).reshape(B, H, Tp, D)[:, :, :T]
 
 
 def _dilated_local(q, k, v, window, dilation, key_ok, global_kv, dropout_p, scale, block_size=None) -> torch.Tensor:
@@ -250,8 +257,9 @@ def _flex_local(q, k, v, pattern: SparsePattern, scale: float) -> torch.Tensor:
         near = (diff.abs() <= reach) & (diff % d == 0)
         return valid[b, kv_idx] & (near | is_global[b, q_idx] | is_global[b, kv_idx])
 
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    if pattern._block_mask is None:  # the layers that share a pattern share its block mask
+        pattern._block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    return _compiled_flex(q, k, v, block_mask=pattern._block_mask, scale=scale)
 
 
 def sparse_attention(
@@ -263,6 +271,7 @@ def sparse_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     block_size: int | None = None,
+    global_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sliding-window + global attention, linear in T: see the module docstring for the pattern.
 
@@ -275,6 +284,7 @@ def sparse_attention(
         dropout_p: dropout on the attention weights.
         scale: defaults to 1 / sqrt(D).
         block_size: queries per block of the CPU path (tests vary it).
+        global_out: (B, H, G, D) the global rows, computed by the caller (instead of ``global_qkv``).
 
     Returns:
         (B, H, T, D); zeros at padding queries.
@@ -285,7 +295,7 @@ def sparse_attention(
     slots = pattern.global_slots() if pattern.is_global is not None else None
     if q.is_cuda and dropout_p == 0.0:
         out = _flex_local(q, k, v, pattern, scale)
-        if slots is not None and global_qkv is None:
+        if slots is not None and global_qkv is None and global_out is None:
             return out.masked_fill(~valid[:, None, :, None], 0.0)
     else:
         key_ok = valid if pattern.is_global is None else valid & ~pattern.is_global
@@ -298,8 +308,9 @@ def sparse_attention(
     if slots is None:
         return out
     index, _, rows, positions, slot = slots
-    q_global, k_global, v_global = global_qkv if global_qkv is not None else (_gather_positions(q, index), k, v)
-    global_out = global_query_attention(q_global, k_global, v_global, pattern.valid, dropout_p, scale)  # (B, H, G, D)
+    if global_out is None:
+        q_global, k_global, v_global = global_qkv if global_qkv is not None else (_gather_positions(q, index), k, v)
+        global_out = global_query_attention(q_global, k_global, v_global, pattern.valid, dropout_p, scale)  # (B,H,G,D)
     out = out.transpose(1, 2).index_put((rows, positions), global_out.transpose(1, 2)[rows, slot])  # (B, T, H, D)
     return out.transpose(1, 2)
 

@@ -89,6 +89,9 @@ def test_longformer_parity_both_directions(tmp_path, monkeypatch, task, index):
     global_mask[2, 20] = 1  # global attention asked on padding: never global
     cases = [dict(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)]
     cases.append(dict(input_ids=ids, attention_mask=mask))  # the head's default global tokens (none, <s>, question)
+    many_global = torch.zeros_like(ids)
+    many_global[:, :14] = 1  # G = 14 >= D: global keys and values projected for every token, not through the inputs
+    cases.append(dict(input_ids=ids, attention_mask=mask, global_attention_mask=many_global))
     with torch.no_grad():
         reloaded = hf_class.from_pretrained(save(model, tmp_path / "ours")).eval()  # bunmyaku saves, HF loads
         for inputs in cases:
