@@ -18,6 +18,7 @@ MODEL_TYPES = {
     "bert": "bunmyaku.models.bert",
     "roberta": "bunmyaku.models.roberta",
     "longformer": "bunmyaku.models.longformer",
+    "big_bird": "bunmyaku.models.big_bird",
     "gpt2": "bunmyaku.models.gpt2",
     "llama": "bunmyaku.models.llama",
     "marian": "bunmyaku.models.transformer",
