@@ -246,7 +246,7 @@ def _flex_local(q, k, v, pattern: SparsePattern, scale: float) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)  # fused only when compiled; lengths vary, so not static
     B, H, T, D = q.shape
     reach, d = pattern.window * pattern.dilation, pattern.dilation
     valid = pattern.valid_or_all(B, T, q.device)
