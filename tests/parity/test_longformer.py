@@ -168,3 +168,17 @@ def test_longformer_tokenizer_is_robertas(tmp_path):
     ours = Tokenizer.from_pretrained(tmp_path)(["ab c"], ["d a"], return_tensors=None)["input_ids"]
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)(["ab c"], ["d a"])["input_ids"]
     assert ours == theirs and ours[0][0] == 0 and ours[0].count(2) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_longformer_on_cuda_flex_attention_matches_transformers(tmp_path):
+    hf_model = randomize(transformers.LongformerForQuestionAnswering(_hf_config(1)), seed=1)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"), device="cuda")
+    ids, mask = _batch(1, seed=1)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask)
+        out = model(input_ids=ids.cuda(), attention_mask=mask.cuda())  # window + question tokens on flex_attention
+    assert sparse_attention._compiled_flex is not None
+    for field in ("start_logits", "end_logits"):
+        assert_close(out[field].cpu(), expected[field], atol=1e-4)
