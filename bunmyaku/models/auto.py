@@ -20,6 +20,8 @@ MODEL_TYPES = {
     "modernbert": "bunmyaku.models.modernbert",
     "deberta": "bunmyaku.models.deberta_v1",
     "deberta-v2": "bunmyaku.models.deberta",
+    "longformer": "bunmyaku.models.longformer",
+    "big_bird": "bunmyaku.models.big_bird",
     "gpt2": "bunmyaku.models.gpt2",
     "llama": "bunmyaku.models.llama",
     "marian": "bunmyaku.models.transformer",

@@ -239,7 +239,10 @@ def build_byte_level_bpe(
     vocab: dict[str, int], merges: list[tuple[str, str]], config: dict[str, Any]
 ) -> tuple[Backend, dict[str, Any]]:
     """GPT-2's byte-level BPE; RoBERTa's `<s> A </s></s> B </s>` when the config names RoBERTa."""
-    is_roberta = "roberta" in str(config.get("tokenizer_class", "")).lower() or config.get("model_type") == "roberta"
+    # Longformer is RoBERTa with sparse attention: the same tokenizer (LongformerTokenizer), the same specials
+    tokenizer_class = str(config.get("tokenizer_class", "")).lower()
+    is_roberta = "roberta" in tokenizer_class or "longformer" in tokenizer_class
+    is_roberta = is_roberta or config.get("model_type") in ("roberta", "longformer")
     defaults = _ROBERTA_SPECIALS if is_roberta else _GPT2_SPECIALS
     config = {**defaults, "tokenizer_class": "RobertaTokenizer" if is_roberta else "GPT2Tokenizer", **config}
     config.pop("model_type", None)
