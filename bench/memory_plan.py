@@ -92,7 +92,7 @@ def _tracker(tracker_class: type, model: torch.nn.Module, optimizer: torch.optim
 
 
 def measure(setting: Setting) -> dict[str, int]:
-    """Bytes of one training step of ``setting`` on the CPU, fp32 (see the module notes)."""
+    """Bytes of one fp32 training step of ``setting`` on the CPU (see the module notes)."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     torch.manual_seed(0)
@@ -188,15 +188,20 @@ def llama_config(hidden: int, layers: int, heads: int, kv_heads: int, vocab: int
     }
 
 
+BERT_BASE = bert_config(768, 12, 12)
+BERT_SMALL = bert_config(256, 4, 4)
+GPT2_SMALL = gpt2_config(384, 6, 6)
+LLAMA_SMALL = llama_config(384, 6, 6, 2)
 SETTINGS = [
-    Setting("BERT-base, classification", bert_config(768, 12, 12), "sequence-classification", 8, 128, num_labels=2),
-    Setting("BERT-base, cls, checkpointing", bert_config(768, 12, 12), "sequence-classification", 8, 128, True, 0, 2),
-    Setting("BERT-base, cls, freeze 6", bert_config(768, 12, 12), "sequence-classification", 8, 128, False, 6, 2),
-    Setting("BERT-small, masked LM", bert_config(256, 4, 4), "masked-lm", 16, 128),
-    Setting("GPT-2 small-ish, causal LM", gpt2_config(384, 6, 6), "causal-lm", 4, 256),
-    Setting("GPT-2 small-ish, LM, checkpointing", gpt2_config(384, 6, 6), "causal-lm", 4, 256, True),
-    Setting("Llama (GQA), causal LM", llama_config(384, 6, 6, 2), "causal-lm", 4, 256),
-    Setting("Llama (GQA), LM, freeze 3", llama_config(384, 6, 6, 2), "causal-lm", 4, 256, False, 3),
+    Setting("BERT-base, classification", BERT_BASE, "sequence-classification", 8, 128, num_labels=2),
+    Setting("BERT-small, classification", BERT_SMALL, "sequence-classification", 16, 256, num_labels=2),
+    Setting("BERT-small, cls, checkpointing", BERT_SMALL, "sequence-classification", 16, 256, True, 0, 2),
+    Setting("BERT-small, cls, freeze 2", BERT_SMALL, "sequence-classification", 16, 256, False, 2, 2),
+    Setting("BERT-small, masked LM", BERT_SMALL, "masked-lm", 16, 128),
+    Setting("GPT-2 6x384, causal LM", GPT2_SMALL, "causal-lm", 4, 256),
+    Setting("GPT-2 6x384, LM, checkpointing", GPT2_SMALL, "causal-lm", 4, 256, True),
+    Setting("Llama 6x384 (GQA 6/2), causal LM", LLAMA_SMALL, "causal-lm", 4, 256),
+    Setting("Llama 6x384 (GQA 6/2), LM, freeze 3", LLAMA_SMALL, "causal-lm", 4, 256, False, 3),
 ]
 
 

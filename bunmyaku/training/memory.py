@@ -27,6 +27,13 @@ What autograd saves depends on the kernels, so the device matters (``device``):
   copies of q and k;
 - dropout masks: bool on CUDA (1 byte), a float tensor of the activation's dtype on the CPU.
 
+Under bf16 / fp16 autocast (CUDA's casting rules): the projections' outputs, attention and the MLP's activations
+are 2 bytes; the residual stream, the norms and their inputs stay float32 (the weights are float32, and autocast
+runs norms in float32); each projection reading a float32 tensor keeps its own 2-byte cast of it (autocast caches
+the casts of weights, not of activations), so q, k and v keep three. This part is read from the code, not measured
+(the tests run on the CPU, whose autocast casts differently: attention stays float32 there, so the planner
+refuses ``precision`` other than fp32 with ``device="cpu"``).
+
 Layer by layer (N = B * T tokens, C width, F the MLP's width, E the activation's bytes), what stays for backward:
 the block's input; each norm's input and statistics (LayerNorm: mean and rstd; our RMSNorm also keeps the
 normalised input); each projection's input (the norm's output, the merged heads); the MLP's activation input and
@@ -258,36 +265,51 @@ def _attention_saved(d: dict[str, int], rows: int, E: int, math_path: bool) -> i
     return E * (B * rows * H * D + 2 * B * T * K * D + B * rows * H * D) + 4 * B * H * rows  # q, k, v, out, lse
 
 
+STREAM_BYTES = 4  # the residual stream and the norms stay float32 under autocast (fp32 weights, fp32 norms)
+
+
+def _linear_inputs(elements: int, consumers: int, E: int) -> int:
+    """Bytes the projections reading one float32 tensor keep: the tensor itself (shared) in fp32; under autocast,
+    each projection's own low-precision cast of it (autocast caches casts of weights, not of activations)."""
+    return consumers * E * elements if E != STREAM_BYTES else STREAM_BYTES * elements
+
+
 def _layer_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str, rows: int | None = None) -> int:
     """Bytes one block keeps for backward; ``rows`` < T: only that many query positions per sequence (BERT's last
-    layer when the head reads [CLS] only), keys and values still at every position."""
+    layer when the head reads [CLS] only), keys and values still at every position.
+
+    ``E`` is the bytes of a projection's output (2 under autocast); norms, their inputs and the residual stream are
+    float32 (:data:`STREAM_BYTES`)."""
     layer = shapes.layer
     B, T, C, F, H, D = d["B"], d["T"], d["C"], d["F"], d["H"], d["D"]
+    S = STREAM_BYTES
     rows = T if rows is None else rows
     n = B * rows  # positions past attention
-    dropout_on = layer.dropout > 0
     mask_bytes = 1 if device == "cuda" else E
     math_path = device == "cpu" and layer.attention_dropout > 0
-    saved = E * B * T * C  # the block's input: the projections' (or the first norm's) input
     stats = 4 * 2 if layer.norm == "layernorm" else 4  # LayerNorm: mean and rstd; RMSNorm: rstd (float32)
-    normed = E if layer.norm == "rmsnorm" else 0  # our RMSNorm keeps the normalised input for the weight's gradient
-    if layer.pre_norm:  # x -> norm -> projections (the norm's output is one more tensor; its input is the block's)
-        saved += B * T * (stats + normed * C) + E * B * T * C
+    normed = S if layer.norm == "rmsnorm" else 0  # our RMSNorm keeps the normalised input for the weight's gradient
+    mlp_inputs = 2 if layer.mlp == "swiglu" else 1  # projections reading the MLP's input
+    saved = 0
+    if layer.pre_norm:  # x -> norm -> q, k, v: the norm's input (the block's), statistics, output
+        saved += S * B * T * C + B * T * (stats + normed * C) + _linear_inputs(B * T * C, 3, E)
+    else:  # the block's input (the previous norm's output) -> q, k, v
+        saved += _linear_inputs(B * T * C, 3, E)
     saved += _attention_saved(d, rows, E, math_path)
     saved += E * n * H * D  # the merged heads: the output projection's input
-    # each sub-layer: its residual sum (post-LN: the norm's input; pre-LN: the next norm's input)
+    # each sub-layer's residual sum: pre-LN, the MLP norm's input; post-LN, both norms' inputs
     if layer.pre_norm:
-        saved += E * n * C + n * (stats + normed * C) + E * n * C  # h = x + attn; norm(h) -> the MLP's input
+        saved += S * n * C + n * (stats + normed * C) + _linear_inputs(n * C, mlp_inputs, E)
     else:
-        saved += E * n * C + n * stats + E * n * C  # norm1's input; its output, the MLP's input
-        saved += E * n * C + n * stats  # norm2's input (its output is the next block's input)
+        saved += S * n * C + n * stats + _linear_inputs(n * C, mlp_inputs, E)  # norm1: input; output -> the MLP
+        saved += S * n * C + n * stats  # norm2's input (its output is the next block's input)
     if layer.mlp == "swiglu":
         saved += 4 * E * n * F  # gate, act(gate), up, their product
     else:
         saved += _ACTIVATION_SAVES.get(layer.hidden_act, _DEFAULT_ACTIVATION_SAVES) * E * n * F
         if layer.activation_dropout > 0:
             saved += mask_bytes * n * F
-    if dropout_on:
+    if layer.dropout > 0:
         saved += 2 * mask_bytes * n * C
     return saved
 
@@ -296,14 +318,14 @@ def _embedding_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str) ->
     """Ids the embedding backward reads, the embeddings' norm and dropout (the block input counts in the layer)."""
     T, N, C, D = d["T"], d["N"], d["C"], d["D"]
     config = shapes.config
-    mask_bytes = 1 if device == "cuda" else E
+    mask_bytes = 1 if device == "cuda" else STREAM_BYTES  # the embeddings are float32
     if shapes.model_type in ("bert", "roberta"):  # ids, segment ids, positions; sum -> LayerNorm -> dropout
         positions = N if shapes.model_type == "roberta" else T
-        saved = 8 * (2 * N + positions) + E * N * C + 4 * 2 * N
+        saved = 8 * (2 * N + positions) + STREAM_BYTES * N * C + 4 * 2 * N
         return saved + (mask_bytes * N * C if config.dropout > 0 else 0)
     if shapes.model_type == "gpt2":  # ids, positions; dropout
         return 8 * (N + T) + (mask_bytes * N * C if config.embd_dropout > 0 else 0)
-    return 8 * N + 2 * E * T * D  # llama: ids; the rotary cos and sin, shared by every layer
+    return 8 * N + 2 * STREAM_BYTES * T * D  # llama: ids; the rotary cos and sin (float32), shared by every layer
 
 
 def _head_saved(shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str) -> tuple[int, int]:
@@ -311,12 +333,13 @@ def _head_saved(shapes: _Shapes, task: str, d: dict[str, int], E: int, device: s
     B, N, C, V = d["B"], d["N"], d["C"], d["V"]
     layer = shapes.layer
     labels = getattr(shapes.config, "num_labels", 2)
+    S = STREAM_BYTES
     final = 0
     if layer.pre_norm:  # the final norm: its input is the last block's output
-        normed = E * N * C if layer.norm == "rmsnorm" else 0
+        normed = S * N * C if layer.norm == "rmsnorm" else 0
         stats = 4 * N * (2 if layer.norm == "layernorm" else 1)
-        final = E * N * C + stats + normed + E * N * C  # input, statistics, output (the head's input)
-    mask_bytes = 1 if device == "cuda" else E
+        final = S * N * C + stats + normed + _linear_inputs(N * C, 1, E)  # input, statistics, output (head's input)
+    mask_bytes = 1 if device == "cuda" else S
     if task == "causal-lm":  # log-softmax over (N, V) in float32 (the objective upcasts), and the targets
         return final + 4 * N * V + 8 * N, 2 * 4 * N * V  # backward: the gradient of the log-probs and of the logits
     if task == "masked-lm":  # dense -> act -> norm -> (M, V) at the masked positions only
@@ -325,7 +348,7 @@ def _head_saved(shapes: _Shapes, task: str, d: dict[str, int], E: int, device: s
         return head, 2 * 4 * M * V
     if task == "token-classification":  # dropout -> classifier on every position
         dropout = mask_bytes * N * C if getattr(shapes.config, "dropout", 0) else 0
-        return final + dropout + E * N * C + 4 * N * labels + 8 * N, 2 * 4 * N * labels
+        return final + dropout + _linear_inputs(N * C, 1, E) + 4 * N * labels + 8 * N, 2 * 4 * N * labels
     # sequence classification: one position per sequence (pooler / last token), then a classifier
     return final + E * B * C * 6 + 4 * B * labels + 8 * B, 2 * 4 * B * labels
 
@@ -340,8 +363,8 @@ def _activations(
     head, head_backward = _head_saved(shapes, task, d, E, device)
     embed = _embedding_saved(shapes, d, E, device)
     if checkpointing:  # each layer keeps its input; one layer's activations come back during its backward
-        held = embed + L * E * d["N"] * d["C"] + head
-        return held, max(head_backward, full - E * d["N"] * d["C"])
+        held = embed + L * STREAM_BYTES * d["N"] * d["C"] + head
+        return held, max(head_backward, full - STREAM_BYTES * d["N"] * d["C"])
     return embed + (L - 1) * full + last + head, head_backward
 
 
@@ -402,6 +425,11 @@ def plan_memory(
         raise ValueError(f"--strategy {strategy!r}: expected one of {list(STRATEGIES)}")
     if device not in DEVICES:
         raise ValueError(f"--device {device!r}: expected one of {list(DEVICES)}")
+    if device == "cpu" and precision != "fp32":
+        raise ValueError(
+            f"--precision {precision} with --device cpu: CPU autocast casts other ops than CUDA's (attention stays "
+            "float32); the planner models CPU steps in fp32 only"
+        )
     if cpu_offload and strategy != "fsdp":
         raise ValueError("--cpu-offload keeps sharded state on the host: it needs --strategy fsdp")
     if lora_r and freeze_layers:
