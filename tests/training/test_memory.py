@@ -156,3 +156,33 @@ def test_cli_user_errors(tmp_path, extra, message):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.distributed
+def test_fsdp_counts_equal_fully_shard_on_two_processes(tmp_path):
+    """Rank 0's bytes of parameters, gradients and AdamW state under FSDP2's ``fully_shard`` (2 gloo processes)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    path = _config_file(tmp_path, _gpt2())  # vocabulary 99: an odd first dimension, padded on the last rank
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, "-m", "tests.training.fsdp_memory_probe", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    plan = plan_memory(path, "causal-lm", 2, 16, strategy="fsdp", world_size=2)
+    assert {k: getattr(plan, k) for k in measured} == measured
