@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.machine import describe
 from bunmyaku.models.auto import model_class
 from bunmyaku.training.memory import plan_memory
 from bunmyaku.training.objectives import CausalLM, MaskedLM
@@ -206,7 +207,6 @@ SETTINGS = [
 
 
 def main() -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(
         "| setting | B x T | params MB | grads MB | optimizer MB | activations MB (pred / meas) "
         "| peak MB (pred / meas) |"
@@ -228,10 +228,8 @@ def main() -> None:
             f"{predicted['total'] / mb:.1f} / {measured['total'] / mb:.1f} ({total_error:+.1%}) |"
             + ("" if exact else " counts differ!")
         )
-    print(
-        f"\nworst relative error: {worst:.1%}; fp32 on {torch.get_num_threads()} CPU threads, "
-        f"{time.perf_counter() - started:.0f} s"
-    )
+    seconds = time.perf_counter() - started
+    print(f"\nworst relative error (activations, peak): {worst:.1%}; fp32; {describe()}; {seconds:.0f} s")
 
 
 if __name__ == "__main__":
