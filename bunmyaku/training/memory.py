@@ -16,8 +16,9 @@ What the Trainer keeps, read from its code:
   more than one process runs); FSDP's unsharded parameters (the root's, held for the step, and two layers' at a
   time: the one computing and the one prefetched) and one layer's unsharded gradients before the reduce-scatter.
 - **total**: the peak, not the sum: activations are freed as the backward pass writes gradients, so the step
-  peaks either at the start of the backward pass (activations, the logits' gradient and the head's gradients) or
-  at the optimizer step (all gradients): ``parameters + optimizer + buffers + max(those two)``.
+  peaks at the start of the backward pass (activations and the logits' gradient; or, once that is freed,
+  activations and the head's gradients) or at its end (the gradients, beside the embeddings' and the first layer's
+  activations, recomputed under checkpointing): ``parameters + optimizer + buffers + max(those three)``.
 
 What autograd saves depends on the kernels, so the device matters (``device``):
 
@@ -355,8 +356,9 @@ def _head_saved(shapes: _Shapes, task: str, d: dict[str, int], E: int, device: s
 
 def _activations(
     shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str, checkpointing: bool
-) -> tuple[int, int]:
-    """(bytes held for backward at the end of the forward pass, plus the backward's extra at its peak)."""
+) -> tuple[int, int, int]:
+    """(bytes held for backward at the end of the forward pass, the backward's extra at its peak, bytes still
+    held when the first layer's backward runs: the embeddings' and that layer's, recomputed under checkpointing)."""
     L = shapes.config.num_layers
     full = _layer_saved(shapes, d, E, device)
     last = _layer_saved(shapes, d, E, device, rows=1) if shapes.reads_first else full
@@ -364,8 +366,8 @@ def _activations(
     embed = _embedding_saved(shapes, d, E, device)
     if checkpointing:  # each layer keeps its input; one layer's activations come back during its backward
         held = embed + L * STREAM_BYTES * d["N"] * d["C"] + head
-        return held, max(head_backward, full - STREAM_BYTES * d["N"] * d["C"])
-    return embed + (L - 1) * full + last + head, head_backward
+        return held, max(head_backward, full - STREAM_BYTES * d["N"] * d["C"]), embed + full
+    return embed + (L - 1) * full + last + head, head_backward, embed + full
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -469,11 +471,13 @@ def plan_memory(
         params = grads = states = 0
 
     d = _dims(shapes, batch_size, max_length)
-    held, backward_extra = _activations(shapes, task, d, E, device, checkpointing)
+    held, backward_extra, bottom = _activations(shapes, task, d, E, device, checkpointing)
     held += len(lora) * E * d["N"] * lora_r  # each adapter's A x, the input of B
     activations = held + backward_extra
     head_grads = 0 if cpu_offload else _head_grads(shapes, trainable, shard)
-    total = params + states + buffers + max(activations + head_grads, grads)
+    # the backward's largest temporaries (the logits' gradient) are gone before the head's weight gradient is written;
+    # when the first layer's backward runs, nearly every gradient exists beside that layer's activations
+    total = params + states + buffers + max(activations, held + head_grads, grads + bottom)
     return MemoryEstimate(params, grads, states, activations, buffers, total, batch_size, max_length)
 
 
