@@ -40,15 +40,18 @@ the block's input; each norm's input and statistics (LayerNorm: mean and rstd; o
 normalised input); each projection's input (the norm's output, the merged heads); the MLP's activation input and
 output (GELU, ReLU: 2 x N * F; GPT-2's ``gelu_new``, written out in five ops: 5 x N * F; SwiGLU: 4 x N * F); two
 dropout masks. With gradient checkpointing, each layer keeps only its input, and one layer's activations exist
-again while its backward runs.
+again while its backward runs. Freezing layers (the Freeze plugin) removes their gradients and optimizer state but
+not their activations: the trainable embeddings below still need the gradient to flow through them.
 
 Sharding (``strategy="fsdp"``) divides parameters, gradients and optimizer state by the number of processes, each
 tensor cut along its first dimension into equal, padded chunks, as FSDP2's ``fully_shard`` does (rank 0's, the
 largest, is reported); ``cpu_offload`` keeps those three on the host (0 bytes on the device).
 
 LoRA (``lora_r``): rank-r adapters A (r, in) and B (out, r) on the targeted projections (``transformers``' module
-names: BERT's ``query,value``, Llama's ``q_proj,v_proj``, GPT-2's ``c_attn`` by default) are trainable, with the
-task head; every other parameter is frozen.
+names: BERT's ``query,value``, Llama's ``q_proj,v_proj``, GPT-2's ``c_attn`` by default) are trainable, with a new
+classification head (PEFT's ``modules_to_save``; a language model's head stays frozen); every other parameter is
+frozen. The counts equal PEFT's on the ``transformers`` model; the activations add each adapter's (N, r) product
+A x to the base model's, an estimate not yet measured against a LoRA training step.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ MLM_PROBABILITY = 0.15  # the masked-LM objective's logits cover the masked posi
 _ACTIVATION_SAVES = {"gelu": 2, "gelu_pytorch_tanh": 2, "relu": 2, "gelu_new": 5}
 _DEFAULT_ACTIVATION_SAVES = 5  # a function written out in several ops (gelu_fast, quick_gelu): the larger count
 
-# LoRA targets by transformers' module name: (our module name, how many of our projections it spans)
+# LoRA targets: transformers' module name -> ours (several when one of theirs spans several of ours)
 _LORA_TARGETS = {
     "query": "attn.q_proj",
     "key": "attn.k_proj",
@@ -163,6 +166,8 @@ def _build_shapes(model: str | Path, task: str, num_labels: int | None) -> _Shap
     from bunmyaku.models.auto import model_class
 
     config_dict = _read_model_config(model)
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"--model {model}: config.json holds a {type(config_dict).__name__}, not an object")
     model_type = config_dict.get("model_type")
     if model_type not in MODEL_FAMILIES:
         raise ValueError(

@@ -93,18 +93,30 @@ def test_fsdp_shards_like_torch_chunk(tmp_path):
     assert offloaded.parameters == offloaded.gradients == offloaded.optimizer == 0
 
 
-def test_lora_counts_equal_peft(tmp_path):
-    """Trainable bytes under LoRA equal what peft trains on the transformers model (adapters + new head)."""
+@pytest.mark.parametrize(
+    ("family", "task", "targets"),
+    [("bert", "sequence-classification", "query,value"), ("gpt2", "causal-lm", "c_attn")],
+)
+def test_lora_counts_equal_peft(tmp_path, family, task, targets):
+    """Trainable bytes under LoRA equal what peft trains on the transformers model (adapters, and a new
+    classification head as ``modules_to_save``; a language model's head stays frozen)."""
     transformers = require_module("transformers")
     peft = require_module("peft")
-    config = _bert()
+    if family == "bert":
+        config = _bert()
+        hf = transformers.BertForSequenceClassification(transformers.BertConfig(**config, num_labels=3))
+        lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=targets.split(","))
+    else:
+        config = _gpt2()
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+        lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=targets.split(","), fan_in_fan_out=True)
     path = _config_file(tmp_path, config)
-    hf = transformers.BertForSequenceClassification(transformers.BertConfig(**config, num_labels=3))
-    wrapped = peft.get_peft_model(hf, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    wrapped = peft.get_peft_model(hf, lora)
     trainable, _ = wrapped.get_nb_trainable_parameters()
-    plan = plan_memory(path, "sequence-classification", 2, 16, lora_r=4, num_labels=3)
+    plan = plan_memory(path, task, 2, 16, lora_r=4, num_labels=3 if family == "bert" else None)
     assert plan.gradients == 4 * trainable
-    full = plan_memory(path, "sequence-classification", 2, 16, num_labels=3)
+    assert plan.optimizer == 8 * trainable + 4 * sum(p.requires_grad for p in wrapped.parameters())
+    full = plan_memory(path, task, 2, 16, num_labels=3 if family == "bert" else None)
     lora_params = 4 * sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
     assert plan.parameters == full.parameters + lora_params
 
