@@ -41,6 +41,7 @@ SETTINGS = [
     Setting("bert-no-dropout", _bert(0.0), "sequence-classification", 4, 32, num_labels=2),
     Setting("bert-mlm", _bert(), "masked-lm", 6, 32),
     Setting("bert-tokens", _bert(), "token-classification", 4, 32, num_labels=5),
+    Setting("roberta-cls", {**_bert(), "model_type": "roberta", "pad_token_id": 1}, "sequence-classification", 4, 32),
     Setting("gpt2-lm", _gpt2(), "causal-lm", 2, 64),
     Setting("gpt2-lm-checkpointing", _gpt2(), "causal-lm", 3, 48, True),
     Setting("gpt2-lm-freeze", _gpt2(), "causal-lm", 3, 48, False, 2),
