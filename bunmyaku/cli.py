@@ -674,6 +674,85 @@ def translate_command(
         typer.echo(result["translation_text"])
 
 
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+
+
+@app.command("memory")
+def memory_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="A model folder in HF layout, or its config.json.")],
+    task: str = typer.Option(..., help="causal-lm | masked-lm | sequence-classification | token-classification."),
+    batch_size: int = typer.Option(..., help="Sequences per device per micro-batch."),
+    max_length: int = typer.Option(..., help="Tokens per sequence (full sequences are assumed)."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast over fp32 weights, as bunmyaku trains)."),
+    strategy: str = typer.Option("ddp", help="ddp | fsdp (parameters, gradients, optimizer state sharded)."),
+    world_size: int = typer.Option(1, help="Processes (devices) in the run."),
+    checkpointing: bool = typer.Option(False, "--checkpointing", help="Gradient checkpointing of every layer."),
+    freeze_layers: int = typer.Option(0, help="Freeze layers 0..K-1."),
+    lora_r: int = typer.Option(0, help="LoRA rank (0: no LoRA): adapters train, the base is frozen."),
+    lora_targets: str | None = typer.Option(
+        None, help="transformers module names to adapt (default: query,value / q_proj,v_proj / c_attn)."
+    ),
+    cpu_offload: bool = typer.Option(False, "--cpu-offload", help="FSDP keeps sharded state on the host."),
+    num_labels: int | None = typer.Option(None, help="Classes of a classification head."),
+    device_memory: str | None = typer.Option(
+        None, help="Memory of one device (80GB, 24GiB): also print the largest batch size that fits."
+    ),
+    device: str = typer.Option("cuda", help="cuda | cpu: whose kernels (what attention and dropout keep)."),
+    as_json: JsonOption = False,
+) -> None:
+    """Predict the peak memory per device of one training step: parameters, gradients and optimizer state
+    (exact), activations (counted from what each layer saves for backward), buffers, and the peak.
+
+    The total is the peak, not the sum: activations are freed while the backward pass writes gradients.
+    Nothing is allocated; only config.json is read.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from bunmyaku.training.memory import largest_batch, parse_size, plan_memory
+
+    settings = dict(
+        model=model,
+        task=task,
+        max_length=max_length,
+        precision=precision,
+        strategy=strategy,
+        world_size=world_size,
+        checkpointing=checkpointing,
+        freeze_layers=freeze_layers,
+        lora_r=lora_r,
+        lora_targets=lora_targets,
+        cpu_offload=cpu_offload,
+        num_labels=num_labels,
+        device=device,
+    )
+    capacity = parse_size(device_memory) if device_memory is not None else None
+    plan = plan_memory(batch_size=batch_size, **settings)
+    fits = largest_batch(capacity, **settings) if capacity is not None else None
+    if as_json:
+        result: dict = plan.as_dict()
+        if capacity is not None:
+            result["largest_batch_size"] = fits
+        return _print_json(result)
+    title = f"{model}: {task}, batch {batch_size} x {max_length} tokens, {precision}, {strategy} x {world_size}"
+    table = Table(title=title)
+    table.add_column("per device")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    for name, value in plan.as_dict().items():
+        table.add_row(name, f"{value:,}", _gib(value), style="bold" if name == "total" else None)
+    console = Console()
+    console.print(table)
+    if capacity is not None:
+        console.print(
+            f"largest batch size that fits {device_memory}: {fits}" if fits else f"batch 1 does not fit {device_memory}"
+        )
+
+
 @app.command("attention")
 def attention_command(
     text: Annotated[str, typer.Argument(help="The text whose attention to draw.")],

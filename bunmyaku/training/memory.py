@@ -1,0 +1,528 @@
+"""The memory planner: how many bytes one training step of a model takes per device, before running it.
+
+What the Trainer keeps, read from its code:
+
+- **parameters**: the model's own tensors, float32 (``TrainArgs.precision`` bf16 / fp16 does *not* cast them: the
+  Trainer trains fp32 weights under ``torch.autocast``, so there is no separate master copy). Counted exactly from
+  the real parameter shapes, on the meta device (no memory, no initialisation); tied tensors once.
+- **gradients**: one float32 ``.grad`` per trainable parameter (frozen ones have none). Exact.
+- **optimizer**: AdamW's ``exp_avg`` and ``exp_avg_sq`` (float32, like the parameter) plus its ``step`` (a float32
+  scalar tensor per parameter, as the fused and foreach kernels keep it), for trainable parameters only. Exact.
+- **activations**: what autograd saves for the backward pass, counted op by op from our layers (models/layers.py,
+  attention.py, linear.py, the heads, the objectives) plus the largest temporaries of the backward pass (the
+  gradient of the logits). An estimate, checked against measurement (tests/training/test_memory.py, bench/).
+- **buffers**: the model's buffers; under autocast the low-precision copies of the matmul weights (autocast caches
+  them for the forward and the backward keeps them); DDP's gradient buckets (a second copy of the gradients when
+  more than one process runs); FSDP's unsharded parameters (the root's, held for the step, and two layers' at a
+  time: the one computing and the one prefetched) and one layer's unsharded gradients before the reduce-scatter.
+- **total**: the peak, not the sum: activations are freed as the backward pass writes gradients, so the step
+  peaks at the start of the backward pass (activations and the logits' gradient; or, once that is freed,
+  activations and the head's gradients) or at its end (the gradients, beside the embeddings' and the first layer's
+  activations, recomputed under checkpointing): ``parameters + optimizer + buffers + max(those three)``.
+
+What autograd saves depends on the kernels, so the device matters (``device``):
+
+- attention: on CUDA (flash / memory-efficient SDPA) q, k, v, the output and the log-sum-exp (B, H, T); on the CPU,
+  SDPA's flash kernel saves the same without attention dropout, but with dropout in training PyTorch runs the math
+  path, which saves the (B, H, T, T) probabilities, the dropout mask and the dropped probabilities, and scaled
+  copies of q and k;
+- dropout masks: bool on CUDA (1 byte), a float tensor of the activation's dtype on the CPU.
+
+Under bf16 / fp16 autocast (CUDA's casting rules): the projections' outputs, attention and the MLP's activations
+are 2 bytes; the residual stream, the norms and their inputs stay float32 (the weights are float32, and autocast
+runs norms in float32); each projection reading a float32 tensor keeps its own 2-byte cast of it (autocast caches
+the casts of weights, not of activations), so q, k and v keep three. This part is read from the code, not measured
+(the tests run on the CPU, whose autocast casts differently: attention stays float32 there, so the planner
+refuses ``precision`` other than fp32 with ``device="cpu"``).
+
+Layer by layer (N = B * T tokens, C width, F the MLP's width, E the activation's bytes), what stays for backward:
+the block's input; each norm's input and statistics (LayerNorm: mean and rstd; our RMSNorm also keeps the
+normalised input); each projection's input (the norm's output, the merged heads); the MLP's activation input and
+output (GELU, ReLU: 2 x N * F; GPT-2's ``gelu_new``, written out in five ops: 5 x N * F; SwiGLU: 4 x N * F); two
+dropout masks. With gradient checkpointing, each layer keeps only its input, and one layer's activations exist
+again while its backward runs. Freezing layers (the Freeze plugin) removes their gradients and optimizer state but
+not their activations: the trainable embeddings below still need the gradient to flow through them.
+
+Sharding (``strategy="fsdp"``) divides parameters, gradients and optimizer state by the number of processes, each
+tensor cut along its first dimension into equal, padded chunks, as FSDP2's ``fully_shard`` does (rank 0's, the
+largest, is reported); ``cpu_offload`` keeps those three on the host (0 bytes on the device).
+
+LoRA (``lora_r``): rank-r adapters A (r, in) and B (out, r) on the targeted projections (``transformers``' module
+names: BERT's ``query,value``, Llama's ``q_proj,v_proj``, GPT-2's ``c_attn`` by default) are trainable, with a new
+classification head (PEFT's ``modules_to_save``; a language model's head stays frozen); every other parameter is
+frozen. The counts equal PEFT's on the ``transformers`` model; the activations add each adapter's (N, r) product
+A x to the base model's, an estimate not yet measured against a LoRA training step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_FAMILIES = ("bert", "roberta", "gpt2", "llama")
+TASKS = ("causal-lm", "masked-lm", "sequence-classification", "token-classification")
+PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2}
+STRATEGIES = ("ddp", "fsdp")
+DEVICES = ("cuda", "cpu")
+MLM_PROBABILITY = 0.15  # the masked-LM objective's logits cover the masked positions only
+
+# saved (N, F) tensors of the MLP's activation, per activation function (inputs of the ops autograd keeps)
+_ACTIVATION_SAVES = {"gelu": 2, "gelu_pytorch_tanh": 2, "relu": 2, "gelu_new": 5}
+_DEFAULT_ACTIVATION_SAVES = 5  # a function written out in several ops (gelu_fast, quick_gelu): the larger count
+
+# LoRA targets: transformers' module name -> ours (several when one of theirs spans several of ours)
+_LORA_TARGETS = {
+    "query": "attn.q_proj",
+    "key": "attn.k_proj",
+    "value": "attn.v_proj",
+    "q_proj": "attn.q_proj",
+    "k_proj": "attn.k_proj",
+    "v_proj": "attn.v_proj",
+    "o_proj": "attn.out_proj",
+    "gate_proj": "mlp.fc_gate",
+    "up_proj": "mlp.fc_in",
+    "down_proj": "mlp.fc_out",
+    "c_attn": "attn.q_proj,attn.k_proj,attn.v_proj",  # GPT-2's fused q, k, v: one adapter, out = 3C
+    "c_proj": "attn.out_proj",
+}
+DEFAULT_LORA_TARGETS = {"bert": "query,value", "roberta": "query,value", "llama": "q_proj,v_proj", "gpt2": "c_attn"}
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted bytes per device for one training step (see the module notes for what each field holds)."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    buffers: int
+    total: int
+    batch_size: int
+    max_length: int
+
+    def as_dict(self) -> dict[str, int]:
+        """The byte counts: parameters, gradients, optimizer, activations, buffers, total."""
+        out = asdict(self)
+        del out["batch_size"], out["max_length"]
+        return out
+
+
+@dataclass
+class _Shapes:
+    """The parameters of the model for ``task``, on the meta device: what counting needs, nothing allocated."""
+
+    config: Any
+    model: nn.Module
+    layer: Any  # the LayerConfig of layer 0 (all layers are alike in the supported families)
+    model_type: str
+    reads_first: bool
+
+
+def parse_size(text: str) -> int:
+    """``"80GB"``, ``"80GiB"``, ``"512MB"``, ``"1e9"`` -> bytes (GB = 10^9, GiB = 2^30).
+
+    Raises:
+        ValueError: text that is not a positive size.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"--device-memory {text!r}: expected a positive size such as 80GB, 24GiB or 16000MB")
+    unit = (match.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0])
+    base = 1024 if "I" in unit else 1000
+    return int(float(match.group(1)) * base**power)
+
+
+def _read_model_config(model: str | Path) -> dict[str, Any]:
+    from bunmyaku.hub import read_config
+
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".json":
+            raise ValueError(f"--model {model}: expected a model folder or its config.json, not a {path.suffix} file")
+        return read_config(path.parent) if path.name == "config.json" else _json_file(path)
+    if path.is_dir():
+        return read_config(path)
+    raise FileNotFoundError(f"--model {model}: no such folder or config.json")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+
+
+def _build_shapes(model: str | Path, task: str, num_labels: int | None) -> _Shapes:
+    from bunmyaku.models.auto import model_class
+
+    config_dict = _read_model_config(model)
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"--model {model}: config.json holds a {type(config_dict).__name__}, not an object")
+    model_type = config_dict.get("model_type")
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(
+            f"--model {model}: model_type {model_type!r}: the planner models {list(MODEL_FAMILIES)} "
+            "(what their layers save for backward is counted op by op)"
+        )
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: the planner knows {list(TASKS)}")
+    cls = model_class(model_type, task)
+    overrides = {} if num_labels is None else {"num_labels": num_labels}
+    config = cls.configure(config_dict, **overrides)
+    with torch.device("meta"):
+        meta_model = cls(config)
+    return _Shapes(config, meta_model, config.layer_config(0), model_type, getattr(cls, "reads", None) == "first")
+
+
+# ------------------------------------------------------------------------------------------------ exact counts
+
+
+def _lora_modules(shapes: _Shapes, targets: str | None) -> list[tuple[str, int, int]]:
+    """(our module name prefix, in features, out features) of every adapter, one per targeted module per layer."""
+    names = [t.strip() for t in (targets or DEFAULT_LORA_TARGETS[shapes.model_type]).split(",") if t.strip()]
+    unknown = [n for n in names if n not in _LORA_TARGETS]
+    if unknown:
+        known = sorted(_LORA_TARGETS)
+        raise ValueError(f"--lora-targets {unknown}: not a projection the planner knows; expected some of {known}")
+    modules = dict(shapes.model.named_modules())
+    adapters = []
+    for i in range(shapes.config.num_layers):
+        for name in names:
+            ours = [f"{_layers_prefix(shapes)}{i}.{part}" for part in _LORA_TARGETS[name].split(",")]
+            found = [modules[o] for o in ours if o in modules]
+            if not found:
+                raise ValueError(f"--lora-targets {name}: {shapes.model_type} has no such projection")
+            adapters.append((ours[0], found[0].in_features, sum(m.out_features for m in found)))
+    return adapters
+
+
+def _layers_prefix(shapes: _Shapes) -> str:
+    name = next(n for n, _ in shapes.model.named_parameters() if re.search(r"(?:^|\.)layers\.0\.", n))
+    return name[: name.index("layers.0.")] + "layers."
+
+
+def _trainable(shapes: _Shapes, task: str, freeze_layers: int, lora: bool) -> dict[str, bool]:
+    """Parameter name -> trainable, as the Freeze plugin decides (by name), or under LoRA: only a new task head
+    (PEFT's ``modules_to_save`` for classification; a language model's head stays frozen)."""
+    from bunmyaku.training.plugins import Freeze
+
+    freeze = Freeze(False, freeze_layers)
+    new_head = task not in ("causal-lm", "masked-lm")
+    return {
+        name: (new_head and name.startswith("head.")) if lora else not freeze.should_freeze(name)
+        for name, _ in shapes.model.named_parameters()
+    }
+
+
+def _shard_numel(shape: torch.Size, world_size: int) -> int:
+    """Elements on rank 0 when FSDP2 cuts a tensor along dim 0 into ``world_size`` equal padded chunks."""
+    if not shape:
+        return 1
+    rows = math.ceil(shape[0] / world_size)
+    return rows * math.prod(shape[1:])
+
+
+def _layer_numels(shapes: _Shapes) -> tuple[int, int]:
+    """(elements of one Transformer layer, elements outside the layers: embeddings, final norm, head)."""
+    per_layer: dict[int, int] = {}
+    rest = 0
+    for name, p in shapes.model.named_parameters():
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if match:
+            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + p.numel()
+        else:
+            rest += p.numel()
+    return max(per_layer.values()), rest
+
+
+# ------------------------------------------------------------------------------------------------ activations
+
+
+def _dims(shapes: _Shapes, batch_size: int, max_length: int) -> dict[str, int]:
+    layer = shapes.layer
+    return {
+        "B": batch_size,
+        "T": max_length,
+        "N": batch_size * max_length,
+        "C": layer.hidden_size,
+        "F": layer.intermediate_size,
+        "H": layer.num_heads,
+        "K": layer.num_kv_heads,
+        "D": layer.head_dim,
+        "V": shapes.config.vocab_size,
+    }
+
+
+def _attention_saved(d: dict[str, int], rows: int, E: int, math_path: bool) -> int:
+    """What SDPA keeps for ``rows`` queries per sequence (keys and values at every position), in bytes."""
+    B, T, H, K, D = d["B"], d["T"], d["H"], d["K"], d["D"]
+    if math_path:  # q * scale, (k * scale)^T and v repeated to H heads, probabilities, dropout mask, dropped
+        return E * (B * rows * H * D + 2 * B * T * H * D + 3 * B * H * rows * T)
+    return E * (B * rows * H * D + 2 * B * T * K * D + B * rows * H * D) + 4 * B * H * rows  # q, k, v, out, lse
+
+
+STREAM_BYTES = 4  # the residual stream and the norms stay float32 under autocast (fp32 weights, fp32 norms)
+
+
+def _linear_inputs(elements: int, consumers: int, E: int) -> int:
+    """Bytes the projections reading one float32 tensor keep: the tensor itself (shared) in fp32; under autocast,
+    each projection's own low-precision cast of it (autocast caches casts of weights, not of activations)."""
+    return consumers * E * elements if E != STREAM_BYTES else STREAM_BYTES * elements
+
+
+def _layer_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str, rows: int | None = None) -> int:
+    """Bytes one block keeps for backward; ``rows`` < T: only that many query positions per sequence (BERT's last
+    layer when the head reads [CLS] only), keys and values still at every position.
+
+    ``E`` is the bytes of a projection's output (2 under autocast); norms, their inputs and the residual stream are
+    float32 (:data:`STREAM_BYTES`)."""
+    layer = shapes.layer
+    B, T, C, F, H, D = d["B"], d["T"], d["C"], d["F"], d["H"], d["D"]
+    S = STREAM_BYTES
+    rows = T if rows is None else rows
+    n = B * rows  # positions past attention
+    mask_bytes = 1 if device == "cuda" else E
+    math_path = device == "cpu" and layer.attention_dropout > 0
+    stats = 4 * 2 if layer.norm == "layernorm" else 4  # LayerNorm: mean and rstd; RMSNorm: rstd (float32)
+    normed = S if layer.norm == "rmsnorm" else 0  # our RMSNorm keeps the normalised input for the weight's gradient
+    mlp_inputs = 2 if layer.mlp == "swiglu" else 1  # projections reading the MLP's input
+    saved = 0
+    if layer.pre_norm:  # x -> norm -> q, k, v: the norm's input (the block's), statistics, output
+        saved += S * B * T * C + B * T * (stats + normed * C) + _linear_inputs(B * T * C, 3, E)
+    else:  # the block's input (the previous norm's output) -> q, k, v
+        saved += _linear_inputs(B * T * C, 3, E)
+    saved += _attention_saved(d, rows, E, math_path)
+    saved += E * n * H * D  # the merged heads: the output projection's input
+    # each sub-layer's residual sum: pre-LN, the MLP norm's input; post-LN, both norms' inputs
+    if layer.pre_norm:
+        saved += S * n * C + n * (stats + normed * C) + _linear_inputs(n * C, mlp_inputs, E)
+    else:
+        saved += S * n * C + n * stats + _linear_inputs(n * C, mlp_inputs, E)  # norm1: input; output -> the MLP
+        saved += S * n * C + n * stats  # norm2's input (its output is the next block's input)
+    if layer.mlp == "swiglu":
+        saved += 4 * E * n * F  # gate, act(gate), up, their product
+    else:
+        saved += _ACTIVATION_SAVES.get(layer.hidden_act, _DEFAULT_ACTIVATION_SAVES) * E * n * F
+        if layer.activation_dropout > 0:
+            saved += mask_bytes * n * F
+    if layer.dropout > 0:
+        saved += 2 * mask_bytes * n * C
+    return saved
+
+
+def _embedding_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str) -> int:
+    """Ids the embedding backward reads, the embeddings' norm and dropout (the block input counts in the layer)."""
+    T, N, C, D = d["T"], d["N"], d["C"], d["D"]
+    config = shapes.config
+    mask_bytes = 1 if device == "cuda" else STREAM_BYTES  # the embeddings are float32
+    if shapes.model_type in ("bert", "roberta"):  # ids, segment ids, positions; sum -> LayerNorm -> dropout
+        positions = N if shapes.model_type == "roberta" else T
+        saved = 8 * (2 * N + positions) + STREAM_BYTES * N * C + 4 * 2 * N
+        return saved + (mask_bytes * N * C if config.dropout > 0 else 0)
+    if shapes.model_type == "gpt2":  # ids, positions; dropout
+        return 8 * (N + T) + (mask_bytes * N * C if config.embd_dropout > 0 else 0)
+    return 8 * N + 2 * STREAM_BYTES * T * D  # llama: ids; the rotary cos and sin (float32), shared by every layer
+
+
+def _head_saved(shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str) -> tuple[int, int]:
+    """(bytes the final norm and head keep for backward, the largest temporaries of their backward)."""
+    B, N, C, V = d["B"], d["N"], d["C"], d["V"]
+    layer = shapes.layer
+    labels = getattr(shapes.config, "num_labels", 2)
+    S = STREAM_BYTES
+    final = 0
+    if layer.pre_norm:  # the final norm: its input is the last block's output
+        normed = S * N * C if layer.norm == "rmsnorm" else 0
+        stats = 4 * N * (2 if layer.norm == "layernorm" else 1)
+        final = S * N * C + stats + normed + _linear_inputs(N * C, 1, E)  # input, statistics, output (head's input)
+    mask_bytes = 1 if device == "cuda" else S
+    if task == "causal-lm":  # log-softmax over (N, V) in float32 (the objective upcasts), and the targets
+        return final + 4 * N * V + 8 * N, 2 * 4 * N * V  # backward: the gradient of the log-probs and of the logits
+    if task == "masked-lm":  # dense -> act -> norm -> (M, V) at the masked positions only
+        M = max(1, round(MLM_PROBABILITY * N))
+        head = E * M * C * 4 + 4 * 2 * M + 4 * M * V + 8 * (N + M)
+        return head, 2 * 4 * M * V
+    if task == "token-classification":  # dropout -> classifier on every position
+        dropout = mask_bytes * N * C if getattr(shapes.config, "dropout", 0) else 0
+        return final + dropout + _linear_inputs(N * C, 1, E) + 4 * N * labels + 8 * N, 2 * 4 * N * labels
+    # sequence classification: one position per sequence (pooler / last token), then a classifier
+    return final + E * B * C * 6 + 4 * B * labels + 8 * B, 2 * 4 * B * labels
+
+
+def _activations(
+    shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str, checkpointing: bool
+) -> tuple[int, int, int]:
+    """(bytes held for backward at the end of the forward pass, the backward's extra at its peak, bytes still
+    held when the first layer's backward runs: the embeddings' and that layer's, recomputed under checkpointing)."""
+    L = shapes.config.num_layers
+    full = _layer_saved(shapes, d, E, device)
+    last = _layer_saved(shapes, d, E, device, rows=1) if shapes.reads_first else full
+    head, head_backward = _head_saved(shapes, task, d, E, device)
+    embed = _embedding_saved(shapes, d, E, device)
+    if checkpointing:  # each layer keeps its input; one layer's activations come back during its backward
+        held = embed + L * STREAM_BYTES * d["N"] * d["C"] + head
+        return held, max(head_backward, full - STREAM_BYTES * d["N"] * d["C"]), embed + full
+    return embed + (L - 1) * full + last + head, head_backward, embed + full
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def plan_memory(
+    model: str | Path,
+    task: str,
+    batch_size: int,
+    max_length: int,
+    precision: str = "fp32",
+    strategy: str = "ddp",
+    world_size: int = 1,
+    checkpointing: bool = False,
+    freeze_layers: int = 0,
+    lora_r: int = 0,
+    lora_targets: str | None = None,
+    cpu_offload: bool = False,
+    num_labels: int | None = None,
+    device: str = "cuda",
+) -> MemoryEstimate:
+    """Predict the peak memory per device of one training step (see the module notes for each component).
+
+    Args:
+        model: a model folder in HF layout, or its ``config.json`` (no weights are read).
+        task: causal-lm | masked-lm | sequence-classification | token-classification.
+        batch_size: sequences per device per micro-batch.
+        max_length: tokens per sequence (the planner assumes full, unpadded sequences: the worst case).
+        precision: fp32 | bf16 | fp16 (autocast, as the Trainer runs it).
+        strategy: ddp | fsdp.
+        world_size: processes (devices) in the run.
+        checkpointing: gradient checkpointing of every layer.
+        freeze_layers: freeze layers 0 .. K-1 (the Freeze plugin).
+        lora_r: LoRA rank (0: no LoRA).
+        lora_targets: comma-separated ``transformers`` module names to adapt (default per architecture).
+        cpu_offload: FSDP keeps parameters, gradients and optimizer state on the host.
+        num_labels: classes of a classification head.
+        device: cuda | cpu: which kernels run (what SDPA and dropout save; see the module notes).
+
+    Returns:
+        The bytes per device.
+
+    Raises:
+        FileNotFoundError: no such model folder or config.json.
+        ValueError: an option out of range or a model or task the planner does not model.
+    """
+    from bunmyaku.training.args import check_int
+
+    check_int("batch_size", batch_size, 1)
+    check_int("max_length", max_length, 1)
+    check_int("world_size", world_size, 1)
+    check_int("freeze_layers", freeze_layers, 0)
+    check_int("lora_r", lora_r, 0)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {list(PRECISIONS)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy {strategy!r}: expected one of {list(STRATEGIES)}")
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r}: expected one of {list(DEVICES)}")
+    if device == "cpu" and precision != "fp32":
+        raise ValueError(
+            f"--precision {precision} with --device cpu: CPU autocast casts other ops than CUDA's (attention stays "
+            "float32); the planner models CPU steps in fp32 only"
+        )
+    if cpu_offload and strategy != "fsdp":
+        raise ValueError("--cpu-offload keeps sharded state on the host: it needs --strategy fsdp")
+    if lora_r and freeze_layers:
+        raise ValueError("--lora-r freezes every base weight already; drop --freeze-layers")
+    shapes = _build_shapes(model, task, num_labels)
+    limit = getattr(shapes.config, "max_seq_len", None)
+    if limit is not None and shapes.model_type in ("bert", "roberta", "gpt2") and max_length > limit:
+        raise ValueError(f"--max-length {max_length}: the model has {limit} learned positions")
+    if freeze_layers > shapes.config.num_layers:
+        raise ValueError(f"--freeze-layers {freeze_layers}: the model has {shapes.config.num_layers} layers")
+    E = PRECISIONS[precision]
+    lora = _lora_modules(shapes, lora_targets) if lora_r else []
+    trainable = _trainable(shapes, task, freeze_layers, bool(lora_r))
+
+    shard = world_size if strategy == "fsdp" else 1
+    params = grads = states = 0
+    for name, p in shapes.model.named_parameters():
+        numel = _shard_numel(p.shape, shard)
+        params += 4 * numel
+        if trainable[name]:
+            grads += 4 * numel
+            states += 2 * 4 * numel + 4  # exp_avg, exp_avg_sq, step
+    for _, fan_in, fan_out in lora:
+        numel = _shard_numel(torch.Size([lora_r, fan_in]), shard) + _shard_numel(torch.Size([fan_out, lora_r]), shard)
+        params += 4 * numel
+        grads += 4 * numel
+        states += 2 * 4 * numel + 2 * 4
+    buffers = sum(b.numel() * b.element_size() for b in shapes.model.buffers())
+    if E != 4:
+        buffers += E * _matmul_weight_numel(shapes, task)  # autocast's low-precision weight copies
+    if strategy == "ddp" and world_size > 1:
+        buffers += grads  # DDP's gradient buckets
+    if strategy == "fsdp" and world_size > 1:
+        layer_numel, rest_numel = _layer_numels(shapes)
+        buffers += E * (rest_numel + 2 * layer_numel) + 4 * layer_numel
+    if cpu_offload:
+        params = grads = states = 0
+
+    d = _dims(shapes, batch_size, max_length)
+    held, backward_extra, bottom = _activations(shapes, task, d, E, device, checkpointing)
+    held += len(lora) * E * d["N"] * lora_r  # each adapter's A x, the input of B
+    activations = held + backward_extra
+    head_grads = 0 if cpu_offload else _head_grads(shapes, trainable, shard)
+    # the backward's largest temporaries (the logits' gradient) are gone before the head's weight gradient is written;
+    # when the first layer's backward runs, nearly every gradient exists beside that layer's activations
+    total = params + states + buffers + max(activations, held + head_grads, grads + bottom)
+    return MemoryEstimate(params, grads, states, activations, buffers, total, batch_size, max_length)
+
+
+def _matmul_weight_numel(shapes: _Shapes, task: str) -> int:
+    """Elements of the weights that autocast casts: every linear's, and the tied LM head's (the token table)."""
+    numel = sum(m.weight.numel() for m in shapes.model.modules() if isinstance(m, nn.Linear))
+    output = shapes.model.get_output_embeddings()
+    if task in ("causal-lm", "masked-lm") and output is None:  # BERT's MLM decoder multiplies by the table itself
+        numel += shapes.config.vocab_size * shapes.config.hidden_size
+    return numel
+
+
+def _head_grads(shapes: _Shapes, trainable: dict[str, bool], shard: int) -> int:
+    """Gradients written first in the backward pass, while the activations are still held: the head's and, for a
+    language model, the (V, C) output embedding (tied or not)."""
+    total = 0
+    for name, p in shapes.model.named_parameters():
+        if trainable[name] and (name.startswith("head.") or p.shape[:1] == (shapes.config.vocab_size,)):
+            total += 4 * _shard_numel(p.shape, shard)
+    return total
+
+
+def largest_batch(device_memory: int, **settings: Any) -> int | None:
+    """The largest batch size whose predicted peak fits ``device_memory`` bytes (None: not even 1).
+
+    ``settings`` are :func:`plan_memory`'s arguments other than ``batch_size``. The prediction grows with the
+    batch, so a doubling search then a bisection finds it in O(log B) plans.
+    """
+
+    def fits(b: int) -> bool:
+        return plan_memory(batch_size=b, **settings).total <= device_memory
+
+    if not fits(1):
+        return None
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+        if high > 2**24:
+            return low
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
