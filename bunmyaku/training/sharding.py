@@ -217,20 +217,28 @@ def export(model: nn.Module, directory: Path, dtype: str | None = None) -> None:
 
 
 def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A module of ``model``'s own class (not FSDP's subclass) holding ``state`` on the CPU."""
+    """A module of ``model``'s own class (not FSDP's subclass) holding ``state`` on the CPU.
+
+    Built on the meta device, so no random weights are allocated; the buffers left out of a state dict
+    (non-persistent ones: rotary frequencies, position tables) are copied from ``model``, where FSDP leaves
+    every buffer whole.
+    """
     from torch.distributed.fsdp import FSDPModule
 
-    cls = next(c for c in type(model).__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
         plain = cls(model.config)
     plain.load_state_dict(state, strict=False, assign=True)
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()
-    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
-    if left:
-        # non-persistent buffers (position ids, rotary tables) are rebuilt by the class: take them from a CPU
-        # instance of that buffer's module only when needed
-        raise RuntimeError(f"export: tensors not in the gathered state: {left[:5]}")
+    for name, buffer in list(plain.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            source = model.get_buffer(name)
+            plain.get_submodule(owner).register_buffer(leaf, source.detach().to("cpu", copy=True), persistent=False)
+    missing = [name for name, param in plain.named_parameters() if param.is_meta]
+    if missing:
+        raise RuntimeError(f"export: parameters missing from the gathered weights: {missing[:5]}")
     return plain
 
 

@@ -7,9 +7,9 @@ gradient checkpointing on, a sharded checkpoint every 3 steps; 2 processes take 
 
 ``two`` writes ``fsdp/`` (uninterrupted), ``hsdp/`` (a (1, 2) mesh), ``resumed2/`` (interrupted during step 4,
 after the step-3 checkpoint, then resumed by a new Trainer), ``plugins2/`` (layer-wise LR decay and frozen
-embeddings) and ``reduce_scatters.json`` (the reduce-scatter calls FSDP made in a 2-step run with accumulation).
-``one`` writes ``single/`` (uninterrupted), ``plugins1/`` and ``resumed1/`` (resumed from ``resumed2``'s step-3
-checkpoint, written by 2 processes).
+embeddings), ``bf16/`` (bf16 compute, fp32 reduction) and ``reduce_scatters.json`` (the reduce-scatter calls FSDP
+made in a 2-step run with accumulation). ``one`` writes ``single/`` (uninterrupted), ``plugins1/`` and
+``resumed1/`` (resumed from ``resumed2``'s step-3 checkpoint, written by 2 processes).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main() -> None:
                 pass
             train(out / "resumed2", 6)
             train(out / "plugins2", 6, **PLUGINS)
+            train(out / "bf16", 6, precision="bf16")
             count_reduce_scatters(out)
         else:
             train(out / "single", 6)

@@ -93,6 +93,17 @@ def test_llrd_and_freezing_under_fsdp_match_one_process(runs):
 
 
 @pytest.mark.distributed
+def test_bf16_mixed_precision_trains_close_to_fp32(runs):
+    """bf16 weights for compute, fp32 reduction and fp32 sharded master weights (the export stays fp32): the
+    losses follow the fp32 run's to bf16's precision, not exactly."""
+    bf16, fp32 = _losses(runs / "bf16"), _losses(runs / "fsdp")
+    assert [(s, k) for s, k, _ in bf16] == [(s, k) for s, k, _ in fp32]
+    gaps = [abs(a - b) for (*_, a), (*_, b) in zip(bf16, fp32, strict=True)]
+    assert max(gaps) < 1e-2 and max(gaps) > 0
+    assert all(t.dtype == torch.float32 for t in load_file(runs / "bf16" / "model.safetensors").values())
+
+
+@pytest.mark.distributed
 def test_accumulation_reduce_scatters_only_on_the_last_micro_batch(runs):
     """2 steps of 2 micro-batches: one reduce-scatter per unit per step, not per micro-batch."""
     assert json.loads((runs / "reduce_scatters.json").read_text()) == {"calls": 2 * UNITS}
@@ -225,3 +236,31 @@ def test_a_cut_shard_is_skipped_for_the_checkpoint_before_it(tmp_path, caplog):
 def test_settings_sharding_cannot_honour_are_refused(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         _trainer(tmp_path, **settings).fit()
+
+
+def _tiny(name):
+    from bunmyaku.models.bert import BertConfig, BertForMaskedLM
+    from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
+    from tests.training.helpers import tiny_gpt2
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return tiny_gpt2()
+    if name == "bert":
+        return BertForMaskedLM.from_config(BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4))
+    config = LlamaConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=37)
+    return LlamaForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_the_export_copy_rebuilds_the_model_from_its_gathered_weights(name):
+    """The export builds a plain model on the meta device from the gathered state: tied weights re-tied and the
+    buffers no state dict holds (Llama's rotary frequencies, position tables) taken from the running model."""
+    model = _tiny(name).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    copy = sharding._plain_copy(model, state).eval()
+    assert type(copy) is type(model)
+    ids = torch.randint(5, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert sorted(copy.hf_state_dict()) == sorted(model.hf_state_dict())
