@@ -9,7 +9,8 @@ gradient checkpointing on, a sharded checkpoint every 3 steps; 2 processes take 
 after the step-3 checkpoint, then resumed by a new Trainer), ``plugins2/`` (layer-wise LR decay and frozen
 embeddings), ``bf16/`` (bf16 compute, fp32 reduction) and ``reduce_scatters.json`` (the reduce-scatter calls FSDP
 made in a 2-step run with accumulation). ``one`` writes ``single/`` (uninterrupted), ``plugins1/`` and
-``resumed1/`` (resumed from ``resumed2``'s step-3 checkpoint, written by 2 processes).
+``resumed1/`` (resumed from ``resumed2``'s step-3 checkpoint, written by 2 processes). ``cuda`` (2 GPUs, NCCL)
+writes ``cuda/`` and ``offload/`` (``cpu_offload``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PLUGINS = {"llrd": 0.5, "freeze_embeddings": True}
 
 
 def train(output_dir: Path, max_steps: int, plugins=(), **settings) -> None:
+    defaults = {"strategy": "fsdp", "device": "cpu", "gradient_checkpointing": True}
     args = TrainArgs(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -58,11 +60,9 @@ def train(output_dir: Path, max_steps: int, plugins=(), **settings) -> None:
         eval_every=3,
         save_every=3,
         keep_last=2,
-        gradient_checkpointing=True,
-        device="cpu",
         progress=False,
         plot=False,
-        **{"strategy": "fsdp", **settings},
+        **{**defaults, **settings},
     )
     train_data = PackedBlocks(random_split(60), 16, EOS, random_offset=True)
     valid = PackedBlocks(random_split(9, seed=1), 16, EOS)  # an odd count: the processes' shares differ
@@ -90,12 +90,15 @@ def count_reduce_scatters(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("mode", choices=["one", "two"])
+    parser.add_argument("mode", choices=["one", "two", "cuda"])
     cli = parser.parse_args()
     torch.set_num_threads(1)
     out = cli.output_dir
-    with process_group_from_env("gloo"):
-        if cli.mode == "two":
+    with process_group_from_env(None if cli.mode == "cuda" else "gloo"):
+        if cli.mode == "cuda":  # NCCL, one GPU per process: parameters and optimizer state on the GPU or the host
+            train(out / "cuda", 6, device="cuda")
+            train(out / "offload", 6, device="cuda", cpu_offload=True)
+        elif cli.mode == "two":
             train(out / "fsdp", 6)
             train(out / "hsdp", 6, strategy="hsdp")
             try:

@@ -52,9 +52,9 @@ def _losses(run_dir):
     return [(r["step"], "eval" if "eval_loss" in r else "train", r.get("eval_loss", r.get("loss"))) for r in records]
 
 
-def _assert_same_losses(got, expected):
+def _assert_same_losses(got, expected, tol=1e-6):
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]
-    torch.testing.assert_close([v for *_, v in got], [v for *_, v in expected], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close([v for *_, v in got], [v for *_, v in expected], rtol=tol, atol=tol)
 
 
 @pytest.mark.distributed
@@ -156,6 +156,22 @@ def test_export_loads_in_transformers(runs):
     ids = torch.randint(10, 99, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cpu_offload_on_two_gpus_matches_keeping_everything_on_the_gpus(tmp_path):
+    """Parameters, gradients and AdamW state on the host (CPUOffloadPolicy), the optimizer step on the CPU: the
+    same run as with everything on the GPUs, to the two devices' float32 rounding."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices (one per process)")
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    with open(tmp_path / "cuda.log", "w+b") as log:
+        code = _wait(_start([*torchrun, *SCRIPT, str(tmp_path), "cuda"], log), 300)
+        log.seek(0)
+        assert code == 0, log.read().decode(errors="replace")[-4000:]
+    _assert_same_losses(_losses(tmp_path / "offload"), _losses(tmp_path / "cuda"), tol=1e-4)
+    _assert_same_weights(tmp_path / "offload", tmp_path / "cuda", atol=1e-4)
+    assert _losses(tmp_path / "cuda")[-1][2] < _losses(tmp_path / "cuda")[0][2]
 
 
 # ---------------------------------------------------------------------------------------------- in one process
