@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,15 @@ def _without_aliases(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """DCP warns on every save / load without a process group, even when ``no_dist`` says that is intended (a
+    sharded checkpoint read or written by one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> Path:
@@ -293,7 +303,8 @@ def save_checkpoint(
     dist_utils.barrier()
     tensors, groups = _dcp_state(model, optimizer)
     writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True)
-    dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+    with _single_process_is_intended():
+        dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
     dist_utils.barrier()  # every process's files are complete
     if dist_utils.is_main():
         ckpt.write_state(tmp, {**state, "optimizer_groups": groups, "sharded": True})
@@ -357,7 +368,8 @@ def load_checkpoint(
         tensors, _ = _dcp_state(model, optimizer)
     try:
         reader = HuggingFaceStorageReader(str(path / SHARDS))
-        dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
+        with _single_process_is_intended():
+            dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
     except Exception as error:
         raise ckpt.UnreadableCheckpointError(f"{path}: the shards do not fit this model ({error})") from error
     set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
