@@ -78,12 +78,12 @@ def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -
             raise ValueError("cpu_offload needs strategy fsdp or hsdp (DDP keeps whole replicas on each device)")
         return
     for plugin in plugins:
-        reason = _UNSHARDABLE.get(type(plugin).__name__)
-        if reason is not None:
-            raise ValueError(
-                f"{type(plugin).__name__} is not supported with strategy {args.strategy}: {reason}. "
-                "Use strategy ddp for it"
-            )
+        for cls in type(plugin).__mro__:  # by name: SWA lives beside EMA; subclasses are refused too
+            if cls.__name__ in _UNSHARDABLE:
+                raise ValueError(
+                    f"{cls.__name__} is not supported with strategy {args.strategy}: {_UNSHARDABLE[cls.__name__]}. "
+                    "Use strategy ddp for it"
+                )
     if args.cpu_offload and device.type != "cuda":
         raise ValueError("cpu_offload moves parameters from the GPU to host memory; this run is already on the CPU")
     if args.precision == "fp16":
@@ -104,7 +104,7 @@ def build_mesh(strategy: str, device: torch.device, shard_size: int = 0):
     if strategy == "fsdp":
         return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     if shard_size == 0:
-        shard_size = torch.cuda.device_count() if device.type == "cuda" else world
+        shard_size = min(torch.cuda.device_count(), world) if device.type == "cuda" else world
     if shard_size <= 0 or world % shard_size:
         raise ValueError(f"hsdp: {world} processes do not split into shard groups of {shard_size} (shard_size)")
     return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
