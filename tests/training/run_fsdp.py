@@ -7,10 +7,10 @@ gradient checkpointing on, a sharded checkpoint every 3 steps; 2 processes take 
 
 ``two`` writes ``fsdp/`` (uninterrupted), ``hsdp/`` (a (1, 2) mesh), ``resumed2/`` (interrupted during step 4,
 after the step-3 checkpoint, then resumed by a new Trainer), ``plugins2/`` (layer-wise LR decay and frozen
-embeddings), ``bf16/`` (bf16 compute, fp32 reduction) and ``reduce_scatters.json`` (the reduce-scatter calls FSDP
-made in a 2-step run with accumulation). ``one`` writes ``single/`` (uninterrupted), ``plugins1/`` and
-``resumed1/`` (resumed from ``resumed2``'s step-3 checkpoint, written by 2 processes). ``cuda`` (2 GPUs, NCCL)
-writes ``cuda/`` and ``offload/`` (``cpu_offload``).
+embeddings), ``bf16/`` (bf16 compute, fp32 reduction), ``best2/`` (restore_best) and ``reduce_scatters.json``
+(the reduce-scatter calls FSDP made in a 2-step run with accumulation). ``one`` writes ``single/``
+(uninterrupted), ``plugins1/``, ``best1/`` and ``resumed1/`` (resumed from ``resumed2``'s step-3 checkpoint,
+written by 2 processes). ``cuda`` (2 GPUs, NCCL) writes ``cuda/`` and ``offload/`` (``cpu_offload``).
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ class Interrupt(Plugin):
 
 
 PLUGINS = {"llrd": 0.5, "freeze_embeddings": True}
+# restore_best selecting the highest loss: the step-3 evaluation's weights are kept and exported, not the last ones
+WORST = {"restore_best": True, "metric": "loss", "greater_is_better": True}
 
 
-def train(output_dir: Path, max_steps: int, plugins=(), **settings) -> None:
+def train(output_dir: Path, max_steps: int, plugins=(), selection=None, **settings) -> None:
     defaults = {"strategy": "fsdp", "device": "cpu", "gradient_checkpointing": True}
     args = TrainArgs(
         output_dir=str(output_dir),
@@ -66,7 +68,7 @@ def train(output_dir: Path, max_steps: int, plugins=(), **settings) -> None:
     )
     train_data = PackedBlocks(random_split(60), 16, EOS, random_offset=True)
     valid = PackedBlocks(random_split(9, seed=1), 16, EOS)  # an odd count: the processes' shares differ
-    Trainer(tiny_gpt2(), args, train_data, valid, CausalLMCollator(), plugins=plugins).fit()
+    Trainer(tiny_gpt2(), args, train_data, valid, CausalLMCollator(), plugins=plugins, **(selection or {})).fit()
 
 
 def count_reduce_scatters(out: Path) -> None:
@@ -108,10 +110,12 @@ def main() -> None:
             train(out / "resumed2", 6)
             train(out / "plugins2", 6, **PLUGINS)
             train(out / "bf16", 6, precision="bf16")
+            train(out / "best2", 6, selection=WORST)
             count_reduce_scatters(out)
         else:
             train(out / "single", 6)
             train(out / "plugins1", 6, **PLUGINS)
+            train(out / "best1", 6, selection=WORST)
             checkpoint = out / "resumed1" / "checkpoints" / "step-00000003"
             shutil.copytree(out / "resumed2" / "checkpoints" / "step-00000003", checkpoint)
             train(out / "resumed1", 6)

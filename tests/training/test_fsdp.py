@@ -104,6 +104,16 @@ def test_bf16_mixed_precision_trains_close_to_fp32(runs):
 
 
 @pytest.mark.distributed
+def test_restore_best_gathers_and_restores_the_selected_weights(runs):
+    """The selected evaluation's weights are gathered whole (rank 0), kept in the checkpoints, broadcast back into
+    the shards at the end and exported: as in 1 process, and not the last step's weights."""
+    assert [r for r in _losses(runs / "best2")] == [r for r in _losses(runs / "fsdp")]  # the same training
+    _assert_same_weights(runs / "best2", runs / "best1")
+    best, last = load_file(runs / "best1" / "model.safetensors"), load_file(runs / "single" / "model.safetensors")
+    assert max(float((best[k] - last[k]).abs().max()) for k in last) > 1e-3
+
+
+@pytest.mark.distributed
 def test_accumulation_reduce_scatters_only_on_the_last_micro_batch(runs):
     """2 steps of 2 micro-batches: one reduce-scatter per unit per step, not per micro-batch."""
     assert json.loads((runs / "reduce_scatters.json").read_text()) == {"calls": 2 * UNITS}
