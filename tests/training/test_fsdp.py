@@ -52,6 +52,11 @@ def _losses(run_dir):
     return [(r["step"], "eval" if "eval_loss" in r else "train", r.get("eval_loss", r.get("loss"))) for r in records]
 
 
+def _grad_norms(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in records if "grad_norm" in r]
+
+
 def _assert_same_losses(got, expected, tol=1e-6):
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]
     torch.testing.assert_close([v for *_, v in got], [v for *_, v in expected], rtol=tol, atol=tol)
@@ -64,6 +69,10 @@ def test_fsdp_on_two_processes_matches_one_process(runs):
     assert len(_losses(single)) >= 4  # training logs at steps 1, 3, 6 and evaluations at 3, 6
     _assert_same_losses(_losses(fsdp), _losses(single))
     _assert_same_weights(fsdp, single)
+    # clipping acted (norms above max_grad_norm 0.3) on the norm over every shard, not this process's slice
+    norms = [_grad_norms(run) for run in (fsdp, single)]
+    assert min(norms[1]) > 0.3
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
     # the run trained: the weights moved by far more than the tolerance
     first = load_file(runs / "single" / "model.safetensors")
     assert _losses(single)[-1][2] < _losses(single)[0][2]
