@@ -197,19 +197,16 @@ def test_cpu_offload_on_two_gpus_matches_keeping_everything_on_the_gpus(tmp_path
 
 
 def _args(tmp_path, **settings):
+    defaults = {"max_steps": 2, "lr": 3e-3, "eval_every": 0, "keep_last": 3, "strategy": "fsdp"}
     return TrainArgs(
         output_dir=str(tmp_path),
-        max_steps=2,
         batch_size=4,
-        lr=3e-3,
         warmup_steps=0,
         save_every=1,
-        keep_last=3,
-        eval_every=0,
         device="cpu",
         progress=False,
         plot=False,
-        **{"strategy": "fsdp", **settings},
+        **{**defaults, **settings},
     )
 
 
@@ -299,3 +296,24 @@ def test_the_export_copy_rebuilds_the_model_from_its_gathered_weights(name):
     with torch.no_grad():
         torch.testing.assert_close(copy(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     assert sorted(copy.hf_state_dict()) == sorted(model.hf_state_dict())
+
+
+def test_export_best_reads_the_best_sharded_checkpoint(tmp_path):
+    """export_best with sharded checkpoints: the exported weights are the best checkpoint's (step 3 of 4 here: a
+    learning rate of 1 overshoots at step 4), read straight from its safetensors shard as the oracle."""
+    from bunmyaku import from_pretrained
+    from bunmyaku.data import PackedBlocks
+    from tests.training.helpers import EOS, random_split
+
+    trainer = _trainer(tmp_path, max_steps=4, lr=1.0, eval_every=1, keep_last=5, export_best=True)
+    trainer.eval_data = PackedBlocks(random_split(6, seed=1), 16, EOS)
+    trainer.fit()
+    assert trainer.best["step"] == 3 and trainer.step == 4
+    (shard,) = (tmp_path / "checkpoints" / "step-00000003" / "shards").iterdir()
+    saved = {k.removeprefix("model."): v for k, v in load_file(shard).items() if k.startswith("model.")}
+    exported = from_pretrained(tmp_path).state_dict()
+    assert saved.keys() <= exported.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    last = load_file(next((tmp_path / "checkpoints" / "step-00000004" / "shards").iterdir()))
+    assert any(not torch.equal(last[f"model.{k}"], v) for k, v in saved.items())
