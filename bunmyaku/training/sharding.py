@@ -320,14 +320,18 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """Read and check a sharded checkpoint's trainer state and shard headers; returns the trainer state.
 
     Raises:
-        UnreadableCheckpointError: a file is missing or cut, or the folder is not a sharded checkpoint.
+        ValueError: the folder holds an unsharded (strategy ddp) checkpoint.
+        UnreadableCheckpointError: a file is missing or cut.
     """
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+    if not (path / SHARDS).is_dir() and (path / ckpt.STATE_JSON).is_file():
+        raise ValueError(
+            f"{path} was written with strategy ddp (whole weights, no {SHARDS}/): resume it with strategy ddp, "
+            "or start afresh in another output folder"
+        )
     try:
         state = ckpt.read_state(path)
-        if not state.get("sharded"):
-            raise ValueError("not a sharded checkpoint (written with strategy ddp); resume it with strategy ddp")
         metadata = HuggingFaceStorageReader(str(path / SHARDS)).read_metadata()  # parses every shard's header
         if not metadata.state_dict_metadata:
             raise ValueError(f"no shards in {path / SHARDS}")

@@ -422,6 +422,12 @@ class Trainer:
             path, state = found_sharded
             sharding.load_checkpoint(path, self.model, self.optimizer, state)
         else:
+            newest = ckpt.list_checkpoints(self.checkpoint_dir)[-1:]
+            if newest and (newest[0][1] / sharding.SHARDS).is_dir():
+                raise ValueError(
+                    f"{newest[0][1]} is a sharded checkpoint (strategy fsdp / hsdp): resume it with that strategy, "
+                    "or start afresh in another output folder"
+                )
             found = ckpt.latest_readable(self.unwrapped_model, self.checkpoint_dir)
             if found is None:
                 return None

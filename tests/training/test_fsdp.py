@@ -317,3 +317,14 @@ def test_export_best_reads_the_best_sharded_checkpoint(tmp_path):
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     last = load_file(next((tmp_path / "checkpoints" / "step-00000004" / "shards").iterdir()))
     assert any(not torch.equal(last[f"model.{k}"], v) for k, v in saved.items())
+
+
+def test_resuming_with_the_other_strategy_is_refused(tmp_path):
+    """Sharded and whole-weight checkpoints differ in layout: a run with the other strategy says so instead of
+    skipping them as damaged and silently starting afresh."""
+    _trainer(tmp_path / "sharded").fit()
+    with pytest.raises(ValueError, match="is a sharded checkpoint"):
+        _trainer(tmp_path / "sharded", strategy="ddp", max_steps=3).fit()
+    _trainer(tmp_path / "whole", strategy="ddp").fit()
+    with pytest.raises(ValueError, match="was written with strategy ddp"):
+        _trainer(tmp_path / "whole", max_steps=3).fit()
