@@ -259,6 +259,7 @@ def test_a_cut_shard_is_skipped_for_the_checkpoint_before_it(tmp_path, caplog):
         ({"ema_decay": 0.9}, "EMA is not supported with strategy fsdp"),
         ({"sam": 0.05}, "SAM is not supported with strategy fsdp"),
         ({"fgm": 1.0}, "FGM is not supported with strategy fsdp"),
+        ({"swa_start": 0.05}, "SWA is not supported"),
         ({"cpu_offload": True}, "already on the CPU"),
         ({"strategy": "zero"}, "strategy must be one of ddp, fsdp, hsdp"),
         ({"strategy": "ddp", "cpu_offload": True}, "cpu_offload needs strategy fsdp or hsdp"),
