@@ -2,7 +2,7 @@
 
 The Trainer calls each plugin's hooks at fixed points of a step::
 
-    on_fit_start                       model on its device, before DDP wrapping and the optimizer
+    on_fit_start                       model on its device, before DDP or FSDP wrapping and the optimizer
     for each micro-batch: forward -> before_backward(loss) -> backward -> after_backward
     before_optimizer_step -> unscale, clip, step -> after_optimizer_step
     evaluation_context (around evaluation and the final export), on_evaluate(metrics)
@@ -42,7 +42,7 @@ class Plugin:
     """No-op hooks; subclasses override the ones they need."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        """Once, before DDP wrapping and the optimizer are built (freeze parameters here)."""
+        """Once, before DDP or FSDP wrapping and the optimizer are built (freeze parameters here)."""
 
     def param_groups(self, trainer: Trainer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Edit the optimizer's parameter groups before it is built."""
