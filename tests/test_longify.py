@@ -126,7 +126,8 @@ def test_cli_then_three_steps_of_continued_pretraining(tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert json.loads((long_dir / "tokenizer_config.json").read_text())["model_max_length"] == 64
     assert transformers.AutoTokenizer.from_pretrained(long_dir).model_max_length == 64
-    assert transformers.AutoConfig.from_pretrained(long_dir).model_type == "longformer"
+    long_config = transformers.AutoConfig.from_pretrained(long_dir)
+    assert long_config.model_type == "longformer" and long_config.sep_token_id == tokenizer.sep_token_id == 3
     again = tmp_path / "continued"
     result = runner.invoke(
         app,

@@ -1,4 +1,4 @@
-"""BigBird (Zaheer et al. 2020) in its ``original_full`` mode: BERT with BigBird's embeddings and names.
+"""BigBird (Zaheer et al. 2020): BERT with BigBird's embeddings and names, full or block-sparse attention.
 
 What differs from BERT, and nothing else:
 - the embeddings may be scaled by sqrt(hidden_size) (``rescale_embeddings``), and dropout comes before their

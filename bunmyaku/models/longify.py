@@ -135,7 +135,7 @@ def longify(
     fields = {f.name: getattr(src, f.name) for f in dataclasses.fields(src) if f.init}
     fields["max_seq_len"] = max_length + src.pad_token_id + 1
     fields["attention_window"] = attention_window
-    fields["sep_token_id"] = config.get("sep_token_id", 2 if model_type == "roberta" else None)
+    fields["sep_token_id"] = _sep_token_id(model_dir, config, model_type)
     long_config = longformer.LongformerConfig(**fields)
     cls = longformer.LongformerForMaskedLM if has_mlm else longformer.LongformerModel
     with torch.device("meta"):
@@ -158,6 +158,17 @@ def longify(
         _copy_tokenizer(model_dir, tmp, max_length)
     logger.info("longified %s to %s: %d tokens, window %s", model_dir, output_dir, max_length, attention_window)
     return Path(output_dir)
+
+
+def _sep_token_id(model_dir: Path, config: dict, model_type: str) -> int | None:
+    """The separator id (question answering's default global tokens): config.json's, else the tokenizer's."""
+    if config.get("sep_token_id") is not None:
+        return config["sep_token_id"]
+    if (model_dir / "tokenizer.json").is_file():
+        from bunmyaku.tokenization import Tokenizer
+
+        return Tokenizer.from_pretrained(model_dir).sep_token_id
+    return 2 if model_type == "roberta" else None  # RoBERTa's </s>; a BERT's [SEP] differs by vocabulary
 
 
 def _copy_tokenizer(model_dir: Path, out: Path, max_length: int) -> None:
