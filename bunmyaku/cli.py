@@ -277,6 +277,32 @@ def merge_lora_command(
     typer.echo(f"Merged {adapter} into {output_dir}")
 
 
+@app.command("longify")
+def longify_command(
+    model: str = typer.Option(..., "--model", help="A BERT or RoBERTa folder in HF layout (or a hub repo id)."),
+    output_dir: str = typer.Option(..., "--output-dir", help="The Longformer folder to write (new or empty)."),
+    max_length: int = typer.Option(4096, help="Tokens the long model takes (at least the source's)."),
+    attention_window: str = typer.Option(
+        "512", help="The two-sided window (even): one for every layer, or one per layer separated by commas."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output-dir."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs."),
+) -> None:
+    """Turn a BERT or RoBERTa into a Longformer (the Longformer paper's recipe): position embeddings copied to the
+    new length, attention switched to a sliding window plus global tokens, global projections copied from the
+    local ones. Continue with `bunmyaku pretrain --objective mlm --init-from OUTPUT_DIR`."""
+    from bunmyaku.models.longify import longify
+
+    _setup_logging(verbose)
+    try:
+        windows = [int(w) for w in attention_window.split(",")]
+    except ValueError:
+        message = f"--attention-window {attention_window}: expected an even int, or ints separated by commas"
+        raise ValueError(message) from None
+    longify(model, output_dir, max_length, windows[0] if len(windows) == 1 else windows, overwrite=overwrite)
+    typer.echo(f"Longified {model} into {output_dir} ({max_length} tokens, window {attention_window})")
+
+
 # ------------------------------------------------------------------------------------------------- pretrain
 
 

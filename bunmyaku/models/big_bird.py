@@ -1,4 +1,4 @@
-"""BigBird (Zaheer et al. 2020) in its ``original_full`` mode: BERT with BigBird's embeddings and names.
+"""BigBird (Zaheer et al. 2020): BERT with BigBird's embeddings and names, full or block-sparse attention.
 
 What differs from BERT, and nothing else:
 - the embeddings may be scaled by sqrt(hidden_size) (``rescale_embeddings``), and dropout comes before their
@@ -6,10 +6,23 @@ What differs from BERT, and nothing else:
 - the q, k, v projections may lack biases (``use_bias``); the pooler is a bare linear layer in the checkpoint;
 - the sequence classifier is a small MLP on [CLS] with ``hidden_act`` between its layers (no pooler).
 
-Attention: ``original_full`` is dense attention, computed as BERT's. ``block_sparse`` (window + global + random
-blocks) is not implemented here yet; a ``block_sparse`` checkpoint still runs on inputs of up to
-(5 + 2 num_random_blocks) block_size tokens, because ``transformers`` itself switches to full attention there,
-and longer inputs are refused with a message instead of silently computing something else.
+Attention: ``original_full`` is dense attention, computed as BERT's. ``block_sparse`` attends fully up to
+(5 + 2 num_random_blocks) block_size tokens, as ``transformers`` does (which then switches the model to
+``original_full`` for good: a later long input stays dense there). Beyond that, the sequence is cut into blocks
+(the last one padded, as ``transformers`` pads to a block multiple) and
+- the first and the last block are global: their queries see every key, and every query sees their keys;
+- every other query block sees its own block and the blocks on each side (the window);
+- every other query block also sees ``num_random_blocks`` random key blocks. In eval mode ``transformers`` draws
+  none: its adjacency list of random blocks stays all zeros (``_bigbird_block_rand_mask`` returns before sampling
+  when ``not self.training``), so each "random" block is block 0, whose keys are then in the softmax
+  ``1 + num_random_blocks`` times. A key counted m times is the same as one with m times the weight, so here block 0
+  gets a logit bias of log(1 + num_random_blocks) for those queries (:func:`block_sparse_mask`), which gives
+  ``transformers``' eval outputs on real tokens (padding positions are zeroed there and not compared).
+Known differences: the pattern is applied as a dense (T, T) additive mask on SDPA, so memory is quadratic, not
+BigBird's linear (a correct reference, not the fast path); training mode uses the same deterministic pattern,
+whereas ``transformers`` draws fresh random blocks with numpy's global generator on each training forward
+(outputs in training cannot match it in any case because of dropout); ``output_attentions`` and the eager path
+are refused beyond the full-attention limit (the bias is a float mask).
 
 Heads: masked LM, sequence classification, token classification.
 """
@@ -101,21 +114,80 @@ class BigBirdModel(bert.BertModel):
     base_key_map = KeyMap(BIG_BIRD_FROM_HF)
     embeddings_class = BigBirdEmbeddings
 
-    def forward(self, input_ids=None, attention_mask=None, *args, **kwargs) -> ModelOutput:
-        """:meth:`BertModel.forward`; refuses inputs that ``block_sparse`` would attend to sparsely.
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> ModelOutput:
+        """:meth:`BertModel.forward`; a ``block_sparse`` config past its full-attention limit attends block-sparsely.
 
         Raises:
-            ValueError: a ``block_sparse`` config and an input longer than its full-attention limit.
+            ValueError: block-sparse attention asked for with ``output_attentions`` or the eager path.
         """
         limit = self.config.full_attention_limit
-        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if limit is not None and ref is not None and ref.size(1) > limit:
-            raise ValueError(
-                f"{ref.size(1)} tokens with attention_type='block_sparse': bunmyaku computes BigBird's full attention "
-                f"only, which transformers also uses up to {limit} tokens ((5 + 2 num_random_blocks) block_size); "
-                "load with attention_type='original_full' for full attention at any length, or truncate"
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if limit is None or ref is None or ref.size(1) <= limit:
+            return super().forward(
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, **kwargs
             )
-        return super().forward(input_ids, attention_mask, *args, **kwargs)
+        if self.layers[0].attn.recorded is not None or self.config.attn_implementation != "sdpa":
+            raise ValueError(
+                f"{ref.size(1)} tokens with attention_type='block_sparse' (past the full-attention limit {limit}): "
+                "block-sparse attention runs on SDPA only, without output_attentions"
+            )
+        x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
+        mask = block_sparse_mask(
+            attention_mask, x.size(1), self.config.block_size, self.config.num_random_blocks, x.dtype, x.device
+        )  # (B or 1, 1, T, T)
+        hidden = [x] if output_hidden_states else None
+        for block in self.layers:
+            x = block(x, mask)
+            if hidden is not None:
+                hidden.append(x)
+        if kwargs.get("first_token_only"):
+            x = x[:, :1]  # (B, 1, C): what the caller reads; every position was computed all the same
+        return ModelOutput(
+            last_hidden_state=x,
+            pooler_output=self.pooler(x) if self.pooler is not None else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+        )
+
+
+def block_sparse_mask(
+    attention_mask: torch.Tensor | None,
+    length: int,
+    block_size: int,
+    num_random_blocks: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """BigBird's eval-mode block-sparse pattern as an additive SDPA mask: (B or 1, 1, T, T).
+
+    0 where a query sees a key, the dtype's minimum where it does not (and on padding keys), and log(1 + r) on
+    block 0's keys for non-global queries: ``transformers``' r random blocks are all block 0 in eval mode.
+
+    Args:
+        attention_mask: (B, T) 1 for real tokens, or None.
+        length: T.
+        block_size: tokens per block; the last block may be short (``transformers`` pads it, padding masked).
+        num_random_blocks: r.
+    """
+    block = torch.arange(length, device=device) // block_size  # (T,) each position's block
+    last = int(block[-1])
+    q, k = block[:, None], block[None, :]  # (T, 1), (1, T)
+    global_query = (q == 0) | (q == last)
+    sees = global_query | (k == 0) | (k == last) | ((k - q).abs() <= 1)  # (T, T)
+    bias = torch.zeros(length, length, dtype=dtype, device=device)
+    bias = bias.masked_fill(~global_query & (k == 0), math.log(1 + num_random_blocks))
+    bias = bias.masked_fill(~sees, torch.finfo(dtype).min)[None, None]  # (1, 1, T, T)
+    if attention_mask is not None:
+        bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(dtype).min)  # (B, 1, T, T)
+    return bias
 
 
 class BigBirdClassificationHead(roberta.RobertaClassificationHead):
