@@ -1,0 +1,261 @@
+"""DeBERTa's disentangled attention (He et al., 2021, §3.1), computed three ways.
+
+Notation: B batch, H heads, T length, D head dim, s the attention span (``position_buckets``, or
+``max_relative_positions`` without buckets), R = 2T - 1 the number of distinct relative distances in a
+length-T sequence.
+
+Each score adds, to the content-to-content term, a content-to-position term (the query against the key
+projection of the relative position i - j) and a position-to-content term (the key against the query
+projection of the same relative position)::
+
+    S[i, j] = (q_i . k_j + q_i . Pk[bucket(i - j)] + k_j . Pq[bucket(i - j)]) * scale
+
+where ``bucket(i - j) = clamp(relative_pos[i, j] + s, 0, 2s - 1)``, ``Pk`` and ``Pq`` being the (H, 2s, D)
+projections of the relative-position embeddings (either term may be off: ``pos_att_type``).
+
+- ``reference``: the equation as `transformers` computes it: both position terms against all 2s positions,
+  (B, H, T, 2s), then a ``torch.gather`` of (B, H, T, T) each, a full score matrix, ``masked_fill``, softmax.
+- ``fast``: the position terms depend on i - j only (``relative_pos`` is Toeplitz), so each needs just the R
+  distinct distances: the query is multiplied by the R rows of ``Pk`` those distances select, (B, H, T, R), and a
+  relative shift (Transformer-XL, Dai et al., 2019, appendix B: a flat view read with row stride R - 1) lays
+  that out as (i, j) with no gather. Where R > 2s (T > s, log buckets) the product against the 2s rows is
+  cheaper, and an ``index_select`` of its columns gives the R distances. The scores then go through one fused
+  add-multiply (``baddbmm``), the mask and the softmax, equal to the reference everywhere, padded rows included.
+- ``flex`` (CUDA): FlexAttention with a ``score_mod`` that adds the two (B, H, T, R) tables, read at the
+  distance of (q_idx, kv_idx), and a block mask from the padding, so no (B, H, T, T) tensor exists at all.
+  Queries at padding attend to the real keys there (the other paths spread them evenly over every key): only
+  the real rows are compared with the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Impl = Literal["auto", "reference", "fast", "flex"]
+
+
+def disentangled_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pos_query: torch.Tensor | None,
+    pos_key: torch.Tensor | None,
+    relative_pos: torch.Tensor,
+    span: int,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """DeBERTa's disentangled self-attention, ``softmax(S + mask) V`` with S as in the module docstring.
+
+    Args:
+        query: (B, H, T, D) content queries.
+        key: (B, H, T, D) content keys.
+        value: (B, H, T, D) values.
+        pos_query: (H, 2 * span, D) query projection of the relative-position embeddings (the p2c term), or None
+            when p2c is off.
+        pos_key: (H, 2 * span, D) key projection of the relative-position embeddings (the c2p term), or None when
+            c2p is off.
+        relative_pos: (T, T) long, the (bucketed) relative position of query i to key j, before adding ``span``;
+            it must depend on i - j only, as `transformers`' ``build_relative_position`` makes it.
+        span: s, the number of relative positions on each side (``position_buckets`` or
+            ``max_relative_positions``).
+        mask: (B, T) 1 at real tokens, 0 at padding; None for no padding.
+        scale: the score scale, 1 / sqrt(D * (1 + number of position terms)).
+        dropout_p: dropout on the attention weights (pass 0.0 in eval).
+        impl: ``reference``, ``fast``, ``flex`` (CUDA), or ``auto``: flex on CUDA, fast elsewhere.
+
+    Returns:
+        (B, H, T, D) the attention output. With padding, rows at padded queries are defined per path (see the
+        module docstring); the real rows agree across paths.
+
+    Raises:
+        ValueError: on an unknown ``impl``, or shapes that do not fit together.
+    """
+    _check_shapes(query, key, value, pos_query, pos_key, relative_pos, span, mask)
+    if impl == "auto":
+        impl = "flex" if query.is_cuda and flex_attention is not None else "fast"
+    if impl == "reference":
+        return reference_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p)
+    if impl == "fast":
+        return fast_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p)
+    if impl == "flex":
+        return flex_disentangled_attention(
+            query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p
+        )
+    raise ValueError(f"disentangled_attention: impl must be 'auto', 'reference', 'fast' or 'flex', got {impl!r}")
+
+
+def _check_shapes(query, key, value, pos_query, pos_key, relative_pos, span, mask) -> None:
+    if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(
+            "disentangled_attention: query, key and value must all be (B, H, T, D), got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    B, H, T, D = query.shape
+    for name, pos in (("pos_query", pos_query), ("pos_key", pos_key)):
+        if pos is not None and pos.shape != (H, 2 * span, D):
+            raise ValueError(
+                f"disentangled_attention: {name} must be (H, 2 * span, D) = {(H, 2 * span, D)}, got {tuple(pos.shape)}"
+            )
+    if relative_pos.shape != (T, T):
+        raise ValueError(
+            f"disentangled_attention: relative_pos must be (T, T) = {(T, T)}, got {tuple(relative_pos.shape)}"
+        )
+    if mask is not None and mask.shape != (B, T):
+        raise ValueError(f"disentangled_attention: mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+
+
+def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, 1, T, T) bool, True where query i and key j are both real (`transformers`' extended mask)."""
+    real = mask.bool()
+    return real[:, None, :, None] & real[:, None, None, :]
+
+
+def reference_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p=0.0):
+    """The reference path, `transformers`' ``DisentangledSelfAttention`` step by step (arguments as
+    :func:`disentangled_attention`): it divides by ``1 / scale`` rounded to the input dtype, as `transformers`
+    does, so that it matches in bf16 too."""
+    B, H, T, D = query.shape
+    # transformers divides by sqrt(D * factor), computed in fp32 and cast to the scores' dtype
+    divisor = torch.tensor(1.0 / scale, dtype=torch.float32, device=query.device).to(query.dtype)
+    scores = query @ (key.transpose(-1, -2) / divisor)  # (B, H, T, T)
+    relative_pos = relative_pos.to(device=query.device, dtype=torch.long)
+    rel = None
+    if pos_key is not None:
+        c2p_index = torch.clamp(relative_pos + span, 0, 2 * span - 1)  # (T, T)
+        c2p = query @ pos_key.transpose(-1, -2)  # (B, H, T, 2s)
+        c2p = torch.gather(c2p, -1, c2p_index.expand(B, H, T, T))  # [b, h, i, j] = q_i . Pk[bucket(i - j)]
+        rel = c2p / divisor
+    if pos_query is not None:
+        # transformers indexes by -relative_pos[j, i]; buckets are odd in i - j, so that is relative_pos[i, j]
+        p2c_index = torch.clamp(-relative_pos + span, 0, 2 * span - 1)  # (T, T)
+        p2c = key @ pos_query.transpose(-1, -2)  # (B, H, T, 2s)
+        p2c = torch.gather(p2c, -1, p2c_index.expand(B, H, T, T)).transpose(-1, -2)  # [b, h, i, j]
+        rel = p2c / divisor if rel is None else rel + p2c / divisor
+    if rel is not None:
+        scores = scores + rel
+    if mask is not None:
+        scores = scores.masked_fill(~_pair_mask(mask), torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ value
+
+
+def distance_buckets(relative_pos: torch.Tensor, span: int) -> torch.Tensor:
+    """The position row of each relative distance: (T, T) Toeplitz ``relative_pos`` -> (R,) long, entry
+    r = ``clamp(relative_pos[i, j] + span, 0, 2 span - 1)`` for i - j = r - (T - 1)."""
+    # the first column holds the distances 0 .. T - 1, the first row 0 .. -(T - 1)
+    distances = torch.cat([relative_pos[0, 1:].flip(0), relative_pos[:, 0]])
+    return torch.clamp(distances.to(torch.long) + span, 0, 2 * span - 1)
+
+
+def relative_shift(table: torch.Tensor) -> torch.Tensor:
+    """(..., T, R) -> (..., T, T) view, ``out[..., i, j] = table[..., i, T - 1 - i + j]``: row i of the output is
+    the T-wide window of row i of the table that starts at column T - 1 - i.
+
+    In the flat layout row i of the table starts at i * R, so that window starts at (T - 1) + i * (R - 1): the
+    flat tensor from offset T - 1, read as rows of R - 1, then cut to T columns (views only, no copy)."""
+    T, R = table.shape[-2:]
+    assert R == 2 * T - 1, (T, R)
+    if T == 1:
+        return table
+    flat = table.flatten(-2)[..., T - 1 : T - 1 + T * (R - 1)]
+    return flat.unflatten(-1, (T, R - 1))[..., :T]
+
+
+def _distance_table(content, pos, buckets, scale) -> torch.Tensor:
+    """(B, H, T, R), entry [b, h, t, r] = content_t . pos[buckets[r]] * scale, by whichever order multiplies less:
+    the R selected rows of ``pos`` (R <= 2s), or all 2s rows, then the R columns the distances select."""
+    if buckets.numel() <= pos.size(-2):
+        return content @ (pos.index_select(-2, buckets) * scale).transpose(-1, -2)
+    return (content @ (pos * scale).transpose(-1, -2)).index_select(-1, buckets)
+
+
+def position_bias(query, key, pos_query, pos_key, relative_pos, span, scale) -> torch.Tensor | None:
+    """(B, H, T, T) c2p + p2c, times ``scale``, with no (T, T) gather; None when both terms are off."""
+    buckets = distance_buckets(relative_pos.to(query.device), span)  # (R,) by i - j = -(T - 1) .. T - 1
+    bias = None
+    if pos_key is not None:
+        # c2p[i, j] = q_i . Pk[bucket(i - j)]: along a row (j up) i - j falls, so the table runs by falling i - j
+        bias = relative_shift(_distance_table(query, pos_key, buckets.flip(0), scale))
+    if pos_query is not None:
+        # p2c[i, j] = k_j . Pq[bucket(i - j)]: laid out by key j, along which i - j rises, then transposed
+        p2c = relative_shift(_distance_table(key, pos_query, buckets, scale)).transpose(-1, -2)
+        bias = p2c if bias is None else bias + p2c
+    return bias
+
+
+def fast_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p=0.0):
+    """The fast path (arguments as :func:`disentangled_attention`): the position terms from the R distinct
+    distances, a relative shift instead of gathers, one ``baddbmm`` for the content scores and the bias."""
+    B, H, T, D = query.shape
+    bias = position_bias(query, key, pos_query, pos_key, relative_pos, span, scale)
+    if bias is None:
+        scores = (query @ key.transpose(-1, -2)) * scale
+    else:
+        scores = torch.baddbmm(
+            bias.reshape(B * H, T, T),
+            query.reshape(B * H, T, D),
+            key.reshape(B * H, T, D).transpose(-1, -2),
+            alpha=scale,
+        ).view(B, H, T, T)
+    if mask is not None:
+        scores = scores.masked_fill(~_pair_mask(mask), torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ value
+
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch without FlexAttention: auto takes the fast path
+    create_block_mask = flex_attention = None
+
+
+@functools.cache
+def _compiled_flex():
+    # FlexAttention is fast only compiled (eager runs the score_mod over a dense (B, H, T, T) reference)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_disentangled_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p=0.0):
+    """FlexAttention (arguments as :func:`disentangled_attention`): the two (B, H, T, R) distance tables are read
+    inside the kernel at the distance of each (q_idx, kv_idx); gradients reach them, hence the projections,
+    through FlexAttention's captured-tensor backward. Compiled on CUDA, eager (slow, for tests) elsewhere."""
+    if flex_attention is None:
+        raise ValueError("disentangled_attention: impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    if dropout_p > 0.0:
+        raise ValueError(
+            "disentangled_attention: impl='flex' has no attention dropout; use impl='fast' to train with it"
+        )
+    B, H, T, D = query.shape
+    buckets = distance_buckets(relative_pos.to(query.device), span)
+    c2p = _distance_table(query, pos_key, buckets.flip(0), scale) if pos_key is not None else None
+    p2c = _distance_table(key, pos_query, buckets, scale) if pos_query is not None else None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # c2p runs by falling i - j: column T - 1 - i + j; p2c by rising i - j from key j: column T - 1 + i - j
+        if c2p is not None:
+            score = score + c2p[b, h, q_idx, T - 1 - q_idx + kv_idx]
+        if p2c is not None:
+            score = score + p2c[b, h, kv_idx, T - 1 + q_idx - kv_idx]
+        return score
+
+    block_mask = None
+    if mask is not None:
+        real = mask.bool()
+
+        def key_is_real(b, h, q_idx, kv_idx):
+            return real[b, kv_idx]
+
+        block_mask = create_block_mask(key_is_real, B, None, T, T, device=query.device)
+    attend = _compiled_flex() if query.is_cuda else flex_attention
+    return attend(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
