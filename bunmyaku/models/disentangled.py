@@ -156,18 +156,92 @@ def distance_buckets(relative_pos: torch.Tensor, span: int) -> torch.Tensor:
     return torch.clamp(distances.to(torch.long) + span, 0, 2 * span - 1)
 
 
-def relative_shift(table: torch.Tensor) -> torch.Tensor:
-    """(..., T, R) -> (..., T, T) view, ``out[..., i, j] = table[..., i, T - 1 - i + j]``: row i of the output is
-    the T-wide window of row i of the table that starts at column T - 1 - i.
+# Query rows per block of the fast path's position products, at most: a block of b rows needs T + b - 1 distances,
+# not the whole 2T - 1, so smaller blocks multiply less and larger ones make larger products (module-level so
+# that tests can shrink it). b divides T; a length with no divisor in [MIN_BLOCK, BLOCK] (a prime) takes one block.
+BLOCK = 32
+MIN_BLOCK = 8
 
-    In the flat layout row i of the table starts at i * R, so that window starts at (T - 1) + i * (R - 1): the
-    flat tensor from offset T - 1, read as rows of R - 1, then cut to T columns (views only, no copy)."""
-    T, R = table.shape[-2:]
-    assert R == 2 * T - 1, (T, R)
-    if T == 1:
-        return table
-    flat = table.flatten(-2)[..., T - 1 : T - 1 + T * (R - 1)]
-    return flat.unflatten(-1, (T, R - 1))[..., :T]
+
+def _block_size(length: int) -> int:
+    fits = [b for b in range(min(BLOCK, length), min(MIN_BLOCK, BLOCK) - 1, -1) if length % b == 0 and b >= 2]
+    return fits[0] if fits else length
+
+
+def windowed_products(content: torch.Tensor, pos: torch.Tensor, buckets: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query block against the window of position rows it reads: (H, nb, B, b, W) with W = T + b - 1.
+
+    Row t of the (T, T) scores needs ``pos[buckets[T - 1 - t + u]]`` for u = 0 .. T - 1, a window of T rows sliding
+    down by one per row (Transformer-XL's relative shift). A block of b rows, n-th from the top, needs the W rows
+    from (nb - 1 - n) b on, the same for the whole batch: one batched product of every block against its window,
+    (H * nb, B * b, D) x (H * nb, D, W). :func:`shifted` reads the (T, T) scores out of it.
+
+    Args:
+        content: (B, H, T, D) queries (c2p) or keys (p2c).
+        pos: (H, 2s, D) position projections.
+        buckets: (2T - 1,) long, the row of ``pos`` for each of the 2T - 1 offsets, in the order the rows read them.
+        scale: multiplies the scores (applied to the small position table).
+    """
+    B, H, T, D = content.shape
+    block = _block_size(T)
+    blocks, width = T // block, T + block - 1
+    table = pos.index_select(-2, buckets) * scale  # (H, 2T - 1, D)
+    windows = table.unfold(-2, width, block).flip(1)  # (H, nb, D, W), block n's window first
+    rows = content.unflatten(2, (blocks, block)).permute(1, 2, 0, 3, 4).reshape(H * blocks, B * block, D)
+    return torch.bmm(rows, windows.reshape(H * blocks, D, width)).view(H, blocks, B, block, width)
+
+
+def shifted(products: torch.Tensor, length: int) -> torch.Tensor:
+    """(H, nb, B, b, W) -> (B, H, nb, b, T) view, ``out[.., n, t, u] = products[.., n, .., t, b - 1 - t + u]``:
+    in each (b, W) block, the flat block from offset b - 1, read as rows of W - 1, cut to T columns."""
+    block, width = products.shape[-2:]
+    if width == 1:  # T = 1
+        return products.permute(2, 0, 1, 3, 4)
+    flat = products.flatten(-2)[..., block - 1 : block - 1 + block * (width - 1)]
+    return flat.unflatten(-1, (block, width - 1))[..., :length].permute(2, 0, 1, 3, 4)
+
+
+class _PositionBias(torch.autograd.Function):
+    """c2p + p2c as one contiguous (B, H, T, T) tensor, read out of the blocks' windowed products in one pass, and
+    the gradient written back into them in one (autograd through the views would copy each view step)."""
+
+    @staticmethod
+    def forward(ctx, c2p: torch.Tensor | None, p2c: torch.Tensor | None, length: int) -> torch.Tensor:
+        products = c2p if c2p is not None else p2c
+        H, blocks, B, block, _ = products.shape
+        ctx.shapes = (None if c2p is None else c2p.shape, None if p2c is None else p2c.shape)
+        out = products.new_empty(B, H, length, length)
+        # c2p's rows are queries: [.., n_i, t_i, j]; p2c's rows are keys: [.., n_j, t_j, i], transposed into place
+        # (in place into views of ``out`` rather than add(out=...), which torch.compile's functionalization lays out
+        # by its inputs' strides)
+        if c2p is not None:
+            out.view(B, H, blocks, block, length).copy_(shifted(c2p, length))
+        if p2c is not None:
+            p2c_t = shifted(p2c, length).permute(0, 1, 4, 2, 3)  # (B, H, T_i, nb_j, b_j)
+            by_key = out.view(B, H, length, blocks, block)
+            if c2p is None:
+                by_key.copy_(p2c_t)
+            else:
+                by_key.add_(p2c_t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        B, H, length, _ = grad.shape
+        grads = []
+        for index, shape in enumerate(ctx.shapes):
+            if shape is None or not ctx.needs_input_grad[index]:
+                grads.append(None)
+                continue
+            blocks, block = shape[1], shape[3]
+            d_products = grad.new_zeros(shape)
+            if index == 0:
+                shifted(d_products, length).copy_(grad.view(B, H, blocks, block, length))
+            else:
+                shifted(d_products, length).copy_(grad.view(B, H, length, blocks, block).permute(0, 1, 3, 4, 2))
+            grads.append(d_products)
+        return grads[0], grads[1], None
 
 
 def _distance_table(content, pos, buckets, scale) -> torch.Tensor:
@@ -180,16 +254,14 @@ def _distance_table(content, pos, buckets, scale) -> torch.Tensor:
 
 def position_bias(query, key, pos_query, pos_key, relative_pos, span, scale) -> torch.Tensor | None:
     """(B, H, T, T) c2p + p2c, times ``scale``, with no (T, T) gather; None when both terms are off."""
+    if pos_key is None and pos_query is None:
+        return None
     buckets = distance_buckets(relative_pos.to(query.device), span)  # (R,) by i - j = -(T - 1) .. T - 1
-    bias = None
-    if pos_key is not None:
-        # c2p[i, j] = q_i . Pk[bucket(i - j)]: along a row (j up) i - j falls, so the table runs by falling i - j
-        bias = relative_shift(_distance_table(query, pos_key, buckets.flip(0), scale))
-    if pos_query is not None:
-        # p2c[i, j] = k_j . Pq[bucket(i - j)]: laid out by key j, along which i - j rises, then transposed
-        p2c = relative_shift(_distance_table(key, pos_query, buckets, scale)).transpose(-1, -2)
-        bias = p2c if bias is None else bias + p2c
-    return bias
+    # c2p[i, j] = q_i . Pk[bucket(i - j)]: along a row (j up) i - j falls, so its table runs by falling i - j;
+    # p2c[i, j] = k_j . Pq[bucket(i - j)] is laid out by key j, along which i - j rises, then transposed
+    c2p = windowed_products(query, pos_key, buckets.flip(0), scale) if pos_key is not None else None
+    p2c = windowed_products(key, pos_query, buckets, scale) if pos_query is not None else None
+    return _PositionBias.apply(c2p, p2c, query.size(-2))
 
 
 def fast_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p=0.0):

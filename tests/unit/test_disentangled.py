@@ -25,7 +25,7 @@ BOTH, C2P, P2C = ("c2p", "p2c"), ("c2p",), ("p2c",)
 # (T, position_buckets, max_relative_positions): log buckets with a span below T (R = 2T - 1 > 2 span: the
 # columns-after-product branch), log buckets with span >= T (the rows-before-product branch), no buckets with
 # a span >= T, no buckets with a span < T (clamped), and lengths 1 and 2
-POSITIONS = [(13, 4, 16), (7, 8, 32), (11, -1, 16), (9, -1, 3), (1, 4, 16), (2, 4, 16)]
+POSITIONS = [(12, 4, 16), (7, 8, 32), (10, -1, 16), (9, -1, 3), (1, 4, 16), (2, 4, 16)]
 
 
 def hf_case(length, buckets, max_relative, pos_att_type, padded, seed=0):
@@ -144,7 +144,9 @@ def test_position_bias_matches_transformers_bias(pos_att_type):
 @pytest.mark.parametrize("padded", [False, True], ids=["fixed", "padded"])
 @pytest.mark.parametrize("pos_att_type", [BOTH, C2P, P2C], ids="|".join)
 @pytest.mark.parametrize("positions", POSITIONS[:4], ids=lambda p: f"T{p[0]}-b{p[1]}-m{p[2]}")
-def test_fast_and_reference_gradients_match_the_equation_fp32(positions, pos_att_type, padded):
+def test_fast_and_reference_gradients_match_the_equation_fp32(positions, pos_att_type, padded, monkeypatch):
+    monkeypatch.setattr(dis, "BLOCK", 4)  # several blocks of the fast path's position products where T allows
+    monkeypatch.setattr(dis, "MIN_BLOCK", 2)
     _, inputs, _, real, _ = hf_case(*positions, pos_att_type, padded)
     want_out, want = run("equation", inputs, torch.float64)
     for impl in ("reference", "fast"):
@@ -184,11 +186,22 @@ def test_fast_bf16_error_is_bounded_by_the_references_own(positions, pos_att_typ
         assert error(fast[name], exact[name]) <= 2 * error(ref[name], exact[name]) + 1e-3 * scale, name
 
 
-def test_relative_shift_reads_the_diagonals():
-    T = 4
-    table = torch.arange(T * (2 * T - 1)).view(T, 2 * T - 1)
-    want = torch.tensor([[table[i, T - 1 - i + j] for j in range(T)] for i in range(T)])
-    assert torch.equal(dis.relative_shift(table), want)
+@pytest.mark.parametrize("block", [2, 3, 4, 32])
+@pytest.mark.parametrize("length", [1, 2, 6, 8, 9, 13])
+def test_position_bias_reads_each_rows_window(length, block, monkeypatch):
+    """bias[i, j] = q_i . Pk[d(i - j)] + k_j . Pq[d(i - j)], for blocks that split T and for a single block."""
+    monkeypatch.setattr(dis, "BLOCK", block)
+    monkeypatch.setattr(dis, "MIN_BLOCK", 2)
+    torch.manual_seed(0)
+    q, k, pos_q, pos_k = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4), *torch.randn(2, 3, 6, 4)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    relative_pos = torch.randint(-3, 3, (2 * length - 1,))[i - j + length - 1]  # any Toeplitz matrix
+    index = relative_pos + 3
+    c2p = torch.einsum("bhid,hijd->bhij", q, pos_k[:, index]) * 0.5
+    p2c = torch.einsum("bhjd,hijd->bhij", k, pos_q[:, index]) * 0.5
+    torch.testing.assert_close(dis.position_bias(q, k, None, pos_k, relative_pos, 3, 0.5), c2p)
+    torch.testing.assert_close(dis.position_bias(q, k, pos_q, None, relative_pos, 3, 0.5), p2c)
+    torch.testing.assert_close(dis.position_bias(q, k, pos_q, pos_k, relative_pos, 3, 0.5), c2p + p2c)
 
 
 def test_dropout_is_applied_on_the_fast_path():
@@ -204,7 +217,7 @@ def test_dropout_is_applied_on_the_fast_path():
 
 def test_compiled_fast_path_matches_eager():
     _, inputs, _, _, _ = hf_case(11, 4, 16, BOTH, padded=True)
-    compiled = torch.compile(dis.fast_attention, backend="aot_eager")
+    compiled = torch.compile(dis.fast_attention, backend="aot_eager")  # inductor works too, but takes a minute
     leaves = ("query", "key", "value", "pos_query", "pos_key", "relative_pos", "span", "mask", "scale")
     eager_out, eager = run("fast", inputs)
     args = [
