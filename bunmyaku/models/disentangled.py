@@ -185,10 +185,12 @@ def windowed_products(content: torch.Tensor, pos: torch.Tensor, buckets: torch.T
     B, H, T, D = content.shape
     block = _block_size(T)
     blocks, width = T // block, T + block - 1
-    table = pos.index_select(-2, buckets) * scale  # (H, 2T - 1, D)
-    windows = table.unfold(-2, width, block).flip(1)  # (H, nb, D, W), block n's window first
+    # block n reads the offsets from (nb - 1 - n) b on: its W rows of pos, picked straight from the (H, 2s, D) table
+    starts = torch.arange(blocks - 1, -1, -1, device=buckets.device) * block  # (nb,)
+    index = buckets[starts[:, None] + torch.arange(width, device=buckets.device)]  # (nb, W)
+    windows = (pos * scale).index_select(-2, index.flatten()).view(H * blocks, width, D)
     rows = content.unflatten(2, (blocks, block)).permute(1, 2, 0, 3, 4).reshape(H * blocks, B * block, D)
-    return torch.bmm(rows, windows.reshape(H * blocks, D, width)).view(H, blocks, B, block, width)
+    return torch.bmm(rows, windows.transpose(1, 2)).view(H, blocks, B, block, width)
 
 
 def shifted(products: torch.Tensor, length: int) -> torch.Tensor:
@@ -199,6 +201,20 @@ def shifted(products: torch.Tensor, length: int) -> torch.Tensor:
         return products.permute(2, 0, 1, 3, 4)
     flat = products.flatten(-2)[..., block - 1 : block - 1 + block * (width - 1)]
     return flat.unflatten(-1, (block, width - 1))[..., :length].permute(2, 0, 1, 3, 4)
+
+
+def write_windows(out: torch.Tensor, values: torch.Tensor, length: int) -> torch.Tensor:
+    """The inverse of :func:`shifted`: ``values`` (B, H, nb, b, T) into the windows of ``out`` (H, nb, B, b, W),
+    zeros around them. Only the b - 1 entries per row outside the windows are cleared, not the whole tensor: in the
+    flat block, the b - 1 before the first window, the b - 2 between two rows' windows, the b - 1 after the last."""
+    block, width = out.shape[-2:]
+    shifted(out, length).copy_(values)
+    if width > 1:
+        flat = out.flatten(-2)
+        flat[..., : block - 1].zero_()
+        flat[..., block - 1 : block - 1 + block * (width - 1)].unflatten(-1, (block, width - 1))[..., length:].zero_()
+        flat[..., -1].zero_()
+    return out
 
 
 class _PositionBias(torch.autograd.Function):
@@ -235,11 +251,11 @@ class _PositionBias(torch.autograd.Function):
                 grads.append(None)
                 continue
             blocks, block = shape[1], shape[3]
-            d_products = grad.new_zeros(shape)
-            if index == 0:
-                shifted(d_products, length).copy_(grad.view(B, H, blocks, block, length))
-            else:
-                shifted(d_products, length).copy_(grad.view(B, H, length, blocks, block).permute(0, 1, 3, 4, 2))
+            if index == 0:  # c2p: grad[.., n_i, t_i, j]
+                values = grad.view(B, H, blocks, block, length)
+            else:  # p2c: grad[.., i, n_j, t_j] read as [.., n_j, t_j, i]
+                values = grad.view(B, H, length, blocks, block).permute(0, 1, 3, 4, 2)
+            d_products = write_windows(grad.new_empty(shape), values, length)
             grads.append(d_products)
         return grads[0], grads[1], None
 

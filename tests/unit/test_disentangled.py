@@ -204,6 +204,17 @@ def test_position_bias_reads_each_rows_window(length, block, monkeypatch):
     torch.testing.assert_close(dis.position_bias(q, k, pos_q, pos_k, relative_pos, 3, 0.5), c2p + p2c)
 
 
+@pytest.mark.parametrize(("length", "block"), [(1, 1), (2, 2), (6, 3), (8, 2), (7, 7)])
+def test_write_windows_fills_every_entry_outside_the_windows_with_zeros(length, block):
+    """The fast path's backward writes the gradient into uninitialised memory: nothing of it may survive."""
+    width = length + block - 1
+    out = torch.full((2, length // block, 3, block, width), float("nan"))
+    values = torch.randn(3, 2, length // block, block, length)
+    want = torch.zeros(out.shape)
+    dis.shifted(want, length).copy_(values)
+    torch.testing.assert_close(dis.write_windows(out, values, length), want)
+
+
 def test_dropout_is_applied_on_the_fast_path():
     _, inputs, _, _, _ = hf_case(7, 8, 32, BOTH, padded=False)
     torch.manual_seed(3)
