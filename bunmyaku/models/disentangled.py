@@ -15,12 +15,13 @@ projections of the relative-position embeddings (either term may be off: ``pos_a
 
 - ``reference``: the equation as `transformers` computes it: both position terms against all 2s positions,
   (B, H, T, 2s), then a ``torch.gather`` of (B, H, T, T) each, a full score matrix, ``masked_fill``, softmax.
-- ``fast``: the position terms depend on i - j only (``relative_pos`` is Toeplitz), so each needs just the R
-  distinct distances: the query is multiplied by the R rows of ``Pk`` those distances select, (B, H, T, R), and a
-  relative shift (Transformer-XL, Dai et al., 2019, appendix B: a flat view read with row stride R - 1) lays
-  that out as (i, j) with no gather. Where R > 2s (T > s, log buckets) the product against the 2s rows is
-  cheaper, and an ``index_select`` of its columns gives the R distances. The scores then go through one fused
-  add-multiply (``baddbmm``), the mask and the softmax, equal to the reference everywhere, padded rows included.
+- ``fast``: the position terms depend on i - j only (``relative_pos`` is Toeplitz), so no (T, T) index exists:
+  each block of b query rows is multiplied by the window of T + b - 1 position rows its rows read (fewer than the
+  2s of the reference while T < 2s - b), and a relative shift (Transformer-XL, Dai et al., 2019, appendix B: a
+  flat view read with a row stride one short) lays the products out as (i, j). Both terms and the padding mask
+  go into one (B, H, T, T) bias in one pass (:class:`_PositionBias`, whose backward is written out), then one
+  fused add-multiply (``baddbmm``) with the content scores and the softmax. Its outputs equal the reference's
+  everywhere in fp32 and bf16, padded query rows included.
 - ``flex`` (CUDA): FlexAttention with a ``score_mod`` that adds the two (B, H, T, R) tables, read at the
   distance of (q_idx, kv_idx), and a block mask from the padding, so no (B, H, T, T) tensor exists at all.
   Queries at padding attend to the real keys there (the other paths spread them evenly over every key): only
@@ -168,29 +169,16 @@ def _block_size(length: int) -> int:
     return fits[0] if fits else length
 
 
-def windowed_products(content: torch.Tensor, pos: torch.Tensor, buckets: torch.Tensor, scale: float) -> torch.Tensor:
-    """Each query block against the window of position rows it reads: (H, nb, B, b, W) with W = T + b - 1.
-
-    Row t of the (T, T) scores needs ``pos[buckets[T - 1 - t + u]]`` for u = 0 .. T - 1, a window of T rows sliding
-    down by one per row (Transformer-XL's relative shift). A block of b rows, n-th from the top, needs the W rows
-    from (nb - 1 - n) b on, the same for the whole batch: one batched product of every block against its window,
-    (H * nb, B * b, D) x (H * nb, D, W). :func:`shifted` reads the (T, T) scores out of it.
-
-    Args:
-        content: (B, H, T, D) queries (c2p) or keys (p2c).
-        pos: (H, 2s, D) position projections.
-        buckets: (2T - 1,) long, the row of ``pos`` for each of the 2T - 1 offsets, in the order the rows read them.
-        scale: multiplies the scores (applied to the small position table).
-    """
-    B, H, T, D = content.shape
-    block = _block_size(T)
-    blocks, width = T // block, T + block - 1
-    # block n reads the offsets from (nb - 1 - n) b on: its W rows of pos, picked straight from the (H, 2s, D) table
+def _window_index(buckets: torch.Tensor, blocks: int, block: int, width: int) -> torch.Tensor:
+    """(nb * W,) the position rows block n reads, block after block: the offsets from (nb - 1 - n) b on."""
     starts = torch.arange(blocks - 1, -1, -1, device=buckets.device) * block  # (nb,)
-    index = buckets[starts[:, None] + torch.arange(width, device=buckets.device)]  # (nb, W)
-    windows = (pos * scale).index_select(-2, index.flatten()).view(H * blocks, width, D)
-    rows = content.unflatten(2, (blocks, block)).permute(1, 2, 0, 3, 4).reshape(H * blocks, B * block, D)
-    return torch.bmm(rows, windows.transpose(1, 2)).view(H, blocks, B, block, width)
+    return buckets[starts[:, None] + torch.arange(width, device=buckets.device)].flatten()
+
+
+def _query_blocks(content: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, T, D) -> (H * nb, B * b, D): each head's n-th block of b rows, for the whole batch at once."""
+    B, H, T, D = content.shape
+    return content.unflatten(2, (T // block, block)).permute(1, 2, 0, 3, 4).reshape(H * (T // block), B * block, D)
 
 
 def shifted(products: torch.Tensor, length: int) -> torch.Tensor:
@@ -218,46 +206,115 @@ def write_windows(out: torch.Tensor, values: torch.Tensor, length: int) -> torch
 
 
 class _PositionBias(torch.autograd.Function):
-    """c2p + p2c as one contiguous (B, H, T, T) tensor, read out of the blocks' windowed products in one pass, and
-    the gradient written back into them in one (autograd through the views would copy each view step)."""
+    """c2p + p2c as one (B, H, T, T) tensor, masked in place, with a hand-written backward.
+
+    Each term multiplies every block of b rows (queries for c2p, keys for p2c) by the window of W = T + b - 1
+    position rows it reads: row t of the (T, T) scores needs ``pos[buckets[T - 1 - t + u]]`` for u = 0 .. T - 1,
+    a window sliding down by one per row (Transformer-XL's relative shift), so the n-th block of b rows needs the
+    W rows from (nb - 1 - n) b on, the same for the whole batch: one batched product (H * nb, B * b, D) x
+    (H * nb, D, W), read out by :func:`shifted` (views) into the bias in one pass. The backward writes the bias
+    gradient back into the windows (:func:`write_windows`) and multiplies once more each way; autograd through the
+    views and reshapes would copy at each step.
+
+    The gradient is not cleared at masked entries: a query row with any real key has a softmax weight of exactly 0
+    there, so the incoming gradient is 0 already; only a padded query row (every key masked) passes some on, and
+    its output never reaches a real token.
+    """
 
     @staticmethod
-    def forward(ctx, c2p: torch.Tensor | None, p2c: torch.Tensor | None, length: int) -> torch.Tensor:
-        products = c2p if c2p is not None else p2c
-        H, blocks, B, block, _ = products.shape
-        ctx.shapes = (None if c2p is None else c2p.shape, None if p2c is None else p2c.shape)
-        out = products.new_empty(B, H, length, length)
-        # c2p's rows are queries: [.., n_i, t_i, j]; p2c's rows are keys: [.., n_j, t_j, i], transposed into place
-        # (in place into views of ``out`` rather than add(out=...), which torch.compile's functionalization lays out
-        # by its inputs' strides)
-        if c2p is not None:
-            out.view(B, H, blocks, block, length).copy_(shifted(c2p, length))
-        if p2c is not None:
-            p2c_t = shifted(p2c, length).permute(0, 1, 4, 2, 3)  # (B, H, T_i, nb_j, b_j)
-            by_key = out.view(B, H, length, blocks, block)
-            if c2p is None:
-                by_key.copy_(p2c_t)
+    def forward(ctx, query, key, pos_query, pos_key, buckets, scale, attend):
+        B, H, T, D = query.shape
+        block = _block_size(T)
+        blocks, width = T // block, T + block - 1
+        out = query.new_empty(B, H, T, T)
+        saved, written = [], False
+        # c2p[i, j] = q_i . Pk[bucket(i - j)]: along a row (j up) i - j falls, so its windows run by falling i - j;
+        # p2c[i, j] = k_j . Pq[bucket(i - j)] is laid out by key j, along which i - j rises, then transposed into
+        # place (in place into views of ``out``: torch.compile's functionalization lays an add(out=) out by strides)
+        for content, pos, order, c2p in ((query, pos_key, buckets.flip(0), True), (key, pos_query, buckets, False)):
+            if pos is None:
+                saved += [None, None, None]
+                continue
+            index = _window_index(order, blocks, block, width)
+            rows = _query_blocks(content, block)
+            windows = (pos * scale).index_select(-2, index).view(H * blocks, width, D)
+            products = torch.bmm(rows, windows.transpose(1, 2)).view(H, blocks, B, block, width)
+            if c2p:
+                target, values = out.view(B, H, blocks, block, T), shifted(products, T)
             else:
-                by_key.add_(p2c_t)
+                target, values = out.view(B, H, T, blocks, block), shifted(products, T).permute(0, 1, 4, 2, 3)
+            if written:
+                target.add_(values)
+            else:
+                target.copy_(values)
+            written = True
+            saved += [rows, windows, index]
+        if attend is not None:
+            out.masked_fill_(~attend, torch.finfo(out.dtype).min)
+        ctx.save_for_backward(*saved)
+        ctx.scale, ctx.span2 = scale, (pos_key if pos_key is not None else pos_query).size(-2)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad):
         grad = grad.contiguous()
-        B, H, length, _ = grad.shape
-        grads = []
-        for index, shape in enumerate(ctx.shapes):
-            if shape is None or not ctx.needs_input_grad[index]:
-                grads.append(None)
+        B, H, T, _ = grad.shape
+        saved = ctx.saved_tensors
+        d_query = d_key = d_pos_query = d_pos_key = None
+        for term, (rows, windows, index) in enumerate((saved[:3], saved[3:])):
+            if rows is None:
                 continue
-            blocks, block = shape[1], shape[3]
-            if index == 0:  # c2p: grad[.., n_i, t_i, j]
-                values = grad.view(B, H, blocks, block, length)
-            else:  # p2c: grad[.., i, n_j, t_j] read as [.., n_j, t_j, i]
-                values = grad.view(B, H, length, blocks, block).permute(0, 1, 3, 4, 2)
-            d_products = write_windows(grad.new_empty(shape), values, length)
-            grads.append(d_products)
-        return grads[0], grads[1], None
+            blocks, width, D = rows.size(0) // H, windows.size(1), rows.size(-1)
+            block = T // blocks
+            if term == 0:  # c2p: grad[.., n_i, t_i, j]
+                values = grad.view(B, H, blocks, block, T)
+            else:  # p2c: grad[.., i, n_j, t_j], read as [.., n_j, t_j, i]
+                values = grad.view(B, H, T, blocks, block).permute(0, 1, 3, 4, 2)
+            d_products = write_windows(grad.new_empty(H, blocks, B, block, width), values, T)
+            d_products = d_products.view(H * blocks, B * block, width)
+            d_content = torch.bmm(d_products, windows).view(H, blocks, B, block, D).permute(2, 0, 1, 3, 4)
+            d_content = d_content.reshape(B, H, T, D)
+            d_windows = torch.bmm(d_products.transpose(1, 2), rows).view(H, blocks * width, D)
+            d_pos = grad.new_zeros(H, ctx.span2, D).index_add_(1, index, d_windows) * ctx.scale
+            if term == 0:
+                d_query, d_pos_key = d_content, d_pos
+            else:
+                d_key, d_pos_query = d_content, d_pos
+        return d_query, d_key, d_pos_query, d_pos_key, None, None, None
+
+
+def position_bias(query, key, pos_query, pos_key, relative_pos, span, scale, mask=None) -> torch.Tensor | None:
+    """(B, H, T, T) (c2p + p2c) * scale with no (T, T) gather, ``finfo.min`` where ``mask`` (B, T) pairs a padded
+    query or key; None when both terms are off."""
+    if pos_key is None and pos_query is None:
+        return None
+    buckets = distance_buckets(relative_pos.to(query.device), span)  # (R,) by i - j = -(T - 1) .. T - 1
+    attend = None if mask is None else _pair_mask(mask)
+    return _PositionBias.apply(query, key, pos_query, pos_key, buckets, scale, attend)
+
+
+def fast_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p=0.0):
+    """The fast path (arguments as :func:`disentangled_attention`): the position terms from the windows of
+    distances each block of rows reads, no gathers, then one ``baddbmm`` for the content scores and the bias."""
+    B, H, T, D = query.shape
+    bias = position_bias(query, key, pos_query, pos_key, relative_pos, span, scale, mask)
+    if bias is None:
+        scores = (query @ key.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~_pair_mask(mask), torch.finfo(scores.dtype).min)
+    else:
+        # masked entries: finfo.min plus a score rounds back to finfo.min in fp32 / bf16, so the weights equal the
+        # reference's everywhere (fp16's coarser finfo.min leaves padded query rows only nearly uniform)
+        scores = torch.baddbmm(
+            bias.view(B * H, T, T),
+            query.reshape(B * H, T, D),
+            key.reshape(B * H, T, D).transpose(-1, -2),
+            alpha=scale,
+        ).view(B, H, T, T)
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ value
 
 
 def _distance_table(content, pos, buckets, scale) -> torch.Tensor:
@@ -266,40 +323,6 @@ def _distance_table(content, pos, buckets, scale) -> torch.Tensor:
     if buckets.numel() <= pos.size(-2):
         return content @ (pos.index_select(-2, buckets) * scale).transpose(-1, -2)
     return (content @ (pos * scale).transpose(-1, -2)).index_select(-1, buckets)
-
-
-def position_bias(query, key, pos_query, pos_key, relative_pos, span, scale) -> torch.Tensor | None:
-    """(B, H, T, T) c2p + p2c, times ``scale``, with no (T, T) gather; None when both terms are off."""
-    if pos_key is None and pos_query is None:
-        return None
-    buckets = distance_buckets(relative_pos.to(query.device), span)  # (R,) by i - j = -(T - 1) .. T - 1
-    # c2p[i, j] = q_i . Pk[bucket(i - j)]: along a row (j up) i - j falls, so its table runs by falling i - j;
-    # p2c[i, j] = k_j . Pq[bucket(i - j)] is laid out by key j, along which i - j rises, then transposed
-    c2p = windowed_products(query, pos_key, buckets.flip(0), scale) if pos_key is not None else None
-    p2c = windowed_products(key, pos_query, buckets, scale) if pos_query is not None else None
-    return _PositionBias.apply(c2p, p2c, query.size(-2))
-
-
-def fast_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p=0.0):
-    """The fast path (arguments as :func:`disentangled_attention`): the position terms from the R distinct
-    distances, a relative shift instead of gathers, one ``baddbmm`` for the content scores and the bias."""
-    B, H, T, D = query.shape
-    bias = position_bias(query, key, pos_query, pos_key, relative_pos, span, scale)
-    if bias is None:
-        scores = (query @ key.transpose(-1, -2)) * scale
-    else:
-        scores = torch.baddbmm(
-            bias.reshape(B * H, T, T),
-            query.reshape(B * H, T, D),
-            key.reshape(B * H, T, D).transpose(-1, -2),
-            alpha=scale,
-        ).view(B, H, T, T)
-    if mask is not None:
-        scores = scores.masked_fill(~_pair_mask(mask), torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ value
 
 
 try:
