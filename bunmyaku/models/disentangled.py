@@ -36,6 +36,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from bunmyaku.models.fastpath import Packing
+
 Impl = Literal["auto", "reference", "fast", "flex"]
 
 
@@ -69,7 +71,7 @@ def disentangled_attention(
         mask: (B, T) 1 at real tokens, 0 at padding; None for no padding.
         scale: the score scale, 1 / sqrt(D * (1 + number of position terms)).
         dropout_p: dropout on the attention weights (pass 0.0 in eval).
-        impl: ``reference``, ``fast``, ``flex`` (CUDA), or ``auto``: flex on CUDA, fast elsewhere.
+        impl: ``reference``, ``fast``, ``flex`` (CUDA), or ``auto``: flex on CUDA without dropout, fast otherwise.
 
     Returns:
         (B, H, T, D) the attention output. With padding, rows at padded queries are defined per path (see the
@@ -80,7 +82,8 @@ def disentangled_attention(
     """
     _check_shapes(query, key, value, pos_query, pos_key, relative_pos, span, mask)
     if impl == "auto":
-        impl = "flex" if query.is_cuda and flex_attention is not None else "fast"
+        # FlexAttention has no attention dropout: training with it takes the fast path
+        impl = "flex" if query.is_cuda and flex_attention is not None and dropout_p == 0.0 else "fast"
     if impl == "reference":
         return reference_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p)
     if impl == "fast":
@@ -323,6 +326,55 @@ def _distance_table(content, pos, buckets, scale) -> torch.Tensor:
     if buckets.numel() <= pos.size(-2):
         return content @ (pos.index_select(-2, buckets) * scale).transpose(-1, -2)
     return (content @ (pos * scale).transpose(-1, -2)).index_select(-1, buckets)
+
+
+def packed_disentangled_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pos_query: torch.Tensor | None,
+    pos_key: torch.Tensor | None,
+    relative_pos: torch.Tensor,
+    span: int,
+    packing: Packing,
+    scale: float,
+    dropout_p: float = 0.0,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """:func:`disentangled_attention` within each row of a packed batch (:class:`~bunmyaku.models.fastpath.Packing`),
+    so that a ragged batch does not pay for its padding: (N, H, D) x 3 -> (N, H, D), N real tokens.
+
+    On CPU the rows go in groups of similar length (``packing.groups``), each re-padded to its own longest row L
+    only; otherwise the batch is re-padded as a whole. A relative position depends on i - j only, so it is the
+    same in a row wherever the row starts, and a group of length L reads the top-left (L, L) of ``relative_pos``.
+
+    Args:
+        query, key, value: (N, H, D) the real tokens, row by row (``packing.unpad`` of (B, T, H, D)).
+        relative_pos: (T, T) for the batch's padded length T.
+        packing: where the real tokens sit (``Packing.from_mask(attention_mask)``).
+        pos_query, pos_key, span, scale, dropout_p, impl: as :func:`disentangled_attention`.
+    """
+    H, D = query.shape[1:]
+
+    def attend(q, k, v, mask, length):  # (b, L, H, D) x 3, (b, L) -> (b, L, H, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, H, L, D)
+        rel = relative_pos[:length, :length]
+        y = disentangled_attention(q, k, v, pos_query, pos_key, rel, span, mask, scale, dropout_p, impl)
+        return y.transpose(1, 2)
+
+    if packing.groups is None:
+        B, T = packing.batch, packing.length
+        padded = (packing.pad(t.reshape(-1, H * D)).view(B, T, H, D) for t in (query, key, value))
+        y = attend(*padded, packing.mask[:, 0, 0, :], T)  # (B, T, H, D)
+        return packing.unpad(y.reshape(B, T, H * D)).view(-1, H, D)
+    out = query.new_empty(query.size(0), H * D)
+    for group in packing.groups:
+        b, L = group.rows.numel(), group.length
+        padded = (group.pad(t.reshape(-1, H * D)).view(b, L, H, D) for t in (query, key, value))
+        mask = None if group.mask is None else group.mask[:, 0, 0, :]
+        y = attend(*padded, mask, L)  # (b, L, H, D)
+        out.index_copy_(0, group.tokens, group.unpad(y.reshape(b, L, H * D)))
+    return out.view(-1, H, D)
 
 
 try:

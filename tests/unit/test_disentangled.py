@@ -287,3 +287,43 @@ def test_bad_arguments_are_value_errors():
         disentangled_attention(**{**inputs, "mask": torch.ones(2, 7)})
     with pytest.raises(ValueError, match=r"relative_pos must be \(T, T\)"):
         disentangled_attention(**{**inputs, "relative_pos": inputs["relative_pos"][None]})
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["row-groups", "whole-batch"])
+def test_packed_batch_matches_the_padded_reference(grouped, monkeypatch):
+    from bunmyaku.models import fastpath
+
+    # every row above 0 tokens may start a group of its own: lengths 12, 11 | 7 | 3 | 2
+    monkeypatch.setattr(fastpath, "GROUP_MIN_LENGTH", 0 if grouped else 32)
+    _, inputs, _, _, _ = hf_case(12, 4, 16, BOTH, padded=False)
+    mask = torch.ones(5, 12, dtype=torch.long)
+    for row, length in enumerate([12, 3, 7, 11, 2]):
+        mask[row, length:] = 0
+    torch.manual_seed(0)
+    tensors = {name: torch.randn(5, *inputs[name].shape[1:]) for name in ("query", "key", "value")}
+    tensors |= {name: inputs[name].clone() for name in ("pos_query", "pos_key")}
+    packing = fastpath.Packing.from_mask(mask)
+    assert (packing.groups is not None) == grouped
+    rest = {"relative_pos": inputs["relative_pos"], "span": inputs["span"], "scale": inputs["scale"]}
+
+    want_out, want = run("reference", {**tensors, **rest, "mask": mask})
+    leaves = {name: t.clone().requires_grad_() for name, t in tensors.items()}
+
+    def packed(t):  # (B, H, T, D) -> (N, H, D)
+        return packing.unpad(t.transpose(1, 2).flatten(2)).unflatten(-1, t.shape[1:2] + t.shape[3:])
+
+    out = dis.packed_disentangled_attention(
+        *(packed(leaves[name]) for name in ("query", "key", "value")),
+        leaves["pos_query"],
+        leaves["pos_key"],
+        packing=packing,
+        impl="fast",
+        **rest,
+    )
+    weight = torch.randn(want_out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out.double() * packed(weight)).sum().backward()
+    torch.testing.assert_close(out, packed(want_out), atol=1e-6, rtol=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(
+            leaves[name].grad, grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}"
+        )
