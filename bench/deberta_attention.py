@@ -5,7 +5,9 @@ python -m bench.deberta_attention [--batch 8] [--lengths 128,512] [--reps 3] [--
 
 Each (implementation, length, fixed / padded) runs in a fresh process, so that its peak resident memory (CPU) or
 peak allocated memory (CUDA) is its own; the median of ``--reps`` timed steps after one warm-up is printed. The
-padded batch has rows of 100%, 75%, 50% and 25% of the length, in turn.
+padded batch has rows of 100%, 75%, 50% and 25% of the length, in turn; ``packed`` runs it as a model does a
+ragged batch (projections on the real tokens, attention by row groups). The loss is the mean square of the output
+(over the real tokens for ``packed``, over every position otherwise).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 import torch
 
 HIDDEN, HEADS, SPAN, MAX_RELATIVE = 768, 12, 256, 512
-IMPLS = ("transformers", "reference", "fast")
+IMPLS = ("transformers", "reference", "fast", "packed")  # packed: padded batches only
 
 
 def _module_and_inputs(batch: int, length: int, padded: bool, device: str, dtype: torch.dtype):
@@ -52,7 +54,8 @@ def _module_and_inputs(batch: int, length: int, padded: bool, device: str, dtype
 
 
 def _step(impl: str, batch: int, length: int, padded: bool, device: str, dtype: torch.dtype):
-    from bunmyaku.models.disentangled import disentangled_attention
+    from bunmyaku.models.disentangled import disentangled_attention, packed_disentangled_attention
+    from bunmyaku.models.fastpath import Packing
 
     module, x, rel_embeddings, mask, relative_pos = _module_and_inputs(batch, length, padded, device, dtype)
     head_dim = HIDDEN // HEADS
@@ -61,13 +64,22 @@ def _step(impl: str, batch: int, length: int, padded: bool, device: str, dtype: 
         return t.unflatten(-1, (HEADS, head_dim)).transpose(-3, -2)
 
     def step() -> None:
+        scale = 1 / math.sqrt(head_dim * 3)
         if impl == "transformers":
             extended = mask[:, None, None, :] * mask[:, None, :, None]
             out = module(x, extended, relative_pos=relative_pos, rel_embeddings=rel_embeddings)[0]
+        elif impl == "packed":  # as a model runs a ragged batch: projections and attention on the real tokens only
+            packing = Packing.from_mask(mask)
+            tokens = packing.unpad(x)  # (N, C)
+            q, k, v = (
+                proj(tokens).unflatten(-1, (HEADS, head_dim))
+                for proj in (module.query_proj, module.key_proj, module.value_proj)
+            )  # (N, H, D)
+            pos_q, pos_k = heads(module.query_proj(rel_embeddings)), heads(module.key_proj(rel_embeddings))
+            out = packed_disentangled_attention(q, k, v, pos_q, pos_k, relative_pos[0], SPAN, packing, scale)
         else:
             q, k, v = heads(module.query_proj(x)), heads(module.key_proj(x)), heads(module.value_proj(x))
             pos_q, pos_k = heads(module.query_proj(rel_embeddings)), heads(module.key_proj(rel_embeddings))
-            scale = 1 / math.sqrt(head_dim * 3)
             out = disentangled_attention(q, k, v, pos_q, pos_k, relative_pos[0], SPAN, mask, scale, impl=impl)
             out = out.transpose(1, 2).flatten(2)
         out.float().square().mean().backward()
@@ -121,7 +133,7 @@ def main() -> None:
     for length in (int(n) for n in args.lengths.split(",")):
         for padded in (False, True):
             base = None
-            for impl in IMPLS:
+            for impl in IMPLS if padded else IMPLS[:-1]:
                 command = [sys.executable, "-m", "bench.deberta_attention", "--one", f"{impl}:{length}:{int(padded)}"]
                 command += ["--batch", str(args.batch), "--reps", str(args.reps), "--device", args.device]
                 command += ["--dtype", args.dtype]
