@@ -4,7 +4,8 @@ reference and fast paths, forward + backward, at deberta-v3-base shapes (12 head
 python -m bench.deberta_attention [--batch 8] [--lengths 128,512] [--reps 3] [--device cpu|cuda] [--dtype float32]
 
 Each (implementation, length, fixed / padded) runs in a fresh process, so that its peak resident memory (CPU) or
-peak allocated memory (CUDA) is its own; the median of ``--reps`` timed steps after one warm-up is printed. The
+peak allocated memory (CUDA) is its own; the median of ``--reps`` timed steps after one warm-up is printed, wall
+time and the process's CPU time (steadier on a shared machine), with the load average at the end. The
 padded batch has rows of 100%, 75%, 50% and 25% of the length, in turn; ``packed`` runs it as a model does a
 ragged batch (projections on the real tokens, attention by row groups). The loss is the mean square of the output
 (over the real tokens for ``packed``, over every position otherwise).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -96,18 +98,24 @@ def run_one(impl: str, batch: int, length: int, padded: bool, device: str, dtype
     sync()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if device.startswith("cuda")
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {"ms": statistics.median(times) * 1e3, "peak_mb": peak}
+    return {
+        "ms": statistics.median(times) * 1e3,
+        "cpu_ms": statistics.median(cpu_times) * 1e3,
+        "peak_mb": peak,
+        "load_avg": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -129,7 +137,9 @@ def main() -> None:
 
     print(f"# disentangled attention forward + backward, B={args.batch}, H={HEADS}, D=64, span={SPAN}, {args.dtype}")
     print(f"# {describe(args.device)}")
-    print(f"{'T':>5} {'batch':>7} {'impl':>13} {'ms':>9} {'peak MB':>9} {'vs transformers':>16}")
+    print(
+        f"{'T':>5} {'batch':>7} {'impl':>13} {'ms':>9} {'cpu ms':>9} {'peak MB':>9} {'vs transformers':>16} {'load':>5}"
+    )
     for length in (int(n) for n in args.lengths.split(",")):
         for padded in (False, True):
             base = None
@@ -143,8 +153,8 @@ def main() -> None:
                 base = base or result["ms"]
                 kind = "padded" if padded else "fixed"
                 print(
-                    f"{length:>5} {kind:>7} {impl:>13} {result['ms']:>9.1f} {result['peak_mb']:>9.0f} "
-                    f"{base / result['ms']:>15.2f}x",
+                    f"{length:>5} {kind:>7} {impl:>13} {result['ms']:>9.1f} {result['cpu_ms']:>9.1f} "
+                    f"{result['peak_mb']:>9.0f} {base / result['ms']:>15.2f}x {result['load_avg']:>5.1f}",
                     flush=True,
                 )
 

@@ -20,12 +20,16 @@ projections of the relative-position embeddings (either term may be off: ``pos_a
   2s of the reference while T < 2s - b), and a relative shift (Transformer-XL, Dai et al., 2019, appendix B: a
   flat view read with a row stride one short) lays the products out as (i, j). Both terms and the padding mask
   go into one (B, H, T, T) bias in one pass (:class:`_PositionBias`, whose backward is written out), then one
-  fused add-multiply (``baddbmm``) with the content scores and the softmax. Its outputs equal the reference's
-  everywhere in fp32 and bf16, padded query rows included.
+  fused add-multiply (``baddbmm``) with the content scores and the softmax. It agrees with the reference at every
+  row, padded query rows included (their weights stay uniform in fp32 and bf16; fp16's coarse ``finfo.min`` makes
+  them nearly so); its gradient differs only through a padded query row's output, which no real token reads.
 - ``flex`` (CUDA): FlexAttention with a ``score_mod`` that adds the two (B, H, T, R) tables, read at the
   distance of (q_idx, kv_idx), and a block mask from the padding, so no (B, H, T, T) tensor exists at all.
   Queries at padding attend to the real keys there (the other paths spread them evenly over every key): only
   the real rows are compared with the reference.
+
+:func:`packed_disentangled_attention` runs any of them over a packed batch (real tokens only, rows grouped by
+length on CPU), as the BERT family's unpadded path does (:mod:`bunmyaku.models.fastpath`).
 """
 
 from __future__ import annotations
