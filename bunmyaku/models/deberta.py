@@ -18,9 +18,11 @@ embeddings (LayerNorm-ed when ``norm_rel_ebd`` says so, shared by every layer, p
 where rel(i, j) is the (log-bucketed) distance i - j (:func:`relative_positions`) and pk / pq the relative
 embeddings projected by the key / query projections (``share_att_key``) or by their own (``pos_k_proj`` /
 ``pos_q_proj``). Buckets are odd (rel(j, i) = -rel(i, j)), so both terms read row clamp(span + rel(i, j)): a
-relative-position bias that depends on i - j only. The attention core is one function,
-:func:`disentangled_attention_reference`: the ``transformers``-style computation with (B, H, T, T) gathers, kept as
-the reference that faster kernels must equal.
+relative-position bias that depends on i - j only. The attention core is one call,
+:func:`bunmyaku.models.disentangled.disentangled_attention`: by default its fast kernels (on CPU the position terms
+of a block of queries against only the position rows it reads, laid out by a relative shift, no (B, H, T, T)
+gather; FlexAttention on CUDA); with ``attn_implementation="eager"`` the ``transformers``-style computation with
+gathers, kept as the reference the fast kernels are tested against.
 
 Padding is handled exactly as ``transformers`` handles it, so that every output and every loss is HF's, padding
 positions included (QA's span loss reads them): embeddings are zeroed at padding, the attention mask is the
@@ -51,6 +53,7 @@ from bunmyaku.models import bert
 from bunmyaku.models.attention import Attention
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
+from bunmyaku.models.disentangled import disentangled_attention, reference_weights
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear
@@ -234,70 +237,6 @@ def relative_positions(length: int, buckets: int, max_position: int, device=None
 # Attention
 
 
-def disentangled_attention_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    pos_query: torch.Tensor | None,
-    pos_key: torch.Tensor | None,
-    relative_pos: torch.Tensor,
-    span: int,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """The (B, H, T, T) weights of :func:`disentangled_attention_reference` (same arguments), before dropout."""
-    B, H, T, _ = query.shape
-    scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, T, T) content -> content
-    if pos_key is not None:  # content -> position: query i against the key embedding of r(i, j)
-        c2p = query @ pos_key.transpose(-1, -2)  # (B, H, T, R)
-        index = (relative_pos + span).clamp(0, 2 * span - 1)  # (T, T)
-        scores = scores + c2p.gather(-1, index.expand(B, H, T, T)) * scale
-    if pos_query is not None:  # position -> content: key j against the query embedding of r(j, i)
-        p2c = key @ pos_query.transpose(-1, -2)  # (B, H, T, R), one row per key
-        index = (span - relative_pos).clamp(0, 2 * span - 1)  # (T, T)
-        scores = scores + p2c.gather(-1, index.expand(B, H, T, T)).transpose(-1, -2) * scale
-    if mask is not None:
-        real = mask.bool()
-        pairs = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, T, T): both ends real
-        scores = scores.masked_fill(~pairs, torch.finfo(scores.dtype).min)
-    return scores.softmax(dim=-1)
-
-
-def disentangled_attention_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    pos_query: torch.Tensor | None,
-    pos_key: torch.Tensor | None,
-    relative_pos: torch.Tensor,
-    span: int,
-    mask: torch.Tensor | None,
-    scale: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Disentangled attention computed as ``transformers`` computes it: full (B, H, T, T) score tensors, gathers.
-
-    The reference every faster implementation must equal: outputs at every position, padding rows included
-    (a padding query's scores are all ``finfo.min``, so it averages every value uniformly).
-
-    Args:
-        query, key, value: (B, H, T, D).
-        pos_query: (H, R, D) the relative embeddings projected as queries, R = 2 * span; None without p2c.
-        pos_key: (H, R, D) the relative embeddings projected as keys; None without c2p.
-        relative_pos: (T, T) long, the bucketed ``query_index - key_index`` (:func:`relative_positions`).
-        span: half of R; embedding ``span + r`` stands for relative position r (clamped into [0, R - 1]).
-        mask: (B, T) 1 for real tokens, 0 for padding; None means all real.
-        scale: the factor on every score term, 1 / sqrt(D * (1 + number of position terms)).
-        dropout_p: dropout on the attention weights.
-
-    Returns:
-        (B, H, T, D) the attention output, heads not merged.
-    """
-    weights = disentangled_attention_weights(query, key, pos_query, pos_key, relative_pos, span, mask, scale)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ value  # (B, H, T, D)
-
-
 class DisentangledAttention(Attention):
     """Project, split heads, project the relative embeddings, call the attention core, merge, project.
 
@@ -351,11 +290,12 @@ class DisentangledAttention(Attention):
             pos_q, pos_k, span = self._project_positions(self.pos_dropout(rel_embeddings), T)
         dropout_p = self.dropout if self.training else 0.0
         if self.recorded is not None:  # output_attentions: the weights kept
-            weights = disentangled_attention_weights(q, k, pos_q, pos_k, relative_pos, span, mask, self.scale)
+            weights = reference_weights(q, k, pos_q, pos_k, relative_pos, span, mask, self.scale)
             self.recorded.append(weights)
             y = F.dropout(weights, p=dropout_p) @ v  # (B, H, T, D)
-        else:
-            y = disentangled_attention_reference(q, k, v, pos_q, pos_k, relative_pos, span, mask, self.scale, dropout_p)
+        else:  # attn_implementation "eager": the transformers-style reference; "sdpa" (default): the fast kernels
+            impl = "reference" if self.implementation == "eager" else "auto"
+            y = disentangled_attention(q, k, v, pos_q, pos_k, relative_pos, span, mask, self.scale, dropout_p, impl)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): heads merged
         return self.out_proj(y)
 

@@ -129,6 +129,14 @@ def reference_attention(query, key, value, pos_query, pos_key, relative_pos, spa
     """The reference path, `transformers`' ``DisentangledSelfAttention`` step by step (arguments as
     :func:`disentangled_attention`): it divides by ``1 / scale`` rounded to the input dtype, as `transformers`
     does, so that it matches in bf16 too."""
+    weights = reference_weights(query, key, pos_query, pos_key, relative_pos, span, mask, scale)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ value
+
+
+def reference_weights(query, key, pos_query, pos_key, relative_pos, span, mask, scale) -> torch.Tensor:
+    """The reference path's (B, H, T, T) attention weights before dropout (what ``output_attentions`` returns)."""
     B, H, T, D = query.shape
     # transformers divides by sqrt(D * factor), computed in fp32 and cast to the scores' dtype
     divisor = torch.tensor(1.0 / scale, dtype=torch.float32, device=query.device).to(query.dtype)
@@ -150,10 +158,7 @@ def reference_attention(query, key, value, pos_query, pos_key, relative_pos, spa
         scores = scores + rel
     if mask is not None:
         scores = scores.masked_fill(~_pair_mask(mask), torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ value
+    return scores.softmax(dim=-1)
 
 
 def distance_buckets(relative_pos: torch.Tensor, span: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 import bunmyaku
 from bunmyaku.models import deberta
+from bunmyaku.models.disentangled import disentangled_attention
 from tests.conftest import require_module
 from tests.parity.helpers import assert_close, randomize, right_padded_batch, save
 
@@ -151,6 +152,21 @@ def test_deberta_parity_both_directions(tmp_path, name, task):
         _compare(model(**inputs), expected, task, mask)
         reloaded = type(hf_model).from_pretrained(save(model, tmp_path / "ours")).eval()
         _compare(reloaded(**inputs), expected, task, mask)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "v3"] + ["v3"])
+@pytest.mark.parametrize("task", ["base", "question-answering"])
+def test_eager_reference_and_fast_kernel_both_match_transformers(tmp_path, name, task):
+    """The default path runs the fast kernel (tested above); attn_implementation="eager" the transformers-style
+    reference with gathers: both give HF's outputs, padding positions included for QA."""
+    hf_model = _hf_model(name, task, seed=3)
+    folder = save(hf_model, tmp_path / "hf")
+    inputs, mask = _inputs(task, seed=4)
+    with torch.no_grad():
+        expected = hf_model(**inputs)
+        for implementation in ("eager", "sdpa"):
+            model = bunmyaku.from_pretrained(folder, attn_implementation=implementation)
+            _compare(model(**inputs), expected, task, mask)
 
 
 @pytest.mark.parametrize("name", ["v3", "v2-xlarge", "v1-base"])
@@ -306,19 +322,24 @@ def test_output_attentions_and_hidden_states(tmp_path, name):
         assert_close(a, b, mask)
 
 
-def test_reference_attention_mask_none_is_all_real():
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_attention_mask_none_is_all_real(impl):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 6, 4, generator=gen) for _ in range(3))
     pos = torch.randn(3, 8, 4, generator=gen)
     rel = deberta.relative_positions(6, 4, 8)
     args = (q, k, v, pos, pos.flip(1), rel, 4)
-    full = deberta.disentangled_attention_reference(*args, None, 0.3)
-    assert_close(deberta.disentangled_attention_reference(*args, torch.ones(2, 6), 0.3), full, atol=0)
+
+    def attend(mask):
+        return disentangled_attention(*args, mask, 0.3, impl=impl)
+
+    full = attend(None)
+    assert_close(attend(torch.ones(2, 6)), full, atol=1e-6)
     # padding changes the real rows' output only by removing the padded keys
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
-    padded = deberta.disentangled_attention_reference(*args, mask, 0.3)
+    padded = attend(mask)
     assert not torch.allclose(padded[0, :, :4], full[0, :, :4])
-    assert_close(padded[1], full[1], atol=0)
+    assert_close(padded[1], full[1], atol=1e-6)
 
 
 @pytest.mark.parametrize(
