@@ -52,6 +52,13 @@ class TrainArgs:
     """Recompute activations in backward to save memory."""
     compile: bool = False
     """Compile the model's forward with torch.compile (in place: parameter names and checkpoints unchanged)."""
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    """Data parallelism under torchrun: ddp (a replica per process), fsdp (weights, gradients and optimizer state
+    sharded over the processes; sharded checkpoints), hsdp (sharded within groups of shard_size, replicated across)."""
+    shard_size: int = 0
+    """hsdp: processes per shard group (0: the GPUs of one node; every process on the CPU)."""
+    cpu_offload: bool = False
+    """fsdp / hsdp on CUDA: keep the sharded weights, gradients and optimizer state in host memory."""
     freeze_embeddings: bool = False
     """Do not train the embeddings."""
     freeze_layers: int = 0

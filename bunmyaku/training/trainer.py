@@ -4,7 +4,7 @@ Read :meth:`Trainer.fit` first; each named step below it does one thing:
 
 - ``_train_step``: count the step's targets over all micro-batches and processes, then forward / backward each
   micro-batch with loss = sum / global count (so accumulation gives the full-batch gradient), skipping DDP's
-  gradient sync on all but the last micro-batch;
+  gradient sync (FSDP's reduce-scatter) on all but the last micro-batch;
 - ``_optimizer_step``: unscale (fp16), clip, step the optimizer, scheduler and scaler;
 - ``_evaluate``: the evaluation callable (by default held-out loss, perplexity and token accuracy), then the
   selection: the best evaluation by ``metric`` is remembered (its weights too with ``restore_best``), and
@@ -36,6 +36,7 @@ from torch import nn
 from bunmyaku.data.loader import BatchStream, eval_batches
 from bunmyaku.training import checkpoint as ckpt
 from bunmyaku.training import distributed as dist_utils
+from bunmyaku.training import sharding
 from bunmyaku.training.adversarial import adversarial_plugins
 from bunmyaku.training.args import TrainArgs
 from bunmyaku.training.metrics import MetricsWriter, plot_losses
@@ -209,11 +210,10 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         last = len(self._step_batches) - 1
         for i, batch in enumerate(self._step_batches):
-            sync = contextlib.nullcontext() if i == last or self.world_size == 1 else self.model.no_sync()
-            with sync:
+            with self._gradient_sync(i == last):
                 with self.autocast():
                     losses, metrics = self.objective(self.model, batch)
-                # DDP averages gradients over processes; the global count already covers all of them
+                # DDP and FSDP average gradients over processes; the global count already covers all of them
                 loss = sum(losses[t] / max(self._step_counts[t], 1) for t in losses) * self.world_size
                 for plugin in self.plugins:
                     plugin.before_backward(self, loss)
@@ -232,8 +232,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.args.max_grad_norm > 0:
-            # a device tensor: read (one sync) only when a step is logged
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+            # a device tensor: read (one sync) only when a step is logged; over sharded gradients (DTensors) the
+            # norm is already reduced over every shard and replicated
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+            self.grad_norm = sharding.local_tensor(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -258,10 +260,12 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             for plugin in self.plugins:
                 stack.enter_context(plugin.evaluation_context(self))
+            if sharding.is_sharded(model):  # evaluation forwards without collectives: shares may differ in size
+                stack.enter_context(sharding.gathered(model))
             values = dict(self.evaluator(self))
             improved = self._select(values)
             if improved and self.restore_best:  # inside the contexts: the weights that were evaluated (EMA's)
-                self.selected_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                self.selected_state = self._cpu_state()
         model.train()
         metrics = {f"eval_{k}": v for k, v in values.items() if v is not None}
         for plugin in self.plugins:
@@ -327,25 +331,42 @@ class Trainer:
         if eval_step == self.step and eval_loss < self.best["eval_loss"]:
             self.best = {"eval_loss": eval_loss, "step": self.step}
         rng_states = dist_utils.gather_objects(ckpt.rng_state())
+        if self.sharded_checkpoints:
+            self._save_sharded(rng_states)
+            return
         if self.is_main:
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "plugins": [p.state_dict() for p in self.plugins],
-                "rng": rng_states,
-                "data": self.train_stream.state_dict(),
-                "best": self.best,
-                "selection": {"selected": self.selected, "evaluations": self.evaluations, "bad_evals": self.bad_evals},
-                "selected_state": self.selected_state,
-                "last_metrics": self._last_metrics,
-                "world_size": self.world_size,
-            }
+            state = {**self._trainer_state(rng_states), "optimizer": self.optimizer.state_dict()}
             ckpt.save_checkpoint(self.checkpoint_dir, self.step, self.unwrapped_model, state)
-            best = {ckpt.step_dir(self.checkpoint_dir, self.best["step"])} if self.best["step"] is not None else set()
-            ckpt.rotate_checkpoints(self.checkpoint_dir, self.args.keep_last, best)
+            self._rotate()
         dist_utils.barrier()
+
+    def _trainer_state(self, rng_states: list[Any]) -> dict[str, Any]:
+        """Everything a checkpoint holds besides the model and optimizer."""
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "plugins": [p.state_dict() for p in self.plugins],
+            "rng": rng_states,
+            "data": self.train_stream.state_dict(),
+            "best": self.best,
+            "selection": {"selected": self.selected, "evaluations": self.evaluations, "bad_evals": self.bad_evals},
+            "selected_state": self.selected_state,
+            "last_metrics": self._last_metrics,
+            "world_size": self.world_size,
+        }
+
+    def _save_sharded(self, rng_states: list[Any]) -> None:
+        """fsdp / hsdp: every process writes its shards of the model and optimizer state (DCP), rank 0 the rest."""
+        state = self._trainer_state(rng_states) if self.is_main else {}
+        sharding.save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, state)
+        if self.is_main:
+            self._rotate()
+        dist_utils.barrier()
+
+    def _rotate(self) -> None:
+        best = {ckpt.step_dir(self.checkpoint_dir, self.best["step"])} if self.best["step"] is not None else set()
+        ckpt.rotate_checkpoints(self.checkpoint_dir, self.args.keep_last, best)
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -369,14 +390,21 @@ class Trainer:
             )
         for plugin in self.plugins:
             plugin.on_fit_start(self)
-        if self.world_size > 1:
+        sharding.check_strategy(args, self.plugins, self.device)
+        # fsdp / hsdp checkpoints are sharded (DCP) on any number of processes, so that 1 process resumes 2's
+        self.sharded_checkpoints = args.strategy != "ddp"
+        if self.world_size > 1 and args.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        elif self.world_size > 1:  # in place: parameters become DTensors, names and the module stay
+            mesh = sharding.build_mesh(args.strategy, self.device, args.shard_size)
+            sharding.shard_model(model, mesh, bf16=args.precision == "bf16", cpu_offload=args.cpu_offload)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         groups = _param_groups(model, args.weight_decay)
         for plugin in self.plugins:
             groups = plugin.param_groups(self, groups)
-        self.optimizer = build_optimizer(groups, args, self.device)
+        # offloaded parameters live on the host: so does their optimizer state (no fused CUDA kernel)
+        self.optimizer = build_optimizer(groups, args, torch.device("cpu") if args.cpu_offload else self.device)
         self.scheduler = build_scheduler(self.optimizer, args)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
         self.grad_norm: float | torch.Tensor | None = None
@@ -389,12 +417,19 @@ class Trainer:
 
     def _resume(self) -> int | None:
         """Load the newest intact checkpoint, if any (a damaged newer one is skipped); returns its step."""
-        found = ckpt.latest_readable(self.unwrapped_model, self.checkpoint_dir)
-        if found is None:
-            return None
-        ckpt.load_weights(self.unwrapped_model, found.weights, found.path)
-        state = found.state
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded_checkpoints:
+            found_sharded = sharding.latest_readable(self.checkpoint_dir)
+            if found_sharded is None:
+                return None
+            path, state = found_sharded
+            sharding.load_checkpoint(path, self.model, self.optimizer, state)
+        else:
+            found = ckpt.latest_readable(self.unwrapped_model, self.checkpoint_dir)
+            if found is None:
+                return None
+            path, state = found.path, found.state
+            ckpt.load_weights(self.unwrapped_model, found.weights, found.path)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -411,7 +446,7 @@ class Trainer:
         self.evaluations = selection.get("evaluations", [])
         self.bad_evals = selection.get("bad_evals", 0)
         self.selected_state = state.get("selected_state")
-        logger.info("Resumed from %s (step %d)", found.path, self.step)
+        logger.info("Resumed from %s (step %d)", path, self.step)
         return self.step
 
     def _restore(self, path: Path) -> None:
@@ -428,9 +463,14 @@ class Trainer:
         args = self.args
         self._raise_if_diverged()
         if self.restore_best and self.selected_state is not None:
-            self.unwrapped_model.load_state_dict(self.selected_state)
+            if sharding.is_sharded(self.model):
+                sharding.load_full_state_dict(self.model, self.selected_state)
+            else:
+                self.unwrapped_model.load_state_dict(self.selected_state)
             logger.info("Restored the best evaluation (step %d, %s)", self.selected["step"], self._selected_value())
-        if self.is_main:
+        if self.sharded_checkpoints:
+            self._finish_sharded()
+        elif self.is_main:
             if args.export_best and self.best["step"] not in (None, self.step):
                 self._restore(ckpt.step_dir(self.checkpoint_dir, self.best["step"]))
             if self.export_dir is not None:
@@ -443,12 +483,54 @@ class Trainer:
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(self.export_dir)
                 logger.info("Saved the model to %s", self.export_dir)
+        if self.is_main:
             self.writer.close()
             if args.plot:
                 metric = None if self.metric == "loss" else self.metric
                 plot_losses(self.writer.path, self.output_dir / "loss_curves.png", title=self.title, metric=metric)
         dist_utils.barrier()
         return dict(self._last_metrics)
+
+    def _finish_sharded(self) -> None:
+        """fsdp / hsdp: the best checkpoint's weights (``export_best``) are read by every process, and the
+        export gathers the whole weights to rank 0, which writes one ordinary HF folder."""
+        model = self.model
+        if self.args.export_best and self.best["step"] not in (None, self.step):
+            path = ckpt.step_dir(self.checkpoint_dir, self.best["step"])
+            sharding.load_checkpoint(path, model, None, sharding.read_checkpoint(path))
+            logger.info("Exporting the best checkpoint, %s (eval loss %.4f)", path, self.best["eval_loss"])
+        if self.export_dir is None:
+            return
+        self._check_weights("export")
+        if sharding.is_sharded(model):
+            sharding.export(model, self.export_dir, dtype=self.args.export_dtype)
+        elif self.is_main:
+            ckpt.save_model(model, self.export_dir, dtype=self.args.export_dtype)
+        if self.is_main:
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(self.export_dir)
+            logger.info("Saved the model to %s", self.export_dir)
+
+    def _cpu_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights, whole, on the CPU (sharded: gathered on rank 0; every process must call it)."""
+        if sharding.is_sharded(self.model):
+            return sharding.full_state_dict(self.model)
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.unwrapped_model.state_dict().items()}
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, enabled: bool):
+        """Whether the next backward reduces gradients over processes (off for non-final micro-batches)."""
+        if self.world_size == 1 or enabled:
+            yield
+        elif sharding.is_sharded(self.model):
+            sharding.set_gradient_sync(self.model, False)
+            try:
+                yield
+            finally:
+                sharding.set_gradient_sync(self.model, True)
+        else:
+            with self.model.no_sync():
+                yield
 
     def _selected_value(self) -> str:
         value = self.selected.get(f"eval_{self.metric}")
@@ -478,7 +560,9 @@ class Trainer:
 
     def _check_weights(self, purpose: str) -> None:
         """Raise :class:`TrainingDiverged` before writing a ``purpose`` (checkpoint, export) of non-finite weights."""
-        bad = ckpt.non_finite({n: p.detach() for n, p in self.unwrapped_model.named_parameters()})
+        # each process checks its own shards; a non-finite loss (all-reduced) stops every process together
+        params = self.unwrapped_model.named_parameters()
+        bad = ckpt.non_finite({n: sharding.local_tensor(p.detach()) for n, p in params})
         if bad:
             raise TrainingDiverged(
                 f"the weights are not finite at step {self.step} ({', '.join(bad[:5])}); no {purpose} was written"

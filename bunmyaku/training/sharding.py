@@ -1,0 +1,358 @@
+"""Sharded data parallelism on PyTorch's own engines: FSDP2 (``fully_shard``) and its checkpoints (DCP).
+
+``--strategy fsdp`` shards every parameter, its gradient and its optimizer state over the processes (ZeRO-3):
+each Transformer block is one ``fully_shard`` unit (its weights are all-gathered just before its forward and
+backward and freed after), then the root takes the rest (embeddings, final norm, heads). ``--strategy hsdp``
+shards within groups of ``shard_size`` processes (the GPUs of a node) and replicates across groups, on a 2-D
+device mesh ``(replicate, shard)``: the gradients are reduce-scattered inside a node and all-reduced between
+nodes. ``ddp`` (the default) stays with :class:`~torch.nn.parallel.DistributedDataParallel`.
+
+What the Trainer asks of this module, and why:
+
+- gradient accumulation: no reduce-scatter on the non-final micro-batches of a step
+  (:func:`set_gradient_sync`), as ``no_sync`` does for DDP;
+- clipping: ``clip_grad_norm_`` over DTensor gradients already returns the norm over all shards;
+- evaluation: processes may hold different numbers of held-out batches, while a sharded forward is a
+  collective; :func:`gathered` all-gathers the weights once, so evaluation forwards need no communication;
+- checkpoints: every process writes its own shards of the model and optimizer state with
+  ``torch.distributed.checkpoint`` (DCP), and any number of processes reads them back (resharding);
+- export: the full weights are gathered on rank 0 and written as one ordinary HF folder.
+
+Checkpoint files: DCP's default ``FileSystemWriter`` pickles its ``.metadata`` file and loads it with a plain
+``pickle.load``, and stores non-tensor values with ``torch.save``. bunmyaku writes no pickle: the shards are
+safetensors files (DCP's ``HuggingFaceStorageWriter`` in distributed mode, whose header records each chunk's
+offset, so the reader rebuilds the metadata from the headers and no ``.metadata`` file exists), only tensors
+go through DCP, and everything else (step, scheduler, optimizer hyper-parameters, RNG states, data position)
+goes to ``trainer_state.json`` / ``trainer_state.safetensors`` as for unsharded checkpoints. A checkpoint is
+written under a temporary name and renamed when every process has finished, so a killed save leaves the
+previous checkpoint the newest complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bunmyaku.training import checkpoint as ckpt
+from bunmyaku.training import distributed as dist_utils
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("ddp", "fsdp", "hsdp")
+SHARDS = "shards"  # the DCP folder inside a checkpoint
+
+# plugins that keep a per-parameter copy or perturb the weights by a norm over every gradient: under sharding
+# each process holds a slice of every tensor, which those plugins do not handle (yet)
+_UNSHARDABLE = {
+    "EMA": "its averaged copy of the weights would need sharded storage and checkpoints",
+    "SWA": "its averaged copy of the weights would need sharded storage and checkpoints",
+    "FGM": "its perturbation's norm would have to be reduced over the gradient shards of every process",
+    "AWP": "its perturbation's norm would have to be reduced over the weight shards of every process",
+    "SAM": "its perturbation's norm would have to be reduced over the gradient shards of every process",
+}
+
+
+def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -> None:
+    """Refuse settings a sharded run cannot honour, with the reason.
+
+    Raises:
+        ValueError: an unknown strategy, a plugin that does not work on sharded weights, ``cpu_offload`` without
+            CUDA or without sharding, a bad ``shard_size``.
+    """
+    if args.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
+    if args.shard_size < 0:
+        raise ValueError(f"shard_size must be >= 0 (0: the GPUs of one node), got {args.shard_size}")
+    if args.strategy == "ddp":
+        if args.cpu_offload:
+            raise ValueError("cpu_offload needs strategy fsdp or hsdp (DDP keeps whole replicas on each device)")
+        return
+    for plugin in plugins:
+        reason = _UNSHARDABLE.get(type(plugin).__name__)
+        if reason is not None:
+            raise ValueError(
+                f"{type(plugin).__name__} is not supported with strategy {args.strategy}: {reason}. "
+                "Use strategy ddp for it"
+            )
+    if args.cpu_offload and device.type != "cuda":
+        raise ValueError("cpu_offload moves parameters from the GPU to host memory; this run is already on the CPU")
+    if args.precision == "fp16":
+        raise ValueError(f"strategy {args.strategy} supports fp32 and bf16 (fp16's GradScaler is not sharded)")
+
+
+def build_mesh(strategy: str, device: torch.device, shard_size: int = 0):
+    """The device mesh: 1-D over every process for fsdp, ``(replicate, shard)`` for hsdp.
+
+    Args:
+        strategy: ``"fsdp"`` or ``"hsdp"``.
+        device: this process's device (its type names the mesh's).
+        shard_size: hsdp's processes per shard group; 0: the GPUs of one node (every process on the CPU).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if strategy == "fsdp":
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    if shard_size == 0:
+        shard_size = torch.cuda.device_count() if device.type == "cuda" else world
+    if shard_size <= 0 or world % shard_size:
+        raise ValueError(f"hsdp: {world} processes do not split into shard groups of {shard_size} (shard_size)")
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's Transformer blocks, the units that are sharded (and all-gathered) one at a time."""
+    from bunmyaku.models.layers import Block
+
+    found = [m for m in model.modules() if isinstance(m, Block)]
+    if not found:  # architectures with blocks of their own class: the entries of a ``layers`` list
+        found = [m for name, lst in model.named_modules() if name.endswith("layers") for m in lst.children()]
+    return found
+
+
+def shard_model(model: nn.Module, mesh, *, bf16: bool = False, cpu_offload: bool = False) -> nn.Module:
+    """Apply ``fully_shard`` to each block, then to the root (in place); returns ``model``.
+
+    Args:
+        model: the model, on its device, with its final ``requires_grad`` flags.
+        mesh: from :func:`build_mesh`.
+        bf16: compute in bfloat16 (weights gathered as bf16) while gradients are reduced in float32.
+        cpu_offload: keep the sharded parameters, gradients and optimizer state in host memory (CUDA only).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    options: dict[str, Any] = {"mesh": mesh}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    options["offload_policy"] = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce-scatter gradients in the next backward (the last micro-batch of a step) or keep them local."""
+    model.set_requires_gradient_sync(enabled)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """All-gather every unit's weights once and keep them until the block ends: forwards inside need no
+    collective, so processes may run different numbers of them (held-out shares of unequal size)."""
+    units = _fsdp_modules(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor made whole (a collective); the tensor itself otherwise."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+# ---------------------------------------------------------------------------------------------- whole weights
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight whole, on the CPU, on rank 0 ({} on the others; every process must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load rank 0's :func:`full_state_dict` into the sharded ``model`` (every process must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state if dist_utils.is_main() else {}, options=options)
+
+
+def export(model: nn.Module, directory: Path, dtype: str | None = None) -> None:
+    """Write the sharded ``model`` as one ordinary HF folder (``config.json`` + ``model.safetensors``) from rank 0.
+
+    The whole weights are gathered to rank 0's host memory and loaded into a plain copy of the model built on
+    the meta device (no second allocation of random weights). Every process must call it.
+    """
+    state = full_state_dict(model)
+    if not dist_utils.is_main():
+        return
+    plain = _plain_copy(model, state)
+    ckpt.save_model(plain, directory, dtype=dtype)
+
+
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A module of ``model``'s own class (not FSDP's subclass) holding ``state`` on the CPU."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state, strict=False, assign=True)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if left:
+        # non-persistent buffers (position ids, rotary tables) are rebuilt by the class: take them from a CPU
+        # instance of that buffer's module only when needed
+        raise RuntimeError(f"export: tensors not in the gathered state: {left[:5]}")
+    return plain
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The tensors DCP stores (model and optimizer state, each process's shards) and the optimizer's parameter
+    groups (hyper-parameters and parameter names: plain JSON)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(cpu_offload=True))
+    return {"model": _without_aliases(model_state), "optimizer": optim_state["state"]}, optim_state["param_groups"]
+
+
+def _without_aliases(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with each tied tensor once (safetensors refuses two names for one storage)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        pointer = local_tensor(tensor).untyped_storage().data_ptr()
+        if pointer not in seen:
+            seen.add(pointer)
+            out[name] = tensor
+    return out
+
+
+def save_checkpoint(
+    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> Path:
+    """Write a sharded checkpoint for ``step`` (every process calls it); returns its folder.
+
+    Every process writes its shards into ``.tmp-step-N/shards``; rank 0 adds the trainer state and renames the
+    folder once all have finished, so a run killed mid-save leaves the previous checkpoint the newest complete one.
+
+    Args:
+        root: the checkpoints folder.
+        step: the optimizer step.
+        model: the (sharded or plain) model.
+        optimizer: its optimizer.
+        state: rank 0's trainer state without the model and optimizer (step, scheduler, RNG...).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    final = ckpt.step_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if dist_utils.is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / SHARDS).mkdir(parents=True)
+    dist_utils.barrier()
+    tensors, groups = _dcp_state(model, optimizer)
+    writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True)
+    dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+    dist_utils.barrier()  # every process's files are complete
+    if dist_utils.is_main():
+        ckpt.write_state(tmp, {**state, "optimizer_groups": groups, "sharded": True})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info("Saved sharded checkpoint %s", final)
+    dist_utils.barrier()
+    return final
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Read and check a sharded checkpoint's trainer state and shard headers; returns the trainer state.
+
+    Raises:
+        UnreadableCheckpointError: a file is missing or cut, or the folder is not a sharded checkpoint.
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        state = ckpt.read_state(path)
+        if not state.get("sharded"):
+            raise ValueError("not a sharded checkpoint (written with strategy ddp); resume it with strategy ddp")
+        metadata = HuggingFaceStorageReader(str(path / SHARDS)).read_metadata()  # parses every shard's header
+        if not metadata.state_dict_metadata:
+            raise ValueError(f"no shards in {path / SHARDS}")
+    except Exception as error:
+        raise ckpt.UnreadableCheckpointError(f"{path} cannot be read ({type(error).__name__}: {error})") from error
+    return state
+
+
+def latest_readable(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest sharded checkpoint under ``root`` that reads back whole (a damaged newer one is skipped with a
+    warning): its folder and trainer state."""
+    for _, path in reversed(ckpt.list_checkpoints(root)):
+        try:
+            return path, read_checkpoint(path)
+        except ckpt.UnreadableCheckpointError as error:
+            logger.warning("Skipping a damaged checkpoint: %s; trying the one before it", error)
+    return None
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]
+) -> None:
+    """Load a sharded checkpoint's model (and optimizer) into this run's ``model``, however many processes wrote
+    it and however many read it (every process calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        tensors: dict[str, Any] = {"model": _without_aliases(get_model_state_dict(model))}
+    else:
+        tensors, _ = _dcp_state(model, optimizer)
+    try:
+        reader = HuggingFaceStorageReader(str(path / SHARDS))
+        dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
+    except Exception as error:
+        raise ckpt.UnreadableCheckpointError(f"{path}: the shards do not fit this model ({error})") from error
+    set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
+    if optimizer is not None:
+        optim_state = {"state": tensors["optimizer"], "param_groups": state["optimizer_groups"]}
+        set_optimizer_state_dict(model, optimizer, optim_state)

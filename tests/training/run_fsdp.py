@@ -1,0 +1,117 @@
+"""Tiny causal-LM runs with ``strategy fsdp`` / ``hsdp``, as a script: tests/training/test_fsdp.py starts it.
+
+Usage: ``python -m tests.training.run_fsdp OUTPUT_DIR two`` under torchrun with 2 processes, then
+``python -m tests.training.run_fsdp OUTPUT_DIR one`` in 1 process. Every run: 6 steps of 2 micro-batches,
+gradient checkpointing on, a sharded checkpoint every 3 steps; 2 processes take micro-batches of 4, 1 process 8
+(the same global batch).
+
+``two`` writes ``fsdp/`` (uninterrupted), ``hsdp/`` (a (1, 2) mesh), ``resumed2/`` (interrupted during step 4,
+after the step-3 checkpoint, then resumed by a new Trainer), ``plugins2/`` (layer-wise LR decay and frozen
+embeddings) and ``reduce_scatters.json`` (the reduce-scatter calls FSDP made in a 2-step run with accumulation).
+``one`` writes ``single/`` (uninterrupted), ``plugins1/`` and ``resumed1/`` (resumed from ``resumed2``'s step-3
+checkpoint, written by 2 processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bunmyaku.data import CausalLMCollator, PackedBlocks
+from bunmyaku.training import TrainArgs, Trainer
+from bunmyaku.training.distributed import process_group_from_env, world_size
+from bunmyaku.training.plugins import Plugin
+from tests.training.helpers import EOS, random_split, tiny_gpt2
+
+
+class Interrupted(Exception):
+    """Raised by :class:`Interrupt`."""
+
+
+class Interrupt(Plugin):
+    """Stop the run in the middle of step ``step + 1`` (after step ``step``'s checkpoint), as a crash would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_optimizer_step(self, trainer) -> None:
+        if trainer.step == self.step:
+            raise Interrupted
+
+
+PLUGINS = {"llrd": 0.5, "freeze_embeddings": True}
+
+
+def train(output_dir: Path, max_steps: int, plugins=(), **settings) -> None:
+    args = TrainArgs(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        batch_size=8 // world_size(),
+        grad_accum_steps=2,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=3,
+        save_every=3,
+        keep_last=2,
+        gradient_checkpointing=True,
+        device="cpu",
+        progress=False,
+        plot=False,
+        **{"strategy": "fsdp", **settings},
+    )
+    train_data = PackedBlocks(random_split(60), 16, EOS, random_offset=True)
+    valid = PackedBlocks(random_split(9, seed=1), 16, EOS)  # an odd count: the processes' shares differ
+    Trainer(tiny_gpt2(), args, train_data, valid, CausalLMCollator(), plugins=plugins).fit()
+
+
+def count_reduce_scatters(out: Path) -> None:
+    """Train 2 steps of 2 micro-batches and record how many reduce-scatters FSDP issued."""
+    calls = []
+    original = dist.reduce_scatter_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counting
+    try:
+        train(out / "count", 2, max_grad_norm=0.0)
+    finally:
+        dist.reduce_scatter_single = original
+    if dist.get_rank() == 0:
+        (out / "reduce_scatters.json").write_text(json.dumps({"calls": len(calls)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("mode", choices=["one", "two"])
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    out = cli.output_dir
+    with process_group_from_env("gloo"):
+        if cli.mode == "two":
+            train(out / "fsdp", 6)
+            train(out / "hsdp", 6, strategy="hsdp")
+            try:
+                train(out / "resumed2", 6, plugins=[Interrupt(3)])
+            except Interrupted:
+                pass
+            train(out / "resumed2", 6)
+            train(out / "plugins2", 6, **PLUGINS)
+            count_reduce_scatters(out)
+        else:
+            train(out / "single", 6)
+            train(out / "plugins1", 6, **PLUGINS)
+            checkpoint = out / "resumed1" / "checkpoints" / "step-00000003"
+            shutil.copytree(out / "resumed2" / "checkpoints" / "step-00000003", checkpoint)
+            train(out / "resumed1", 6)
+
+
+if __name__ == "__main__":
+    main()
