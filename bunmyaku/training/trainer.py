@@ -155,6 +155,8 @@ class Trainer:
         self.stopped_early = False
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
+        # the data-parallel coordinates: every process of a tensor-parallel group (--tp) reads the same batches
+        self.data_rank, self.data_world = sharding.data_coordinates(self.rank, self.world_size, args.tp)
         self.device = _pick_device(args.device)
         self._step_batches: list[Batch] = []
         self._step_counts: dict[str, float] = {}
@@ -234,7 +236,10 @@ class Trainer:
         if self.args.max_grad_norm > 0:
             # a device tensor: read (one sync) only when a step is logged; over sharded gradients (DTensors) the
             # norm is already reduced over every shard and replicated
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+            if self.args.tp > 1:  # whole and split weights side by side
+                norm = sharding.clip_grad_norm(self.trainable, self.args.max_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
             self.grad_norm = sharding.local_tensor(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -308,7 +313,7 @@ class Trainer:
     def _loss_evaluation(self) -> dict[str, float]:
         """Loss, perplexity and token accuracy on the held-out data (all of it, or ``args.eval_batches``)."""
         sums: dict[str, float] = {}
-        batches = eval_batches(self.eval_data, self.collator, self.args.batch_size, self.rank, self.world_size)
+        batches = eval_batches(self.eval_data, self.collator, self.args.batch_size, self.data_rank, self.data_world)
         limit = self.args.eval_batches if self.step < self.args.max_steps else 0  # the last one sees it all
         for i, batch in enumerate(batches):
             if limit and i == limit:
@@ -374,7 +379,7 @@ class Trainer:
         args = self.args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        torch.manual_seed(args.seed + self.rank)
+        torch.manual_seed(args.seed + self.data_rank)  # one dropout stream per tensor-parallel group
         model = self.unwrapped_model.to(self.device)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -386,14 +391,16 @@ class Trainer:
             self.train_stream = self.train_data
         else:
             self.train_stream = BatchStream(
-                self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
+                self.train_data, self.collator, args.batch_size, True, args.seed, self.data_rank, self.data_world
             )
         for plugin in self.plugins:
             plugin.on_fit_start(self)
         sharding.check_strategy(args, self.plugins, self.device)
         # fsdp / hsdp checkpoints are sharded (DCP) on any number of processes, so that 1 process resumes 2's
-        self.sharded_checkpoints = args.strategy != "ddp"
-        if self.world_size > 1 and args.strategy == "ddp":
+        self.sharded_checkpoints = args.strategy != "ddp" or args.tp > 1
+        if args.tp > 1:
+            self._parallelize(model)
+        elif self.world_size > 1 and args.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         elif self.world_size > 1:  # in place: parameters become DTensors, names and the module stay
@@ -403,6 +410,8 @@ class Trainer:
         groups = _param_groups(model, args.weight_decay)
         for plugin in self.plugins:
             groups = plugin.param_groups(self, groups)
+        if args.tp > 1:
+            groups = sharding.split_param_groups(groups)
         # offloaded parameters live on the host: so does their optimizer state (no fused CUDA kernel)
         self.optimizer = build_optimizer(groups, args, torch.device("cpu") if args.cpu_offload else self.device)
         self.scheduler = build_scheduler(self.optimizer, args)
@@ -414,6 +423,16 @@ class Trainer:
             self.writer = MetricsWriter(self.output_dir, resume_step=resumed)
         self._started = time.perf_counter()
         self._tokens_seen = 0.0
+
+    def _parallelize(self, model: nn.Module) -> None:
+        """--tp: split the blocks over tensor-parallel groups, then (strategy fsdp) shard the data-parallel
+        replicas over the other dimension of the 2-D mesh."""
+        args = self.args
+        sharding.check_tensor_parallel(model, args.tp, self.world_size, args.strategy)
+        mesh = sharding.build_tp_mesh(self.device, args.tp)
+        sharding.parallelize(model, mesh["tp"])
+        if args.strategy == "fsdp" and self.data_world > 1:
+            sharding.shard_model(model, mesh["dp"], bf16=args.precision == "bf16", cpu_offload=args.cpu_offload)
 
     def _resume(self) -> int | None:
         """Load the newest intact checkpoint, if any (a damaged newer one is skipped); returns its step."""
