@@ -429,6 +429,23 @@ def check_tensor_parallel(model: nn.Module, tp: int, world: int, strategy: str) 
             raise ValueError(f"tp {tp} does not divide the feed-forward width {fc_in.out_features} (intermediate_size)")
 
 
+def check_tensor_parallel_settings(args: Any, plugins: Sequence[object]) -> None:
+    """Refuse what a tensor-parallel run cannot honour: the plugins that keep whole copies of the weights or
+    perturb them by a norm over every gradient (as for FSDP), fp16's loss scaler, ``compile``.
+
+    Raises:
+        ValueError: naming the setting and why.
+    """
+    for plugin in plugins:
+        reason = _UNSHARDABLE.get(type(plugin).__name__)
+        if reason is not None:
+            raise ValueError(f"{type(plugin).__name__} is not supported with tp {args.tp}: {reason}")
+    if args.precision == "fp16":
+        raise ValueError(f"tp {args.tp} supports fp32 and bf16 (fp16's GradScaler does not unscale split gradients)")
+    if args.compile:
+        raise ValueError(f"tp {args.tp} with compile is not supported (not tested); train without compile")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

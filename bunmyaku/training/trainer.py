@@ -196,7 +196,8 @@ class Trainer:
         for batch in micro_batches:  # host tensors: counting them needs no device round trip
             for term, n in self.objective.count(batch).items():
                 local_counts[term] = local_counts.get(term, 0) + n
-        tokens = sum(_num_tokens(b) for b in micro_batches)
+        # the processes of a tensor-parallel group read the same batches: count them once
+        tokens = sum(_num_tokens(b) for b in micro_batches) / self.args.tp
         self._step_batches = [self._to_device(b) for b in micro_batches]
         self._step_counts = dist_utils.all_reduce_sums(local_counts, self.device)
         sums: dict[str, float | torch.Tensor] = {**self.forward_backward(), "tokens": tokens}
@@ -429,6 +430,7 @@ class Trainer:
         replicas over the other dimension of the 2-D mesh."""
         args = self.args
         sharding.check_tensor_parallel(model, args.tp, self.world_size, args.strategy)
+        sharding.check_tensor_parallel_settings(args, self.plugins)
         mesh = sharding.build_tp_mesh(self.device, args.tp)
         sharding.parallelize(model, mesh["tp"])
         if args.strategy == "fsdp" and self.data_world > 1:

@@ -158,3 +158,23 @@ def test_data_coordinates_give_a_tp_group_the_same_batches():
     # mesh (dp, tp) = (2, 2): ranks 0, 1 form replica 0 and ranks 2, 3 replica 1
     assert [sharding.data_coordinates(rank, 4, 2) for rank in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
     assert sharding.data_coordinates(3, 4, 1) == (3, 4)
+
+
+@pytest.mark.parametrize(
+    ("settings", "plugin", "message"),
+    [
+        ({}, "EMA", "EMA is not supported with tp 2"),
+        ({}, "SAM", "SAM is not supported with tp 2"),
+        ({"precision": "fp16"}, None, "tp 2 supports fp32 and bf16"),
+        ({"compile": True}, None, "tp 2 with compile is not supported"),
+    ],
+)
+def test_settings_tp_cannot_honour_are_refused(tmp_path, settings, plugin, message):
+    from bunmyaku.training.adversarial import SAM
+    from bunmyaku.training.plugins import EMA
+
+    plugins = {"EMA": [EMA(0.9)], "SAM": [SAM(0.05)], None: []}[plugin]
+    args = TrainArgs(output_dir=str(tmp_path), tp=2, **settings)
+    with pytest.raises(ValueError, match=message):
+        sharding.check_tensor_parallel_settings(args, plugins)
+    sharding.check_tensor_parallel_settings(TrainArgs(output_dir=str(tmp_path), tp=2), [])  # the defaults pass
