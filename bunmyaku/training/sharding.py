@@ -527,3 +527,31 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
         if p.grad is not None:
             p.grad.mul_(float(coefficient))  # a Python number: DTensor gradients take no plain tensor
     return total
+
+
+def parallelize_for_inference(model: nn.Module, tp: int) -> nn.Module:
+    """Split ``model`` over every process of the group (``tp`` of them) for generation (``bunmyaku generate --tp``).
+
+    Every process runs the same forwards on the same inputs (the projections' collectives need all of them);
+    greedy decoding then picks the same tokens everywhere, and sampling does when every process seeds alike.
+
+    Raises:
+        ValueError: no process group of ``tp`` processes (not under torchrun), or heads ``tp`` does not divide.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != tp:
+        raise ValueError(f"tp {tp} needs {tp} processes, found {world}: launch with torchrun --nproc-per-node {tp}")
+    check_tensor_parallel(model, tp, world, "ddp")
+    device = next(model.parameters()).device
+    return parallelize(model, init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)))
+
+
+def same_seed(seed: int | None) -> int | None:
+    """``seed``, or (None) one drawn by rank 0 and shared, so that every process samples the same tokens."""
+    if seed is not None or not dist.is_initialized():
+        return seed
+    box = [int(torch.randint(0, 2**31 - 1, ()).item())]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

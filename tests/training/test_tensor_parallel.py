@@ -178,3 +178,37 @@ def test_settings_tp_cannot_honour_are_refused(tmp_path, settings, plugin, messa
     with pytest.raises(ValueError, match=message):
         sharding.check_tensor_parallel_settings(args, plugins)
     sharding.check_tensor_parallel_settings(TrainArgs(output_dir=str(tmp_path), tp=2), [])  # the defaults pass
+
+
+@pytest.mark.distributed
+def test_cli_generate_under_torchrun_with_tp_prints_the_one_process_text(shared_data, tmp_path):
+    """``torchrun --nproc-per-node 2 -m bunmyaku generate --tp 2``: rank 0 prints what 1 process prints, greedy
+    and sampled (rank 0 draws the seed for both processes when none is given; here it is given)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.parity.helpers import randomize
+
+    transformers = require_module("transformers")
+    import bunmyaku
+
+    bunmyaku.Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer").save_pretrained(tmp_path)
+    config = transformers.GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    randomize(transformers.GPT2LMHeadModel(config), seed=0, scale=0.5).save_pretrained(tmp_path)
+    verb = ["-m", "bunmyaku", "generate", "-m", str(tmp_path), "Once upon a time", "--max-new-tokens", "8", "--json"]
+    sampled = ["--do-sample", "--top-k", "20", "--seed", "1"]
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> list[dict]:
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return json.loads(done.stdout)  # one JSON document: rank 1 prints nothing
+
+    for extra in ([], sampled):
+        one = run(*verb, *extra)
+        assert run(*torchrun, *verb, *extra, "--tp", "2") == one
+        assert one[0]["generated_text"]
