@@ -493,20 +493,16 @@ def is_tensor_parallel(model: nn.Module) -> bool:
     return getattr(model, "_tensor_parallel", 1) > 1
 
 
-def split_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each optimizer group split by the kind of its parameters: plain tensors, DTensors of each mesh.
+def unfuse_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Step ``optimizer`` one tensor at a time, not with its fused or foreach kernels (in place).
 
-    A fused or foreach optimizer kernel takes one group's tensors in one call, which refuses plain tensors beside
-    DTensors (the whole embeddings and norms beside the split projections) and DTensors of two meshes.
+    Those kernels take a group's tensors in one call, which refuses plain tensors beside DTensors (the whole
+    embeddings and norms beside the split projections) and DTensors of two meshes (with FSDP). Splitting the groups
+    by kind instead would make a checkpoint's groups differ from a run without tensor parallelism, which could then
+    not resume it.
     """
-    out = []
-    for group in groups:
-        kinds: dict[Any, list[torch.Tensor]] = {}
-        for p in group["params"]:
-            mesh = getattr(p, "device_mesh", None)
-            kinds.setdefault(None if mesh is None else id(mesh), []).append(p)
-        out.extend({**group, "params": params} for params in kinds.values())
-    return out
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = False, False
 
 
 @torch.no_grad()

@@ -411,15 +411,17 @@ class Trainer:
         groups = _param_groups(model, args.weight_decay)
         for plugin in self.plugins:
             groups = plugin.param_groups(self, groups)
-        if args.tp > 1:
-            groups = sharding.split_param_groups(groups)
         # offloaded parameters live on the host: so does their optimizer state (no fused CUDA kernel)
         self.optimizer = build_optimizer(groups, args, torch.device("cpu") if args.cpu_offload else self.device)
         self.scheduler = build_scheduler(self.optimizer, args)
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
         self.grad_norm: float | torch.Tensor | None = None
         self._first_bad_step = torch.tensor(-1, device=self.device)
+        if args.tp > 1:  # before resuming (loading optimizer state takes a step) and after (the groups are loaded)
+            sharding.unfuse_optimizer(self.optimizer)
         resumed = self._resume() if args.resume else None
+        if args.tp > 1:
+            sharding.unfuse_optimizer(self.optimizer)
         if self.is_main:
             self.writer = MetricsWriter(self.output_dir, resume_step=resumed)
         self._started = time.perf_counter()

@@ -5,7 +5,9 @@ Usage: ``python -m tests.training.run_tp OUTPUT_DIR two`` under torchrun with 2 
 batches). Each writes, per model (``gpt2``, ``llama``: grouped-query attention, ``bert``: a sequence classifier
 on padded batches), a run folder ``<model>-<mode>/`` (metrics.jsonl and the exported HF folder) and
 ``generate-<mode>.json`` (greedy tokens of the trained tiny GPT-2 and Llama, with the KV cache) and
-``local-<mode>.json`` (rank 0's attention head counts and projection weight shapes). ``four``
+``local-<mode>.json`` (rank 0's attention head counts and projection weight shapes). ``two`` also writes
+``resumed-two/`` (the GPT-2 interrupted during step 3, resumed from its sharded step-2 checkpoint) and ``one``
+``resumed-one/`` (1 process resuming that 2-process checkpoint). ``four``
 (4 processes) trains the GPT-2 with ``tp 2`` and ``strategy fsdp`` on a 2 x 2 mesh into ``gpt2-four/`` (micro-batches
 of 2 per data-parallel replica: the same global batch).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import TrainArgs, Trainer, sharding
 from bunmyaku.training.distributed import is_main, process_group_from_env
 from tests.training.helpers import EOS, PAD, VOCAB, random_split, tiny_gpt2
+from tests.training.run_fsdp import Interrupt, Interrupted
 
 
 def tiny_llama(seed: int = 0):
@@ -98,20 +102,19 @@ def args(output_dir: Path, **settings) -> TrainArgs:
         lr=3e-3,
         warmup_steps=1,
         eval_every=2,
-        save_every=0,
         max_grad_norm=0.5,  # small: clipping acts
         log_every=1,
         device="cpu",
         progress=False,
         plot=False,
-        **{"batch_size": 4, **settings},
+        **{"batch_size": 4, "save_every": 0, **settings},
     )
 
 
-def train_lm(model, output_dir: Path, **settings):
+def train_lm(model, output_dir: Path, plugins=(), **settings):
     train_data = PackedBlocks(random_split(40), 16, EOS, random_offset=True)
     valid = PackedBlocks(random_split(6, seed=1), 16, EOS)
-    trainer = Trainer(model, args(output_dir, **settings), train_data, valid, CausalLMCollator())
+    trainer = Trainer(model, args(output_dir, **settings), train_data, valid, CausalLMCollator(), plugins=plugins)
     trainer.fit()
     return trainer.unwrapped_model
 
@@ -135,6 +138,16 @@ def main() -> None:
         if mode == "four":
             train_lm(tiny_gpt2(), out / "gpt2-four", **tp)
             return
+        if mode == "two":  # interrupted during step 3, after the sharded step-2 checkpoint, then resumed
+            try:
+                train_lm(tiny_gpt2(), out / "resumed-two", [Interrupt(2)], save_every=2, **tp)
+            except Interrupted:
+                pass
+            train_lm(tiny_gpt2(), out / "resumed-two", save_every=2, **tp)
+        else:  # 1 process continues the 2-process tensor-parallel step-2 checkpoint (resharding)
+            checkpoint = out / "resumed-one" / "checkpoints" / "step-00000002"
+            shutil.copytree(out / "resumed-two" / "checkpoints" / "step-00000002", checkpoint)
+            train_lm(tiny_gpt2(), out / "resumed-one", save_every=2, strategy="fsdp")  # reads sharded checkpoints
         tokens, local = {}, {}  # generated tokens, this process's head counts and weight shapes
         for name, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
             model = train_lm(build(), out / f"{name}-{mode}", **tp)

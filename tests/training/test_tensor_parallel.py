@@ -212,3 +212,17 @@ def test_cli_generate_under_torchrun_with_tp_prints_the_one_process_text(shared_
         one = run(*verb, *extra)
         assert run(*torchrun, *verb, *extra, "--tp", "2") == one
         assert one[0]["generated_text"]
+
+
+@pytest.mark.distributed
+def test_resume_from_a_tensor_parallel_checkpoint(runs):
+    """The sharded (DCP) checkpoint of a tp 2 run: resumed on 2 processes, the uninterrupted run's weights bit for
+    bit and its losses after the checkpoint; resumed on 1 process (resharded), the 1-process run's."""
+    shards = sorted(p.name for p in (runs / "resumed-two" / "checkpoints" / "step-00000002" / "shards").iterdir())
+    assert len(shards) == 2  # one file per process: each wrote its halves of the split weights
+    _assert_same_weights(runs / "resumed-two", runs / "gpt2-two", atol=0.0)
+    assert [r for r in _losses(runs / "resumed-two") if r[0] > 2] == [r for r in _losses(runs / "gpt2-two") if r[0] > 2]
+    _assert_same_weights(runs / "resumed-one", runs / "gpt2-one", atol=1e-5)
+    _assert_same_losses(
+        [r for r in _losses(runs / "resumed-one") if r[0] > 2], [r for r in _losses(runs / "gpt2-one") if r[0] > 2]
+    )
