@@ -424,6 +424,12 @@ def check_tensor_parallel(model: nn.Module, tp: int, world: int, strategy: str) 
                             f"tp {tp} does not divide the model's {count} {what} (config num_heads / num_kv_heads): "
                             f"each process must hold whole heads; choose tp among {_divisors(count)}"
                         )
+        for name, module in block.named_modules():
+            if name in (*TP_PLAN_COLUMN, *TP_PLAN_ROW) and not isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"tp: {name} is a {type(module).__name__}, not a linear layer (LoRA adapters or another wrapper): "
+                    "tensor parallelism splits plain linears only; train without tp or without the wrapper"
+                )
         fc_in = block.get_submodule("mlp.fc_in") if hasattr(block, "mlp") else None
         if fc_in is not None and fc_in.out_features % tp:
             raise ValueError(f"tp {tp} does not divide the feed-forward width {fc_in.out_features} (intermediate_size)")

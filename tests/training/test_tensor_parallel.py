@@ -226,3 +226,14 @@ def test_resume_from_a_tensor_parallel_checkpoint(runs):
     _assert_same_losses(
         [r for r in _losses(runs / "resumed-one") if r[0] > 2], [r for r in _losses(runs / "gpt2-one") if r[0] > 2]
     )
+
+
+def test_a_wrapped_projection_is_refused():
+    """A projection that is not a plain linear (as a LoRA adapter wraps it) has no column / row split."""
+    from tests.training.helpers import tiny_gpt2
+
+    model = tiny_gpt2()
+    attn = model.backbone.layers[1].attn
+    attn.q_proj = torch.nn.Sequential(attn.q_proj)
+    with pytest.raises(ValueError, match="tp: attn.q_proj is a Sequential, not a linear layer"):
+        sharding.check_tensor_parallel(model, 2, 2, "ddp")
