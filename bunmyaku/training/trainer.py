@@ -196,8 +196,9 @@ class Trainer:
         for batch in micro_batches:  # host tensors: counting them needs no device round trip
             for term, n in self.objective.count(batch).items():
                 local_counts[term] = local_counts.get(term, 0) + n
-        # the processes of a tensor-parallel group read the same batches: count them once
-        tokens = sum(_num_tokens(b) for b in micro_batches) / self.args.tp
+        tokens = sum(_num_tokens(b) for b in micro_batches)
+        if self.args.tp > 1:  # the processes of a tensor-parallel group read the same batches: count them once
+            tokens /= self.args.tp
         self._step_batches = [self._to_device(b) for b in micro_batches]
         self._step_counts = dist_utils.all_reduce_sums(local_counts, self.device)
         sums: dict[str, float | torch.Tensor] = {**self.forward_backward(), "tokens": tokens}
