@@ -542,12 +542,45 @@ def generate_command(
     dtype: str | None = typer.Option(None, help="Model dtype: float32 (default), bfloat16, float16."),
     device: DeviceOption = None,
     as_json: JsonOption = False,
+    tp: int = typer.Option(
+        1, help="Tensor parallelism: split the model's heads over this many processes (launch with torchrun)."
+    ),
 ) -> None:
     """Generate text with a decoder (GPT-2, Llama / SmolLM2; a HF folder or a GGUF file)."""
+    import os
+
     from bunmyaku import pipeline
+    from bunmyaku.training import sharding
+    from bunmyaku.training.distributed import is_main, process_group_from_env
 
     prompts = _texts(prompts)
-    pipe = pipeline("text-generation", model=model, device=device, dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        if tp > 1:  # every process runs the whole generation (the split projections are collectives); rank 0 prints
+            stack.enter_context(process_group_from_env())
+            if device is None and _cuda_available():
+                device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            seed = sharding.same_seed(seed)  # sampling: every process draws the same tokens
+        pipe = pipeline("text-generation", model=model, device=device, dtype=dtype)
+        if tp > 1:
+            sharding.parallelize_for_inference(pipe.model, tp)
+        echo = typer.echo if is_main() else _silent
+        _generate(pipe, prompts, max_new_tokens, echo, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                  top_p=top_p, repetition_penalty=repetition_penalty, num_beams=num_beams, seed=seed, stop=stop,
+                  chat=chat, system=system, stream=stream, as_json=as_json)  # fmt: skip
+
+
+def _silent(*args, **kwargs) -> None:
+    """typer.echo on the processes that do not print (tensor-parallel ranks other than 0)."""
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _generate(pipe, prompts, max_new_tokens, echo, *, do_sample, temperature, top_k, top_p, repetition_penalty,
+              num_beams, seed, stop, chat, system, stream, as_json) -> None:  # fmt: skip
     inputs = [_chat_messages(p, system) if chat else p for p in prompts]
     settings = dict(do_sample=do_sample, seed=seed, num_beams=num_beams, repetition_penalty=repetition_penalty)
     # checked by generate() with or without sampling, so an out-of-range value is never silently ignored
@@ -555,15 +588,17 @@ def generate_command(
     if stream and not as_json:
         for item in inputs:
             for piece in pipe.stream(item, max_new_tokens=max_new_tokens, **settings):
-                typer.echo(piece, nl=False)
-            typer.echo()
+                echo(piece, nl=False)
+            echo()
         return
     results = pipe(inputs, max_new_tokens=max_new_tokens, stop=stop, return_full_text=False, **settings)
     texts = [result[0]["generated_text"] for result in results]
     if as_json:
-        return _print_json([{"prompt": p, "generated_text": t} for p, t in zip(prompts, texts, strict=True)])
+        if echo is typer.echo:
+            _print_json([{"prompt": p, "generated_text": t} for p, t in zip(prompts, texts, strict=True)])
+        return
     for prompt, text in zip(prompts, texts, strict=True):
-        typer.echo(text if chat else prompt + text)
+        echo(text if chat else prompt + text)
 
 
 def _chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:

@@ -56,6 +56,8 @@ def applies(attn: Attention, cache: KVCache | None, packing: Packing | None, con
         and not torch.is_grad_enabled()
         # the fused step reads the projections' weights: a wrapped projection (a LoRA layer) must run as a module
         and all(type(m) is Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        # tensor parallelism: the projections' weights are DTensors, run as modules by their hooks
+        and not hasattr(attn.q_proj.weight, "device_mesh")
     )
 
 

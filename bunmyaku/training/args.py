@@ -57,6 +57,9 @@ class TrainArgs:
     sharded over the processes; sharded checkpoints), hsdp (sharded within groups of shard_size, replicated across)."""
     shard_size: int = 0
     """hsdp: processes per shard group (0: the GPUs of one node; every process on the CPU)."""
+    tp: int = 1
+    """Tensor parallelism: split every block's attention heads and feed-forward width over groups of tp processes
+    (torchrun's processes split into world / tp data-parallel replicas; with strategy fsdp those are sharded)."""
     cpu_offload: bool = False
     """fsdp / hsdp on CUDA: keep the sharded weights, gradients and optimizer state in host memory."""
     freeze_embeddings: bool = False
@@ -118,7 +121,7 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         check_int("max_steps", self.max_steps, low=self.MIN_STEPS)
-        for name in ("batch_size", "grad_accum_steps", "log_every", "keep_last"):
+        for name in ("batch_size", "grad_accum_steps", "log_every", "keep_last", "tp"):
             check_int(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "freeze_layers", "eval_every", "eval_batches", "save_every", "num_threads"):
             check_int(name, getattr(self, name), low=0)

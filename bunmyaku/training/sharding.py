@@ -142,10 +142,11 @@ def shard_model(model: nn.Module, mesh, *, bf16: bool = False, cpu_offload: bool
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``fully_shard`` was applied to ``model``."""
+    """Whether ``fully_shard`` (or tensor parallelism, :func:`parallelize`) was applied to ``model``: its weights
+    are DTensors, gathered for export and saved as sharded checkpoints."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return isinstance(model, FSDPModule) or is_tensor_parallel(model)
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -156,7 +157,8 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Reduce-scatter gradients in the next backward (the last micro-batch of a step) or keep them local."""
-    model.set_requires_gradient_sync(enabled)
+    if _fsdp_modules(model):  # tensor parallelism alone has no gradient reduction to defer
+        model.set_requires_gradient_sync(enabled)
 
 
 @contextlib.contextmanager
@@ -226,20 +228,22 @@ def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """
     from torch.distributed.fsdp import FSDPModule
 
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    cls = next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
     with torch.device("meta"):
         plain = cls(model.config)
     plain.load_state_dict(state, strict=False, assign=True)
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()
-    for name, buffer in list(plain.named_buffers()):
-        if buffer.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            source = model.get_buffer(name)
-            plain.get_submodule(owner).register_buffer(leaf, source.detach().to("cpu", copy=True), persistent=False)
-    missing = [name for name, param in plain.named_parameters() if param.is_meta]
-    if missing:
-        raise RuntimeError(f"export: parameters missing from the gathered weights: {missing[:5]}")
+    for name, buffer in model.named_buffers():  # non-persistent ones (rotary tables) are not in the state dict
+        owner, _, leaf = name.rpartition(".")
+        module = plain.get_submodule(owner)
+        if getattr(module, leaf).is_meta:
+            module.register_buffer(
+                leaf, full_tensor(buffer).detach().cpu(), persistent=leaf not in module._non_persistent_buffers_set
+            )
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"export: tensors not in the gathered state: {left[:5]}")
     return plain
 
 
@@ -380,3 +384,195 @@ def load_checkpoint(
     if optimizer is not None:
         optim_state = {"state": tensors["optimizer"], "param_groups": state["optimizer_groups"]}
         set_optimizer_state_dict(model, optimizer, optim_state)
+
+
+# ---------------------------------------------------------------------------------------------- tensor parallel
+#
+# ``--tp N`` splits each Transformer block over N processes (Megatron-LM, Shoeybi et al. 2019 §3): the q, k, v
+# projections and the feed-forward's up (and gate) projections are column-parallel (each process computes its
+# share of the heads / of the hidden width from the whole input), the attention output and feed-forward down
+# projections are row-parallel (each process multiplies its share and the partial sums are all-reduced). One
+# all-reduce per sub-layer in the forward, one in the backward. Embeddings, norms and heads stay whole on every
+# process (no vocab-parallel embedding or LM head): their inputs and gradients are the same on every process of
+# a tensor-parallel group. The processes form a 2-D mesh ``(dp, tp)``, rank = dp index * tp + tp index: a
+# tensor-parallel group reads one batch; with strategy fsdp the data-parallel replicas shard over ``dp``.
+
+TP_PLAN_COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in", "mlp.fc_gate")
+TP_PLAN_ROW = ("attn.out_proj", "mlp.fc_out")
+
+
+def data_coordinates(rank: int, world: int, tp: int) -> tuple[int, int]:
+    """(data-parallel index, data-parallel size) of process ``rank``: the processes of a tensor-parallel group read
+    the same batches, so data is split over ``world / tp`` replicas.
+
+    Raises:
+        ValueError: ``world`` is not a multiple of ``tp`` (fewer processes than ``tp``: not launched by torchrun).
+    """
+    if world % tp:
+        hint = f"; launch with torchrun --nproc-per-node {tp} (or a multiple)" if world < tp else ""
+        raise ValueError(f"tp {tp}: the {world} processes do not split into tensor-parallel groups of {tp}{hint}")
+    return rank // tp, world // tp
+
+
+def check_tensor_parallel(model: nn.Module, tp: int, world: int, strategy: str) -> None:
+    """Refuse a ``tp`` the model or the process count cannot split into, naming what does not divide.
+
+    Raises:
+        ValueError: ``world`` is not a multiple of ``tp``; a block's query or key/value heads or its feed-forward
+            width is not a multiple of ``tp``; ``ddp`` replicas beside tensor parallelism (use fsdp); hsdp.
+    """
+    from bunmyaku.models.attention import Attention
+
+    if world % tp:
+        raise ValueError(f"tp {tp}: the {world} processes do not split into tensor-parallel groups of {tp}")
+    if strategy == "hsdp":
+        raise ValueError("tp with strategy hsdp is not supported; use strategy fsdp (the data-parallel dimension)")
+    if strategy == "ddp" and world // tp > 1:
+        raise ValueError(
+            f"tp {tp} on {world} processes leaves {world // tp} data-parallel replicas: use strategy fsdp for them "
+            "(or as many processes as tp)"
+        )
+    for block in blocks(model):
+        for module in block.modules():
+            if isinstance(module, Attention):
+                if module.is_cross:
+                    raise ValueError("tp: cross-attention (encoder-decoder models) has no tensor-parallel plan")
+                for what, count in (("attention heads", module.num_heads), ("key/value heads", module.num_kv_heads)):
+                    if count % tp:
+                        raise ValueError(
+                            f"tp {tp} does not divide the model's {count} {what} (config num_heads / num_kv_heads): "
+                            f"each process must hold whole heads; choose tp among {_divisors(count)}"
+                        )
+        for name, module in block.named_modules():
+            if name in (*TP_PLAN_COLUMN, *TP_PLAN_ROW) and not isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"tp: {name} is a {type(module).__name__}, not a linear layer (LoRA adapters or another wrapper): "
+                    "tensor parallelism splits plain linears only; train without tp or without the wrapper"
+                )
+        fc_in = block.get_submodule("mlp.fc_in") if hasattr(block, "mlp") else None
+        if fc_in is not None and fc_in.out_features % tp:
+            raise ValueError(f"tp {tp} does not divide the feed-forward width {fc_in.out_features} (intermediate_size)")
+
+
+def check_tensor_parallel_settings(args: Any, plugins: Sequence[object]) -> None:
+    """Refuse what a tensor-parallel run cannot honour: the plugins that keep whole copies of the weights or
+    perturb them by a norm over every gradient (as for FSDP), fp16's loss scaler, ``compile``.
+
+    Raises:
+        ValueError: naming the setting and why.
+    """
+    for plugin in plugins:
+        reason = _UNSHARDABLE.get(type(plugin).__name__)
+        if reason is not None:
+            raise ValueError(f"{type(plugin).__name__} is not supported with tp {args.tp}: {reason}")
+    if args.precision == "fp16":
+        raise ValueError(f"tp {args.tp} supports fp32 and bf16 (fp16's GradScaler does not unscale split gradients)")
+    if args.compile:
+        raise ValueError(f"tp {args.tp} with compile is not supported (not tested); train without compile")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def build_tp_mesh(device: torch.device, tp: int):
+    """The 2-D device mesh ``(dp, tp)`` over every process: ``mesh["tp"]`` a tensor-parallel group,
+    ``mesh["dp"]`` the data-parallel replicas."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    return init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def parallelize(model: nn.Module, tp_mesh) -> nn.Module:
+    """Split every block's projections over ``tp_mesh`` (in place; returns ``model``), see the notes above.
+
+    The projections' weights become DTensors sharded by rows (column-parallel) or columns (row-parallel) and
+    their outputs plain tensors: the column-parallel ones hold this process's heads, so each attention module
+    is told its local head counts (its reshapes and its KV cache use them).
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from bunmyaku.models.attention import Attention
+
+    tp = tp_mesh.size()
+    for block in blocks(model):
+        names = {name for name, _ in block.named_modules()}
+        plan: dict[str, Any] = {name: ColwiseParallel() for name in TP_PLAN_COLUMN if name in names}
+        plan.update({name: RowwiseParallel() for name in TP_PLAN_ROW if name in names})
+        missing = [name for name in (*TP_PLAN_COLUMN[:3], TP_PLAN_ROW[0]) if name not in names]
+        if missing:
+            raise ValueError(f"tp: {type(block).__name__} has no {missing}; no tensor-parallel plan for it")
+        parallelize_module(block, tp_mesh, plan)
+        for module in block.modules():
+            if isinstance(module, Attention):
+                module.num_heads //= tp
+                module.num_kv_heads //= tp
+                module._fused_qkv = None
+    model._tensor_parallel = tp  # read by is_tensor_parallel
+    return model
+
+
+def is_tensor_parallel(model: nn.Module) -> bool:
+    """Whether :func:`parallelize` was applied to ``model``."""
+    return getattr(model, "_tensor_parallel", 1) > 1
+
+
+def unfuse_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Step ``optimizer`` one tensor at a time, not with its fused or foreach kernels (in place).
+
+    Those kernels take a group's tensors in one call, which refuses plain tensors beside DTensors (the whole
+    embeddings and norms beside the split projections) and DTensors of two meshes (with FSDP). Splitting the groups
+    by kind instead would make a checkpoint's groups differ from a run without tensor parallelism, which could then
+    not resume it.
+    """
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = False, False
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over gradients that mix plain tensors and DTensors (of several meshes),
+    which its fused norm refuses; returns the total norm, the same on every process."""
+    squares = []
+    for p in params:
+        if p.grad is None:
+            continue
+        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        squares.append(full_tensor(norm) ** 2)  # a DTensor's norm is reduced over its shards
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack(squares).sum().sqrt()
+    coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(float(coefficient))  # a Python number: DTensor gradients take no plain tensor
+    return total
+
+
+def parallelize_for_inference(model: nn.Module, tp: int) -> nn.Module:
+    """Split ``model`` over every process of the group (``tp`` of them) for generation (``bunmyaku generate --tp``).
+
+    Every process runs the same forwards on the same inputs (the projections' collectives need all of them);
+    greedy decoding then picks the same tokens everywhere, and sampling does when every process seeds alike.
+
+    Raises:
+        ValueError: no process group of ``tp`` processes (not under torchrun), or heads ``tp`` does not divide.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != tp:
+        raise ValueError(f"tp {tp} needs {tp} processes, found {world}: launch with torchrun --nproc-per-node {tp}")
+    check_tensor_parallel(model, tp, world, "ddp")
+    device = next(model.parameters()).device
+    return parallelize(model, init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)))
+
+
+def same_seed(seed: int | None) -> int | None:
+    """``seed``, or (None) one drawn by rank 0 and shared, so that every process samples the same tokens."""
+    if seed is not None or not dist.is_initialized():
+        return seed
+    box = [int(torch.randint(0, 2**31 - 1, ()).item())]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -155,6 +155,8 @@ class Trainer:
         self.stopped_early = False
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
+        # the data-parallel coordinates: every process of a tensor-parallel group (--tp) reads the same batches
+        self.data_rank, self.data_world = sharding.data_coordinates(self.rank, self.world_size, args.tp)
         self.device = _pick_device(args.device)
         self._step_batches: list[Batch] = []
         self._step_counts: dict[str, float] = {}
@@ -195,6 +197,8 @@ class Trainer:
             for term, n in self.objective.count(batch).items():
                 local_counts[term] = local_counts.get(term, 0) + n
         tokens = sum(_num_tokens(b) for b in micro_batches)
+        if self.args.tp > 1:  # the processes of a tensor-parallel group read the same batches: count them once
+            tokens /= self.args.tp
         self._step_batches = [self._to_device(b) for b in micro_batches]
         self._step_counts = dist_utils.all_reduce_sums(local_counts, self.device)
         sums: dict[str, float | torch.Tensor] = {**self.forward_backward(), "tokens": tokens}
@@ -234,7 +238,10 @@ class Trainer:
         if self.args.max_grad_norm > 0:
             # a device tensor: read (one sync) only when a step is logged; over sharded gradients (DTensors) the
             # norm is already reduced over every shard and replicated
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+            if self.args.tp > 1:  # whole and split weights side by side
+                norm = sharding.clip_grad_norm(self.trainable, self.args.max_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
             self.grad_norm = sharding.local_tensor(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -308,7 +315,7 @@ class Trainer:
     def _loss_evaluation(self) -> dict[str, float]:
         """Loss, perplexity and token accuracy on the held-out data (all of it, or ``args.eval_batches``)."""
         sums: dict[str, float] = {}
-        batches = eval_batches(self.eval_data, self.collator, self.args.batch_size, self.rank, self.world_size)
+        batches = eval_batches(self.eval_data, self.collator, self.args.batch_size, self.data_rank, self.data_world)
         limit = self.args.eval_batches if self.step < self.args.max_steps else 0  # the last one sees it all
         for i, batch in enumerate(batches):
             if limit and i == limit:
@@ -374,7 +381,7 @@ class Trainer:
         args = self.args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        torch.manual_seed(args.seed + self.rank)
+        torch.manual_seed(args.seed + self.data_rank)  # one dropout stream per tensor-parallel group
         model = self.unwrapped_model.to(self.device)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -386,14 +393,16 @@ class Trainer:
             self.train_stream = self.train_data
         else:
             self.train_stream = BatchStream(
-                self.train_data, self.collator, args.batch_size, True, args.seed, self.rank, self.world_size
+                self.train_data, self.collator, args.batch_size, True, args.seed, self.data_rank, self.data_world
             )
         for plugin in self.plugins:
             plugin.on_fit_start(self)
         sharding.check_strategy(args, self.plugins, self.device)
         # fsdp / hsdp checkpoints are sharded (DCP) on any number of processes, so that 1 process resumes 2's
-        self.sharded_checkpoints = args.strategy != "ddp"
-        if self.world_size > 1 and args.strategy == "ddp":
+        self.sharded_checkpoints = args.strategy != "ddp" or args.tp > 1
+        if args.tp > 1:
+            self._parallelize(model)
+        elif self.world_size > 1 and args.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         elif self.world_size > 1:  # in place: parameters become DTensors, names and the module stay
@@ -409,11 +418,26 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
         self.grad_norm: float | torch.Tensor | None = None
         self._first_bad_step = torch.tensor(-1, device=self.device)
+        if args.tp > 1:  # before resuming (loading optimizer state takes a step) and after (the groups are loaded)
+            sharding.unfuse_optimizer(self.optimizer)
         resumed = self._resume() if args.resume else None
+        if args.tp > 1:
+            sharding.unfuse_optimizer(self.optimizer)
         if self.is_main:
             self.writer = MetricsWriter(self.output_dir, resume_step=resumed)
         self._started = time.perf_counter()
         self._tokens_seen = 0.0
+
+    def _parallelize(self, model: nn.Module) -> None:
+        """--tp: split the blocks over tensor-parallel groups, then (strategy fsdp) shard the data-parallel
+        replicas over the other dimension of the 2-D mesh."""
+        args = self.args
+        sharding.check_tensor_parallel(model, args.tp, self.world_size, args.strategy)
+        sharding.check_tensor_parallel_settings(args, self.plugins)
+        mesh = sharding.build_tp_mesh(self.device, args.tp)
+        sharding.parallelize(model, mesh["tp"])
+        if args.strategy == "fsdp" and self.data_world > 1:
+            sharding.shard_model(model, mesh["dp"], bf16=args.precision == "bf16", cpu_offload=args.cpu_offload)
 
     def _resume(self) -> int | None:
         """Load the newest intact checkpoint, if any (a damaged newer one is skipped); returns its step."""
