@@ -90,3 +90,23 @@ def test_cv_on_two_processes_gives_the_single_process_out_of_fold_scores(runs):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
         assert a["label"] == b["label"]
     assert (runs / "two" / "cv" / "fold1" / "model" / "model.safetensors").is_file()
+
+
+def test_the_batch_plan_deals_each_global_batch_out_by_rank():
+    """Process r of W takes rows r, r + W, ... of each global batch: the shares partition it, none is empty."""
+    from bunmyaku.tasks.base import BatchPlan, GroupedBatches
+
+    features = [{"input_ids": [1] * (3 + i % 7)} for i in range(43)]  # 5 global batches of 8 and one of 3
+    single = BatchPlan(GroupedBatches(features, 8, shuffle=True, seed=3), list)
+    plans = [BatchPlan(GroupedBatches(features, 8, shuffle=True, seed=3), list, r, 2) for r in (0, 1)]
+    assert single.batches_per_epoch == plans[0].batches_per_epoch == 6
+    for _ in range(2 * single.batches_per_epoch):  # two epochs: the regrouping too
+        whole = [f["index"] for f in single.next_batch()]
+        shares = [[f["index"] for f in plan.next_batch()] for plan in plans]
+        assert all(shares) and sorted(shares[0] + shares[1]) == sorted(whole)
+        assert not set(shares[0]) & set(shares[1])
+    # 37 rows in global batches of 12: the last one (1 row) would leave 3 of 4 processes empty, so it is skipped
+    four = [BatchPlan(GroupedBatches(features[:37], 12, shuffle=True, seed=3), list, r, 4) for r in range(4)]
+    assert four[0].batches_per_epoch == 3
+    for _ in range(6):
+        assert all(len(plan.next_batch()) == 3 for plan in four)
