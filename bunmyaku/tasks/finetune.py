@@ -24,6 +24,16 @@ holds a killed run's checkpoints (then the run resumes, with the same settings).
 an older run's metrics or model looking like its own. Every result file is written through a temporary file and
 a rename; ``metrics.json`` comes last, so its presence means the run finished.
 
+Under ``torchrun`` (``torchrun --nproc-per-node N -m bunmyaku finetune ...``, or ``bunmyaku.finetune`` in a script
+it launched: the first call joins the process group, which stays until exit) every process reads and encodes the
+data, and the Trainer trains data-parallel (``strategy`` ddp, fsdp or hsdp). ``batch_size`` is per process, as in
+pretraining: a step takes one length-grouped global batch of ``batch_size x N`` rows, dealt out row by row to the
+processes (:class:`~bunmyaku.tasks.base.BatchPlan`), so N processes with ``batch_size`` b train as one process with
+``N x b``. Every process evaluates the whole eval set (the same weights give the same metrics everywhere, so the
+selection and early stopping agree without a collective, whatever the split). Process 0 alone takes the output
+folder's lock, clears it, logs to ``finetune.log`` and writes the results; the others wait for it, and raise if
+it failed. ``cv`` runs each fold this way.
+
 ``predict_file`` and ``evaluate_file`` load such a model folder again (``finetune.json`` says which task and
 columns it was trained with).
 """
