@@ -339,6 +339,7 @@ app.command("pretrain")(_pretrain_command())
 
 def _finetune(values: dict) -> None:
     from bunmyaku.tasks.finetune import OPTION_CLASSES, run_finetune
+    from bunmyaku.training.distributed import is_main, process_group_from_env
     from bunmyaku.training.recipe import build_args
 
     _setup_logging(values.pop("verbose"))
@@ -346,9 +347,11 @@ def _finetune(values: dict) -> None:
         raise typer.BadParameter("give --output-dir (where the model, metrics and predictions go)")
     _check_output_dir(values["output_dir"])
     fargs, targs = build_args(OPTION_CLASSES, values)
-    result = run_finetune(fargs, targs)
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float) and k != "train_seconds"}
-    typer.echo(f"eval: {shown}; written to {targs.output_dir}")
+    with process_group_from_env():  # under torchrun; destroyed at the end, also on error
+        result = run_finetune(fargs, targs)
+        shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float) and k != "train_seconds"}
+        if is_main():  # one line, not one per process
+            typer.echo(f"eval: {shown}; written to {targs.output_dir}")
 
 
 def _finetune_command():
@@ -371,6 +374,7 @@ app.command("finetune")(_finetune_command())
 
 def _cv(values: dict) -> None:
     from bunmyaku.tasks.cv import OPTION_CLASSES, run_cv
+    from bunmyaku.training.distributed import is_main, process_group_from_env
     from bunmyaku.training.recipe import build_args
 
     _setup_logging(values.pop("verbose"))
@@ -378,9 +382,11 @@ def _cv(values: dict) -> None:
         raise typer.BadParameter("give --output-dir (where the folds' runs and the out-of-fold results go)")
     _check_output_dir(values["output_dir"])
     cargs, fargs, targs = build_args(OPTION_CLASSES, values)
-    result = run_cv(cargs, fargs, targs)
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
-    typer.echo(f"out of fold: {shown}; written to {targs.output_dir}")
+    with process_group_from_env():  # under torchrun; destroyed at the end, also on error
+        result = run_cv(cargs, fargs, targs)
+        shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+        if is_main():  # one line, not one per process
+            typer.echo(f"out of fold: {shown}; written to {targs.output_dir}")
 
 
 def _cv_command():

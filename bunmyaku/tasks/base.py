@@ -274,13 +274,18 @@ class GroupedBatches:
 class BatchPlan:
     """Ready training batches for the Trainer, epoch after epoch: length-grouped, padded, resumable at any batch.
 
-    Epoch ``e`` is :class:`GroupedBatches`' grouping for ``e``; with ``world_size`` processes, global step ``i``
-    takes groups ``i * W .. i * W + W - 1`` and process ``r`` the ``r``-th of them. The position (epoch, batch)
-    is all a checkpoint needs to continue the plan exactly.
+    Epoch ``e`` is :class:`GroupedBatches`' grouping for ``e``. With ``world_size`` processes, ``groups`` holds
+    *global* batches (``batch_size x world_size`` rows, pretraining's convention: ``batch_size`` is per process)
+    and global step ``i`` takes group ``i``, process ``r`` its rows ``r, r + W, ...``: the rows of one length-
+    sorted group, dealt out, so the processes' shares have similar lengths and together are exactly the batch
+    one process with ``batch_size x W`` would take (the Trainer divides the loss by the global count). A group
+    with fewer rows than processes (the last cut of a mega-batch) is skipped, so no process gets an empty batch.
+    The position (epoch, batch) is all a checkpoint needs to continue the plan exactly.
 
     Args:
-        groups: the training features in length-grouped batches (``shuffle=True``).
+        groups: the training features in length-grouped global batches (``shuffle=True``).
         collate: ``collate(features)`` -> a padded batch.
+        rank: this process's index; world: the number of processes.
     """
 
     def __init__(
@@ -288,12 +293,14 @@ class BatchPlan:
     ):
         self.groups, self.collate = groups, collate
         self.rank, self.world_size = rank, world
-        self.batches_per_epoch = len(groups) // world
+        # group sizes do not depend on the epoch (only which rows fill them), so neither does this count
+        self.batches_per_epoch = sum(len(g) >= world for g in groups.groups)
         if self.batches_per_epoch == 0:
-            raise DataError(f"{len(groups)} batches are fewer than one per process ({world} processes)")
+            raise DataError(f"{len(groups.features)} training rows are fewer than one per process ({world} processes)")
         self.epoch = 0
         self.position = 0
         self._grouped: int | None = None  # the epoch ``groups`` is grouped for
+        self._usable: list[int] = []
 
     def next_batch(self) -> Batch:
         """The next batch of this process, moving to a new epoch when this one is used up."""
@@ -302,9 +309,10 @@ class BatchPlan:
         if self._grouped != self.epoch:
             self.groups.set_epoch(self.epoch)
             self._grouped = self.epoch
-        group = self.groups[self.position * self.world_size + self.rank]
+            self._usable = [i for i, g in enumerate(self.groups.groups) if len(g) >= self.world_size]
+        group = self.groups[self._usable[self.position]]
         self.position += 1
-        return self.collate(group)
+        return self.collate(group[self.rank :: self.world_size])
 
     def state_dict(self) -> dict[str, int]:
         """The plan's position."""

@@ -37,6 +37,7 @@ unfinished one from its checkpoints (finetune's resume, with ``save_every``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -58,9 +59,12 @@ from bunmyaku.tasks.finetune import (
     build_task,
     infer,
     load_finetuned,
+    on_main,
     run_finetune,
+    shared_from_main,
 )
 from bunmyaku.tasks.metrics import fold_summary, pearson, spearman
+from bunmyaku.training import distributed as dist_utils
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int
 from bunmyaku.training.outputs import exclusive_output_dir
 from bunmyaku.training.recipe import build_args, check_keywords, keyword_signature
@@ -212,7 +216,17 @@ def _check_task(task: Any, examples: list[dict[str, Any]], source: str) -> None:
 
 
 def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any = None, test_data: Any = None):
-    """Cross-validate as described in the module docstring; returns a :class:`CvResult`."""
+    """Cross-validate as described in the module docstring; returns a :class:`CvResult`.
+
+    Under ``torchrun`` every fold is one distributed fine-tuning run of all the processes (see
+    :func:`~bunmyaku.tasks.finetune.run_finetune`); process 0 alone holds the folder's lock and writes the
+    results, and every process returns the same :class:`CvResult`.
+    """
+    dist_utils.join_from_env()  # under torchrun (the CLI has joined already; a script's first call joins)
+    return _run_cv(cargs, fargs, targs, train_data, test_data)
+
+
+def _run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any, test_data: Any):
     if fargs.task not in SUPPORTED:
         raise ValueError(f"cv supports the tasks {list(SUPPORTED)}, not {fargs.task!r}")
     if fargs.eval is not None or fargs.eval_split or fargs.test_split:
@@ -241,8 +255,8 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
         "folds": fold,
     }
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive_output_dir(out):  # one cv run at a time in this folder (each fold locks its own)
-        _claim(out, record, fargs.overwrite)
+    with contextlib.ExitStack() as stack:  # one cv run at a time in this folder (each fold locks its own)
+        on_main(lambda: (stack.enter_context(exclusive_output_dir(out)), _claim(out, record, fargs.overwrite)))
         per_fold = dataclasses.replace(fargs, train=None, eval=None, test=None, overwrite=False)
         scores: list[Any] = [None] * len(examples)
         test_examples, test_source, test_runs, test_labelled = None, "", [], False
@@ -258,10 +272,13 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
             seed_runs = []
             for seed in seeds:
                 run_dir = out / f"fold{k}" if len(seeds) == 1 else out / f"fold{k}" / f"seed{seed}"
-                if (run_dir / "metrics.json").is_file():
+                # process 0's view of the folder: the processes must all train the fold or all skip it
+                done, fresh = shared_from_main(
+                    ((run_dir / "metrics.json").is_file(), run_dir.exists() and not (run_dir / "checkpoints").is_dir())
+                )
+                if done:
                     logger.info("fold %d seed %d: finished earlier in %s, skipped", k, seed, run_dir)
                 else:
-                    fresh = run_dir.exists() and not (run_dir / "checkpoints").is_dir()
                     shown = (k, seed, len(train_rows), len(held))
                     logger.info("fold %d seed %d: training on %d, evaluating on %d", *shown)
                     run_finetune(
@@ -285,7 +302,9 @@ def run_cv(cargs: CvArgs, fargs: FinetuneArgs, targs: TrainArgs, train_data: Any
                 scores[i] = value
 
         test_scores = averaging.average(kind, test_runs) if test_examples is not None else None
-        return _write(out, task, examples, source, fold, scores, test_examples, test_source, test_scores, test_labelled)
+        written = (out, task, examples, source, fold, scores, test_examples, test_source, test_scores, test_labelled)
+        result = on_main(_write, *written)  # process 0 writes; the others build the same result without writing
+        return result if result is not None else _write(*written, write=False)
 
 
 def _labelled(task: Any, examples: list[dict[str, Any]]) -> bool:
@@ -370,7 +389,9 @@ def _claim(out: Path, record: dict[str, Any], overwrite: bool) -> None:
     write_json_atomic(path, record, sort_keys=False)
 
 
-def _write(out, task, examples, source, fold, scores, test_examples, test_source, test_scores, test_labelled):
+def _write(
+    out, task, examples, source, fold, scores, test_examples, test_source, test_scores, test_labelled, write=True
+):
     records, metrics = decode(task, examples, source, scores, labelled=True)
     oof = [{**r, "row": i, "fold": fold[i], "scores": scores[i]} for i, r in enumerate(records)]
     per_fold = []
@@ -379,17 +400,21 @@ def _write(out, task, examples, source, fold, scores, test_examples, test_source
         _, values = decode(task, [examples[i] for i in held], source, [scores[i] for i in held], labelled=True)
         per_fold.append({"fold": k, "examples": len(held), **(values or {})})
     summary = fold_summary(per_fold)
-    write_jsonl_atomic(out / "oof.jsonl", oof)
-    write_json_atomic(out / "fold_metrics.json", summary, sort_keys=False)
+    if write:
+        write_jsonl_atomic(out / "oof.jsonl", oof)
+        write_json_atomic(out / "fold_metrics.json", summary, sort_keys=False)
     result = CvResult(metrics=metrics or {}, fold_metrics=summary, oof=oof, output_dir=str(out))
     if test_examples is not None:
         predicted, test_metrics = decode(task, test_examples, test_source, test_scores, labelled=test_labelled)
         result.test_predictions = [{**p, "row": i, "scores": test_scores[i]} for i, p in enumerate(predicted)]
-        write_jsonl_atomic(out / "test_predictions.jsonl", result.test_predictions)
+        if write:
+            write_jsonl_atomic(out / "test_predictions.jsonl", result.test_predictions)
         if test_metrics is not None:
             result.test_metrics = test_metrics
-            write_json_atomic(out / "test_metrics.json", test_metrics, sort_keys=False)
-    write_json_atomic(out / "metrics.json", result.metrics, sort_keys=False)  # last: it marks a finished cv run
+            if write:
+                write_json_atomic(out / "test_metrics.json", test_metrics, sort_keys=False)
+    if write:
+        write_json_atomic(out / "metrics.json", result.metrics, sort_keys=False)  # last: it marks a finished cv run
     return result
 
 

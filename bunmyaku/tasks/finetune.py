@@ -24,6 +24,16 @@ holds a killed run's checkpoints (then the run resumes, with the same settings).
 an older run's metrics or model looking like its own. Every result file is written through a temporary file and
 a rename; ``metrics.json`` comes last, so its presence means the run finished.
 
+Under ``torchrun`` (``torchrun --nproc-per-node N -m bunmyaku finetune ...``, or ``bunmyaku.finetune`` in a script
+it launched: the first call joins the process group, which stays until exit) every process reads and encodes the
+data, and the Trainer trains data-parallel (``strategy`` ddp, fsdp or hsdp). ``batch_size`` is per process, as in
+pretraining: a step takes one length-grouped global batch of ``batch_size x N`` rows, dealt out row by row to the
+processes (:class:`~bunmyaku.tasks.base.BatchPlan`), so N processes with ``batch_size`` b train as one process with
+``N x b``. Every process evaluates the whole eval set (the same weights give the same metrics everywhere, so the
+selection and early stopping agree without a collective, whatever the split). Process 0 alone takes the output
+folder's lock, clears it, logs to ``finetune.log`` and writes the results; the others wait for it, and raise if
+it failed. ``cv`` runs each fold this way.
+
 ``predict_file`` and ``evaluate_file`` load such a model folder again (``finetune.json`` says which task and
 columns it was trained with).
 """
@@ -59,6 +69,8 @@ from bunmyaku.tasks.embedding import BiEncoder, SentenceEmbedding
 from bunmyaku.tasks.ner import TokenClassification
 from bunmyaku.tasks.qa import QuestionAnswering
 from bunmyaku.tasks.windows import POOLER_FILE, attach_pooler, check_options, save_pooler, without_pooler
+from bunmyaku.training import distributed as dist_utils
+from bunmyaku.training import sharding
 from bunmyaku.training.args import FinetuneTrainArgs, TrainArgs, check_int, check_number
 from bunmyaku.training.outputs import LOCK_NAME, exclusive_output_dir
 from bunmyaku.training.plugins import MultiSampleDropout, Plugin
@@ -584,21 +596,91 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
         inputs.compute_metrics = import_object(fargs.compute_metrics, "compute_metrics")
         if not callable(inputs.compute_metrics):
             raise ValueError(f"compute_metrics {fargs.compute_metrics!r} is not callable")
+    dist_utils.join_from_env()  # under torchrun (the CLI has joined already; a script's first call joins)
+    if targs.strategy != "ddp" and dist_utils.world_size() > 1:
+        _check_shardable(fargs)
     if targs.output_dir is None:
-        with tempfile.TemporaryDirectory(prefix="bunmyaku-finetune-") as scratch:
-            return _run(fargs, targs, Path(scratch), inputs, keep=False)
+        with _scratch_dir() as scratch:
+            return _run(fargs, targs, scratch, inputs, keep=False)
     out = Path(targs.output_dir)
-    with exclusive_output_dir(out):
-        resuming = targs.resume and not fargs.overwrite and _resumable(out)
-        cleared = [] if resuming else claim_output_dir(out, fargs.overwrite, RESULTS, whole_folder=True)
-        with _log_to(out / "finetune.log", append=resuming):
-            if cleared:
-                logger.info("Cleared the earlier results in %s: %s", out, ", ".join(cleared))
-            try:
-                return _run(fargs, targs, out, inputs, keep=True)
-            except Exception as error:
-                logger.error("Fine-tuning failed: %s", error)  # the log says why there are no results
-                raise
+    with contextlib.ExitStack() as stack:
+        # process 0 owns the folder (its lock, clearing it, the log); the others wait for its verdict
+        resuming, cleared = on_main(_claim_run_dir, stack, out, fargs, targs) or (False, [])
+        if dist_utils.is_main():
+            stack.enter_context(_log_to(out / "finetune.log", append=resuming))
+        if cleared:
+            logger.info("Cleared the earlier results in %s: %s", out, ", ".join(cleared))
+        try:
+            return _run(fargs, targs, out, inputs, keep=True)
+        except Exception as error:
+            logger.error("Fine-tuning failed: %s", error)  # the log says why there are no results
+            raise
+
+
+def _claim_run_dir(stack: contextlib.ExitStack, out: Path, fargs: FinetuneArgs, targs: TrainArgs):
+    """Take ``out``'s lock (held until ``stack`` closes) and make it ready; returns (resuming, names cleared)."""
+    stack.enter_context(exclusive_output_dir(out))
+    resuming = targs.resume and not fargs.overwrite and _resumable(out)
+    cleared = [] if resuming else claim_output_dir(out, fargs.overwrite, RESULTS, whole_folder=True)
+    return resuming, cleared
+
+
+def on_main(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on process 0 only (its result there, None elsewhere); when it raises, every process raises,
+    so none waits in a collective for a process that failed. Without a process group: just ``fn(*args)``."""
+    if dist_utils.world_size() == 1:
+        return fn(*args)
+    result, error = None, None
+    if dist_utils.is_main():
+        try:
+            result = fn(*args)
+        except Exception as caught:  # re-raised below, after the others have heard of it
+            error = caught
+    failure = dist_utils.gather_objects(None if error is None else f"{type(error).__name__}: {error}")[0]
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise RuntimeError(f"process 0 failed: {failure}")
+    return result
+
+
+def shared_from_main(value: Any) -> Any:
+    """Process 0's ``value`` on every process (a decision all must take alike; ``value`` itself without a group)."""
+    return dist_utils.gather_objects(value)[0] if dist_utils.world_size() > 1 else value
+
+
+@contextlib.contextmanager
+def _scratch_dir():
+    """A temporary folder for a run without output folder, the same one for every process (sharded checkpoints
+    are written by all of them); removed at the end by process 0."""
+    if dist_utils.world_size() == 1:
+        with tempfile.TemporaryDirectory(prefix="bunmyaku-finetune-") as scratch:
+            yield Path(scratch)
+        return
+    made = tempfile.mkdtemp(prefix="bunmyaku-finetune-") if dist_utils.is_main() else None
+    scratch = Path(shared_from_main(made))
+    try:
+        yield scratch
+        dist_utils.barrier()  # everyone is done with it
+    finally:
+        if dist_utils.is_main():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_shardable(fargs: FinetuneArgs) -> None:
+    """Sharded fine-tuning hands back a plain copy of the model class: refuse what that copy would lose."""
+    lost = []
+    if fargs.lora_r:
+        lost.append("LoRA adapters (lora_r)")
+    if task_uses_pooler(fargs):
+        lost.append("the window attention pooler (window_pooling attention)")
+    if fargs.task == "sentence-similarity" and fargs.encoder == "bi":
+        lost.append("the bi-encoder (encoder bi)")
+    if lost:
+        raise ValueError(
+            f"strategy fsdp / hsdp fine-tuning supports the models with a task head, not {', '.join(lost)}: "
+            "use strategy ddp for it"
+        )
 
 
 def _head_plugins(fargs: FinetuneArgs) -> list[Plugin]:
@@ -702,9 +784,12 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     test_features = task.encode(tokenizer, test, source=source["test"]) if test else None
 
     pad = pad_id(tokenizer)
+    world = dist_utils.world_size()  # batch_size is per process: a step takes batch_size x world rows
     plan = BatchPlan(
-        GroupedBatches(train_features, targs.batch_size, shuffle=True, seed=targs.seed),
+        GroupedBatches(train_features, targs.batch_size * world, shuffle=True, seed=targs.seed),
         functools.partial(task.collate, pad=pad),
+        dist_utils.rank(),
+        world,
     )
     eval_batch_size = fargs.eval_batch_size or targs.batch_size
     steps_per_epoch = max(1, plan.batches_per_epoch // targs.grad_accum_steps)
@@ -722,7 +807,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     )
     if keep and (targs.save_every or (out / "checkpoints").is_dir()):
         record = {**_settings(fargs), **dataclasses.asdict(targs)}
-        _check_resumed_settings(out, {k: v for k, v in record.items() if k not in NOT_COMPARED})
+        on_main(_check_resumed_settings, out, {k: v for k, v in record.items() if k not in NOT_COMPARED})
     metric = fargs.metric or task.metric
     logger.info(
         "Fine-tuning %s for %s: %d train / %d eval examples (%d / %d rows), %d steps (%d per epoch), best by %s",
@@ -753,6 +838,8 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
         title=f"{out.name if keep else 'in-memory run'}: {base}, {task.name}",
     )
     trainer.fit()
+    if sharding.is_sharded(model):  # every process gets the whole trained model back (a collective)
+        model = sharding.unsharded(model)
     model.eval()
 
     best = trainer.selected
@@ -791,17 +878,28 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
         data=_data_names(fargs, inputs),
         compute_metrics=inputs.compute_metrics,
     )
-    if keep:
-        result.save(out / "model")
-        if fargs.lora_merge:
-            from bunmyaku.models.lora import merge_lora
-
-            merge_lora(model).eval()  # the returned model too: the same outputs, without adapters
-            result.save(out / "merged")
-        write_jsonl_atomic(out / "predictions.jsonl", task.predictions(evaluation, eval_features, best_outputs))
-        write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # last: it marks a finished run
+    if keep:  # by process 0 alone; the others return once the results are written (or raise if that failed)
+        on_main(_write_results, result, out, evaluation, eval_features, best_outputs)
+    if fargs.lora_merge and not (keep and dist_utils.is_main()):  # _write_results merged process 0's
+        _merge(model)
     logger.info("Done: %s", {k: v for k, v in summary.items() if k != "history"})
     return result
+
+
+def _write_results(result: FinetuneResult, out: Path, evaluation, eval_features, best_outputs) -> None:
+    """model/, merged/ (lora_merge), predictions.jsonl, and metrics.json last (it marks a finished run)."""
+    result.save(out / "model")
+    if result.settings.lora_merge:
+        _merge(result.model)
+        result.save(out / "merged")
+    write_jsonl_atomic(out / "predictions.jsonl", result.task.predictions(evaluation, eval_features, best_outputs))
+    write_json_atomic(out / "metrics.json", result.metrics, sort_keys=False)
+
+
+def _merge(model: nn.Module) -> None:
+    from bunmyaku.models.lora import merge_lora
+
+    merge_lora(model).eval()  # the returned model too: the same outputs, without adapters
 
 
 def _with_lora(fargs: FinetuneArgs, targs: TrainArgs, task: Task, model: nn.Module, tokenizer: Any) -> nn.Module:

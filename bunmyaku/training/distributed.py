@@ -6,6 +6,7 @@ reads the environment, through :func:`init_from_env`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,25 @@ def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def join_from_env(backend: str | None = None) -> bool:
+    """:func:`init_from_env` for the rest of the process, for library entry points a user's script calls (perhaps
+    several times) under ``torchrun``: the group is joined once, kept for the next call, and destroyed at exit
+    (an ``atexit`` hook, which runs while the interpreter is whole; see :func:`process_group_from_env`). Joining
+    once also avoids creating the default group again after a sharded run, which the rendezvous does not survive.
+
+    Returns:
+        Whether a process group is active.
+    """
+    if not dist.is_initialized() and init_from_env(backend):
+        atexit.register(_leave)
+    return dist.is_initialized()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:

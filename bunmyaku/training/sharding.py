@@ -219,6 +219,18 @@ def export(model: nn.Module, directory: Path, dtype: str | None = None) -> None:
     ckpt.save_model(plain, directory, dtype=dtype)
 
 
+def unsharded(model: nn.Module) -> nn.Module:
+    """A plain copy of the sharded ``model`` (its own class, whole weights) on every process, on the device the
+    shards were on: what a run hands back once training is over (predictions, saving, the caller's model).
+    Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    device = next(model.parameters()).device
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # whole on every rank
+    plain = _plain_copy(model, {k: v.detach().to("cpu") for k, v in state.items()})
+    return plain.to(device).train(model.training)
+
+
 def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A module of ``model``'s own class (not FSDP's subclass) holding ``state`` on the CPU.
 
