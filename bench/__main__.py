@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.machine import describe
-from bench.scenarios import COMPILABLE, CONFIGS, Config, model_dir
+from bench.scenarios import COMPILABLE, CONFIGS, SAME_SHAPE, Config, model_dir
 from bunmyaku.hub.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +131,31 @@ def table(rows: dict[str, dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def same_shape_table(rows: dict[str, dict]) -> str:
+    """bunmyaku against bunmyaku: each row of a model in ``SAME_SHAPE`` next to its baseline's row of the same
+    scenario and variant (e.g. DeBERTa-v3-base vs BERT-base, 768 wide, 12 layers); "" when no such pair is stored."""
+    lines = []
+    for name in ordered_names(rows):
+        model = name.split("/")[1] if name.count("/") >= 1 else ""
+        if model not in SAME_SHAPE:
+            continue
+        base = name.replace(f"/{model}", f"/{SAME_SHAPE[model]}", 1)
+        if base not in rows:
+            continue
+        ours, theirs = rows[name]["bunmyaku"], rows[base]["bunmyaku"]
+        lines.append(
+            f"| {name} | {base} | {ours['median'] * 1e3:.0f} ms | {theirs['median'] * 1e3:.0f} ms "
+            f"| **{ours['median'] / theirs['median']:.2f}x** |"
+        )
+    if not lines:
+        return ""
+    head = [
+        "| bunmyaku configuration | bunmyaku baseline (same shape) | median | baseline median | cost ratio |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines)
+
+
 def ordered_names(rows: dict) -> list[str]:
     """The stored rows in table order: the configurations' order, each followed by its compiled variants."""
     names = []
@@ -224,6 +249,12 @@ def main() -> None:
         + ".\n\n"
         f"{table(rows, args.device)}"
     )
+    same_shape = same_shape_table(rows)
+    if same_shape:
+        markdown += (
+            "\n\nbunmyaku against itself, same width and depth (cost ratio = the model's median step time / the "
+            f"baseline's, from the rows above):\n\n{same_shape}"
+        )
     print(markdown)
     if not args.no_write:
         print(f"wrote {write_section(markdown, args.device)}")

@@ -23,7 +23,7 @@ class Config:
     """One row of the results table."""
 
     scenario: str  # encoder-infer | encoder-train | generate | similarity
-    model: str  # bert-base | minilm | gpt2-small | smollm2
+    model: str  # bert-base | deberta-v3-base | minilm | gpt2-small | smollm2
     variant: str = ""  # fixed | variable (encoders); b1 | b8 (generation)
     batch: int = 32
     compile: str = ""  # a torch.compile mode ("default", "reduce-overhead", ...) for both models; "": eager
@@ -40,7 +40,7 @@ CONFIGS = [
     *(
         Config(s, m, v)
         for s in ("encoder-infer", "encoder-train")
-        for m in ("bert-base", "minilm")
+        for m in ("bert-base", "deberta-v3-base", "minilm")
         for v in ("fixed", "variable")
     ),
     *(Config("generate", m, f"b{b}", b) for m in ("gpt2-small", "smollm2") for b in (1, 8)),
@@ -66,6 +66,11 @@ def model_dir(name: str) -> Path:
         from bunmyaku.models.bert import BertConfig, BertModel
 
         BertModel.from_config(BertConfig()).save_pretrained(path)
+    elif name == "deberta-v3-base":  # microsoft/deberta-v3-base's shape, random weights
+        from bunmyaku.models.deberta import DebertaV2Config, DebertaV2Model
+
+        config = DebertaV2Config(**DEBERTA_V3_BASE)
+        DebertaV2Model.from_config(config).save_pretrained(path)
     elif name == "gpt2-small":
         from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
@@ -77,6 +82,30 @@ def model_dir(name: str) -> Path:
     else:
         raise ValueError(f"unknown benchmark model {name!r}")
     return path
+
+
+# microsoft/deberta-v3-base's config.json (the fields that differ from DebertaV2Config's defaults)
+DEBERTA_V3_BASE = dict(
+    vocab_size=128100,
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    intermediate_size=3072,
+    norm_eps=1e-7,
+    relative_attention=True,
+    max_relative_positions=-1,
+    position_buckets=256,
+    norm_rel_ebd="layer_norm",
+    share_att_key=True,
+    pos_att_type="p2c|c2p",
+    position_biased_input=False,
+    type_vocab_size=0,
+    pooler_dropout=0.0,
+    pooler_hidden_act="gelu",
+)
+
+# rows compared across models, bunmyaku against bunmyaku: (model, baseline of the same shape)
+SAME_SHAPE = {"deberta-v3-base": "bert-base"}
 
 
 # ------------------------------------------------------------------------------------------------

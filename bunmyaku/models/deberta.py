@@ -27,7 +27,16 @@ gathers, kept as the reference the fast kernels are tested against.
 Padding is handled exactly as ``transformers`` handles it, so that every output and every loss is HF's, padding
 positions included (QA's span loss reads them): embeddings are zeroed at padding, the attention mask is the
 outer product m_i * m_j (a padding query sees every key at the same score, hence a uniform average), and the
-convolution's output is zeroed at padding. This module always runs the padded batch; no unpadded path yet.
+convolution's output is zeroed at padding.
+
+A right-padded batch runs unpadded (``config.unpad``, the default), as :mod:`bunmyaku.models.bert` does: a real
+position never reads a padding one (its keys are masked, its relative distances are those of the row alone, and
+the convolution reads zeros past the row's end whether padding or a zero pad), so the N real tokens are packed
+into (N, C) and only attention sees rows: re-padded group by group (:class:`~bunmyaku.models.fastpath.Packing`'s
+row groups, CPU), or as a whole batch (elsewhere, and under ``torch.compile``), each group with the relative
+positions of its own length (:class:`PackedRows`). The convolution re-pads the embeddings once, so each row's edges
+see zeros. Outputs at padding positions are then zeros; a head whose loss reads them (labels at padding, QA's
+softmax over every position) runs the batch padded, so every loss is the one HF computes.
 
 Heads: masked LM (the current ``lm_predictions.lm_head`` layout of the enhanced mask decoder's checkpoints, or the
 legacy ``cls.predictions`` one, as ``config.legacy`` says; both are the same computation; as in ``transformers``, the
@@ -54,6 +63,7 @@ from bunmyaku.models.attention import Attention
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.disentangled import disentangled_attention, reference_weights
+from bunmyaku.models.fastpath import Packing, RowGroup
 from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear
@@ -81,6 +91,7 @@ class DebertaV2Config(ModelConfig):
     }
     # written to config.json only when set: ``transformers`` reads their absence as "the default", not None
     OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("embedding_size", "head_dim", "cls_dropout")
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (*ModelConfig.RUNTIME_FIELDS, "unpad")
     vocab_size: int = 128100
     hidden_size: int = 1536
     num_layers: int = 24
@@ -114,6 +125,7 @@ class DebertaV2Config(ModelConfig):
     cls_dropout: float | None = None  # the classifier's dropout; None means ``dropout``
     legacy: bool = True  # the masked-LM head's checkpoint names: cls.predictions (True) or lm_predictions (False)
     tie_word_embeddings: bool = True
+    unpad: bool = True  # run right-padded batches on their real tokens only; False: the plain (B, T, C) path
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -233,6 +245,46 @@ def relative_positions(length: int, buckets: int, max_position: int, device=None
     return distances[index[:, None] - index[None, :] + length - 1]  # (T, T)
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row's real tokens come first (and the first is real): packing then keeps their distances."""
+    real = attention_mask.bool()
+    return bool(real[:, 0].all() & ~(real[:, 1:] & ~real[:, :-1]).any())
+
+
+@dataclass
+class PackedRows:
+    """A packed batch as attention sees it: its rows re-padded group by group, or as a whole batch.
+
+    ``groups`` holds (row group, key mask (b, L) bool or None, relative positions (L, L) or None) per group; a row
+    group of None stands for the whole batch re-padded to T (``packing.pad``).
+    """
+
+    packing: Packing
+    groups: list[tuple[RowGroup | None, torch.Tensor | None, torch.Tensor | None]]
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor, config: DebertaV2Config) -> PackedRows:
+        """attention_mask: (B, T) right-padded, 1 for real tokens."""
+        packing = Packing.from_mask(attention_mask)
+        device = attention_mask.device
+        by_length: dict[int, torch.Tensor] = {}
+
+        def positions(length: int) -> torch.Tensor | None:
+            if not config.relative_attention:
+                return None
+            if length not in by_length:
+                by_length[length] = relative_positions(length, config.position_buckets, config.max_relative, device)
+            return by_length[length]
+
+        if packing.groups is None:
+            groups = [(None, packing.mask[:, 0, 0], positions(packing.length))]
+        else:
+            groups = [
+                (g, None if g.mask is None else g.mask[:, 0, 0].to(device), positions(g.length)) for g in packing.groups
+            ]
+        return cls(packing, groups)
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention
 
@@ -279,25 +331,66 @@ class DisentangledAttention(Attention):
             pos_q = self._heads((self.q_proj if self.share_att_key else self.pos_q_proj)(rel))  # (H, R, D)
         return pos_q, pos_k, self.span
 
+    def _positions(self, rel_embeddings: torch.Tensor | None, length: int):
+        """pos_q, pos_k (H, R, D) or None, span: the relative embeddings projected for a batch of length T."""
+        if self.relative and self.terms:
+            return self._project_positions(self.pos_dropout(rel_embeddings), length)
+        return None, None, self.span
+
+    def _attend(self, q, k, v, pos_q, pos_k, relative_pos, span: int, mask, dropout_p: float) -> torch.Tensor:
+        """The attention core, (B, H, T, D) -> (B, H, T, D): the one call both the padded and packed paths make.
+        ``attn_implementation`` "eager" runs the transformers-style reference, "sdpa" (default) the fast kernels."""
+        impl = "reference" if self.implementation == "eager" else "auto"
+        return disentangled_attention(q, k, v, pos_q, pos_k, relative_pos, span, mask, self.scale, dropout_p, impl)
+
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, rel_embeddings: torch.Tensor | None, relative_pos
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        rel_embeddings: torch.Tensor | None,
+        relative_pos,
+        packed: PackedRows | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C); mask: (B, T) or None; rel_embeddings: (R, C) (normed) or None -> (B, T, C)."""
+        """x: (B, T, C); mask: (B, T) or None; rel_embeddings: (R, C) (normed) or None -> (B, T, C).
+
+        With ``packed``, x is (N, C), the real tokens of a packed batch, and so is the output (``mask`` and
+        ``relative_pos`` are then unused: each row group carries its own).
+        """
+        dropout_p = self.dropout if self.training else 0.0
+        if packed is not None:
+            return self.out_proj(self._packed(x, rel_embeddings, packed, dropout_p))
         B, T, _ = x.shape
         q, k, v = self._project(x)  # (B, H, T, D) each
-        pos_q, pos_k, span = None, None, self.span
-        if self.relative and self.terms:
-            pos_q, pos_k, span = self._project_positions(self.pos_dropout(rel_embeddings), T)
-        dropout_p = self.dropout if self.training else 0.0
+        pos_q, pos_k, span = self._positions(rel_embeddings, T)
         if self.recorded is not None:  # output_attentions: the weights kept
             weights = reference_weights(q, k, pos_q, pos_k, relative_pos, span, mask, self.scale)
             self.recorded.append(weights)
             y = F.dropout(weights, p=dropout_p) @ v  # (B, H, T, D)
-        else:  # attn_implementation "eager": the transformers-style reference; "sdpa" (default): the fast kernels
-            impl = "reference" if self.implementation == "eager" else "auto"
-            y = disentangled_attention(q, k, v, pos_q, pos_k, relative_pos, span, mask, self.scale, dropout_p, impl)
+        else:
+            y = self._attend(q, k, v, pos_q, pos_k, relative_pos, span, mask, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): heads merged
         return self.out_proj(y)
+
+    def _packed(self, x: torch.Tensor, rel_embeddings, packed: PackedRows, dropout_p: float) -> torch.Tensor:
+        """(N, C) real tokens -> (N, H * D) attention outputs before the output projection, each row attending
+        within itself, group by group, with the relative positions of the group's length."""
+        N, packing = x.size(0), packed.packing
+        # projected packed (no padding), then back to (N, H * D) rows for the groups' re-padding
+        q, k, v = (t[0].transpose(0, 1).reshape(N, -1) for t in self._project(x[None]))  # (N, H * D) x 3
+        # the projection of the whole table: every group's distances index into it (v1 keeps 2 * min(T, k) rows)
+        pos_q, pos_k, span = self._positions(rel_embeddings, packing.length)
+        out = None
+        for rows, mask, relative_pos in packed.groups:
+            pad = packing.pad if rows is None else rows.pad
+            q_g, k_g, v_g = (self._heads(pad(t)) for t in (q, k, v))  # (b, H, L, D)
+            y = self._attend(q_g, k_g, v_g, pos_q, pos_k, relative_pos, span, mask, dropout_p)
+            y = y.transpose(1, 2).flatten(2)  # (b, L, H * D)
+            if rows is None:
+                return packing.unpad(y)  # (N, H * D)
+            if out is None:
+                out = q.new_empty(N, y.size(-1))
+            out.index_copy_(0, rows.tokens, rows.unpad(y))
+        return out
 
 
 class DebertaBlock(Block):
@@ -309,8 +402,8 @@ class DebertaBlock(Block):
         super().__init__(config.layer_config(layer_idx), layer_idx)
         self.attn = self.attention_class(config, layer_idx)
 
-    def _forward(self, x, mask, rel_embeddings, relative_pos):
-        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, rel_embeddings, relative_pos))
+    def _forward(self, x, mask, rel_embeddings, relative_pos, packed):
+        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, rel_embeddings, relative_pos, packed))
         return self._sublayer(x, self.mlp_norm, self.mlp)
 
     def forward(
@@ -319,9 +412,11 @@ class DebertaBlock(Block):
         mask: torch.Tensor | None = None,
         rel_embeddings: torch.Tensor | None = None,
         relative_pos: torch.Tensor | None = None,
+        packed: PackedRows | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C); ``mask`` (B, T) 1 for real tokens; the relative embeddings (R, C), positions."""
-        args = (x, mask, rel_embeddings, relative_pos)
+        """x: (B, T, C) -> (B, T, C); ``mask`` (B, T) 1 for real tokens; the relative embeddings (R, C), positions.
+        With ``packed``, x is (N, C) packed real tokens and so is the output."""
+        args = (x, mask, rel_embeddings, relative_pos, packed)
         if self.gradient_checkpointing and self.training:
             return checkpoint(self._forward, *args, use_reentrant=False)
         return self._forward(*args)
@@ -339,8 +434,17 @@ class ConvLayer(nn.Module):
         self.norm = nn.LayerNorm(C, eps=config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, embedded: torch.Tensor, layer_out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """embedded, layer_out: (B, T, C); mask: (B, T) or None -> (B, T, C), zero at padding."""
+    def forward(
+        self, embedded: torch.Tensor, layer_out: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """embedded, layer_out: (B, T, C); mask: (B, T) or None -> (B, T, C), zero at padding.
+
+        With ``packing``, embedded and layer_out are (N, C) packed rows and so is the output: the embeddings are
+        re-padded with zeros for the convolution, so each row's edges see zeros, as in the padded batch.
+        """
+        if packing is not None:
+            out = packing.unpad(self.conv(packing.pad(embedded).transpose(1, 2)).transpose(1, 2))  # (N, C)
+            return self.norm(layer_out + self.act(self.dropout(out)))
         out = self.conv(embedded.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
         y = self.norm(layer_out + self.act(self.dropout(out)))
         # HF also zeroes the convolution at padding before the sum; the product below makes that a no-op
@@ -478,8 +582,9 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        unpad: bool | None = None,
     ) -> ModelOutput:
-        """Encode a batch.
+        """Encode a batch (unpadded inside when it is right-padded and ``config.unpad``).
 
         Args:
             input_ids: (B, T) token ids.
@@ -488,6 +593,7 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
             position_ids: (B, T) absolute positions (read only with ``position_biased_input``); default 0..T-1.
             inputs_embeds: (B, T, E) instead of ``input_ids``.
             output_hidden_states: also return the embeddings and every layer's output.
+            unpad: run on the real tokens only (outputs at padding are then zeros); default ``config.unpad``.
 
         Returns:
             ``last_hidden_state`` (B, T, C) and, when asked, ``hidden_states``.
@@ -498,20 +604,48 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         T = ref.size(1)
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         config = self.config
+        unpad = config.unpad if unpad is None else unpad
+        if self.layers[0].attn.recorded is not None:  # output_attentions: every (B, H, T, T) map, padded layout
+            unpad = False
+        packed = PackedRows.from_mask(mask, config) if mask is not None and unpad and right_padded(mask) else None
         relative_pos = None
-        if config.relative_attention:
+        if config.relative_attention and packed is None:
             relative_pos = relative_positions(T, config.position_buckets, config.max_relative, ref.device)  # (T, T)
         rel = self.relative_embeddings()
-        embedded = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds, mask)  # (B, T, C)
+        packing = None
+        if packed is not None:
+            packing = packed.packing
+            input_ids, token_type_ids, position_ids, inputs_embeds = self._pack_inputs(
+                packing, input_ids, token_type_ids, position_ids, inputs_embeds
+            )
+            mask = None  # the packing carries its own
+        embedded = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds, mask)  # (B, T, C) or (N, C)
         x = embedded
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
-            x = block(x, mask, rel, relative_pos)
+            x = block(x, mask, rel, relative_pos, packed)
             if i == 0 and self.conv is not None:
-                x = self.conv(embedded, x, mask)
+                x = self.conv(embedded, x, mask, packing)
             if hidden is not None:
                 hidden.append(x)
+        if packing is not None:
+            x = packing.pad(x)  # (B, T, C)
+            hidden = [packing.pad(h) for h in hidden] if hidden is not None else None
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
+
+    def _pack_inputs(self, packing: Packing, input_ids, token_type_ids, position_ids, inputs_embeds):
+        """The real tokens' ids, segments, positions (N,) and embeddings (N, E), defaults filled in on (B, T) first."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if position_ids is None:
+            position_ids = torch.arange(ref.size(1), device=ref.device)[None]  # (1, T)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(1, ref.size(1), dtype=torch.long, device=ref.device)
+        return (
+            None if input_ids is None else packing.unpad(input_ids),
+            packing.unpad(token_type_ids),
+            packing.unpad(position_ids),
+            None if inputs_embeds is None else packing.unpad(inputs_embeds),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,11 +705,31 @@ class _DebertaHeadModel(DebertaV2PreTrainedModel):
     """A head on top of ``self.backbone``; subclasses set the key map and build ``self.head``."""
 
     base_class: ClassVar[type[DebertaV2Model]] = DebertaV2Model
+    # the positions a head's loss reads: "labelled" (those its (B, T) labels score), "all" (QA: a softmax over every
+    # position, padding included), "first" (the pooled first token)
+    reads: ClassVar[str] = "labelled"
 
     def __init__(self, config: DebertaV2Config):
         super().__init__(config)
         self.backbone = self.base_class(config)
         self.head = nn.Module()
+
+    def _encode(
+        self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, labels=None
+    ) -> ModelOutput:
+        """The backbone's output; padded where the loss reads padding positions, so that it is HF's loss."""
+        reads_padding = False
+        if labels is not None and attention_mask is not None and self.reads != "first":
+            reads_padding = self.reads == "all" or bool(((labels != -100) & (attention_mask == 0)).any())
+        return self.backbone(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
+            unpad=False if reads_padding else None,
+        )
 
     def _classifier_dropout(self) -> nn.Dropout:
         p = self.config.cls_dropout
@@ -615,8 +769,8 @@ class DebertaV2ForMaskedLM(_DebertaHeadModel):
         With ``masked_only`` (needs ``labels``), the vocabulary projection runs only where ``labels`` != -100:
         logits are then (M, V), one row per masked position in row-major order.
         """
-        out = self.backbone(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, labels
         )
         hidden, labels = bert._masked_positions(out.last_hidden_state, labels, masked_only)
         logits = self.head.mlm(hidden)
@@ -629,6 +783,7 @@ class DebertaV2ForSequenceClassification(_DebertaHeadModel):
 
     task = "sequence-classification"
     hf_architecture = "DebertaV2ForSequenceClassification"
+    reads = "first"
     head_key_map = KeyMap({**POOLER_FROM_HF, **CLASSIFIER_FROM_HF})
     num_outputs: ClassVar[int | None] = None  # None: num_labels
 
@@ -653,9 +808,7 @@ class DebertaV2ForSequenceClassification(_DebertaHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns logits (B, L). ``labels``: (B,) ids, (B,) floats (regression), (B, L) multi-hot or soft."""
-        out = self.backbone(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states
-        )
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
         logits = self._classify(out.last_hidden_state)
         loss = deberta_sequence_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
@@ -684,8 +837,8 @@ class DebertaV2ForTokenClassification(_DebertaHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns logits (B, T, L). ``labels``: (B, T) tag ids, -100 on positions not scored."""
-        out = self.backbone(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, labels
         )
         logits = self.head.classifier(self.head.dropout(out.last_hidden_state))
         loss = token_loss(logits, labels) if labels is not None else None
@@ -697,6 +850,7 @@ class DebertaV2ForQuestionAnswering(_DebertaHeadModel):
 
     task = "question-answering"
     hf_architecture = "DebertaV2ForQuestionAnswering"
+    reads = "all"
     head_key_map = KeyMap(QA_FROM_HF)
 
     def __init__(self, config: DebertaV2Config):
@@ -715,8 +869,9 @@ class DebertaV2ForQuestionAnswering(_DebertaHeadModel):
         output_hidden_states: bool = False,
     ) -> ModelOutput:
         """Returns ``start_logits`` and ``end_logits`` (B, T); loss when both positions (B,) are given."""
-        out = self.backbone(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states
+        positions = start_positions  # any label: the span loss is a softmax over every position
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states, positions
         )
         start_logits, end_logits = self.head.qa_outputs(out.last_hidden_state).unbind(-1)
         loss = None
@@ -749,7 +904,7 @@ class DebertaV2ForMultipleChoice(DebertaV2ForSequenceClassification):
         def flat(t):
             return None if t is None else t.reshape(B * N, *t.shape[2:])  # (B * N, T, ...)
 
-        out = self.backbone(
+        out = self._encode(
             flat(input_ids),
             flat(attention_mask),
             flat(token_type_ids),

@@ -101,7 +101,7 @@ HEADS = {
     "masked-lm": ("DebertaV2ForMaskedLM", ["logits"], [], {}),
     "sequence-classification": ("DebertaV2ForSequenceClassification", [], ["logits"], {"num_labels": 3}),
     "token-classification": ("DebertaV2ForTokenClassification", ["logits"], [], {"num_labels": 5}),
-    "question-answering": ("DebertaV2ForQuestionAnswering", [], ["start_logits", "end_logits"], {}),
+    "question-answering": ("DebertaV2ForQuestionAnswering", ["start_logits", "end_logits"], [], {}),
     "multiple-choice": ("DebertaV2ForMultipleChoice", [], ["logits"], {}),
 }
 

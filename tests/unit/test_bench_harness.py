@@ -117,3 +117,22 @@ def test_profile_step_reports_the_compilers_graph_breaks():
     assert report.startswith("compiler: 2 graphs"), report
     assert "graph break x1: Unsupported Tensor.item()" in report, report
     assert _compiler_account().startswith("compiler: 0 graphs"), "the counters start again after each report"
+
+
+def test_same_shape_table_pairs_deberta_with_bert_of_the_same_scenario():
+    """bunmyaku DeBERTa against bunmyaku BERT-base: cost ratio of medians, only where both rows are stored."""
+
+    def row(hf, ours):
+        return {"transformers": {"median": hf}, "bunmyaku": {"median": ours}}
+
+    rows = {
+        "encoder-train/bert-base/fixed": row(2.0, 1.0),
+        "encoder-train/deberta-v3-base/fixed": row(6.0, 1.5),
+        "encoder-infer/deberta-v3-base/variable": row(3.0, 1.0),  # no bert-base row: left out
+    }
+    text = harness.same_shape_table(rows)
+    lines = text.splitlines()
+    assert len(lines) == 3
+    assert "encoder-train/deberta-v3-base/fixed | encoder-train/bert-base/fixed" in lines[2]
+    assert "**1.50x**" in lines[2]
+    assert harness.same_shape_table({"encoder-train/bert-base/fixed": row(2.0, 1.0)}) == ""
