@@ -36,7 +36,8 @@ FIELDS = ("parameters", "gradients", "optimizer", "activations", "total")
 
 @dataclass
 class Setting:
-    """One row: a model config (HF ``config.json`` dict), a task and the step's options."""
+    """One row: a model config (HF ``config.json`` dict), a task and the step's options (:func:`measure` runs one
+    process without adapters; the sharding and LoRA options are the planner's, for bench/ladder.py's rungs)."""
 
     name: str
     config: dict[str, Any]
@@ -46,6 +47,10 @@ class Setting:
     checkpointing: bool = False
     freeze_layers: int = 0
     num_labels: int | None = None
+    lora_r: int = 0
+    lora_targets: str | None = None
+    strategy: str = "ddp"
+    world_size: int = 1
 
 
 def _batch(setting: Setting, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -81,20 +86,26 @@ class _NoHook:
         pass
 
 
-def _tracker(tracker_class: type, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """A MemTracker following ``model`` and ``optimizer``. It hooks every parameter to see its gradient, which
-    PyTorch refuses for frozen ones (they have no gradient to see): those are marked as hooked already."""
-    tracker = tracker_class()
+def tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """A ``MemTracker`` following ``model`` and ``optimizer`` (enter it around what is measured; bench/ladder.py uses
+    it inside the Trainer). It hooks every parameter to see its gradient, which PyTorch refuses for frozen ones (they
+    have no gradient to see): those are marked as hooked already."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    found = MemTracker()
     for param in model.parameters():
         if not param.requires_grad:
-            tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
-    tracker.track_external(model, optimizer)
-    return tracker
+            found._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    found.track_external(model, optimizer)
+    return found
 
 
 def measure(setting: Setting) -> dict[str, int]:
     """Bytes of one fp32 training step of ``setting`` on the CPU (see the module notes)."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    if setting.lora_r or setting.world_size > 1:
+        raise ValueError(f"{setting.name}: measure() runs one process without adapters; bench/ladder.py runs those")
 
     torch.manual_seed(0)
     cls = model_class(setting.config["model_type"], setting.task)
@@ -110,21 +121,21 @@ def measure(setting: Setting) -> dict[str, int]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)  # as training/optim.py builds it on the CPU
     batch = _batch(setting, model.config.vocab_size)
 
-    def step(tracker: MemTracker | None = None) -> tuple[dict, int]:
+    def step(watching: MemTracker | None = None) -> tuple[dict, int]:
         loss = _loss(model, setting.task, batch)
         loss.backward()
         grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
-        peak = tracker.get_tracker_snapshot("peak") if tracker is not None else {}
+        peak = watching.get_tracker_snapshot("peak") if watching is not None else {}
         return peak, grads
 
     step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    backward_tracker = _tracker(MemTracker, model, optimizer)
+    backward_tracker = tracker(model, optimizer)
     with backward_tracker:
         peak, grads = step(backward_tracker)
-    step_tracker = _tracker(MemTracker, model, optimizer)
+    step_tracker = tracker(model, optimizer)
     with step_tracker:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -154,6 +165,10 @@ def predict(setting: Setting) -> dict[str, int]:
             checkpointing=setting.checkpointing,
             freeze_layers=setting.freeze_layers,
             num_labels=setting.num_labels,
+            lora_r=setting.lora_r,
+            lora_targets=setting.lora_targets,
+            strategy=setting.strategy,
+            world_size=setting.world_size,
             device="cpu",
         )
     return plan.as_dict()
