@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,11 @@ RESULTS = ROOT / "bench" / "results"
 MB = 2**20
 EOS = 2
 
-# 8 layers of width 512 (8 query heads, 4 key/value heads, SwiGLU 1365) over a 8,192-token vocabulary, 27M
+# 8 layers of width 512 (8 query heads, 4 key/value heads, SwiGLU 1376) over a 8,192-token vocabulary, 27M
 # parameters: small enough for a few steps of every rung at 1 thread per process, large enough that parameters,
 # gradients and AdamW state (16 bytes a parameter) and the activations of a batch of 8 x 256 tokens are of the same
 # order, so every rung has something to save; the heads and the MLP's width split in two for tensor parallelism.
-MODEL = llama_config(512, 8, 8, 4, vocab=8192)
+MODEL = {**llama_config(512, 8, 8, 4, vocab=8192), "intermediate_size": 1376}
 
 
 @dataclass
@@ -233,15 +234,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def offload_refusal(rung: Rung) -> str | None:
-    """Why the Trainer refuses ``rung`` on the CPU (its own check, :func:`~bunmyaku.training.sharding.check_strategy`),
-    or None when it runs."""
+def refusal(rung: Rung, model: dict[str, Any]) -> str | None:
+    """Why the Trainer would refuse ``rung`` on the CPU, by its own checks (strategy and offloading; the tensor-parallel
+    split of ``model``, built on the meta device), or None when it runs."""
+    from bunmyaku.models.auto import model_class
     from bunmyaku.training import TrainArgs
-    from bunmyaku.training.sharding import check_strategy
+    from bunmyaku.training.sharding import check_strategy, check_tensor_parallel
 
     args = TrainArgs(strategy=rung.strategy, cpu_offload=rung.cpu_offload, tp=rung.tp)
     try:
         check_strategy(args, [], torch.device("cpu"))
+        if rung.tp > 1:
+            cls = model_class(model["model_type"], "causal-lm")
+            with torch.device("meta"):
+                check_tensor_parallel(cls(cls.configure(model)), rung.tp, rung.processes, rung.strategy)
     except ValueError as error:
         return str(error)
     return None
@@ -300,19 +306,23 @@ def planned(rung: Rung, model: dict[str, Any], max_length: int) -> dict[str, int
     return predict(setting)
 
 
-def run_ladder(rungs: list[Rung], model: dict[str, Any], max_length: int, warmup: int, steps: int,
-               threads: int) -> list[dict[str, Any]]:  # fmt: skip
-    """Every rung's row: the rung, the planner's bytes, each rank's measurements (or why it did not run)."""
-    rows = []
+def run_ladder(rungs: list[Rung], model: dict[str, Any], max_length: int, warmup: int, steps: int, threads: int,
+               done: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every rung's row: the rung, the planner's bytes, each rank's measurements, or why it did not run (refused, or
+    failed: the end of its error). ``done(rows)`` is called after each rung (to save what is measured so far)."""
+    rows: list[dict[str, Any]] = []
     for rung in rungs:
-        row: dict[str, Any] = {"rung": asdict(rung), "planned": None, "ranks": None, "not_run": None}
-        row["not_run"] = offload_refusal(rung)
+        row: dict[str, Any] = {"rung": asdict(rung), "planned": None, "ranks": None, "not_run": refusal(rung, model)}
         if row["not_run"] is None:
             row["planned"] = planned(rung, model, max_length)
             started = time.perf_counter()
-            row["ranks"] = measure_rung(rung, model, max_length, warmup, steps, threads)
+            try:
+                row["ranks"] = measure_rung(rung, model, max_length, warmup, steps, threads)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                row["not_run"] = "failed: " + str(error).strip().splitlines()[-1]
             row["seconds"] = time.perf_counter() - started
         rows.append(row)
+        done(rows)
     return rows
 
 
@@ -376,18 +386,20 @@ def main() -> None:
         rungs = [r for r in rungs if r.name in names]
     torch.set_num_threads(cli.threads)
     started = time.perf_counter()
-    rows = run_ladder(rungs, model, cli.max_length, cli.warmup, cli.steps, cli.threads)
-    text = table(rows)
     machine = describe()
-    seconds = time.perf_counter() - started
-    summary = (
-        f"{machine}; {cli.threads} thread(s) per process; global batch {cli.batch} x {cli.max_length} tokens; "
-        f"{cli.warmup} warm-up + {cli.steps} timed steps + 1 tracked step per rung; {seconds:.0f} s"
-    )
-    write_json_atomic(cli.output.with_suffix(".json"), {"machine": summary, "model": model, "rows": rows})
-    write_text_atomic(cli.output.with_suffix(".md"), f"{text}\n\n{summary}\n")
-    print(text)
-    print(f"\n{summary}")
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        summary = (
+            f"{machine}; {cli.threads} thread(s) per process; global batch {cli.batch} x {cli.max_length} tokens; "
+            f"{cli.warmup} warm-up + {cli.steps} timed steps + 1 tracked step per rung; "
+            f"{time.perf_counter() - started:.0f} s"
+        )
+        write_json_atomic(cli.output.with_suffix(".json"), {"machine": summary, "model": model, "rows": rows})
+        write_text_atomic(cli.output.with_suffix(".md"), f"{table(rows)}\n\n{summary}\n")
+        print(f"{len(rows)} of {len(rungs)} rungs done ({rows[-1]['rung']['name']})", file=sys.stderr, flush=True)
+
+    run_ladder(rungs, model, cli.max_length, cli.warmup, cli.steps, cli.threads, save)
+    print(cli.output.with_suffix(".md").read_text(encoding="utf-8"), end="")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.ladder import ladder, measure_rung, offload_refusal, planned, table
+from bench.ladder import MODEL, ladder, measure_rung, planned, refusal, table
 from bench.memory_plan import llama_config
 from tests.conftest import require_module
 
@@ -66,9 +66,12 @@ def test_the_table_has_every_rung_with_the_planner_beside_the_measurement():
     ]  # fmt: skip
     # the same tokens per optimizer step in every rung (tensor parallel: the 2 ranks read the same batch)
     assert {r.micro_batch * r.accum * r.processes // r.tp for r in rungs} == {8}
-    refusals = {r.name: offload_refusal(r) for r in rungs}
+    refusals = {r.name: refusal(r, TINY) for r in rungs}
     assert all(reason is None for name, reason in refusals.items() if name != "cpu-offload")
     assert "already on the CPU" in refusals["cpu-offload"]
+    # the Trainer's own checks, before any process starts: the benchmark's model splits for tensor parallelism
+    assert [r.name for r in ladder(8, MODEL) if refusal(r, MODEL)] == ["cpu-offload"]
+    assert "intermediate_size" in refusal(_rung("tp-2"), {**TINY, "intermediate_size": 65})
     assert planned(_rung("tp-2"), TINY, 16) is None
     assert planned(_rung("fsdp-2"), TINY, 16)["parameters"] < planned(_rung("baseline"), TINY, 16)["parameters"]
 
