@@ -9,7 +9,7 @@ Each rung changes one thing from the baseline, with the same global batch and se
 same tokens per optimizer step in smaller micro-batches; FSDP on 2 processes: half the batch on each), so each
 row reads as "what this one technique costs or saves". A rung is the Trainer's own loop (``Trainer.fit``: the
 objective, accumulation without gradient sync, clipping, fused AdamW, the Freeze plugin, FSDP2 / tensor parallel
-under ``torchrun`` with gloo) in a fresh process (or two), with two plugins that only watch:
+under ``torchrun`` with gloo) in a fresh process (or two), with one plugin that only watches (:class:`Watch`):
 
 - tokens/s: the global tokens of the timed steps over their wall time, after the warm-up steps;
 - memory: one further step (its forward, backward and optimizer step) under PyTorch's ``MemTracker``, the tracker
