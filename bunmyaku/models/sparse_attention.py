@@ -8,7 +8,9 @@ The pattern, as a boolean (T, T) matrix per row (True where query i may attend t
     allowed[i, j] = valid[j] and (global[i] or global[j] or (|i - j| <= w * d and (i - j) % d == 0))
 
 A local query sees the keys within w dilated steps on each side and every global key; a global query sees every
-key. Padding keys are never seen, and padding queries output zeros (as in ``transformers``' Longformer).
+key. Padding keys are never seen, and padding queries output zeros (as in ``transformers``' Longformer), or, with
+``attend_from_padding`` (ModernBERT's padded batches, as ``transformers`` computes them), attend like real queries.
+A query that sees no key at all outputs zeros (what SDPA gives a fully masked row).
 ``attention_window`` in a Longformer config is the two-sided window: w = attention_window // 2.
 
 Each key is counted once: a global key inside a local query's window is scored in the global part, not twice.
@@ -50,12 +52,15 @@ class SparsePattern:
         valid: (B, T) bool, True for real tokens; None when nothing is padded.
         is_global: (B, T) bool, True for global tokens (padding is never global); None when there are none.
         dilation: d, the step between the keys of a window (1: contiguous).
+        attend_from_padding: padding queries attend to the real keys of their window as real queries do; False:
+            they output zeros.
     """
 
     window: int
     valid: torch.Tensor | None = None
     is_global: torch.Tensor | None = None
     dilation: int = 1
+    attend_from_padding: bool = False
     _slots: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False)
     _block_mask: object | None = field(default=None, init=False, repr=False)  # FlexAttention's, built once
 
@@ -195,10 +200,14 @@ def _blocked_local(
     q_blocks = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, n, b, D).transpose(1, 2).reshape(B * n, H, b, D)
     k_blocks, v_blocks = key_blocks(k), key_blocks(v)
     ok = F.pad(key_ok, (w, Tp - T + w), value=False).unfold(1, span, b)  # (B, n, span)
-    # key j of a block is at offset j - w - i from its query i: within the band when |offset| <= w. Each query may
-    # also see its own position, so that no row is empty (padding and global queries, whose outputs are replaced)
+    # key j of a block is at offset j - w - i from its query i: within the band when |offset| <= w
     offset = torch.arange(span, device=q.device)[None, :] - w - torch.arange(b, device=q.device)[:, None]  # (b, span)
-    allowed = ((offset.abs() <= w) & ok[:, :, None, :]) | (offset == 0)  # (B, n, b, span)
+    allowed = (offset.abs() <= w) & ok[:, :, None, :]  # (B, n, b, span)
+    empty = ~allowed.any(-1)  # (B, n, b): queries that see no window key
+    if global_kv is not None:
+        empty = empty & ~global_kv[2].any(-1)[:, None, None]
+    # a query that sees nothing sees its own position instead, so that no softmax row is empty (its output is zeroed)
+    allowed = allowed | ((offset == 0) & empty[..., None])
     if global_kv is not None:
         k_global, v_global, used = global_kv
         G = k_global.size(2)
@@ -212,7 +221,8 @@ def _blocked_local(
     out = F.scaled_dot_product_attention(
         q_blocks, k_blocks, v_blocks, attn_mask=allowed.reshape(B * n, 1, b, -1), dropout_p=dropout_p, scale=scale
     )  # (B * n, H, b, D)
-    return out.view(B, n, H, b, D).transpose(1, 2).reshape(B, H, Tp, D)[:, :, :T]
+    out = out.view(B, n, H, b, D).masked_fill(empty.view(B, n, 1, b, 1), 0.0)
+    return out.transpose(1, 2).reshape(B, H, Tp, D)[:, :, :T]
 
 
 def _dilated_local(q, k, v, window, dilation, key_ok, global_kv, dropout_p, scale, block_size=None) -> torch.Tensor:
@@ -287,7 +297,7 @@ def sparse_attention(
         global_out: (B, H, G, D) the global rows, computed by the caller (instead of ``global_qkv``).
 
     Returns:
-        (B, H, T, D); zeros at padding queries.
+        (B, H, T, D); zeros at padding queries (unless ``pattern.attend_from_padding``) and at queries that see no key.
     """
     B, H, T, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -295,8 +305,8 @@ def sparse_attention(
     slots = pattern.global_slots() if pattern.is_global is not None else None
     if q.is_cuda and dropout_p == 0.0:
         out = _flex_local(q, k, v, pattern, scale)
-        if slots is not None and global_qkv is None and global_out is None:
-            return out.masked_fill(~valid[:, None, :, None], 0.0)
+        if slots is None or (global_qkv is None and global_out is None):
+            return out if pattern.attend_from_padding else out.masked_fill(~valid[:, None, :, None], 0.0)
     else:
         key_ok = valid if pattern.is_global is None else valid & ~pattern.is_global
         global_kv = None
@@ -304,7 +314,8 @@ def sparse_attention(
             index, used = slots[0], slots[1]
             global_kv = (_gather_positions(k, index), _gather_positions(v, index), used)
         out = _dilated_local(q, k, v, pattern.window, pattern.dilation, key_ok, global_kv, dropout_p, scale, block_size)
-    out = out.masked_fill(~valid[:, None, :, None], 0.0)
+    if not pattern.attend_from_padding:
+        out = out.masked_fill(~valid[:, None, :, None], 0.0)
     if slots is None:
         return out
     index, _, rows, positions, slot = slots
@@ -341,7 +352,7 @@ def dense_reference(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     allowed = dense_mask(pattern, B, T, q.device)[:, None]  # (B, 1, T, T)
     scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~allowed, _neg(q.dtype))
-    out = _softmax(scores) @ v  # (B, H, T, D)
+    out = (_softmax(scores) @ v).masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # (B, H, T, D)
     if global_qkv is not None and pattern.is_global is not None:
         q_global, k_global, v_global = global_qkv
         for b, t in pattern.is_global.nonzero().tolist():
@@ -349,4 +360,6 @@ def dense_reference(
             s = q_global[b, :, slot, None] @ k_global[b].transpose(-2, -1) * scale  # (H, 1, T)
             s = s.masked_fill(~pattern.valid_or_all(B, T, q.device)[b][None, None], _neg(q.dtype))
             out[b, :, t] = (_softmax(s) @ v_global[b])[:, 0]
+    if pattern.attend_from_padding:
+        return out
     return out.masked_fill(~pattern.valid_or_all(B, T, q.device)[:, None, :, None], 0.0)
