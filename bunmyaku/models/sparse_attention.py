@@ -32,6 +32,11 @@ Three computations of the same function:
 
 Longformer computes its global queries with their own projections (``query_global`` ...): :func:`sparse_attention`
 takes them as ``global_qkv``, and the global rows are overwritten with :func:`global_query_attention`'s output.
+
+The second pattern, BigBird's block-sparse one (:class:`BlockSparsePattern`: global first and last blocks, a window
+of three blocks, r random blocks), runs on the same machinery: :func:`block_sparse_attention` gathers each query
+block's key blocks into one batched SDPA call on CPU (linear in T) and uses a FlexAttention ``BlockMask`` on CUDA;
+:func:`block_sparse_reference` is its dense (T, T) oracle for the tests.
 """
 
 from __future__ import annotations
@@ -363,3 +368,192 @@ def dense_reference(
     if pattern.attend_from_padding:
         return out
     return out.masked_fill(~pattern.valid_or_all(B, T, q.device)[:, None, :, None], 0.0)
+
+
+@dataclass
+class BlockSparsePattern:
+    """BigBird's block-sparse pattern (Zaheer et al. 2020 §2, ITC): the sequence in n blocks of b tokens (the last
+    one padded), then
+
+    - the first and the last block are global: their queries see every key, and every query sees their keys;
+    - every other query block i sees the blocks i - 1, i, i + 1 (the window) and r random key blocks.
+
+    A key block listed twice for a query block (a random block that is also global or in the window, or listed twice
+    among the random ones) has its keys in that block's softmax twice, as in ``transformers``, which concatenates the
+    listed blocks; the window blocks that coincide with a global block (block 0 for i = 1, block n - 1 for i = n - 2)
+    are counted once, as there.
+
+    Args:
+        block_size: b.
+        random_blocks: (H or 1, n - 2, r) long, the random key blocks of query blocks 1 .. n - 2 (``transformers``'
+            ``rand_attn`` layout); 1 on the first dim when every head has the same.
+        valid: (B, T) bool, True for real tokens; None when nothing is padded.
+    """
+
+    block_size: int
+    random_blocks: torch.Tensor
+    valid: torch.Tensor | None = None
+    _block_mask: object | None = field(default=None, init=False, repr=False)  # FlexAttention's, built once
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size {self.block_size}: expected >= 1")
+        if self.random_blocks.dim() != 3:
+            raise ValueError(
+                f"random_blocks of shape {tuple(self.random_blocks.shape)}: expected (heads or 1, blocks - 2, r)"
+            )
+        if self.valid is not None:
+            self.valid = self.valid.bool()
+
+    valid_or_all = SparsePattern.valid_or_all
+
+    @classmethod
+    def eval_mode(
+        cls, block_size: int, num_random_blocks: int, length: int, attention_mask: torch.Tensor | None = None
+    ) -> BlockSparsePattern:
+        """``transformers``' pattern in eval mode, where it draws no random block: its adjacency list stays all
+        zeros, so each of a query block's r random blocks is block 0.
+
+        Args:
+            attention_mask: (B, T) 1 for real tokens, or None.
+        """
+        n = -(-length // block_size)
+        device = None if attention_mask is None else attention_mask.device
+        random_blocks = torch.zeros(1, max(n - 2, 0), num_random_blocks, dtype=torch.long, device=device)
+        valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        return cls(block_size, random_blocks, valid)
+
+    def key_blocks(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each middle query block attends: (H or 1, n - 2, 5 + r) key block ids (the first block, the window
+        i - 1, i, i + 1, the last block, then the random ones) and (n - 2, 5 + r) bool, False for a window slot that
+        repeats a global block."""
+        random_blocks = self.random_blocks.to(device)
+        if random_blocks.size(1) != n - 2:
+            raise ValueError(
+                f"random_blocks lists {random_blocks.size(1)} query blocks; a sequence of {n} blocks of "
+                f"{self.block_size} has {n - 2} between its two global blocks"
+            )
+        if random_blocks.numel() and (random_blocks.min() < 0 or random_blocks.max() >= n):
+            raise ValueError(f"random_blocks holds a block id outside 0 .. {n - 1}")
+        i = torch.arange(1, n - 1, device=device)  # (n - 2,) the middle query blocks
+        fixed = torch.stack([torch.zeros_like(i), i - 1, i, i + 1, torch.full_like(i, n - 1)], dim=-1)  # (n - 2, 5)
+        index = torch.cat([fixed.expand(random_blocks.size(0), n - 2, 5), random_blocks], dim=-1)
+        slot_ok = torch.ones(n - 2, index.size(-1), dtype=torch.bool, device=device)
+        slot_ok[:, 1] = i - 1 != 0  # block 0 is already the first slot
+        slot_ok[:, 3] = i + 1 != n - 1  # block n - 1 is already the fifth
+        return index, slot_ok
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """BigBird's block-sparse attention, linear in T: see :class:`BlockSparsePattern` for the pattern.
+
+    CPU (and training with attention dropout): the two global query blocks attend to every key in one (2b, T) SDPA
+    call; each middle query block's 5 + r key blocks are gathered into (5 + r) b keys, and the n - 2 blocks of every
+    head are the batch of one more SDPA call, under a key mask of (5 + r) b per block. Nothing is (T, T). CUDA:
+    FlexAttention with a BlockMask and a score bias of log(times listed) (:func:`_flex_block_sparse`).
+
+    Args:
+        q, k, v: (B, H, T, D).
+        pattern: block size, random blocks, padding.
+        dropout_p: dropout on the attention weights.
+        scale: defaults to 1 / sqrt(D).
+
+    Returns:
+        (B, H, T, D). A padding query attends as a real one does (its outputs are the caller's to ignore).
+
+    Raises:
+        ValueError: fewer than 3 blocks, or random blocks that do not fit the length.
+    """
+    B, H, T, D = q.shape
+    b = pattern.block_size
+    n = -(-T // b)  # blocks
+    if n < 3:
+        raise ValueError(f"{T} tokens in blocks of {b}: block-sparse attention needs at least 3 blocks")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    index, slot_ok = pattern.key_blocks(n, q.device)  # (H' , n - 2, S), (n - 2, S)
+    if index.size(0) not in (1, H):
+        raise ValueError(f"random_blocks for {index.size(0)} heads; the attention has {H}")
+    if q.is_cuda and dropout_p == 0.0:
+        return _flex_block_sparse(q, k, v, pattern, index, slot_ok, scale)
+    Tp, S = n * b, index.size(-1)
+    key_ok = F.pad(pattern.valid_or_all(B, T, q.device), (0, Tp - T), value=False)  # (B, Tp)
+    q, k, v = (F.pad(t, (0, 0, 0, Tp - T)) for t in (q, k, v))  # (B, H, Tp, D)
+    # the first and the last query block: every key
+    q_global = torch.cat([q[:, :, :b], q[:, :, -b:]], dim=2)  # (B, H, 2b, D)
+    out_global = F.scaled_dot_product_attention(
+        q_global, k, v, attn_mask=key_ok[:, None, None, :], dropout_p=dropout_p, scale=scale
+    )  # (B, H, 2b, D)
+    # the middle query blocks: their key blocks gathered, heads x blocks as one batch of attention problems
+    if index.size(0) == 1:
+        k_mid, v_mid = (t.view(B, H, n, b, D).index_select(2, index.flatten()) for t in (k, v))
+    else:
+        heads = torch.arange(H, device=q.device)[:, None, None]
+        k_mid, v_mid = (t.view(B, H, n, b, D)[:, heads, index] for t in (k, v))
+    k_mid, v_mid = (t.reshape(B, H * (n - 2), S * b, D) for t in (k_mid, v_mid))  # views of the gathered copies
+    q_mid = q.view(B, H, n, b, D)[:, :, 1:-1].reshape(B, H * (n - 2), b, D)
+    ok = key_ok.view(B, n, b)[:, index] & slot_ok[:, :, None]  # (B, H', n - 2, S, b)
+    ok = ok.view(B, -1, n - 2, S * b).expand(B, H, n - 2, S * b).reshape(B, H * (n - 2), 1, S * b)
+    out_mid = F.scaled_dot_product_attention(q_mid, k_mid, v_mid, attn_mask=ok, dropout_p=dropout_p, scale=scale)
+    out = torch.cat([out_global[:, :, :b], out_mid.view(B, H, (n - 2) * b, D), out_global[:, :, b:]], dim=2)
+    return out[:, :, :T]
+
+
+def block_counts(pattern: BlockSparsePattern, n: int, device=None) -> torch.Tensor:
+    """(H or 1, n, n) float: how many times query block i lists key block j (0: not attended)."""
+    index, slot_ok = pattern.key_blocks(n, device)
+    Hr = index.size(0)
+    counts = torch.ones(Hr, n, n, device=device)  # the global query blocks: every key block once
+    middle = torch.zeros(Hr, n - 2, n, device=device)
+    middle.scatter_add_(2, index, slot_ok.expand_as(index).float())
+    counts[:, 1:-1] = middle
+    return counts
+
+
+def _flex_block_sparse(q, k, v, pattern: BlockSparsePattern, index, slot_ok, scale: float) -> torch.Tensor:
+    """The block-sparse pattern on FlexAttention: a BlockMask of the listed blocks, and log(times listed) added to
+    a score, which is the softmax of a key counted that many times."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    B, H, T, D = q.shape
+    b = pattern.block_size
+    n = -(-T // b)
+    log_counts = block_counts(pattern, n, q.device).log()  # (H', n, n): -inf where not listed
+    per_head = log_counts.size(0) > 1
+    valid = pattern.valid_or_all(B, T, q.device)
+
+    def mask_mod(batch, h, q_idx, kv_idx):
+        head = h if per_head else 0
+        return valid[batch, kv_idx] & (log_counts[head, q_idx // b, kv_idx // b] > float("-inf"))
+
+    def score_mod(score, batch, h, q_idx, kv_idx):
+        head = h if per_head else 0
+        return score + log_counts[head, q_idx // b, kv_idx // b]
+
+    if pattern._block_mask is None:  # the layers that share a pattern share its block mask
+        pattern._block_mask = create_block_mask(mask_mod, B, H if per_head else None, T, T, device=q.device)
+    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=pattern._block_mask, scale=scale)
+
+
+def block_sparse_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, scale: float | None = None
+) -> torch.Tensor:
+    """:func:`block_sparse_attention` the plain way: (B, H, T, T) scores plus log(times listed), padding keys masked.
+    Quadratic in T; tests only."""
+    B, H, T, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    n = -(-T // pattern.block_size)
+    block = torch.arange(T, device=q.device) // pattern.block_size  # (T,)
+    counts = block_counts(pattern, n, q.device)[:, block[:, None], block[None, :]]  # (H', T, T)
+    allowed = (counts > 0)[None] & pattern.valid_or_all(B, T, q.device)[:, None, None, :]  # (B, H', T, T)
+    scores = q @ k.transpose(-2, -1) * scale + counts.clamp_min(1).log()  # (B, H, T, T)
+    return _softmax(scores.masked_fill(~allowed, _neg(q.dtype))) @ v

@@ -118,8 +118,8 @@ def test_window_covering_the_sequence_is_plain_dense_attention(T):
     torch.testing.assert_close(out.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
 
 
-def _largest_intermediate(T, window, n_global):
-    """The most elements of any tensor the CPU path creates (forward and backward), recorded by a dispatch mode."""
+def largest_tensor_mode():
+    """A dispatch mode whose ``most`` is the most elements of any tensor created while it is active."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -134,10 +134,15 @@ def _largest_intermediate(T, window, n_global):
                     self.most = max(self.most, t.numel())
             return out
 
+    return Largest()
+
+
+def _largest_intermediate(T, window, n_global):
+    """The most elements of any tensor the CPU path creates (forward and backward)."""
     q, k, v = (torch.randn(1, 1, T, 4, requires_grad=True) for _ in "qkv")
     is_global = torch.zeros(1, T, dtype=torch.bool)
     is_global[0, :n_global] = True
-    with Largest() as mode:
+    with largest_tensor_mode() as mode:
         sparse_attention(q, k, v, SparsePattern(window, None, is_global), block_size=window).sum().backward()
     return mode.most
 
