@@ -198,36 +198,44 @@ def _blocked_local(
     Tp = n * b
     span = b + 2 * w  # keys of one block: w before it, its b, w after it
 
-    def key_blocks(x):  # (B, H, T, D) -> (B * n, H, span, D): block k's keys, from one strided view
-        x = F.pad(x, (0, 0, w, Tp - T + w)).unfold(2, span, b)  # (B, H, n, D, span)
-        return x.permute(0, 2, 1, 4, 3).reshape(B * n, H, span, D)
+    def seq_major(x, front, back):  # (B, H, T, D) -> (B, front + T + back, H, D): the projections' own layout
+        x = x.transpose(1, 2)
+        return F.pad(x, (0, 0, 0, 0, front, back)) if front or back else x
 
-    q_blocks = F.pad(q, (0, 0, 0, Tp - T)).view(B, H, n, b, D).transpose(1, 2).reshape(B * n, H, b, D)
-    k_blocks, v_blocks = key_blocks(k), key_blocks(v)
+    def key_blocks(x, x_global):  # (B, H, T, D) -> (B * n, H, G + span, D): block k's keys, global ones in front
+        x = seq_major(x, w, Tp - T + w)  # (B, Tp + 2w, H, D)
+        if 2 * w % b == 0:  # the span is whole blocks: m shifted views of the blocked sequence
+            m = span // b
+            blocked = x.reshape(B, n + m - 1, b, H, D)
+            parts = [blocked[:, j : j + n] for j in range(m)]  # m x (B, n, b, H, D)
+        else:  # overlapping windows of one strided view
+            parts = [x.unfold(1, span, b).permute(0, 1, 4, 2, 3)]  # (B, n, span, H, D)
+        if x_global is not None:
+            parts.insert(0, x_global.transpose(1, 2)[:, None].expand(B, n, -1, H, D))  # (B, n, G, H, D)
+        x = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()  # (B, n, G + span, H, D)
+        return x.view(B * n, -1, H, D).transpose(1, 2)
+
+    q_blocks = seq_major(q, 0, Tp - T).reshape(B * n, b, H, D).transpose(1, 2)  # (B * n, H, b, D)
+    k_global, v_global, used = global_kv if global_kv is not None else (None, None, None)
+    k_blocks, v_blocks = key_blocks(k, k_global), key_blocks(v, v_global)  # (B * n, H, G + span, D)
     ok = F.pad(key_ok, (w, Tp - T + w), value=False).unfold(1, span, b)  # (B, n, span)
     # key j of a block is at offset j - w - i from its query i: within the band when |offset| <= w
     offset = torch.arange(span, device=q.device)[None, :] - w - torch.arange(b, device=q.device)[:, None]  # (b, span)
     allowed = (offset.abs() <= w) & ok[:, :, None, :]  # (B, n, b, span)
     empty = ~allowed.any(-1)  # (B, n, b): queries that see no window key
-    if global_kv is not None:
-        empty = empty & ~global_kv[2].any(-1)[:, None, None]
+    if used is not None:
+        empty = empty & ~used.any(-1)[:, None, None]
     # a query that sees nothing sees its own position instead, so that no softmax row is empty (its output is zeroed)
     allowed = allowed | ((offset == 0) & empty[..., None])
-    if global_kv is not None:
-        k_global, v_global, used = global_kv
-        G = k_global.size(2)
-
-        def with_global(x_global, x_blocks):  # every block's keys get the G global keys in front
-            x_global = x_global[:, None].expand(B, n, H, G, D).reshape(B * n, H, G, D)
-            return torch.cat([x_global, x_blocks], dim=2)  # (B * n, H, G + span, D)
-
-        k_blocks, v_blocks = with_global(k_global, k_blocks), with_global(v_global, v_blocks)
-        allowed = torch.cat([used[:, None, None, :].expand(B, n, b, G), allowed], dim=-1)  # (B, n, b, G + span)
+    if used is not None:
+        allowed = torch.cat([used[:, None, None, :].expand(B, n, b, -1), allowed], dim=-1)  # (B, n, b, G + span)
     out = F.scaled_dot_product_attention(
-        q_blocks, k_blocks, v_blocks, attn_mask=allowed.reshape(B * n, 1, b, -1), dropout_p=dropout_p, scale=scale
+        q_blocks, k_blocks, v_blocks, attn_mask=allowed.view(B * n, 1, b, -1), dropout_p=dropout_p, scale=scale
     )  # (B * n, H, b, D)
-    out = out.view(B, n, H, b, D).masked_fill(empty.view(B, n, 1, b, 1), 0.0)
-    return out.transpose(1, 2).reshape(B, H, Tp, D)[:, :, :T]
+    out = out.transpose(1, 2).reshape(B, Tp, H, D)  # the sequence-major layout the caller merges heads in
+    if bool(empty.any()):
+        out = out.masked_fill(empty.view(B, Tp, 1, 1), 0.0)
+    return out[:, :T].transpose(1, 2)  # (B, H, T, D)
 
 
 def _dilated_local(q, k, v, window, dilation, key_ok, global_kv, dropout_p, scale, block_size=None) -> torch.Tensor:
@@ -320,7 +328,7 @@ def sparse_attention(
             global_kv = (_gather_positions(k, index), _gather_positions(v, index), used)
         out = _dilated_local(q, k, v, pattern.window, pattern.dilation, key_ok, global_kv, dropout_p, scale, block_size)
     if not pattern.attend_from_padding:
-        out = out.masked_fill(~valid[:, None, :, None], 0.0)
+        out = out.transpose(1, 2).masked_fill(~valid[:, :, None, None], 0.0).transpose(1, 2)  # layout kept
     if slots is None:
         return out
     index, _, rows, positions, slot = slots
