@@ -492,7 +492,8 @@ def block_sparse_attention(
         return _flex_block_sparse(q, k, v, pattern, index, slot_ok, scale)
     Tp, S = n * b, index.size(-1)
     key_ok = F.pad(pattern.valid_or_all(B, T, q.device), (0, Tp - T), value=False)  # (B, Tp)
-    q, k, v = (F.pad(t, (0, 0, 0, Tp - T)) for t in (q, k, v))  # (B, H, Tp, D)
+    if Tp > T:
+        q, k, v = (F.pad(t, (0, 0, 0, Tp - T)) for t in (q, k, v))  # (B, H, Tp, D)
     # the first and the last query block: every key
     q_global = torch.cat([q[:, :, :b], q[:, :, -b:]], dim=2)  # (B, H, 2b, D)
     out_global = F.scaled_dot_product_attention(

@@ -46,6 +46,7 @@ CASES = [
     (40, 3, ((3, 3), None), [40, 33]),  # per-head random blocks, repeats and window blocks among them
     (29, 5, ((1, 1), None), [29, 29]),  # the same random blocks for every head, nothing padded
     (9, 3, ("eval", 1), [9, 7]),  # three blocks: the one middle block's window is the two global blocks
+    (32, 4, ((3, 2), None), [32, 30]),  # a whole number of blocks
 ]
 
 
@@ -64,7 +65,8 @@ def test_block_sparse_equals_written_out_and_dense_reference(T, b, random, lengt
     B, H, D = len(lengths), 3, 4
     pattern = _pattern(T, b, random, lengths, seed=T)
     g = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(B, H, T, D, generator=g, requires_grad=True) for _ in "qkv")
+    # (B, H, T, D) views of (B, T, H, D) tensors, as a model's projections hand them over
+    q, k, v = (torch.randn(B, T, H, D, generator=g).transpose(1, 2).requires_grad_() for _ in "qkv")
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = block_sparse_attention(q, k, v, pattern)
     expected = block_sparse_reference(q2, k2, v2, pattern)
