@@ -463,9 +463,10 @@ def block_sparse_attention(
     """BigBird's block-sparse attention, linear in T: see :class:`BlockSparsePattern` for the pattern.
 
     CPU (and training with attention dropout): the two global query blocks attend to every key in one (2b, T) SDPA
-    call; each middle query block's 5 + r key blocks are gathered into (5 + r) b keys, and the n - 2 blocks of every
-    head are the batch of one more SDPA call, under a key mask of (5 + r) b per block. Nothing is (T, T). CUDA:
-    FlexAttention with a BlockMask and a score bias of log(times listed) (:func:`_flex_block_sparse`).
+    call; each middle query block's key blocks (at most 5 + r) are gathered, each block once, and the n - 2 blocks of
+    every head are the batch of one more SDPA call, under a key mask per block; a block listed c times gets a score
+    bias of log c (the softmax of its keys counted c times; under dropout its weight is then dropped as one). Nothing
+    is (T, T). CUDA: FlexAttention with a BlockMask and the same bias (:func:`_flex_block_sparse`).
 
     Args:
         q, k, v: (B, H, T, D).
@@ -490,6 +491,7 @@ def block_sparse_attention(
         raise ValueError(f"random_blocks for {index.size(0)} heads; the attention has {H}")
     if q.is_cuda and dropout_p == 0.0:
         return _flex_block_sparse(q, k, v, pattern, index, slot_ok, scale)
+    index, counts = _merge_repeats(index, slot_ok)  # (H', n - 2, S) each
     Tp, S = n * b, index.size(-1)
     key_ok = F.pad(pattern.valid_or_all(B, T, q.device), (0, Tp - T), value=False)  # (B, Tp)
     if Tp > T:
@@ -507,11 +509,28 @@ def block_sparse_attention(
         k_mid, v_mid = (t.view(B, H, n, b, D)[:, heads, index] for t in (k, v))
     k_mid, v_mid = (t.reshape(B, H * (n - 2), S * b, D) for t in (k_mid, v_mid))  # views of the gathered copies
     q_mid = q.view(B, H, n, b, D)[:, :, 1:-1].reshape(B, H * (n - 2), b, D)
-    ok = key_ok.view(B, n, b)[:, index] & slot_ok[:, :, None]  # (B, H', n - 2, S, b)
-    ok = ok.view(B, -1, n - 2, S * b).expand(B, H, n - 2, S * b).reshape(B, H * (n - 2), 1, S * b)
-    out_mid = F.scaled_dot_product_attention(q_mid, k_mid, v_mid, attn_mask=ok, dropout_p=dropout_p, scale=scale)
+    mask = key_ok.view(B, n, b)[:, index] & (counts > 0)[None, ..., None]  # (B, H', n - 2, S, b)
+    if bool((counts > 1).any()):  # a block listed c times: its keys' weights times c, a score bias of log c
+        bias = counts.clamp_min(1).log().to(q.dtype)[None, ..., None]  # (1, H', n - 2, S, 1)
+        mask = torch.where(mask, bias, _neg(q.dtype))  # (B, H', n - 2, S, b) float
+    mask = mask.view(B, -1, n - 2, S * b).expand(B, H, n - 2, S * b).reshape(B, H * (n - 2), 1, S * b)
+    out_mid = F.scaled_dot_product_attention(q_mid, k_mid, v_mid, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     out = torch.cat([out_global[:, :, :b], out_mid.view(B, H, (n - 2) * b, D), out_global[:, :, b:]], dim=2)
     return out[:, :, :T]
+
+
+def _merge_repeats(index: torch.Tensor, slot_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each listed key block once per query block, with the times it is listed: (H', n - 2, S') block ids and
+    (H', n - 2, S') counts (0: an unused slot). Slots no query block uses are dropped, so eval mode's r copies of
+    block 0 cost one block, not r."""
+    S = index.size(-1)
+    listed = slot_ok.expand_as(index)  # (H', n - 2, S)
+    same = (index[..., :, None] == index[..., None, :]) & listed[..., None, :]  # (H', n - 2, S, S): j' lists j's block
+    earlier = torch.ones(S, S, dtype=torch.bool, device=index.device).tril(-1)  # j' < j
+    first = listed & ~(same & earlier).any(-1)  # the first slot that lists each block
+    counts = same.sum(-1) * first  # (H', n - 2, S)
+    keep = counts.flatten(0, 1).any(0)  # (S,)
+    return index[..., keep], counts[..., keep]
 
 
 def block_counts(pattern: BlockSparsePattern, n: int, device=None) -> torch.Tensor:

@@ -47,6 +47,7 @@ CASES = [
     (29, 5, ((1, 1), None), [29, 29]),  # the same random blocks for every head, nothing padded
     (9, 3, ("eval", 1), [9, 7]),  # three blocks: the one middle block's window is the two global blocks
     (32, 4, ((3, 2), None), [32, 30]),  # a whole number of blocks
+    (30, 3, ("eval", 0), [30, 25]),  # no random block: no block listed twice (a plain key mask)
 ]
 
 
