@@ -19,13 +19,16 @@ Three computations of the same function:
 
 - :func:`dense_reference`: the (T, T) mask above, built and applied to the full score matrix. Quadratic in T; the
   tests' oracle, never used by a model.
-- the blocked CPU path (:func:`_blocked_local`): queries in blocks of b; block k's keys are the overlapping span
-  [k b - w, (k + 1) b + w), taken from one strided view (``unfold``), with the G global keys in front. The n
-  blocks are the batch of one ``F.scaled_dot_product_attention`` call under a (b, G + b + 2w) mask per block, so
+- the blocked CPU path (:func:`_blocked_local`): queries in blocks of b; block k's keys are the overlapping
+  span [k b - w, (k + 1) b + w), with the G global keys in front, gathered by one ``cat`` in the projections' own
+  (B, T, H, D) layout: a span of whole blocks (2w a multiple of b, as the default b = w gives for w >= 64) from
+  shifted views of the blocked sequence, another from one strided view (``unfold``, whose backward is slower). The
+  n blocks are the batch of one ``F.scaled_dot_product_attention`` call under a (b, G + b + 2w) mask per block, so
   PyTorch's fused CPU kernel does the softmax in tiles and nothing is ever (T, T): time and memory grow linearly
   in T. Global queries attend to every key in a (G, T) call of their own. Dilation d splits the sequence into its
   d residue classes (positions i with the same i mod d only ever see each other's keys within the window), each a
-  plain sliding window of w.
+  plain sliding window of w. (FlexAttention on CPU, tried instead, computed the forward no faster after a long
+  compile, and has no backward on CPU in torch 2.13.)
 - the CUDA path (:func:`_flex_local`): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the
   same rule, so the kernel skips the blocks outside the band. Dropout on the attention weights is not a flex
   option, so training with attention dropout takes the blocked path.
