@@ -8,27 +8,28 @@ What differs from BERT, and nothing else:
 
 Attention: ``original_full`` is dense attention, computed as BERT's. ``block_sparse`` attends fully up to
 (5 + 2 num_random_blocks) block_size tokens, as ``transformers`` does (which then switches the model to
-``original_full`` for good: a later long input stays dense there). Beyond that, the sequence is cut into blocks
+``original_full`` for good: a later long input stays dense there). Beyond that, every layer runs
+:func:`~bunmyaku.models.sparse_attention.block_sparse_attention`, linear in length: the sequence is cut into blocks
 (the last one padded, as ``transformers`` pads to a block multiple) and
 - the first and the last block are global: their queries see every key, and every query sees their keys;
 - every other query block sees its own block and the blocks on each side (the window);
 - every other query block also sees ``num_random_blocks`` random key blocks. In eval mode ``transformers`` draws
   none: its adjacency list of random blocks stays all zeros (``_bigbird_block_rand_mask`` returns before sampling
   when ``not self.training``), so each "random" block is block 0, whose keys are then in the softmax
-  ``1 + num_random_blocks`` times. A key counted m times is the same as one with m times the weight, so here block 0
-  gets a logit bias of log(1 + num_random_blocks) for those queries (:func:`block_sparse_mask`), which gives
-  ``transformers``' eval outputs on real tokens (padding positions are zeroed there and not compared).
-Known differences: the pattern is applied as a dense (T, T) additive mask on SDPA, so memory is quadratic, not
-BigBird's linear (a correct reference, not the fast path); training mode uses the same deterministic pattern,
-whereas ``transformers`` draws fresh random blocks with numpy's global generator on each training forward
-(outputs in training cannot match it in any case because of dropout); ``output_attentions`` and the eager path
-are refused beyond the full-attention limit (the bias is a float mask).
+  ``1 + num_random_blocks`` times; the block-sparse path gathers block 0 that many times too
+  (:meth:`~bunmyaku.models.sparse_attention.BlockSparsePattern.eval_mode`), which gives ``transformers``' eval outputs
+  on real tokens (padding positions are zeroed there and not compared).
+Known differences: training mode uses the same deterministic pattern, whereas ``transformers`` draws fresh random
+blocks with numpy's global generator on each training forward (outputs in training cannot match it in any case
+because of dropout); ``output_attentions`` and the eager path are refused beyond the full-attention limit (no
+(T, T) weights exist there).
 
 Heads: masked LM, sequence classification, token classification.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -41,6 +42,7 @@ from bunmyaku.models import bert, roberta
 from bunmyaku.models.base import ModelOutput
 from bunmyaku.models.config import LayerConfig
 from bunmyaku.models.layers import activation
+from bunmyaku.models.sparse_attention import BlockSparsePattern, block_sparse_attention
 
 
 @dataclass
@@ -114,6 +116,11 @@ class BigBirdModel(bert.BertModel):
     base_key_map = KeyMap(BIG_BIRD_FROM_HF)
     embeddings_class = BigBirdEmbeddings
 
+    def __init__(self, config: BigBirdConfig, add_pooler: bool = True):
+        super().__init__(config, add_pooler)
+        for block in self.layers:  # BERT's attention, block-sparse when its mask is a block-sparse pattern
+            block.attn.attend = functools.partial(_attend, dense=block.attn.attend)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -141,9 +148,8 @@ class BigBirdModel(bert.BertModel):
                 "block-sparse attention runs on SDPA only, without output_attentions"
             )
         x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
-        mask = block_sparse_mask(
-            attention_mask, x.size(1), self.config.block_size, self.config.num_random_blocks, x.dtype, x.device
-        )  # (B or 1, 1, T, T)
+        config = self.config
+        mask = BlockSparsePattern.eval_mode(config.block_size, config.num_random_blocks, x.size(1), attention_mask)
         hidden = [x] if output_hidden_states else None
         for block in self.layers:
             x = block(x, mask)
@@ -158,36 +164,11 @@ class BigBirdModel(bert.BertModel):
         )
 
 
-def block_sparse_mask(
-    attention_mask: torch.Tensor | None,
-    length: int,
-    block_size: int,
-    num_random_blocks: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """BigBird's eval-mode block-sparse pattern as an additive SDPA mask: (B or 1, 1, T, T).
-
-    0 where a query sees a key, the dtype's minimum where it does not (and on padding keys), and log(1 + r) on
-    block 0's keys for non-global queries: ``transformers``' r random blocks are all block 0 in eval mode.
-
-    Args:
-        attention_mask: (B, T) 1 for real tokens, or None.
-        length: T.
-        block_size: tokens per block; the last block may be short (``transformers`` pads it, padding masked).
-        num_random_blocks: r.
-    """
-    block = torch.arange(length, device=device) // block_size  # (T,) each position's block
-    last = int(block[-1])
-    q, k = block[:, None], block[None, :]  # (T, 1), (1, T)
-    global_query = (q == 0) | (q == last)
-    sees = global_query | (k == 0) | (k == last) | ((k - q).abs() <= 1)  # (T, T)
-    bias = torch.zeros(length, length, dtype=dtype, device=device)
-    bias = bias.masked_fill(~global_query & (k == 0), math.log(1 + num_random_blocks))
-    bias = bias.masked_fill(~sees, torch.finfo(dtype).min)[None, None]  # (1, 1, T, T)
-    if attention_mask is not None:
-        bias = bias.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(dtype).min)  # (B, 1, T, T)
-    return bias
+def _attend(q, k, v, mask=None, *, dense, dropout_p: float = 0.0, scale: float | None = None, **kwargs):
+    """:func:`block_sparse_attention` when ``mask`` is a :class:`BlockSparsePattern`, else ``dense`` (SDPA)."""
+    if isinstance(mask, BlockSparsePattern):
+        return block_sparse_attention(q, k, v, mask, dropout_p=dropout_p, scale=scale)
+    return dense(q, k, v, mask=mask, dropout_p=dropout_p, scale=scale, **kwargs)
 
 
 class BigBirdClassificationHead(roberta.RobertaClassificationHead):

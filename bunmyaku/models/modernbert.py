@@ -15,9 +15,14 @@ otherwise: query t sees the keys s with |t - s| <= W, a band of ``local_attentio
 its own RoPE base (``global_rope_theta``, ``local_rope_theta``). HF's ``layer_types`` list, when a config has one,
 names each layer's kind instead.
 
+A local layer attends through :mod:`bunmyaku.models.sparse_attention`'s sliding window (no global tokens): query
+blocks over their own key spans on CPU, a FlexAttention block mask on CUDA, so its cost grows linearly in T and no
+(T, T) mask is built. The dense band (:func:`band_mask`) remains only for ``attn_implementation="eager"``, the
+reference path.
+
 A right-padded batch runs unpadded (``config.unpad``): the N real tokens are packed into (N, C) and only attention
 sees rows, re-padded group by group (:class:`~bunmyaku.models.fastpath.Packing` row groups, CPU) or as a whole batch
-(elsewhere), under a key mask, and for local layers a band mask too. Outputs at padding positions are then zeros; a
+(elsewhere), under a key mask (local layers: the window's padding keys). Outputs at padding positions are then zeros; a
 head whose loss reads them (labels at padding, QA's softmax over every position) runs the batch padded, as in
 :mod:`bunmyaku.models.bert`, so every loss is the one HF computes.
 
@@ -40,13 +45,14 @@ from torch.utils.checkpoint import checkpoint
 
 from bunmyaku.hub import KeyMap
 from bunmyaku.hub.keymap import linear_map
-from bunmyaku.models.attention import ATTENTION_FUNCTIONS, RotaryEmbedding, apply_rotary
+from bunmyaku.models.attention import ATTENTION_FUNCTIONS, RotaryEmbedding, apply_rotary, eager_attention
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resized_rows
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.fastpath import Packing
 from bunmyaku.models.heads import multi_sample, sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import activation
 from bunmyaku.models.linear import Linear
+from bunmyaku.models.sparse_attention import SparsePattern, sparse_attention
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names for global and local layers
 
@@ -173,9 +179,29 @@ class ModernBertEmbeddings(nn.Module):
 
 
 def band_mask(length: int, window: int, device) -> torch.Tensor:
-    """(T, T) bool, True where |t - s| <= window: the keys s a local layer's query t sees."""
+    """(T, T) bool, True where |t - s| <= window: the keys s a local layer's query t sees (the eager path's)."""
     # built as a bool matrix directly: an integer distance matrix would take 8 bytes per pair (512 MB at 8,192)
     return torch.ones(length, length, dtype=torch.bool, device=device).tril(window).triu(-window)
+
+
+def local_mask(
+    key_mask: torch.Tensor | None, length: int, window: int, eager: bool, device
+) -> torch.Tensor | SparsePattern | None:
+    """What a local layer attends under, over a (B, T) batch: the window as a :class:`SparsePattern` (linear in T),
+    or for the eager path the dense (B or 1, 1, T, T) band and key mask; just ``key_mask`` when the window covers
+    every key.
+
+    Args:
+        key_mask: (B, 1, 1, T) bool real keys, or None.
+    """
+    if length - 1 <= window:
+        return key_mask
+    if not eager:
+        valid = None if key_mask is None else key_mask[:, 0, 0]  # (B, T)
+        # padding queries attend as real ones do: on the padded path HF's outputs there reach QA's loss
+        return SparsePattern(window, valid, attend_from_padding=True)
+    band = band_mask(length, window, device)  # (T, T)
+    return band if key_mask is None else key_mask & band
 
 
 class ModernBertAttention(nn.Module):
@@ -199,8 +225,9 @@ class ModernBertAttention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         packing: Packing | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) with a bool ``mask`` broadcastable to (B, H, T, T) (band and padding already in it), and
-        ``rotary`` cos, sin (B or 1, 1, T, D); or (N, C) packed real tokens with ``packing`` and cos, sin (N, 1, D).
+        """x: (B, T, C) with ``mask`` from :func:`local_mask` (a local layer) or a bool key mask broadcastable to
+        (B, H, T, T), and ``rotary`` cos, sin (B or 1, 1, T, D); or (N, C) packed real tokens with ``packing`` and
+        cos, sin (N, 1, D).
 
         Returns:
             (B, T, C), or (N, C) with ``packing``.
@@ -212,9 +239,15 @@ class ModernBertAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        y = self.attend(q, k, v, mask=mask, dropout_p=dropout_p)  # (B, H, T, D)
+        y = self._attend(q, k, v, mask, dropout_p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C): heads merged
         return self.out_dropout(self.out_proj(y))
+
+    def _attend(self, q, k, v, mask: torch.Tensor | SparsePattern | None, dropout_p: float) -> torch.Tensor:
+        """(B, H, T, D) x 3 -> (B, H, T, D): the sliding window for a :class:`SparsePattern`, else dense."""
+        if isinstance(mask, SparsePattern):
+            return sparse_attention(q, k, v, mask, dropout_p=dropout_p)
+        return self.attend(q, k, v, mask=mask, dropout_p=dropout_p)
 
     def _packed(self, x: torch.Tensor, rotary, packing: Packing, dropout_p: float) -> torch.Tensor:
         """(N, C) real tokens -> (N, C) attention outputs before the output projection, each row attending
@@ -237,10 +270,9 @@ class ModernBertAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         q, k, v = (pad(t).view(b, L, H, D).transpose(1, 2) for t in (q, k, v))  # (b, H, L, D)
         mask = key_mask  # (b, 1, 1, L) or None
-        if self.window is not None and L - 1 > self.window:
-            band = band_mask(L, self.window, q.device)  # (L, L)
-            mask = band if mask is None else mask & band
-        y = self.attend(q, k, v, mask=mask, dropout_p=dropout_p)  # (b, H, L, D)
+        if self.window is not None:
+            mask = local_mask(key_mask, L, self.window, self.attend is eager_attention, q.device)
+        y = self._attend(q, k, v, mask, dropout_p)  # (b, H, L, D)
         return y.transpose(1, 2).reshape(b, L, H * D)
 
 
@@ -445,14 +477,13 @@ class ModernBertModel(ModernBertPreTrainedModel):
             hidden = [packing.pad(h) for h in hidden] if hidden is not None else None
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
 
-    def _masks(self, attention_mask: torch.Tensor | None, T: int, device) -> dict[bool, torch.Tensor | None]:
-        """{global: (B, 1, 1, T) key mask or None, local: that mask & the (T, T) band, or None}."""
+    def _masks(
+        self, attention_mask: torch.Tensor | None, T: int, device
+    ) -> dict[bool, torch.Tensor | SparsePattern | None]:
+        """{global: (B, 1, 1, T) key mask or None, local: :func:`local_mask` (one pattern shared by the layers)}."""
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        local = key_mask
-        if T - 1 > self.config.window:
-            band = band_mask(T, self.config.window, device)
-            local = band if key_mask is None else key_mask & band
-        return {True: key_mask, False: local}
+        eager = self.config.attn_implementation == "eager"
+        return {True: key_mask, False: local_mask(key_mask, T, self.config.window, eager, device)}
 
 
 class PredictionHead(nn.Module):

@@ -88,6 +88,27 @@ def test_sparse_equals_dense_reference_outputs_and_gradients(
     assert out.transpose(1, 2)[~valid].abs().max() == 0  # padding queries output zeros
 
 
+@pytest.mark.parametrize("window, block_size", [(4, 8), (3, 5)])  # key spans of whole blocks; overlapping windows
+def test_projection_layout_inputs(window, block_size):
+    """q, k, v as models hand them over, (B, H, T, D) views of (B, T, H, D) projections: the same outputs and
+    gradients as the dense reference, and an output that is again such a view (heads merge without a copy)."""
+    B, T, H, D = 2, 45, 3, 8
+    valid, is_global = _masks(B, T, [45, 38], [[0], [4, 20]])
+    pattern = SparsePattern(window, valid, is_global)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).transpose(1, 2).requires_grad_() for _ in "qkv")
+    q2, k2, v2 = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    out = sparse_attention(q, k, v, pattern, block_size=block_size)
+    expected = dense_reference(q2, k2, v2, pattern)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()
+    grad = torch.randn_like(expected)
+    (out * grad).sum().backward()
+    (expected * grad).sum().backward()
+    for ours, theirs in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_global_queries_with_their_own_projections():
     T, B, H, D = 23, 2, 2, 4
     valid, is_global = _masks(B, T, [23, 15], [[0, 1, 2], [14]])
@@ -118,8 +139,8 @@ def test_window_covering_the_sequence_is_plain_dense_attention(T):
     torch.testing.assert_close(out.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
 
 
-def _largest_intermediate(T, window, n_global):
-    """The most elements of any tensor the CPU path creates (forward and backward), recorded by a dispatch mode."""
+def largest_tensor_mode():
+    """A dispatch mode whose ``most`` is the most elements of any tensor created while it is active."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -134,10 +155,15 @@ def _largest_intermediate(T, window, n_global):
                     self.most = max(self.most, t.numel())
             return out
 
+    return Largest()
+
+
+def _largest_intermediate(T, window, n_global):
+    """The most elements of any tensor the CPU path creates (forward and backward)."""
     q, k, v = (torch.randn(1, 1, T, 4, requires_grad=True) for _ in "qkv")
     is_global = torch.zeros(1, T, dtype=torch.bool)
     is_global[0, :n_global] = True
-    with Largest() as mode:
+    with largest_tensor_mode() as mode:
         sparse_attention(q, k, v, SparsePattern(window, None, is_global), block_size=window).sum().backward()
     return mode.most
 
