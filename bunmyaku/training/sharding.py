@@ -404,10 +404,22 @@ def load_checkpoint(
 # projections and the feed-forward's up (and gate) projections are column-parallel (each process computes its
 # share of the heads / of the hidden width from the whole input), the attention output and feed-forward down
 # projections are row-parallel (each process multiplies its share and the partial sums are all-reduced). One
-# all-reduce per sub-layer in the forward, one in the backward. Embeddings, norms and heads stay whole on every
-# process (no vocab-parallel embedding or LM head): their inputs and gradients are the same on every process of
-# a tensor-parallel group. The processes form a 2-D mesh ``(dp, tp)``, rank = dp index * tp + tp index: a
-# tensor-parallel group reads one batch; with strategy fsdp the data-parallel replicas shard over ``dp``.
+# all-reduce per sub-layer in the forward, one in the backward.
+#
+# The vocabulary is split too (Megatron-LM §3, "input embedding" / "output embedding"): the token table's rows
+# (row-parallel: each process looks up the ids in its range, zeros elsewhere, and the partial tables are
+# all-reduced) and the LM head's rows (column-parallel: each process computes the logits of its ids). A tied head
+# stays ONE parameter: table and head split alike (rows, ``Shard(0)``), so after both are split the head takes the
+# table's DTensor back and its gradient is the sum of both uses, as without parallelism. The logits are gathered
+# whole on every process (not kept split with ``loss_parallel``): every head's loss (shifted, masked, ignore
+# index -100), generation's sampling and the plugins read plain logits, and the gather is exact. A vocabulary
+# that ``tp`` does not divide is split unevenly (DTensor's ``Shard``: the first ``V mod tp`` processes hold one
+# row more), neither refused nor padded, so the checkpoint and the export keep the model's own shapes. Position
+# and segment tables, norms and task heads stay whole: they are small, and their inputs and gradients are the same
+# on every process of a group. BERT's masked-LM head multiplies by the tied table inside its own forward: it runs
+# on DTensors as a whole (its dense layer and LayerNorm replicated, its bias split with the table's rows). The
+# processes form a 2-D mesh ``(dp, tp)``, rank = dp index * tp + tp index: a tensor-parallel group reads one batch;
+# with strategy fsdp the data-parallel replicas shard over ``dp``. Sequence parallelism is not implemented.
 
 TP_PLAN_COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in", "mlp.fc_gate")
 TP_PLAN_ROW = ("attn.out_proj", "mlp.fc_out")
@@ -497,7 +509,8 @@ def build_tp_mesh(device: torch.device, tp: int):
 
 
 def parallelize(model: nn.Module, tp_mesh) -> nn.Module:
-    """Split every block's projections over ``tp_mesh`` (in place; returns ``model``), see the notes above.
+    """Split every block's projections and the vocabulary (:func:`split_vocabulary`) over ``tp_mesh`` (in place;
+    returns ``model``), see the notes above.
 
     The projections' weights become DTensors sharded by rows (column-parallel) or columns (row-parallel) and
     their outputs plain tensors: the column-parallel ones hold this process's heads, so each attention module
@@ -521,8 +534,63 @@ def parallelize(model: nn.Module, tp_mesh) -> nn.Module:
                 module.num_heads //= tp
                 module.num_kv_heads //= tp
                 module._fused_qkv = None
+    split_vocabulary(model, tp_mesh)
     model._tensor_parallel = tp  # read by is_tensor_parallel
     return model
+
+
+def split_vocabulary(model: nn.Module, tp_mesh) -> bool:
+    """Split the token table and the vocabulary projection (LM head, BERT's masked-LM head) by rows over ``tp_mesh``
+    (in place), see the notes above; returns whether it did.
+
+    Left whole (False, logged): a model that does not say where its token table is, or a head of another kind
+    that reads the table's weight in its own forward (it would meet a split table it cannot use).
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from bunmyaku.models.bert import BertMLMHead
+
+    try:
+        table = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        logger.info("tp: %s does not say where its token table is; the vocabulary stays whole", type(model).__name__)
+        return False
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    mlm_heads = [m for m in model.modules() if isinstance(m, BertMLMHead) and m.embedding[0] is table]
+    unknown = [m for m in mlm_heads if type(m).forward is not BertMLMHead.forward]
+    if unknown or (output is not None and not isinstance(output, nn.Linear)) or not isinstance(table, nn.Embedding):
+        logger.info("tp: %s has a vocabulary head of its own kind; the vocabulary stays whole", type(model).__name__)
+        return False
+    tied = output is not None and output.weight is table.weight
+    parallelize_module(table, tp_mesh, RowwiseParallel(input_layouts=Replicate()))  # ids whole, embeddings summed
+    if output is not None:
+        parallelize_module(output, tp_mesh, ColwiseParallel(output_layouts=Replicate()))  # logits gathered
+        if tied:  # both split by rows alike: the head takes the table's DTensor back (one parameter, one gradient)
+            output.weight = table.weight
+    for head in mlm_heads:
+        _split_mlm_head(head, tp_mesh)
+    return True
+
+
+def _split_mlm_head(head: nn.Module, tp_mesh) -> None:
+    """BERT's masked-LM head on DTensors: the hidden states enter replicated, the dense layer and LayerNorm are
+    replicated, the bias is split like the (already split) tied table's rows, and the logits leave gathered."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+
+    def partition(_name: str, module: nn.Module, mesh) -> None:
+        for name, param in list(module.named_parameters(recurse=False)):
+            placement = Shard(0) if module is head and name == "bias" else Replicate()
+            split = distribute_tensor(param.detach(), mesh, [placement])
+            module.register_parameter(name, nn.Parameter(split, requires_grad=param.requires_grad))
+
+    def enter(_module: nn.Module, inputs: tuple, mesh) -> tuple:
+        return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
+
+    def leave(_module: nn.Module, logits, _mesh) -> torch.Tensor:
+        return logits.redistribute(placements=[Replicate()]).to_local()
+
+    distribute_module(head, tp_mesh, partition, input_fn=enter, output_fn=leave)
 
 
 def is_tensor_parallel(model: nn.Module) -> bool:

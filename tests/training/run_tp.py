@@ -2,14 +2,16 @@
 
 Usage: ``python -m tests.training.run_tp OUTPUT_DIR two`` under torchrun with 2 processes, then
 ``python -m tests.training.run_tp OUTPUT_DIR one`` in 1 process (the oracle: no parallelism at all, the same
-batches). Each writes, per model (``gpt2``, ``llama``: grouped-query attention, ``bert``: a sequence classifier
-on padded batches), a run folder ``<model>-<mode>/`` (metrics.jsonl and the exported HF folder) and
-``generate-<mode>.json`` (greedy tokens of the trained tiny GPT-2 and Llama, with the KV cache) and
-``local-<mode>.json`` (rank 0's attention head counts and projection weight shapes). ``two`` also writes
-``resumed-two/`` (the GPT-2 interrupted during step 3, resumed from its sharded step-2 checkpoint) and ``one``
-``resumed-one/`` (1 process resuming that 2-process checkpoint). ``four``
-(4 processes) trains the GPT-2 with ``tp 2`` and ``strategy fsdp`` on a 2 x 2 mesh into ``gpt2-four/`` (micro-batches
-of 2 per data-parallel replica: the same global batch).
+batches). Each writes, per model, a run folder ``<model>-<mode>/`` (metrics.jsonl and the exported HF folder) and
+``generate-<mode>.json`` (greedy tokens of the trained tiny GPT-2 and Llamas, with the KV cache),
+``local-<mode>.json`` (rank 0's attention head counts and projection weight shapes) and ``vocab-<mode>.json``
+(every process's rows of the vocabulary table and head). The models: ``gpt2`` (tied head), ``llama``
+(grouped-query attention, untied head), ``llama-tied``, ``bert`` (a sequence classifier on padded batches) and
+``bert-mlm`` (a masked-LM head, tied).
+``two`` also writes ``resumed-two/`` (the GPT-2 interrupted during step 3, resumed from its sharded step-2
+checkpoint) and ``one`` ``resumed-one/`` (1 process resuming that 2-process checkpoint). ``four`` (4 processes)
+trains the GPT-2 with ``tp 2`` and ``strategy fsdp`` on a 2 x 2 mesh into ``gpt2-four/`` (micro-batches of 2 per
+data-parallel replica: the same global batch).
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import torch.nn.functional as F
 from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import TrainArgs, Trainer, sharding
 from bunmyaku.training.distributed import is_main, process_group_from_env
-from tests.training.helpers import EOS, PAD, VOCAB, random_split, tiny_gpt2
+from tests.training.helpers import EOS, MASK, PAD, VOCAB, random_split, tiny_gpt2
 from tests.training.run_fsdp import Interrupt, Interrupted
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, tied: bool = False):
     from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -41,7 +43,7 @@ def tiny_llama(seed: int = 0):
         num_kv_heads=2,
         intermediate_size=48,
         max_seq_len=32,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM.from_config(config)
 
@@ -63,6 +65,16 @@ def tiny_bert_classifier(seed: int = 0):
     return BertForSequenceClassification.from_config(config)
 
 
+def tiny_bert_mlm(seed: int = 0):
+    from bunmyaku.models.bert import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=32, dropout=0.0, attention_dropout=0.0
+    )
+    return BertForMaskedLM.from_config(config)
+
+
 class Classification:
     """Summed cross-entropy of a sequence classifier (the Trainer's objective contract)."""
 
@@ -72,6 +84,30 @@ class Classification:
     def __call__(self, model, batch):
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return {"loss": F.cross_entropy(logits, batch["labels"], reduction="sum")}, {}
+
+
+class MaskedLM:
+    """Summed cross-entropy at the masked positions (labels != -100) of a masked-LM head."""
+
+    def count(self, batch):
+        return {"loss": int((batch["labels"] != -100).sum())}
+
+    def __call__(self, model, batch):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")}, {}
+
+
+def mlm_data(n: int, seed: int):
+    """Rows of ``classification_data`` with a fixed quarter of their tokens (at least one) masked: the same batches on
+    every process, whatever each one's random state."""
+    g = torch.Generator().manual_seed(seed + 100)
+    rows = []
+    for row in classification_data(n, seed):
+        masked = torch.rand(len(row["ids"]), generator=g) < 0.25
+        masked[0] = True
+        labels = torch.where(masked, row["ids"], -100)
+        rows.append({"ids": torch.where(masked, MASK, row["ids"]), "token_labels": labels, "label": row["label"]})
+    return rows
 
 
 def classification_data(n: int, seed: int):
@@ -91,6 +127,11 @@ def collate(rows, **_):  # the epoch and indices the loader passes are not neede
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r["ids"])], mask[i, : len(r["ids"])] = r["ids"], 1
+    if "token_labels" in rows[0]:  # masked-LM rows: per-token labels, -100 at padding
+        labels = torch.full((len(rows), width), -100)
+        for i, r in enumerate(rows):
+            labels[i, : len(r["ids"])] = r["token_labels"]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["label"] for r in rows])}
 
 
@@ -148,8 +189,9 @@ def main() -> None:
             checkpoint = out / "resumed-one" / "checkpoints" / "step-00000002"
             shutil.copytree(out / "resumed-two" / "checkpoints" / "step-00000002", checkpoint)
             train_lm(tiny_gpt2(), out / "resumed-one", save_every=2, strategy="fsdp")  # reads sharded checkpoints
-        tokens, local = {}, {}  # generated tokens, this process's head counts and weight shapes
-        for name, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
+        tokens, local, vocab = {}, {}, {}  # generated tokens, this process's head counts and weight shapes
+        lms = (("gpt2", tiny_gpt2), ("llama", tiny_llama), ("llama-tied", lambda: tiny_llama(tied=True)))
+        for name, build in lms:
             model = train_lm(build(), out / f"{name}-{mode}", **tp)
             tokens[name] = generated(model)  # every process generates: the TP forwards are collectives
             attn, mlp = model.backbone.layers[0].attn, model.backbone.layers[0].mlp
@@ -160,14 +202,39 @@ def main() -> None:
                 "out_proj": list(sharding.local_tensor(attn.out_proj.weight).shape),
                 "fc_out": list(sharding.local_tensor(mlp.fc_out.weight).shape),
             }
+            vocab[name] = vocabulary_split(model, model.head.lm_head.weight)
         rows, valid = classification_data(48, 0), classification_data(10, 1)
         trainer = Trainer(
             tiny_bert_classifier(), args(out / f"bert-{mode}", **tp), rows, valid, collate, objective=Classification()
         )
         trainer.fit()
+        vocab["bert"] = vocabulary_split(trainer.unwrapped_model)
+        rows, valid = mlm_data(48, 0), mlm_data(10, 1)
+        run = args(out / f"bert-mlm-{mode}", **tp)
+        trainer = Trainer(tiny_bert_mlm(), run, rows, valid, collate, objective=MaskedLM())
+        trainer.fit()
+        vocab["bert-mlm"] = vocabulary_split(trainer.unwrapped_model, trainer.unwrapped_model.head.mlm.bias)
         if is_main():
             (out / f"generate-{mode}.json").write_text(json.dumps(tokens))
             (out / f"local-{mode}.json").write_text(json.dumps(local))
+            (out / f"vocab-{mode}.json").write_text(json.dumps(vocab))
+
+
+def vocabulary_split(model, head=None) -> dict:
+    """Every process's rows of the token table (and of the vocabulary ``head``'s weight or bias), whether the head's
+    weight is the table's parameter itself, and the number of parameters the model holds."""
+    table = model.get_input_embeddings().weight
+    mine = [sharding.local_tensor(table).shape[0], None if head is None else sharding.local_tensor(head).shape[0]]
+    everyone = [mine]
+    if torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+    return {
+        "table_rows": [rows for rows, _ in everyone],
+        "head_rows": [rows for _, rows in everyone],
+        "tied": head is table,
+        "parameters": len(list(model.parameters())),
+    }
 
 
 if __name__ == "__main__":
