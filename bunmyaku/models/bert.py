@@ -32,7 +32,7 @@ from bunmyaku.models.attention import padding_mask
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.fastpath import Packing
-from bunmyaku.models.heads import multi_sample, sequence_classification_loss, span_loss, token_loss
+from bunmyaku.models.heads import flatten_choices, multi_sample, sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear, linear
 
@@ -654,17 +654,8 @@ class BertForMultipleChoice(_BertHeadModel):
         ref = input_ids if input_ids is not None else inputs_embeds
         B, N = ref.shape[:2]
 
-        def flat(t):
-            return None if t is None else t.reshape(B * N, *t.shape[2:])  # (B * N, T, ...)
-
-        out = self._encode(
-            flat(input_ids),
-            flat(attention_mask),
-            flat(token_type_ids),
-            flat(position_ids),
-            flat(inputs_embeds),
-            output_hidden_states,
-        )
+        flat = flatten_choices(B, N, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self._encode(*flat, output_hidden_states)
         loss_of = None if labels is None else lambda logits: F.cross_entropy(logits, labels.view(-1))
         logits, loss = multi_sample(
             self, lambda: self.head.classifier(self.head.dropout(out.pooler_output)).view(B, N), loss_of

@@ -64,7 +64,7 @@ from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.disentangled import disentangled_attention, reference_weights
 from bunmyaku.models.fastpath import Packing, RowGroup
-from bunmyaku.models.heads import sequence_classification_loss, span_loss, token_loss
+from bunmyaku.models.heads import flatten_choices, sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
 from bunmyaku.models.linear import Linear
 
@@ -901,17 +901,8 @@ class DebertaV2ForMultipleChoice(DebertaV2ForSequenceClassification):
         ref = input_ids if input_ids is not None else inputs_embeds
         B, N = ref.shape[:2]
 
-        def flat(t):
-            return None if t is None else t.reshape(B * N, *t.shape[2:])  # (B * N, T, ...)
-
-        out = self._encode(
-            flat(input_ids),
-            flat(attention_mask),
-            flat(token_type_ids),
-            flat(position_ids),
-            flat(inputs_embeds),
-            output_hidden_states,
-        )
+        flat = flatten_choices(B, N, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self._encode(*flat, output_hidden_states)
         logits = self._classify(out.last_hidden_state).view(B, N)
         loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

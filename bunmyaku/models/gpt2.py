@@ -42,6 +42,7 @@ from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.heads import (
     causal_lm_output,
     check_logits_to_keep,
+    flatten_choices,
     sequence_classification_loss,
     shifted_lm_loss,
     span_loss,
@@ -643,19 +644,10 @@ class GPT2DoubleHeadsModel(_GPT2WithLMHead):
         ref = input_ids if input_ids is not None else inputs_embeds
         B, N, T = ref.shape[:3]
 
-        def flat(t):
-            return None if t is None else t.reshape(B * N, *t.shape[2:])  # (B * N, T, ...)
-
-        out = self._decode(
-            flat(input_ids),
-            flat(attention_mask),
-            flat(position_ids),
-            past_key_values,
-            use_cache,
-            flat(token_type_ids),
-            flat(inputs_embeds),
-            output_hidden_states,
+        ids, mask, positions, types, embeds = flatten_choices(
+            B, N, input_ids, attention_mask, position_ids, token_type_ids, inputs_embeds
         )
+        out = self._decode(ids, mask, positions, past_key_values, use_cache, types, embeds, output_hidden_states)
         h = out.last_hidden_state.view(B, N, T, -1)  # (B, N, T, C)
         logits = self.head.lm_head(h)  # (B, N, T, V)
         mc_logits = self.head.summary(h, mc_token_ids).squeeze(-1)  # (B, N)

@@ -16,6 +16,11 @@ from bunmyaku.models.base import ModelOutput
 IGNORE_INDEX = -100
 
 
+def flatten_choices(num_rows: int, num_choices: int, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Multiple-choice inputs (B, N, T, ...) as (B * N, T, ...) sequences for the encoder; None stays None."""
+    return [None if t is None else t.reshape(num_rows * num_choices, *t.shape[2:]) for t in tensors]
+
+
 def infer_problem_type(config, labels: torch.Tensor) -> str:
     """HF's rule when ``problem_type`` is unset: 1 label: regression; integer labels: single-label; else multi-label."""
     if config.problem_type is not None:

@@ -49,7 +49,7 @@ from bunmyaku.models.attention import ATTENTION_FUNCTIONS, RotaryEmbedding, appl
 from bunmyaku.models.base import ModelOutput, PreTrainedModel, _resized_rows
 from bunmyaku.models.config import ModelConfig
 from bunmyaku.models.fastpath import Packing
-from bunmyaku.models.heads import multi_sample, sequence_classification_loss, span_loss, token_loss
+from bunmyaku.models.heads import flatten_choices, multi_sample, sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import activation
 from bunmyaku.models.linear import Linear
 from bunmyaku.models.sparse_attention import SparsePattern, sparse_attention
@@ -721,11 +721,8 @@ class ModernBertForMultipleChoice(_ModernBertHeadModel):
         ref = input_ids if input_ids is not None else inputs_embeds
         B, N = ref.shape[:2]
 
-        def flat(t):
-            return None if t is None else t.reshape(B * N, *t.shape[2:])  # (B * N, T, ...)
-
-        mask = flat(attention_mask)
-        out = self._encode(flat(input_ids), mask, flat(position_ids), flat(inputs_embeds), output_hidden_states)
+        ids, mask, positions, embeds = flatten_choices(B, N, input_ids, attention_mask, position_ids, inputs_embeds)
+        out = self._encode(ids, mask, positions, embeds, output_hidden_states)
         cls_index = 0 if mask is None else mask.argmax(-1)  # the first real token, left padding or right
         h = self.head.transform(self._pool(out.last_hidden_state, mask, cls_index))  # (B * N, C)
         loss_of = None if labels is None else lambda logits: F.cross_entropy(logits, labels.view(-1))

@@ -67,7 +67,7 @@ def average(kind: str, runs: Sequence[Sequence[Any]]) -> list[Any]:
     Raises:
         ValueError: runs of different lengths, or per-example scores of different shapes.
     """
-    if not runs:
+    if len(runs) == 0:  # runs may be an (R, N, C) array
         raise ValueError("nothing to average: no model's scores")
     count = len(runs[0])
     if any(len(run) != count for run in runs):

@@ -35,6 +35,7 @@ import numpy as np
 
 from bunmyaku.data.tables import iter_jsonl
 from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from bunmyaku.tasks import averaging
 from bunmyaku.tasks.metrics import accuracy, fold_summary, macro_f1, mean_squared_error, pearson, spearman
 
 logger = logging.getLogger(__name__)
@@ -364,9 +365,10 @@ def combine(
     Returns:
         ((N, C) out-of-fold scores, (M, C) test scores or None, weights (R,) / the meta model / None).
     """
-    if method == "mean":
-        test = None if test_stack is None else test_stack.mean(axis=0)
-        return stack.mean(axis=0), test, None
+    if method == "mean":  # the same averaging as cv's seeds and folds
+        kind = "value" if regression else "probabilities"
+        test = None if test_stack is None else np.asarray(averaging.average(kind, test_stack))
+        return np.asarray(averaging.average(kind, stack)), test, None
     if method == "rank":
         test = None if test_stack is None else _ranks(test_stack).mean(axis=0)
         return _ranks(stack).mean(axis=0), test, None
@@ -672,8 +674,6 @@ def _check_structured(runs: list[_StructuredRun]) -> None:
 
 def _decode_structured(family: str, records, scores, names, null_threshold):
     """(prediction fields per record, their metrics or None without gold) for averaged tags or answers."""
-    from bunmyaku.tasks import averaging
-
     gold = [r.get("gold") for r in records]
     labelled = all("gold" in r for r in records)
     if family == "tags":

@@ -62,6 +62,21 @@ _UNSHARDABLE = {
 }
 
 
+def refuse_unshardable(plugins: Sequence[object], setting: str) -> None:
+    """Refuse the plugins in ``_UNSHARDABLE`` (or their subclasses) under sharded weights (FSDP or TP).
+
+    Raises:
+        ValueError: naming the plugin, the setting and why; DDP (whole replicas) runs them.
+    """
+    for plugin in plugins:
+        for cls in type(plugin).__mro__:  # by name: SWA lives beside EMA; subclasses are refused too
+            if cls.__name__ in _UNSHARDABLE:
+                raise ValueError(
+                    f"{cls.__name__} is not supported with {setting}: {_UNSHARDABLE[cls.__name__]}. "
+                    "Use strategy ddp without tp for it"
+                )
+
+
 def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -> None:
     """Refuse settings a sharded run cannot honour, with the reason.
 
@@ -77,13 +92,7 @@ def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -
         if args.cpu_offload:
             raise ValueError("cpu_offload needs strategy fsdp or hsdp (DDP keeps whole replicas on each device)")
         return
-    for plugin in plugins:
-        for cls in type(plugin).__mro__:  # by name: SWA lives beside EMA; subclasses are refused too
-            if cls.__name__ in _UNSHARDABLE:
-                raise ValueError(
-                    f"{cls.__name__} is not supported with strategy {args.strategy}: {_UNSHARDABLE[cls.__name__]}. "
-                    "Use strategy ddp for it"
-                )
+    refuse_unshardable(plugins, f"strategy {args.strategy}")
     if args.cpu_offload and device.type != "cuda":
         raise ValueError("cpu_offload moves parameters from the GPU to host memory; this run is already on the CPU")
     if args.precision == "fp16":
@@ -485,10 +494,7 @@ def check_tensor_parallel_settings(args: Any, plugins: Sequence[object]) -> None
     Raises:
         ValueError: naming the setting and why.
     """
-    for plugin in plugins:
-        reason = _UNSHARDABLE.get(type(plugin).__name__)
-        if reason is not None:
-            raise ValueError(f"{type(plugin).__name__} is not supported with tp {args.tp}: {reason}")
+    refuse_unshardable(plugins, f"tp {args.tp}")
     if args.precision == "fp16":
         raise ValueError(f"tp {args.tp} supports fp32 and bf16 (fp16's GradScaler does not unscale split gradients)")
     if args.compile:
