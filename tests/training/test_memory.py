@@ -160,6 +160,10 @@ def test_cli_json_and_table(tmp_path):
     plan = plan_memory(path, "causal-lm", 4, 40)
     assert {k: printed[k] for k in plan.as_dict()} == plan.as_dict()
     assert printed["largest_batch_size"] == largest_batch(5 * 10**6, model=path, task="causal-lm", max_length=40)
+    split = CliRunner().invoke(app, [*args, "--json", "--tp", "2", "--world-size", "2", "--grad-accum-steps", "3"])
+    assert split.exit_code == 0, split.output
+    expected = plan_memory(path, "causal-lm", 4, 40, world_size=2, tp=2, grad_accum_steps=3).as_dict()
+    assert {k: json.loads(split.output)[k] for k in expected} == expected != plan.as_dict()
     table = CliRunner().invoke(app, [*args, "--checkpointing"])
     assert table.exit_code == 0, table.output
     assert "activations" in table.output and "total" in table.output
