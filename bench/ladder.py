@@ -18,8 +18,8 @@ under ``torchrun`` with gloo) in a fresh process (or two), with one plugin that 
   its local shard); besides, the process's peak resident set (interpreter, libraries and allocator slack included).
 
 The planner's prediction (``bunmyaku memory``, :func:`bunmyaku.training.memory.plan_memory`) for the same settings
-stands next to each measurement. Rungs the planner does not model (tensor parallelism) or that cannot run on the
-CPU (offloading to the host) say so in the table instead of a number.
+stands next to each measurement. Rungs that cannot run on the CPU (offloading to the host) say so in the table
+instead of a number.
 """
 
 from __future__ import annotations
@@ -286,10 +286,8 @@ def measure_rung(rung: Rung, model: dict[str, Any], max_length: int, warmup: int
         return [json.loads((Path(folder) / f"rank-{r}.json").read_text()) for r in range(rung.processes)]
 
 
-def planned(rung: Rung, model: dict[str, Any], max_length: int) -> dict[str, int] | None:
-    """The planner's bytes per rank for ``rung`` (None where it has no model of the rung: tensor parallelism)."""
-    if rung.tp > 1:
-        return None
+def planned(rung: Rung, model: dict[str, Any], max_length: int) -> dict[str, int]:
+    """The planner's bytes per rank for ``rung``."""
     setting = Setting(
         rung.name,
         model,
@@ -302,6 +300,8 @@ def planned(rung: Rung, model: dict[str, Any], max_length: int) -> dict[str, int
         lora_targets=rung.lora_targets if rung.lora_r else None,
         strategy="fsdp" if rung.strategy == "fsdp" else "ddp",
         world_size=rung.processes,
+        grad_accum=rung.accum,
+        tp=rung.tp,
     )
     return predict(setting)
 
@@ -346,16 +346,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         ranks, plan = row["ranks"], row["planned"]
         states = [r["parameters"] + r["gradients"] + r["optimizer"] for r in ranks]
         state = " / ".join(_mb(s) for s in states)
-        if plan is not None:  # the planner's counts are exact: say whether rank 0's equal them to the byte
-            counted = plan["parameters"] + plan["gradients"] + plan["optimizer"]
-            state += " (= planner)" if counted == states[0] else f" (planner {_mb(counted)})"
+        counted = plan["parameters"] + plan["gradients"] + plan["optimizer"]  # exact: equal to rank 0's to the byte?
+        state += " (= planner)" if counted == states[0] else f" (planner {_mb(counted)})"
         peaks = " / ".join(_mb(r["peak"]) for r in ranks)
         rss = " / ".join(_mb(r["peak_rss"]) for r in ranks)
-        if plan is None:
-            predicted, error = "not modelled", ""
-        else:
-            predicted = _mb(plan["total"])
-            error = f"{plan['total'] / max(r['peak'] for r in ranks) - 1:+.1%}"
+        predicted = _mb(plan["total"])
+        error = f"{plan['total'] / max(r['peak'] for r in ranks) - 1:+.1%}"
         tokens = f"{min(r['tokens_per_s'] for r in ranks):,.0f}"  # the slowest rank's clock: the steps are collective
         lines.append(f"| {rung.label} | {shape} | {tokens} | {state} | {peaks} | {predicted} | {error} | {rss} |")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ import torch
 
 from bench.machine import describe
 from bunmyaku.models.auto import model_class
-from bunmyaku.training.memory import plan_memory
+from bunmyaku.training.memory import DEFAULT_LORA_TARGETS, plan_memory
 from bunmyaku.training.objectives import CausalLM, MaskedLM
 from bunmyaku.training.plugins import Freeze
 
@@ -37,7 +37,8 @@ FIELDS = ("parameters", "gradients", "optimizer", "activations", "total")
 @dataclass
 class Setting:
     """One row: a model config (HF ``config.json`` dict), a task and the step's options (:func:`measure` runs one
-    process without adapters; the sharding and LoRA options are the planner's, for bench/ladder.py's rungs)."""
+    process, with gradient accumulation over ``grad_accum`` micro-batches of ``batch_size`` and LoRA adapters; the
+    sharding options are the planner's, for bench/ladder.py's rungs)."""
 
     name: str
     config: dict[str, Any]
@@ -51,6 +52,8 @@ class Setting:
     lora_targets: str | None = None
     strategy: str = "ddp"
     world_size: int = 1
+    grad_accum: int = 1
+    tp: int = 1
 
 
 def _batch(setting: Setting, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -104,8 +107,8 @@ def measure(setting: Setting) -> dict[str, int]:
     """Bytes of one fp32 training step of ``setting`` on the CPU (see the module notes)."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-    if setting.lora_r or setting.world_size > 1:
-        raise ValueError(f"{setting.name}: measure() runs one process without adapters; bench/ladder.py runs those")
+    if setting.world_size > 1 or setting.tp > 1:
+        raise ValueError(f"{setting.name}: measure() runs one process; bench/ladder.py runs several")
 
     torch.manual_seed(0)
     cls = model_class(setting.config["model_type"], setting.task)
@@ -113,6 +116,12 @@ def measure(setting: Setting) -> dict[str, int]:
     model = cls(cls.configure(setting.config, **overrides)).train()
     if setting.checkpointing:
         model.gradient_checkpointing_enable()
+    if setting.lora_r:  # as `bunmyaku finetune --lora-r` does (tasks/finetune.py): adapters, base frozen
+        from bunmyaku.models.lora import add_lora
+        from bunmyaku.tasks.finetune import FinetuneArgs
+
+        targets = setting.lora_targets or DEFAULT_LORA_TARGETS[setting.config["model_type"]]
+        add_lora(model, setting.lora_r, FinetuneArgs.lora_alpha, targets.split(","))
     freeze = Freeze(False, setting.freeze_layers)
     for name, param in model.named_parameters():
         if freeze.should_freeze(name):
@@ -122,8 +131,11 @@ def measure(setting: Setting) -> dict[str, int]:
     batch = _batch(setting, model.config.vocab_size)
 
     def step(watching: MemTracker | None = None) -> tuple[dict, int]:
-        loss = _loss(model, setting.task, batch)
-        loss.backward()
+        for _ in range(setting.grad_accum):  # the Trainer's accumulation: each micro-batch's backward adds to .grad
+            loss = _loss(model, setting.task, batch) / setting.grad_accum
+            loss.backward()
+            if watching is not None:  # the tracker refuses a second forward of the root module per window otherwise
+                watching.reset_mod_stats()
         grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
         peak = watching.get_tracker_snapshot("peak") if watching is not None else {}
         return peak, grads
@@ -169,6 +181,8 @@ def predict(setting: Setting) -> dict[str, int]:
             lora_targets=setting.lora_targets,
             strategy=setting.strategy,
             world_size=setting.world_size,
+            grad_accum_steps=setting.grad_accum,
+            tp=setting.tp,
             device="cpu",
         )
     return plan.as_dict()

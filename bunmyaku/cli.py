@@ -757,6 +757,8 @@ def memory_command(
     precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast over fp32 weights, as bunmyaku trains)."),
     strategy: str = typer.Option("ddp", help="ddp | fsdp (parameters, gradients, optimizer state sharded)."),
     world_size: int = typer.Option(1, help="Processes (devices) in the run."),
+    tp: int = typer.Option(1, help="Tensor-parallel processes (--world-size counts them all, a multiple of --tp)."),
+    grad_accum_steps: int = typer.Option(1, help="Micro-batches of --batch-size per optimizer step."),
     checkpointing: bool = typer.Option(False, "--checkpointing", help="Gradient checkpointing of every layer."),
     freeze_layers: int = typer.Option(0, help="Freeze layers 0..K-1."),
     lora_r: int = typer.Option(0, help="LoRA rank (0: no LoRA): adapters train, the base is frozen."),
@@ -789,6 +791,8 @@ def memory_command(
         precision=precision,
         strategy=strategy,
         world_size=world_size,
+        tp=tp,
+        grad_accum_steps=grad_accum_steps,
         checkpointing=checkpointing,
         freeze_layers=freeze_layers,
         lora_r=lora_r,
@@ -806,6 +810,10 @@ def memory_command(
             result["largest_batch_size"] = fits
         return _print_json(result)
     title = f"{model}: {task}, batch {batch_size} x {max_length} tokens, {precision}, {strategy} x {world_size}"
+    if tp > 1:
+        title += f", tp {tp}"
+    if grad_accum_steps > 1:
+        title += f", {grad_accum_steps} micro-batches per step"
     table = Table(title=title)
     table.add_column("per device")
     table.add_column("bytes", justify="right")

@@ -18,7 +18,12 @@ What the Trainer keeps, read from its code:
 - **total**: the peak, not the sum: activations are freed as the backward pass writes gradients, so the step
   peaks at the start of the backward pass (activations and the logits' gradient; or, once that is freed,
   activations and the head's gradients) or at its end (the gradients, beside the embeddings' and the first layer's
-  activations, recomputed under checkpointing): ``parameters + optimizer + buffers + max(those three)``.
+  activations, recomputed under checkpointing): ``parameters + optimizer + buffers + max(those three)``. With
+  gradient accumulation (``grad_accum_steps``; ``batch_size`` is then one micro-batch) the Trainer clears the
+  gradients only after the optimizer step (``zero_grad(set_to_none=True)``), so every micro-batch after the first
+  runs its whole forward and backward beside the gradients of the earlier ones: ``gradients`` joins each of the
+  three, and the new gradients of the head and of the token table exist for a moment beside the held ones before
+  they are added to them.
 
 What autograd saves depends on the kernels, so the device matters (``device``):
 
@@ -41,7 +46,9 @@ normalised input); each projection's input (the norm's output, the merged heads)
 output (GELU, ReLU: 2 x N * F; GPT-2's ``gelu_new``, written out in five ops: 5 x N * F; SwiGLU: 4 x N * F); two
 dropout masks. With gradient checkpointing, each layer keeps only its input, and one layer's activations exist
 again while its backward runs. Freezing layers (the Freeze plugin) removes their gradients and optimizer state but
-not their activations: the trainable embeddings below still need the gradient to flow through them.
+few of their activations: the trainable embeddings below still need the gradient to flow through them, so what the
+input's gradient reads stays (our linears keep their input even for a frozen weight); only a frozen RMSNorm keeps
+no normalised input (``F.rms_norm`` saves it for the weight's gradient alone).
 
 Sharding (``strategy="fsdp"``) divides parameters, gradients and optimizer state by the number of processes, each
 tensor cut along its first dimension into equal, padded chunks, as FSDP2's ``fully_shard`` does (rank 0's, the
@@ -50,8 +57,19 @@ largest, is reported); ``cpu_offload`` keeps those three on the host (0 bytes on
 LoRA (``lora_r``): rank-r adapters A (r, in) and B (out, r) on the targeted projections (``transformers``' module
 names: BERT's ``query,value``, Llama's ``q_proj,v_proj``, GPT-2's ``c_attn`` by default) are trainable, with a new
 classification head (PEFT's ``modules_to_save``; a language model's head stays frozen); every other parameter is
-frozen. The counts equal PEFT's on the ``transformers`` model; the activations add each adapter's (N, r) product
-A x to the base model's, an estimate not yet measured against a LoRA training step.
+frozen. The counts equal PEFT's on the ``transformers`` model. The activations add each adapter's (N, r) product
+A x to the base model's, less what frozen weights spare: every norm's normalised input, and below the first adapter
+(the embeddings are frozen, so nothing there needs a gradient) the ids and the first norm's input and statistics;
+the first adapters keep their input (the first norm's output) all the same.
+
+Tensor parallelism (``tp``; ``world_size`` counts every process): the Trainer's plan (training/sharding.py) splits
+each block's column-parallel projections (q, k, v, the MLP's up and gate) by output and its row-parallel ones
+(attention output, MLP down) by input, the row-parallel bias whole; embeddings, norms and heads stay whole on every
+process (:func:`_tp_split_dim_outside_blocks` says so in one place). Parameters, gradients and optimizer state are
+this process's parts, exact; with ``strategy="fsdp"`` those parts are sharded again over the ``world_size / tp``
+data-parallel replicas. Activations: the processes of a tensor-parallel group all run the same batch, each with
+1 / tp of the heads and of the MLP's width (q, k, v, attention's outputs, the MLP's activations, the merged heads),
+while the residual stream, the norms and the inputs of the column-parallel projections stay whole.
 """
 
 from __future__ import annotations
@@ -224,6 +242,37 @@ def _trainable(shapes: _Shapes, task: str, freeze_layers: int, lora: bool) -> di
     }
 
 
+def _tp_split_dim(name: str) -> int | None:
+    """The dimension ``--tp`` splits parameter ``name`` along (None: whole on every process), by the Trainer's plan
+    (training/sharding.py): a block's column-parallel projections by output (weight rows and bias), its row-parallel
+    ones by input (weight columns; the bias is added once, after the all-reduce, so it stays whole)."""
+    from bunmyaku.training.sharding import TP_PLAN_COLUMN, TP_PLAN_ROW
+
+    match = re.search(r"(?:^|\.)layers\.\d+\.(.+)\.(weight|bias)$", name)
+    if match is None:
+        return _tp_split_dim_outside_blocks(name)
+    module, kind = match.groups()
+    if module in TP_PLAN_COLUMN:
+        return 0
+    if module in TP_PLAN_ROW and kind == "weight":
+        return 1
+    return None
+
+
+def _tp_split_dim_outside_blocks(name: str) -> int | None:
+    """The split of a parameter outside the blocks (embeddings, final norm, heads) under ``--tp``: none, they stay
+    whole on every process (the Trainer's plan has no vocab-parallel embedding or LM head)."""
+    return None
+
+
+def _tp_local_shape(name: str, shape: torch.Size, tp: int) -> torch.Size:
+    """The shape of this process's part of parameter ``name`` under ``--tp`` (DTensor's even split, rank 0's)."""
+    dim = _tp_split_dim(name) if tp > 1 else None
+    if dim is None:
+        return shape
+    return torch.Size([*shape[:dim], math.ceil(shape[dim] / tp), *shape[dim + 1 :]])
+
+
 def _shard_numel(shape: torch.Size, world_size: int) -> int:
     """Elements on rank 0 when FSDP2 cuts a tensor along dim 0 into ``world_size`` equal padded chunks."""
     if not shape:
@@ -232,32 +281,36 @@ def _shard_numel(shape: torch.Size, world_size: int) -> int:
     return rows * math.prod(shape[1:])
 
 
-def _layer_numels(shapes: _Shapes) -> tuple[int, int]:
-    """(elements of one Transformer layer, elements outside the layers: embeddings, final norm, head)."""
+def _layer_numels(shapes: _Shapes, tp: int = 1) -> tuple[int, int]:
+    """(elements of one Transformer layer, elements outside the layers: embeddings, final norm, head), this
+    process's parts under ``tp``."""
     per_layer: dict[int, int] = {}
     rest = 0
     for name, p in shapes.model.named_parameters():
+        numel = math.prod(_tp_local_shape(name, p.shape, tp))
         match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
         if match:
-            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + p.numel()
+            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + numel
         else:
-            rest += p.numel()
+            rest += numel
     return max(per_layer.values()), rest
 
 
 # ------------------------------------------------------------------------------------------------ activations
 
 
-def _dims(shapes: _Shapes, batch_size: int, max_length: int) -> dict[str, int]:
+def _dims(shapes: _Shapes, batch_size: int, max_length: int, tp: int = 1) -> dict[str, int]:
+    """The sizes activations are counted in; under ``tp`` a process holds 1 / tp of the heads and of the
+    feed-forward width (the residual stream, the norms and their outputs stay whole)."""
     layer = shapes.layer
     return {
         "B": batch_size,
         "T": max_length,
         "N": batch_size * max_length,
         "C": layer.hidden_size,
-        "F": layer.intermediate_size,
-        "H": layer.num_heads,
-        "K": layer.num_kv_heads,
+        "F": layer.intermediate_size // tp,
+        "H": layer.num_heads // tp,
+        "K": layer.num_kv_heads // tp,
         "D": layer.head_dim,
         "V": shapes.config.vocab_size,
     }
@@ -280,9 +333,19 @@ def _linear_inputs(elements: int, consumers: int, E: int) -> int:
     return consumers * E * elements if E != STREAM_BYTES else STREAM_BYTES * elements
 
 
-def _layer_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str, rows: int | None = None) -> int:
+def _layer_saved(
+    shapes: _Shapes,
+    d: dict[str, int],
+    E: int,
+    device: str,
+    rows: int | None = None,
+    norm_weights: bool = True,
+    input_grad: bool = True,
+) -> int:
     """Bytes one block keeps for backward; ``rows`` < T: only that many query positions per sequence (BERT's last
-    layer when the head reads [CLS] only), keys and values still at every position.
+    layer when the head reads [CLS] only), keys and values still at every position. ``norm_weights``: the norms'
+    weights train (a frozen RMSNorm keeps no normalised input); ``input_grad``: the block's input needs a gradient
+    (not so above frozen embeddings under LoRA: the first norm then keeps nothing).
 
     ``E`` is the bytes of a projection's output (2 under autocast); norms, their inputs and the residual stream are
     float32 (:data:`STREAM_BYTES`)."""
@@ -294,11 +357,14 @@ def _layer_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str, rows: 
     mask_bytes = 1 if device == "cuda" else E
     math_path = device == "cpu" and layer.attention_dropout > 0
     stats = 4 * 2 if layer.norm == "layernorm" else 4  # LayerNorm: mean and rstd; RMSNorm: rstd (float32)
-    normed = S if layer.norm == "rmsnorm" else 0  # our RMSNorm keeps the normalised input for the weight's gradient
+    # RMSNorm keeps the normalised input for its weight's gradient only
+    normed = S if layer.norm == "rmsnorm" and norm_weights else 0
     mlp_inputs = 2 if layer.mlp == "swiglu" else 1  # projections reading the MLP's input
     saved = 0
     if layer.pre_norm:  # x -> norm -> q, k, v: the norm's input (the block's), statistics, output
-        saved += S * B * T * C + B * T * (stats + normed * C) + _linear_inputs(B * T * C, 3, E)
+        if input_grad:
+            saved += S * B * T * C + B * T * (stats + normed * C)
+        saved += _linear_inputs(B * T * C, 3, E)
     else:  # the block's input (the previous norm's output) -> q, k, v
         saved += _linear_inputs(B * T * C, 3, E)
     saved += _attention_saved(d, rows, E, math_path)
@@ -320,10 +386,13 @@ def _layer_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str, rows: 
     return saved
 
 
-def _embedding_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str) -> int:
-    """Ids the embedding backward reads, the embeddings' norm and dropout (the block input counts in the layer)."""
+def _embedding_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str, trainable: bool = True) -> int:
+    """Ids the embedding backward reads, the embeddings' norm and dropout (the block input counts in the layer);
+    frozen embeddings (LoRA) keep none of those, Llama's rotary tables stay (the attention's backward reads them)."""
     T, N, C, D = d["T"], d["N"], d["C"], d["D"]
     config = shapes.config
+    if not trainable:
+        return 2 * STREAM_BYTES * T * D if shapes.model_type == "llama" else 0
     mask_bytes = 1 if device == "cuda" else STREAM_BYTES  # the embeddings are float32
     if shapes.model_type in ("bert", "roberta"):  # ids, segment ids, positions; sum -> LayerNorm -> dropout
         positions = N if shapes.model_type == "roberta" else T
@@ -334,15 +403,18 @@ def _embedding_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str) ->
     return 8 * N + 2 * STREAM_BYTES * T * D  # llama: ids; the rotary cos and sin (float32), shared by every layer
 
 
-def _head_saved(shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str) -> tuple[int, int]:
-    """(bytes the final norm and head keep for backward, the largest temporaries of their backward)."""
+def _head_saved(
+    shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str, norm_weights: bool = True
+) -> tuple[int, int]:
+    """(bytes the final norm and head keep for backward, the largest temporaries of their backward);
+    ``norm_weights``: the final norm's weight trains."""
     B, N, C, V = d["B"], d["N"], d["C"], d["V"]
     layer = shapes.layer
     labels = getattr(shapes.config, "num_labels", 2)
     S = STREAM_BYTES
     final = 0
     if layer.pre_norm:  # the final norm: its input is the last block's output
-        normed = S * N * C if layer.norm == "rmsnorm" else 0
+        normed = S * N * C if layer.norm == "rmsnorm" and norm_weights else 0
         stats = 4 * N * (2 if layer.norm == "layernorm" else 1)
         final = S * N * C + stats + normed + _linear_inputs(N * C, 1, E)  # input, statistics, output (head's input)
     mask_bytes = 1 if device == "cuda" else S
@@ -360,19 +432,40 @@ def _head_saved(shapes: _Shapes, task: str, d: dict[str, int], E: int, device: s
 
 
 def _activations(
-    shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str, checkpointing: bool
+    shapes: _Shapes,
+    task: str,
+    d: dict[str, int],
+    E: int,
+    device: str,
+    checkpointing: bool,
+    freeze_layers: int = 0,
+    lora: bool = False,
 ) -> tuple[int, int, int]:
     """(bytes held for backward at the end of the forward pass, the backward's extra at its peak, bytes still
-    held when the first layer's backward runs: the embeddings' and that layer's, recomputed under checkpointing)."""
+    held when the first layer's backward runs: the embeddings' and that layer's, recomputed under checkpointing).
+
+    Frozen layers (``freeze_layers``; every layer under ``lora``) keep what the gradient flowing through them
+    needs, less their norms' normalised inputs; under LoRA the embeddings are frozen too."""
     L = shapes.config.num_layers
-    full = _layer_saved(shapes, d, E, device)
-    last = _layer_saved(shapes, d, E, device, rows=1) if shapes.reads_first else full
-    head, head_backward = _head_saved(shapes, task, d, E, device)
-    embed = _embedding_saved(shapes, d, E, device)
+    layers = [
+        _layer_saved(
+            shapes,
+            d,
+            E,
+            device,
+            rows=1 if shapes.reads_first and i == L - 1 else None,
+            norm_weights=not lora and i >= freeze_layers,
+            input_grad=not (lora and i == 0),
+        )
+        for i in range(L)
+    ]
+    head, head_backward = _head_saved(shapes, task, d, E, device, norm_weights=not lora)
+    embed = _embedding_saved(shapes, d, E, device, trainable=not lora)
+    full = max(layers)
     if checkpointing:  # each layer keeps its input; one layer's activations come back during its backward
         held = embed + L * STREAM_BYTES * d["N"] * d["C"] + head
-        return held, max(head_backward, full - STREAM_BYTES * d["N"] * d["C"]), embed + full
-    return embed + (L - 1) * full + last + head, head_backward, embed + full
+        return held, max(head_backward, full - STREAM_BYTES * d["N"] * d["C"]), embed + layers[0]
+    return embed + sum(layers) + head, head_backward, embed + layers[0]
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -393,6 +486,8 @@ def plan_memory(
     cpu_offload: bool = False,
     num_labels: int | None = None,
     device: str = "cuda",
+    grad_accum_steps: int = 1,
+    tp: int = 1,
 ) -> MemoryEstimate:
     """Predict the peak memory per device of one training step (see the module notes for each component).
 
@@ -411,6 +506,8 @@ def plan_memory(
         cpu_offload: FSDP keeps parameters, gradients and optimizer state on the host.
         num_labels: classes of a classification head.
         device: cuda | cpu: which kernels run (what SDPA and dropout save; see the module notes).
+        grad_accum_steps: micro-batches of ``batch_size`` per optimizer step (gradient accumulation).
+        tp: tensor-parallel processes (``--tp``; ``world_size`` counts every process, a multiple of ``tp``).
 
     Returns:
         The bytes per device.
@@ -426,6 +523,8 @@ def plan_memory(
     check_int("world_size", world_size, 1)
     check_int("freeze_layers", freeze_layers, 0)
     check_int("lora_r", lora_r, 0)
+    check_int("grad_accum_steps", grad_accum_steps, 1)
+    check_int("tp", tp, 1)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {list(PRECISIONS)}")
     if strategy not in STRATEGIES:
@@ -451,10 +550,13 @@ def plan_memory(
     lora = _lora_modules(shapes, lora_targets) if lora_r else []
     trainable = _trainable(shapes, task, freeze_layers, bool(lora_r))
 
-    shard = world_size if strategy == "fsdp" else 1
+    if tp > 1:
+        _check_tensor_parallel(shapes, tp, world_size, strategy, lora_r)
+    replicas = world_size // tp  # data-parallel: the processes of a tensor-parallel group read the same batches
+    shard = replicas if strategy == "fsdp" else 1
     params = grads = states = 0
     for name, p in shapes.model.named_parameters():
-        numel = _shard_numel(p.shape, shard)
+        numel = _shard_numel(_tp_local_shape(name, p.shape, tp), shard)
         params += 4 * numel
         if trainable[name]:
             grads += 4 * numel
@@ -467,22 +569,27 @@ def plan_memory(
     buffers = sum(b.numel() * b.element_size() for b in shapes.model.buffers())
     if E != 4:
         buffers += E * _matmul_weight_numel(shapes, task)  # autocast's low-precision weight copies
-    if strategy == "ddp" and world_size > 1:
+    if strategy == "ddp" and replicas > 1:
         buffers += grads  # DDP's gradient buckets
-    if strategy == "fsdp" and world_size > 1:
-        layer_numel, rest_numel = _layer_numels(shapes)
+    if strategy == "fsdp" and replicas > 1:
+        layer_numel, rest_numel = _layer_numels(shapes, tp)
         buffers += E * (rest_numel + 2 * layer_numel) + 4 * layer_numel
     if cpu_offload:
         params = grads = states = 0
 
-    d = _dims(shapes, batch_size, max_length)
-    held, backward_extra, bottom = _activations(shapes, task, d, E, device, checkpointing)
+    d = _dims(shapes, batch_size, max_length, tp)
+    held, backward_extra, bottom = _activations(
+        shapes, task, d, E, device, checkpointing, freeze_layers, lora=bool(lora_r)
+    )
     held += len(lora) * E * d["N"] * lora_r  # each adapter's A x, the input of B
     activations = held + backward_extra
-    head_grads = 0 if cpu_offload else _head_grads(shapes, trainable, shard)
+    head_grads = 0 if cpu_offload else _head_grads(shapes, trainable, shard, tp)
     # the backward's largest temporaries (the logits' gradient) are gone before the head's weight gradient is written;
     # when the first layer's backward runs, nearly every gradient exists beside that layer's activations
-    total = params + states + buffers + max(activations, held + head_grads, grads + bottom)
+    peak = max(activations, held + head_grads, grads + bottom)
+    if grad_accum_steps > 1:  # later micro-batches run their whole forward and backward beside the gradients so far
+        peak = max(peak, grads + max(activations, held + head_grads, bottom + head_grads))
+    total = params + states + buffers + peak
     return MemoryEstimate(params, grads, states, activations, buffers, total, batch_size, max_length)
 
 
@@ -495,14 +602,27 @@ def _matmul_weight_numel(shapes: _Shapes, task: str) -> int:
     return numel
 
 
-def _head_grads(shapes: _Shapes, trainable: dict[str, bool], shard: int) -> int:
+def _head_grads(shapes: _Shapes, trainable: dict[str, bool], shard: int, tp: int) -> int:
     """Gradients written first in the backward pass, while the activations are still held: the head's and, for a
     language model, the (V, C) output embedding (tied or not)."""
     total = 0
     for name, p in shapes.model.named_parameters():
         if trainable[name] and (name.startswith("head.") or p.shape[:1] == (shapes.config.vocab_size,)):
-            total += 4 * _shard_numel(p.shape, shard)
+            total += 4 * _shard_numel(_tp_local_shape(name, p.shape, tp), shard)
     return total
+
+
+def _check_tensor_parallel(shapes: _Shapes, tp: int, world_size: int, strategy: str, lora_r: int) -> None:
+    """The Trainer's own refusals of a ``--tp`` run (on the meta model), and LoRA, whose wrapped linears it does
+    not split."""
+    from bunmyaku.training.sharding import check_tensor_parallel
+
+    if lora_r:
+        raise ValueError("--tp splits plain linears only, not LoRA-wrapped ones: drop --lora-r or --tp")
+    try:
+        check_tensor_parallel(shapes.model, tp, world_size, strategy)
+    except ValueError as error:
+        raise ValueError(f"--tp {tp} --world-size {world_size}: {error}") from None
 
 
 def largest_batch(device_memory: int, **settings: Any) -> int | None:

@@ -48,11 +48,22 @@ SETTINGS = [
     Setting("llama-lm", _llama(), "causal-lm", 4, 40),
     Setting("llama-lm-checkpointing", _llama(), "causal-lm", 4, 40, True),
     Setting("llama-cls", {**_llama(), "pad_token_id": 0}, "sequence-classification", 4, 40, num_labels=3),
+    # accumulation: the later micro-batches run beside the gradients of the earlier ones (small batches, so that
+    # the gradients weigh: a planner without them is 18-20% under)
+    Setting("llama-lm-accumulation", _llama(), "causal-lm", 2, 16, grad_accum=3),
+    Setting("gpt2-lm-accumulation", _gpt2(), "causal-lm", 1, 24, grad_accum=2),
+    # frozen RMSNorms keep no normalised input (a narrow MLP, so that the norms weigh: 25% over when counted)
+    Setting("llama-lm-freeze", {**_llama(), "intermediate_size": 16}, "causal-lm", 4, 40, False, 3),
+    # LoRA: frozen norms, and nothing kept below the first adapter (frozen embeddings)
+    Setting("llama-lm-lora", _llama(), "causal-lm", 4, 40, lora_r=8, lora_targets="q_proj,v_proj"),
+    Setting("bert-cls-lora", _bert(), "sequence-classification", 4, 32, num_labels=3, lora_r=4),
 ]
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=[s.name for s in SETTINGS])
 def test_prediction_matches_measurement(setting):
+    if setting.lora_r:
+        require_module("peft")
     predicted, measured = predict(setting), measure(setting)
     for exact in ("parameters", "gradients", "optimizer"):
         assert predicted[exact] == measured[exact], exact
@@ -149,6 +160,10 @@ def test_cli_json_and_table(tmp_path):
     plan = plan_memory(path, "causal-lm", 4, 40)
     assert {k: printed[k] for k in plan.as_dict()} == plan.as_dict()
     assert printed["largest_batch_size"] == largest_batch(5 * 10**6, model=path, task="causal-lm", max_length=40)
+    split = CliRunner().invoke(app, [*args, "--json", "--tp", "2", "--world-size", "2", "--grad-accum-steps", "3"])
+    assert split.exit_code == 0, split.output
+    expected = plan_memory(path, "causal-lm", 4, 40, world_size=2, tp=2, grad_accum_steps=3).as_dict()
+    assert {k: json.loads(split.output)[k] for k in expected} == expected != plan.as_dict()
     table = CliRunner().invoke(app, [*args, "--checkpointing"])
     assert table.exit_code == 0, table.output
     assert "activations" in table.output and "total" in table.output
@@ -161,6 +176,11 @@ def test_cli_json_and_table(tmp_path):
         (["--cpu-offload"], "needs --strategy fsdp"),
         (["--lora-targets", "nope", "--lora-r", "4"], "--lora-targets"),
         (["--max-length", "4096"], "learned positions"),
+        (["--tp", "3", "--world-size", "3"], "does not divide"),
+        (["--tp", "2", "--world-size", "3"], "tensor-parallel groups"),
+        (["--tp", "2", "--world-size", "4"], "use strategy fsdp"),
+        (["--tp", "2", "--world-size", "2", "--lora-r", "4"], "LoRA"),
+        (["--grad-accum-steps", "0"], "grad_accum_steps"),
     ],
 )
 def test_cli_user_errors(tmp_path, extra, message):
@@ -171,31 +191,50 @@ def test_cli_user_errors(tmp_path, extra, message):
     assert message in result.output and "Traceback" not in result.output
 
 
+def _probe(tmp_path, config: dict, mode: str) -> dict[str, int]:
+    """Rank 0's bytes after one step on 2 gloo processes (tests/training/memory_probe.py)."""
+    from tests.training.test_distributed import _free_port, _start, _wait
+
+    path, out = _config_file(tmp_path, config), tmp_path / "measured.json"
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    with open(tmp_path / "probe.log", "w+b") as log:
+        code = _wait(_start([*torchrun, "-m", "tests.training.memory_probe", str(path), str(out), mode], log), 300)
+        log.seek(0)
+        assert code == 0, log.read().decode(errors="replace")[-3000:]
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
 @pytest.mark.distributed
 def test_fsdp_counts_equal_fully_shard_on_two_processes(tmp_path):
     """Rank 0's bytes of parameters, gradients and AdamW state under FSDP2's ``fully_shard`` (2 gloo processes)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    path = _config_file(tmp_path, _gpt2())  # vocabulary 99: an odd first dimension, padded on the last rank
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*command, "-m", "tests.training.fsdp_memory_probe", str(path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    plan = plan_memory(path, "causal-lm", 2, 16, strategy="fsdp", world_size=2)
+    measured = _probe(tmp_path, _gpt2(), "fsdp")  # vocabulary 99: an odd first dimension, padded on the last rank
+    plan = plan_memory(tmp_path / "config.json", "causal-lm", 2, 16, strategy="fsdp", world_size=2)
     assert {k: getattr(plan, k) for k in measured} == measured
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tp_counts_equal_the_trainers_split_on_two_processes(tmp_path, family):
+    """Rank 0's bytes under the Trainer's ``--tp 2`` split: GPT-2's column-parallel biases split, its row-parallel
+    ones whole; Llama's grouped key/value heads and SwiGLU gate; the (tied) embeddings whole."""
+    measured = _probe(tmp_path, _gpt2() if family == "gpt2" else _llama(), "tp")
+    plan = plan_memory(tmp_path / "config.json", "causal-lm", 2, 16, world_size=2, tp=2)
+    assert {k: getattr(plan, k) for k in measured} == measured
+    whole = plan_memory(tmp_path / "config.json", "causal-lm", 2, 16)
+    assert plan.parameters < whole.parameters  # the split is there to see
+
+
+def test_tp_splits_heads_and_mlp_width(tmp_path):
+    """Per process under tp 2: half of the projections' weights, the embeddings and norms whole (counted by hand
+    from the config), fewer activations (half the heads and feed-forward width, the residual stream whole)."""
+    config = _llama()  # hidden 48, 3 layers, 4 heads of 12 (2 key/value heads), SwiGLU 128, vocabulary 99, tied
+    path = _config_file(tmp_path, config)
+    C, F, L, V, kv = 48, 128, 3, 99, 24
+    projections = C * C + 2 * C * kv + C * C + 3 * C * F
+    norms = 2 * C * L + C
+    plan = plan_memory(path, "causal-lm", 4, 40, world_size=2, tp=2, device="cpu")
+    assert plan.parameters == 4 * (V * C + norms + L * projections // 2)
+    whole = plan_memory(path, "causal-lm", 4, 40, device="cpu")
+    assert whole.activations / 2 < plan.activations < whole.activations
+    sharded = plan_memory(path, "causal-lm", 4, 40, world_size=4, tp=2, strategy="fsdp", device="cpu")
+    assert sharded.parameters < plan.parameters  # FSDP shards the tensor-parallel parts over the 2 replicas
