@@ -64,8 +64,10 @@ the first adapters keep their input (the first norm's output) all the same.
 
 Tensor parallelism (``tp``; ``world_size`` counts every process): the Trainer's plan (training/sharding.py) splits
 each block's column-parallel projections (q, k, v, the MLP's up and gate) by output and its row-parallel ones
-(attention output, MLP down) by input, the row-parallel bias whole; embeddings, norms and heads stay whole on every
-process (:func:`_tp_split_dim_outside_blocks` says so in one place). Parameters, gradients and optimizer state are
+(attention output, MLP down) by input, the row-parallel bias whole, and the vocabulary's rows (token table, LM
+head, masked-LM bias; a tied table and head are one parameter, counted once); position tables, norms and task heads
+stay whole on every process (:func:`_tp_split_dim_outside_blocks` says so in one place). The logits are gathered
+whole on every process. Parameters, gradients and optimizer state are
 this process's parts, exact; with ``strategy="fsdp"`` those parts are sharded again over the ``world_size / tp``
 data-parallel replicas. Activations: the processes of a tensor-parallel group all run the same batch, each with
 1 / tp of the heads and of the MLP's width (q, k, v, attention's outputs, the MLP's activations, the merged heads),
@@ -242,7 +244,7 @@ def _trainable(shapes: _Shapes, task: str, freeze_layers: int, lora: bool) -> di
     }
 
 
-def _tp_split_dim(name: str) -> int | None:
+def _tp_split_dim(name: str, shape: torch.Size, vocab_size: int) -> int | None:
     """The dimension ``--tp`` splits parameter ``name`` along (None: whole on every process), by the Trainer's plan
     (training/sharding.py): a block's column-parallel projections by output (weight rows and bias), its row-parallel
     ones by input (weight columns; the bias is added once, after the all-reduce, so it stays whole)."""
@@ -250,7 +252,7 @@ def _tp_split_dim(name: str) -> int | None:
 
     match = re.search(r"(?:^|\.)layers\.\d+\.(.+)\.(weight|bias)$", name)
     if match is None:
-        return _tp_split_dim_outside_blocks(name)
+        return _tp_split_dim_outside_blocks(shape, vocab_size)
     module, kind = match.groups()
     if module in TP_PLAN_COLUMN:
         return 0
@@ -259,15 +261,17 @@ def _tp_split_dim(name: str) -> int | None:
     return None
 
 
-def _tp_split_dim_outside_blocks(name: str) -> int | None:
-    """The split of a parameter outside the blocks (embeddings, final norm, heads) under ``--tp``: none, they stay
-    whole on every process (the Trainer's plan has no vocab-parallel embedding or LM head)."""
-    return None
+def _tp_split_dim_outside_blocks(shape: torch.Size, vocab_size: int) -> int | None:
+    """The split of a parameter outside the blocks under ``--tp``: the vocabulary's rows (the token table, an untied
+    LM head, BERT's masked-LM bias) are split as the Trainer's ``split_vocabulary`` does; position and segment
+    tables, norms and task heads stay whole on every process."""
+    return 0 if shape[:1] == (vocab_size,) else None
 
 
-def _tp_local_shape(name: str, shape: torch.Size, tp: int) -> torch.Size:
-    """The shape of this process's part of parameter ``name`` under ``--tp`` (DTensor's even split, rank 0's)."""
-    dim = _tp_split_dim(name) if tp > 1 else None
+def _tp_local_shape(name: str, shape: torch.Size, tp: int, vocab_size: int) -> torch.Size:
+    """The shape of this process's part of parameter ``name`` under ``--tp`` (DTensor's split, rank 0's: the
+    first ``ceil(n / tp)`` rows or columns)."""
+    dim = _tp_split_dim(name, shape, vocab_size) if tp > 1 else None
     if dim is None:
         return shape
     return torch.Size([*shape[:dim], math.ceil(shape[dim] / tp), *shape[dim + 1 :]])
@@ -287,7 +291,7 @@ def _layer_numels(shapes: _Shapes, tp: int = 1) -> tuple[int, int]:
     per_layer: dict[int, int] = {}
     rest = 0
     for name, p in shapes.model.named_parameters():
-        numel = math.prod(_tp_local_shape(name, p.shape, tp))
+        numel = math.prod(_tp_local_shape(name, p.shape, tp, shapes.config.vocab_size))
         match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
         if match:
             per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + numel
@@ -556,7 +560,7 @@ def plan_memory(
     shard = replicas if strategy == "fsdp" else 1
     params = grads = states = 0
     for name, p in shapes.model.named_parameters():
-        numel = _shard_numel(_tp_local_shape(name, p.shape, tp), shard)
+        numel = _shard_numel(_tp_local_shape(name, p.shape, tp, shapes.config.vocab_size), shard)
         params += 4 * numel
         if trainable[name]:
             grads += 4 * numel
@@ -608,7 +612,7 @@ def _head_grads(shapes: _Shapes, trainable: dict[str, bool], shard: int, tp: int
     total = 0
     for name, p in shapes.model.named_parameters():
         if trainable[name] and (name.startswith("head.") or p.shape[:1] == (shapes.config.vocab_size,)):
-            total += 4 * _shard_numel(_tp_local_shape(name, p.shape, tp), shard)
+            total += 4 * _shard_numel(_tp_local_shape(name, p.shape, tp, shapes.config.vocab_size), shard)
     return total
 
 

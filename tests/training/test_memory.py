@@ -216,7 +216,7 @@ def test_fsdp_counts_equal_fully_shard_on_two_processes(tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_tp_counts_equal_the_trainers_split_on_two_processes(tmp_path, family):
     """Rank 0's bytes under the Trainer's ``--tp 2`` split: GPT-2's column-parallel biases split, its row-parallel
-    ones whole; Llama's grouped key/value heads and SwiGLU gate; the (tied) embeddings whole."""
+    ones whole; Llama's grouped key/value heads and SwiGLU gate; the (tied) token table split by rows, 50 of 99."""
     measured = _probe(tmp_path, _gpt2() if family == "gpt2" else _llama(), "tp")
     plan = plan_memory(tmp_path / "config.json", "causal-lm", 2, 16, world_size=2, tp=2)
     assert {k: getattr(plan, k) for k in measured} == measured
@@ -225,15 +225,15 @@ def test_tp_counts_equal_the_trainers_split_on_two_processes(tmp_path, family):
 
 
 def test_tp_splits_heads_and_mlp_width(tmp_path):
-    """Per process under tp 2: half of the projections' weights, the embeddings and norms whole (counted by hand
-    from the config), fewer activations (half the heads and feed-forward width, the residual stream whole)."""
+    """Per process under tp 2: half of the projections' weights, rank 0's 50 of the 99 rows of the tied token table,
+    the norms whole (counted by hand from the config), fewer activations (half the heads and feed-forward width, the residual stream whole)."""
     config = _llama()  # hidden 48, 3 layers, 4 heads of 12 (2 key/value heads), SwiGLU 128, vocabulary 99, tied
     path = _config_file(tmp_path, config)
     C, F, L, V, kv = 48, 128, 3, 99, 24
     projections = C * C + 2 * C * kv + C * C + 3 * C * F
     norms = 2 * C * L + C
     plan = plan_memory(path, "causal-lm", 4, 40, world_size=2, tp=2, device="cpu")
-    assert plan.parameters == 4 * (V * C + norms + L * projections // 2)
+    assert plan.parameters == 4 * ((V + 1) // 2 * C + norms + L * projections // 2)
     whole = plan_memory(path, "causal-lm", 4, 40, device="cpu")
     assert whole.activations / 2 < plan.activations < whole.activations
     sharded = plan_memory(path, "causal-lm", 4, 40, world_size=4, tp=2, strategy="fsdp", device="cpu")
