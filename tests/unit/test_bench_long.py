@@ -55,6 +55,9 @@ def test_all_three_implementations_run_both_modes_and_the_longformers_agree(tmp_
 
     text = long_attention.table(rows)
     assert text.count("| 64 |") == 2 and "**train**" in text and "**infer**" in text
+    assert "the two compute the same function" in long_attention.section(rows, "a machine", "cpu")
+    rows["long/infer/64"]["bunmyaku"]["checksum"] += 0.01  # a windowed model that computed something else
+    assert "Warning" in long_attention.section(rows, "a machine", "cpu")
 
 
 def test_the_dense_model_holds_the_longformers_weights(tmp_path, monkeypatch):
