@@ -209,18 +209,19 @@ def measure(
     checksum = None
     for _ in range(warmup):
         checksum = step()
-    times, peaks, exact = [], [], True
+    times, cpu_times, peaks, exact = [], [], [], True
     while len(times) < max(reps, 1) and (not budget or sum(times) < budget or len(times) < min_reps):
         with peak_memory(device) as peak:
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             value = step()
             sync()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         checksum = value if checksum is None else checksum
         peaks.append(peak["mib"])
         exact = exact and peak["exact"]
-    return {"times": times, "peak_mib": max(peaks), "peak_exact": exact, "checksum": checksum}
+    return {"times": times, "cpu_times": cpu_times, "peak_mib": max(peaks), "peak_exact": exact, "checksum": checksum}
 
 
 def worker(impl: str, model_dir: str, length: int, mode: str, settings: dict) -> dict:
@@ -306,6 +307,11 @@ def _mem(result: dict) -> str:
     return f"{result['peak_mib']:,.0f}" + ("" if result.get("peak_exact", True) else "?")
 
 
+def _cpu(result: dict) -> float | None:
+    """The median CPU time of the process over the timed steps (all its threads); None where not recorded."""
+    return statistics.median(result["cpu_times"]) if result.get("cpu_times") else None
+
+
 def _time(seconds: float) -> str:
     return f"{seconds * 1e3:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
 
@@ -323,23 +329,24 @@ def table(rows: dict[str, dict]) -> str:
             f"**{mode}**: {what}",
             "",
             "| tokens | transformers Longformer | bunmyaku windowed | dense SDPA | windowed vs transformers "
-            "| windowed vs dense | peak MiB transformers / windowed / dense | windowed MiB per 1k tokens "
-            "| reps | load avg | measured |",
-            "|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|",
+            "| same, CPU time | windowed vs dense | peak MiB transformers / windowed / dense "
+            "| windowed MiB per 1k tokens | reps | load avg | measured |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|",
         ]
         for name in names:
             row, length = rows[name], parse_row(name)[1]
             hf, ours, dense = (row.get(impl) for impl in IMPLS)
             cells = [_time(r["median_s"]) if r else "-" for r in (hf, ours, dense)]
             vs_hf = f"**{hf['median_s'] / ours['median_s']:.2f}x**" if hf and ours else "-"
+            vs_hf_cpu = f"{_cpu(hf) / _cpu(ours):.2f}x" if hf and ours and _cpu(hf) and _cpu(ours) else "-"
             vs_dense = f"{dense['median_s'] / ours['median_s']:.2f}x" if dense and ours else "-"
             mems = " / ".join(_mem(r) if r else "-" for r in (hf, ours, dense))
             per_k = f"{ours['peak_mib'] / (length / 1024):,.0f}" if ours else "-"
             reps = " / ".join(str(len(r["times"])) if r else "-" for r in (hf, ours, dense))
             load = " / ".join(f"{r['load_avg']:.1f}" if r else "-" for r in (hf, ours, dense))
             out.append(
-                f"| {length:,} | {' | '.join(cells)} | {vs_hf} | {vs_dense} | {mems} | {per_k} | {reps} | {load} "
-                f"| {row.get('when', '')} |"
+                f"| {length:,} | {' | '.join(cells)} | {vs_hf} | {vs_hf_cpu} | {vs_dense} | {mems} | {per_k} | {reps} "
+                f"| {load} | {row.get('when', '')} |"
             )
         out.append("")
     return "\n".join(out).rstrip("\n")
@@ -380,9 +387,10 @@ def section(rows: dict[str, dict], machine: str, device: str) -> str:
             if device == "cpu"
             else "`torch.cuda.max_memory_allocated`"
         )
-        + "; max over the timed steps). Speed-ups are time ratios (greater than 1: windowed is faster). "
-        + checksum_note(rows)
-        + " Load avg: the machine's 1-minute "
+        + "; max over the timed steps). Speed-ups are ratios of median wall times (greater than 1: windowed is "
+        "faster); on a shared machine a process's wall time stretches with the load, its CPU time much less, so "
+        'the ratio of the processes\' median CPU times per step is given too ("same, CPU time"; rows measured '
+        "before it was recorded show -). " + checksum_note(rows) + " Load avg: the machine's 1-minute "
         f"load average at the end of each worker{cores}; with the machine shared, the ratios are more reliable than "
         "the absolute times.\n\n" + table(rows)
     )

@@ -47,6 +47,7 @@ def test_all_three_implementations_run_both_modes_and_the_longformers_agree(tmp_
             result = row[impl]
             assert result["mode"] == long_attention.parse_row(name)[0] and result["length"] == length
             assert len(result["times"]) == 2 and all(t > 0 for t in result["times"]), (name, impl)
+            assert len(result["cpu_times"]) == 2 and all(t > 0 for t in result["cpu_times"]), (name, impl)
             assert result["peak_mib"] >= 0 and result["checksum"] != 0, (name, impl)
         assert row["bunmyaku"]["checksum"] == pytest.approx(row["transformers"]["checksum"], rel=1e-4, abs=1e-6)
     train, infer = rows["long/train/64"], rows["long/infer/64"]
@@ -55,6 +56,7 @@ def test_all_three_implementations_run_both_modes_and_the_longformers_agree(tmp_
 
     text = long_attention.table(rows)
     assert text.count("| 64 |") == 2 and "**train**" in text and "**infer**" in text
+    assert "| - |" not in text.split("| 64 |")[1].split("\n")[0]  # every cell filled, the CPU-time ratio too
     assert "the two compute the same function" in long_attention.section(rows, "a machine", "cpu")
     rows["long/infer/64"]["bunmyaku"]["checksum"] += 0.01  # a windowed model that computed something else
     assert "Warning" in long_attention.section(rows, "a machine", "cpu")
