@@ -9,6 +9,12 @@ repetitions and budget, and pool their times: a machine whose speed drifts over 
 ``--compile [MODE]`` (both libraries' models compiled with ``torch.compile``, mode ``default`` unless given, for the
 encoder scenarios only; rows named ``<configuration>+compile``, or ``+compile:MODE``), ``--no-write`` (print only).
 
+Long-input rows ``long/<mode>/<length>`` (``bench/long_attention.py``: transformers Longformer, bunmyaku's windowed
+Longformer and dense SDPA, time and peak memory) run only when a non-empty ``--only`` pattern names them (``--only
+long/``, ``--only long/train/4096``): their steps take minutes on a CPU. They take ``--reps`` (default 3 for them),
+``--warmup`` (default 1), ``--budget``, ``--min-reps``, ``--threads``, ``--device`` and ``--dtype``; their results
+are kept in ``bench/results/long-<device>.json`` and their BENCHMARKS.md section is rebuilt from it.
+
 Results are kept per configuration in ``bench/results/speed-<device>.json``: a run with ``--only`` replaces
 its own rows and keeps the others, and the BENCHMARKS.md section is rebuilt from all of them, each row with
 the date, repetitions and load average it was measured under.
@@ -26,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import long_attention
 from bench.machine import describe
 from bench.scenarios import COMPILABLE, CONFIGS, SAME_SHAPE, Config, model_dir
 from bunmyaku.hub.files import write_json_atomic
@@ -184,8 +191,8 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="run configurations whose name contains this (comma-separated: any of these)"
     )
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=None, help="default 20 (long/ rows: 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 2 (long/ rows: 1)")
     parser.add_argument("--budget", type=float, default=0.0, help="seconds of timed steps per run; 0: no limit")
     parser.add_argument("--min-reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: torch's default")
@@ -202,6 +209,13 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     patterns = args.only.split(",")
+    long_rows = long_rows_named(patterns, args.device)
+    if long_rows:
+        run_long(long_rows, args)
+        if not any(any(p in c.name for c in CONFIGS) for p in patterns if p):
+            return  # only long rows asked for: the speed section stays as it is
+    args.reps = 20 if args.reps is None else args.reps
+    args.warmup = 2 if args.warmup is None else args.warmup
     configs = [c for c in CONFIGS if any(p in c.name for p in patterns)]
     if args.compile:
         configs = [dataclasses.replace(c, compile=args.compile) for c in configs if c.scenario in COMPILABLE]
@@ -258,6 +272,43 @@ def main() -> None:
     print(markdown)
     if not args.no_write:
         print(f"wrote {write_section(markdown, args.device)}")
+
+
+def long_rows_named(patterns: list[str], device: str) -> list[str]:
+    """The long-input rows a non-empty pattern of ``--only`` names (an empty one, run everything, leaves them out)."""
+    return [name for name in long_attention.row_names(device) if any(p and p in name for p in patterns)]
+
+
+def run_long(names: list[str], args: argparse.Namespace) -> None:
+    """Measure the long-input rows ``names``, store them with the rows kept from earlier runs, rebuild the section."""
+    settings = {
+        "reps": 3 if args.reps is None else args.reps,
+        "warmup": 1 if args.warmup is None else args.warmup,
+        "budget": args.budget,
+        "min_reps": args.min_reps,
+        "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    store = RESULTS / f"long-{args.device}.json"
+    saved = json.loads(store.read_text()) if store.exists() and not args.no_write else {}
+    rows = saved.get("rows", {})
+    machine = describe(args.device)
+
+    def keep(name: str, row: dict) -> None:
+        rows[name] = row
+        times = "  ".join(f"{impl} {row[impl]['median_s']:8.2f} s {row[impl]['peak_mib']:7.0f} MiB"
+                          for impl in long_attention.IMPLS)  # fmt: skip
+        print(f"{name:20s} {times}  load {os.getloadavg()[0]:.1f}", flush=True)
+        if not args.no_write:  # after every row: a run cut short keeps what it measured
+            RESULTS.mkdir(exist_ok=True)
+            write_json_atomic(store, {"machine": machine, "rows": rows})
+
+    long_attention.run_rows(names, settings, on_row=keep)
+    markdown = long_attention.section(rows, machine, args.device)
+    print(markdown)
+    if not args.no_write:
+        print(f"wrote {write_section(markdown, 'long-' + args.device)}")
 
 
 if __name__ == "__main__":
