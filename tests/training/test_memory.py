@@ -226,7 +226,8 @@ def test_tp_counts_equal_the_trainers_split_on_two_processes(tmp_path, family):
 
 def test_tp_splits_heads_and_mlp_width(tmp_path):
     """Per process under tp 2: half of the projections' weights, rank 0's 50 of the 99 rows of the tied token table,
-    the norms whole (counted by hand from the config), fewer activations (half the heads and feed-forward width, the residual stream whole)."""
+    the norms whole (counted by hand from the config), fewer activations (half the heads and feed-forward width, the
+    residual stream whole)."""
     config = _llama()  # hidden 48, 3 layers, 4 heads of 12 (2 key/value heads), SwiGLU 128, vocabulary 99, tied
     path = _config_file(tmp_path, config)
     C, F, L, V, kv = 48, 128, 3, 99, 24
