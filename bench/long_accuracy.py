@@ -4,7 +4,7 @@ truncate, head-tail, sliding windows pooled by mean / max / learned attention, a
 Longformer that reads (nearly) the whole article.
 
 Usage: ``python -m bench.long_accuracy WORK_DIR [--train-per-class N] [--dev-per-class D] [--test-per-class M]
-[--max-length L] [--long-length LL] [--mlm-steps S] [--epochs E]``.
+[--max-length L] [--long-length LL] [--mlm-steps S] [--epochs E] [--lr LR]``.
 
 The split is seeded and stratified (:func:`stratified_split`): within each category the articles are shuffled by
 ``numpy.random.default_rng(seed)`` and the first N go to train, the next D to dev (picks the best epoch), the next
@@ -43,7 +43,7 @@ MODEL = ROOT / "models" / "bunmyaku-bert-ja-small"
 logger = logging.getLogger("long-accuracy")
 
 # One budget for every row.
-BUDGET = dict(task="text-classification", epochs=2, batch_size=8, lr=2e-4, seed=0)
+BUDGET = dict(task="text-classification", epochs=2, batch_size=4, lr=2e-4, seed=0)
 
 
 def rows_for(max_length: int) -> list[tuple[str, dict[str, Any], str]]:
@@ -282,10 +282,11 @@ def main() -> None:
     parser.add_argument("--long-length", type=int, default=2048, help="the longified model's length (0: no row)")
     parser.add_argument("--mlm-steps", type=int, default=0, help="MLM steps on the train texts after longify")
     parser.add_argument("--epochs", type=float, default=BUDGET["epochs"], help="every row's epochs")
+    parser.add_argument("--lr", type=float, default=BUDGET["lr"], help="every row's peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    BUDGET["epochs"] = args.epochs
+    BUDGET.update(epochs=args.epochs, lr=args.lr)
     report = run_table(args)
     print(table(report["rows"], report["labels"]), flush=True)
 
