@@ -4,7 +4,7 @@ truncate, head-tail, sliding windows pooled by mean / max / learned attention, a
 Longformer that reads (nearly) the whole article.
 
 Usage: ``python -m bench.long_accuracy WORK_DIR [--train-per-class N] [--dev-per-class D] [--test-per-class M]
-[--max-length L] [--long-length LL] [--mlm-steps S] [--epochs E] [--lr LR]``.
+[--max-length L] [--long-length LL] [--mlm-steps S] [--epochs E] [--lr LR] [--only ROWS]``.
 
 The split is seeded and stratified (:func:`stratified_split`): within each category the articles are shuffled by
 ``numpy.random.default_rng(seed)`` and the first N go to train, the next D to dev (picks the best epoch), the next
@@ -245,13 +245,17 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
         "test_lengths": length_summary(token_lengths([r["text"] for r in splits["test"]]), limits),
         "rows": {},
     }
+    only = set(args.only.split(",")) if args.only else None
+    save = _write if only is None else lambda report, labels: None  # a plain rerun gathers the rows
     labels = {}
     for name, options, label in rows_for(args.max_length):
+        if only is not None and name not in only:
+            continue
         logger.info("row %s", label)
         labels[name] = label
         report["rows"][name] = finetune_row(name, options, splits, args.work, MODEL)
-        _write(report, labels)
-    if args.long_length:
+        save(report, labels)
+    if args.long_length and (only is None or "longified" in only):
         path, info = long_model(args.work, splits, args.long_length, args.max_length, args.mlm_steps)
         report["long_model"] = info
         label = f"longified to {args.long_length}, window {args.max_length}, " + (
@@ -261,7 +265,7 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
         labels["longified"] = label
         options = dict(long_strategy="truncate", max_length=args.long_length)
         report["rows"]["longified"] = finetune_row("longified", options, splits, args.work, path)
-        _write(report, labels)
+        save(report, labels)
     return report
 
 
@@ -284,6 +288,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=BUDGET["epochs"], help="every row's epochs")
     parser.add_argument("--lr", type=float, default=BUDGET["lr"], help="every row's peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated rows to run (truncate, head-tail, windows-mean, windows-max, windows-attention, "
+        "longified), e.g. in a second process; such a run writes no results: a plain rerun gathers the finished rows",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     BUDGET.update(epochs=args.epochs, lr=args.lr)

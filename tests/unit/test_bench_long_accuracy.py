@@ -53,7 +53,7 @@ def test_table_runs_every_row_on_one_budget_and_writes_results(tmp_path, monkeyp
                 "seconds": 10.0 * len(calls), "cpu_seconds": 5.0 * len(calls), "options": options}  # fmt: skip
 
     args = Namespace(work=tmp_path / "work", train_per_class=2, dev_per_class=1, test_per_class=3, seed=0,
-                     max_length=256, long_length=2048, mlm_steps=0)  # fmt: skip
+                     max_length=256, long_length=2048, mlm_steps=0, only="")  # fmt: skip
     report = long_accuracy.run_table(args, finetune_row=fake_row)
 
     names = [c[0] for c in calls]
@@ -78,6 +78,13 @@ def test_table_runs_every_row_on_one_budget_and_writes_results(tmp_path, monkeyp
     assert md.startswith("Machine: test machine")
     assert "| windows of 256, stride 64, attention pooling | 0.5000 | 0.2500 | n/a (2.0) | 50 s | 25 s | 5.00x |" in md
     assert "longified to 2048, window 256, no further pretraining" in md
+
+    # --only: just those rows, and the results files are left to a plain rerun
+    calls.clear()
+    (tmp_path / "results" / "long-accuracy.md").unlink()
+    report = long_accuracy.run_table(Namespace(**{**vars(args), "only": "head-tail,longified"}), finetune_row=fake_row)
+    assert [c[0] for c in calls] == ["head-tail", "longified"] and list(report["rows"]) == ["head-tail", "longified"]
+    assert not (tmp_path / "results" / "long-accuracy.md").exists()
 
 
 def test_a_finished_row_is_reused_without_training(tmp_path, monkeypatch):
