@@ -170,7 +170,7 @@ def long_model(work: Path, splits: dict[str, list], long_length: int, window: in
         info = json.loads(done.read_text(encoding="utf-8"))
         return Path(info["path"]), info
     start = time.perf_counter()
-    path = longify(MODEL, work / "longified", max_length=long_length, attention_window=window, overwrite=True)
+    path = longify(MODEL, work / "long-model", max_length=long_length, attention_window=window, overwrite=True)
     info: dict[str, Any] = {"longify_seconds": time.perf_counter() - start, "mlm_steps": mlm_steps}
     if mlm_steps > 0:
         texts = work / "mlm-train.jsonl"
@@ -180,7 +180,7 @@ def long_model(work: Path, splits: dict[str, list], long_length: int, window: in
             objective="mlm",
             init_from=str(path),
             data=[str(texts)],
-            output_dir=str(work / "longified-mlm"),
+            output_dir=str(work / "long-model-mlm"),
             block_size=long_length,
             max_steps=mlm_steps,
             batch_size=BUDGET["batch_size"] // 2,
