@@ -414,25 +414,22 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{4 * setup['hidden']}; {setup['steps']} steps x {setup['batch']} sequences x {setup['block']} tokens, "
         f"AdamW lr {setup['lr']}, linear decay; tokenizer: {setup['tokenizer']}.",
         "",
-        "| model | objective | parameters (compared encoder) | tokens seen | pretraining wall | held-out MLM acc. |",
+        "| model | objective | encoder parameters | tokens seen | pretraining wall (CPU) | held-out MLM accuracy |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for m in models:
         p = pre[m]
-        acc = summary["mlm"].get(m if m != "deberta" else "deberta-generator", {}).get("mlm_accuracy")
-        note = " (its generator)" if m == "deberta" and acc is not None else ""
-        lines.append(
-            f"| {m} | {p['objective']} | {p['parameters']:,} | {p['tokens_seen']:,} | {p['wall_s']:.0f} s | "
-            f"{acc:.3f}{note} |"
-            if acc is not None
-            else f"| {m} | {p['objective']} | {p['parameters']:,} | {p['tokens_seen']:,} | {p['wall_s']:.0f} s | n/a |"
-        )
+        mlm = summary["mlm"].get("deberta-generator" if m == "deberta" else m)
+        acc = "n/a" if mlm is None else f"{mlm['mlm_accuracy']:.3f}" + (" (generator)" if m == "deberta" else "")
+        cpu = f" ({p['cpu_s']:.0f} s)" if "cpu_s" in p else ""
+        wall = f"{p['wall_s']:.0f} s{cpu}"
+        lines.append(f"| {m} | {p['objective']} | {p['parameters']:,} | {p['tokens_seen']:,} | {wall} | {acc} |")
     shipped = summary["mlm"].get("shipped")
     if shipped:
         lines += [
             "",
-            f"The shipped `models/bunmyaku-bert-ja-small` (41M tokens seen) on the same held-out blocks and "
-            f"masks: MLM accuracy {shipped['mlm_accuracy']:.3f}.",
+            f"The shipped `models/bunmyaku-bert-ja-small` (4 x 256, 41M tokens seen) on the same held-out blocks and "
+            f"masks ({shipped['masked_tokens']:,} masked tokens): MLM accuracy {shipped['mlm_accuracy']:.3f}.",
         ]
     lines += [
         "",
@@ -448,6 +445,15 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {task} | {METRICS[task]} | {sizes} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: the task's metric on the evaluation subset (best epoch), and the fine-tuning wall time."]
     return "\n".join(lines) + "\n"
+
+
+def cached_mlm_accuracy(model_dir: Path, tokens_dir: Path, opts: argparse.Namespace, cache: Path) -> dict:
+    """:func:`mlm_accuracy`, reused from ``cache`` on a rerun."""
+    if cache.is_file():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    result = mlm_accuracy(model_dir, tokens_dir, opts.block, 8, opts.mlm_eval_blocks, opts.seed)
+    write_json_atomic(cache, result, sort_keys=False)
+    return result
 
 
 def _rows(path: Path) -> int:
@@ -564,9 +570,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, sub in eval_dirs.items():
         folder = work / "pretrain" / sub
         if key.split("-")[0] in opts.model_list and (folder / "config.json").is_file():
-            summary["mlm"][key] = mlm_accuracy(folder, tokens_dir, opts.block, 8, opts.mlm_eval_blocks, opts.seed)
-    if (opts.tokenizer / "config.json").is_file() and opts.tokenizer.resolve() == SHIPPED.resolve():
-        summary["mlm"]["shipped"] = mlm_accuracy(SHIPPED, tokens_dir, opts.block, 8, opts.mlm_eval_blocks, opts.seed)
+            summary["mlm"][key] = cached_mlm_accuracy(folder, tokens_dir, opts, work / "mlm" / f"{key}.json")
+    if opts.tokenizer.resolve() == SHIPPED.resolve():
+        summary["mlm"]["shipped"] = cached_mlm_accuracy(SHIPPED, tokens_dir, opts, work / "mlm" / "shipped.json")
     save()
     for task in opts.task_list:  # task by task, so that a partial table still compares the models
         for name in opts.model_list:
