@@ -44,6 +44,7 @@ import torch
 
 from bench.machine import describe
 from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from bunmyaku.training.outputs import OutputDirBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -574,12 +575,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if opts.tokenizer.resolve() == SHIPPED.resolve():
         summary["mlm"]["shipped"] = cached_mlm_accuracy(SHIPPED, tokens_dir, opts, work / "mlm" / "shipped.json")
     save()
-    for task in opts.task_list:  # task by task, so that a partial table still compares the models
-        for name in opts.model_list:
+    # task by task, so that a partial table still compares the models; a run another process of this script holds
+    # (two can share the fine-tuning, e.g. one with --tasks in reverse order) is taken up again once it is done
+    pending = [(task, name) for task in opts.task_list for name in opts.model_list]
+    while pending:
+        busy = []
+        for task, name in pending:
             logger.info("fine-tuning %s on %s", name, task)
-            run = finetune_model(task, work / "pretrain" / name, text_dir, work / "finetune" / name / task, opts)
+            try:
+                run = finetune_model(task, work / "pretrain" / name, text_dir, work / "finetune" / name / task, opts)
+            except OutputDirBusy:
+                busy.append((task, name))
+                continue
             summary["finetune"].setdefault(name, {})[task] = run
             save()
+        if busy == pending:
+            time.sleep(30)
+        pending = busy
     logger.info("\n%s", markdown(summary))
     return summary
 
