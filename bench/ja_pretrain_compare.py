@@ -384,10 +384,11 @@ def finetune_model(task: str, model_dir: Path, text_dir: Path, out: Path, opts: 
         "metric": METRICS[task],
         "value": metrics.get(METRICS[task]),
         "wall_s": wall,
+        "cpu_s": cpu,
         "metrics": metrics,
     }
     write_json_atomic(done, summary, sort_keys=False)
-    for heavy in out.glob("*.safetensors"):  # the table needs the metrics, not the fine-tuned weights
+    for heavy in out.rglob("*.safetensors"):  # the table needs the metrics, not the fine-tuned weights
         heavy.unlink()
     return summary
 
@@ -413,7 +414,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"Encoder: {setup['layers']} layers x {setup['hidden']} wide, {setup['heads']} heads, feed-forward "
         f"{4 * setup['hidden']}; {setup['steps']} steps x {setup['batch']} sequences x {setup['block']} tokens, "
-        f"AdamW lr {setup['lr']}, linear decay; tokenizer: {setup['tokenizer']}.",
+        f"AdamW lr {setup['lr']}, linear decay; tokenizer: {_shown(setup['tokenizer'])}.",
         "",
         "| model | objective | encoder parameters | tokens seen | pretraining wall (CPU) | held-out MLM accuracy |",
         "|---|---|---:|---:|---:|---:|",
@@ -446,6 +447,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {task} | {METRICS[task]} | {sizes} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: the task's metric on the evaluation subset (best epoch), and the fine-tuning wall time."]
     return "\n".join(lines) + "\n"
+
+
+def _shown(path: str) -> str:
+    """A path relative to the repository when it is inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
 
 
 def cached_mlm_accuracy(model_dir: Path, tokens_dir: Path, opts: argparse.Namespace, cache: Path) -> dict:

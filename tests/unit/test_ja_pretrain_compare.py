@@ -136,11 +136,12 @@ def test_one_budget_every_model_every_task(run):
     for m in compare.MODELS:
         for task in compare.TASKS:
             cell = summary["finetune"][m][task]
-            assert math.isfinite(cell["value"]) and cell["wall_s"] > 0, (m, task)
+            assert math.isfinite(cell["value"]) and cell["wall_s"] > 0 and cell["cpu_s"] > 0, (m, task)
     saved = json.loads((root / "results" / "cmp.json").read_text())
     assert saved["finetune"]["deberta"]["jsquad"]["metric"] == "f1"
     table = (root / "results" / "cmp.md").read_text()
     assert "| jsquad | f1 |" in table and "| deberta | rtd |" in table
+    assert "tokenizer: models/bunmyaku-bert-ja-small." in table
 
 
 def test_rerun_reuses_finished_stages(run, monkeypatch):
