@@ -141,6 +141,7 @@ def _pretrain(pargs: PretrainArgs, targs: TrainArgs, output_dir: Path) -> dict[s
     tokenizer = _load_tokenizer(pargs)
     torch.manual_seed(targs.seed)  # a new model's initial weights follow --seed
     model = _load_model(pargs, tokenizer)
+    _match_model_inputs(tokenizer, model)
     corpus = _corpus(pargs, tokenizer, output_dir, targs.seed)
     train_data, eval_data, collator = _examples(pargs, tokenizer, corpus, targs.seed)
     if dist_utils.is_main():
@@ -169,6 +170,15 @@ def _pretrain(pargs: PretrainArgs, targs: TrainArgs, output_dir: Path) -> dict[s
         summary["exported"] = "best" if targs.export_best and trainer.best["step"] is not None else "last"
         write_json_atomic(output_dir / "metrics.json", summary, sort_keys=False)
     return metrics
+
+
+def _match_model_inputs(tokenizer, model: nn.Module) -> None:
+    """A model without segment embeddings (RoBERTa's one type, DeBERTa-v3's none) is saved with a tokenizer that
+    emits no ``token_type_ids``: a BERT tokenizer's second-segment ids would index past a one-row table when the
+    model is fine-tuned on sentence pairs."""
+    types = getattr(model.config, "type_vocab_size", None)
+    if types is not None and types < 2 and "token_type_ids" in tokenizer.model_input_names:
+        tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
 
 
 def _export_rtd(trainer: Trainer, output_dir: Path, dtype: str | None) -> None:
