@@ -227,14 +227,7 @@ class BertModel(BertPreTrainedModel):
         ref = input_ids if input_ids is not None else inputs_embeds
         if position_ids is None:
             position_ids = self.embed.default_positions(input_ids, ref.shape[:2], ref.device)  # (B or 1, T)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros(1, ref.size(1), dtype=torch.long, device=ref.device)
-        return (
-            None if input_ids is None else packing.unpad(input_ids),
-            packing.unpad(token_type_ids),
-            packing.unpad(position_ids),
-            None if inputs_embeds is None else packing.unpad(inputs_embeds),
-        )
+        return packing.unpad_inputs(input_ids, token_type_ids, position_ids, inputs_embeds)
 
     def forward(
         self,

@@ -638,14 +638,7 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         ref = input_ids if input_ids is not None else inputs_embeds
         if position_ids is None:
             position_ids = torch.arange(ref.size(1), device=ref.device)[None]  # (1, T)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros(1, ref.size(1), dtype=torch.long, device=ref.device)
-        return (
-            None if input_ids is None else packing.unpad(input_ids),
-            packing.unpad(token_type_ids),
-            packing.unpad(position_ids),
-            None if inputs_embeds is None else packing.unpad(inputs_embeds),
-        )
+        return packing.unpad_inputs(input_ids, token_type_ids, position_ids, inputs_embeds)
 
 
 # ----------------------------------------------------------------------------------------------

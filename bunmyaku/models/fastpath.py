@@ -240,6 +240,19 @@ class Packing:
             packing.groups = _row_groups(lengths.tolist(), cu_seqlens.tolist())
         return packing
 
+    def unpad_inputs(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        """An encoder's inputs as real tokens: ids, segments, positions (N,) and embeddings (N, C); segments default
+        to 0. ``position_ids`` must already be filled on the padded (B or 1, T) layout (each model knows its own)."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(1, ref.size(1), dtype=torch.long, device=ref.device)
+        return (
+            None if input_ids is None else self.unpad(input_ids),
+            self.unpad(token_type_ids),
+            self.unpad(position_ids),
+            None if inputs_embeds is None else self.unpad(inputs_embeds),
+        )
+
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B or 1, T, ...) -> (N, ...), the real positions only."""
         x = x.expand(self.batch, self.length, *x.shape[2:])

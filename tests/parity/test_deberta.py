@@ -278,7 +278,11 @@ def test_training_gradients_match(tmp_path, name):
     model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
     inputs, _ = _inputs("sequence-classification", seed=5)
     labels = torch.tensor([1, 0, 2])
-    hf_model.train()
+    assert_training_gradients_match(model, hf_model.train(), inputs, labels)
+
+
+def assert_training_gradients_match(model, hf_model, inputs, labels) -> None:
+    """Every parameter's gradient of the training loss equals transformers', with and without checkpointing."""
     hf_model(**inputs, labels=labels).loss.backward()
     hf_grads = {n: p.grad for n, p in hf_model.named_parameters()}
     for checkpointing in (False, True):

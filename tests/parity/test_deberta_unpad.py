@@ -13,7 +13,7 @@ import bunmyaku
 from bunmyaku.models import deberta, fastpath
 from tests.conftest import require_module
 from tests.parity.helpers import assert_close, save
-from tests.parity.test_deberta import VOCAB, _hf_model
+from tests.parity.test_deberta import VOCAB, _hf_model, assert_training_gradients_match
 
 transformers = require_module("transformers")
 
@@ -104,16 +104,7 @@ def test_unpadded_gradients_match_transformers(tmp_path, route, name):
     for task, extra, labels in cases:
         hf_model = _hf_model(name, task, seed=8, **no_dropout, **extra).train()
         model = bunmyaku.from_pretrained(save(hf_model, tmp_path / task))
-        hf_model(**inputs, labels=labels).loss.backward()
-        hf_grads = {n: p.grad for n, p in hf_model.named_parameters()}
-        for checkpointing in (False, True):
-            model.zero_grad()
-            model.gradient_checkpointing_enable(checkpointing)
-            model.train()
-            model(**inputs, labels=labels).loss.backward()
-            for our_name, param in model.named_parameters():
-                assert param.grad is not None, our_name
-                assert_close(param.grad, hf_grads[model._ours_to_hf(our_name)], atol=2e-5)
+        assert_training_gradients_match(model, hf_model, inputs, labels)
 
 
 def test_left_padding_runs_padded(tmp_path):
