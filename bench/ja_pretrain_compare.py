@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from bench import at_least
 from bench.machine import describe
 from bunmyaku.hub.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from bunmyaku.training.outputs import OutputDirBusy
@@ -488,26 +489,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seed", type=int, default=0)
     # corpus
-    parser.add_argument("--aozora-every", type=int, default=60, help="keep every Nth work of aozora-150m")
+    parser.add_argument("--aozora-every", type=at_least(1), default=60, help="keep every Nth work of aozora-150m")
     parser.add_argument("--aozora-chars", type=int, default=3_000_000, help="stop after this many characters")
     parser.add_argument("--livedoor-chars", type=int, default=2_000_000, help="livedoor training articles, chars")
     parser.add_argument("--valid-fraction", type=float, default=0.02)
     # pretraining budget
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--mlm-eval-blocks", type=int, default=200)
+    parser.add_argument("--hidden", type=at_least(1), default=128)
+    parser.add_argument("--layers", type=at_least(1), default=4)
+    parser.add_argument("--heads", type=at_least(1), default=2)
+    parser.add_argument("--block", type=at_least(1), default=128)
+    parser.add_argument("--batch", type=at_least(1), default=16)
+    parser.add_argument("--steps", type=at_least(1), default=250)
+    parser.add_argument("--lr", type=at_least(1e-12, float), default=1e-3)
+    parser.add_argument("--eval-batches", type=at_least(1), default=4)
+    parser.add_argument("--mlm-eval-blocks", type=at_least(1), default=200)
     # fine-tuning subsets
-    parser.add_argument("--ft-train", type=int, default=400, help="training rows per task (JSQuAD: questions)")
-    parser.add_argument("--ft-eval", type=int, default=300, help="evaluation rows per task")
+    parser.add_argument("--ft-train", type=at_least(1), default=400, help="training rows per task (JSQuAD: questions)")
+    parser.add_argument("--ft-eval", type=at_least(1), default=300, help="evaluation rows per task")
     parser.add_argument("--ft-epochs", type=float, default=0.0, help="replaces the recipes' epochs when > 0")
-    parser.add_argument("--heldout", type=int, default=500, help="JNLI / NER rows drawn for evaluation, kept out")
-    parser.add_argument("--squad-eval-articles", type=int, default=12, help="JSQuAD articles held out")
+    parser.add_argument("--heldout", type=at_least(1), default=500, help="JNLI / NER eval rows, kept out")
+    parser.add_argument("--squad-eval-articles", type=at_least(1), default=12, help="JSQuAD articles held out")
     opts = parser.parse_args(argv)
     if opts.ft_eval > opts.heldout:
         parser.error(f"--ft-eval {opts.ft_eval} exceeds --heldout {opts.heldout}, the rows evaluation draws from")

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import at_least
 from bench.machine import describe
 from bench.memory_plan import Setting, llama_config, predict, tracker
 from bunmyaku.hub.files import write_json_atomic, write_text_atomic
@@ -361,11 +362,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one rung's process (see worker)
     parser.add_argument("--model", type=Path, help="a config.json (llama, gpt2, ...); default: the Llama above")
-    parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per optimizer step)")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (then one tracked step)")
-    parser.add_argument("--threads", type=int, default=1, help="threads per process")
+    parser.add_argument("--batch", type=at_least(1), default=8, help="global batch (sequences per optimizer step)")
+    parser.add_argument("--max-length", type=at_least(1), default=256, help="tokens per sequence")
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=at_least(1), default=3, help="timed steps (then one tracked step)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="threads per process")
     parser.add_argument("--only", default="", help="comma-separated rung names (default: every rung)")
     parser.add_argument("--output", type=Path, default=RESULTS / "ladder", help="writes OUTPUT.json and OUTPUT.md")
     cli = parser.parse_args()

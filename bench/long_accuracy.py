@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import at_least
 from bench.accuracy_table import DATA, RESULTS, ROOT
 from bench.machine import describe
 from bunmyaku.data.tables import iter_jsonl
@@ -279,14 +280,14 @@ def _write(report: dict[str, Any], labels: dict[str, str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
-    parser.add_argument("--train-per-class", type=int, default=30)
-    parser.add_argument("--dev-per-class", type=int, default=5)
-    parser.add_argument("--test-per-class", type=int, default=30)
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per input (per window)")
-    parser.add_argument("--long-length", type=int, default=2048, help="the longified model's length (0: no row)")
-    parser.add_argument("--mlm-steps", type=int, default=0, help="MLM steps on the train texts after longify")
-    parser.add_argument("--epochs", type=float, default=BUDGET["epochs"], help="every row's epochs")
-    parser.add_argument("--lr", type=float, default=BUDGET["lr"], help="every row's peak learning rate")
+    parser.add_argument("--train-per-class", type=at_least(1), default=30)
+    parser.add_argument("--dev-per-class", type=at_least(1), default=5)
+    parser.add_argument("--test-per-class", type=at_least(1), default=30)
+    parser.add_argument("--max-length", type=at_least(8), default=256, help="tokens per input (per window)")
+    parser.add_argument("--long-length", type=at_least(0), default=2048, help="longified length (0: no row)")
+    parser.add_argument("--mlm-steps", type=at_least(0), default=0, help="MLM steps on the train texts after longify")
+    parser.add_argument("--epochs", type=at_least(0.01, float), default=BUDGET["epochs"], help="every row's epochs")
+    parser.add_argument("--lr", type=at_least(1e-12, float), default=BUDGET["lr"], help="every row's peak lr")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--only",

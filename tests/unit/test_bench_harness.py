@@ -136,3 +136,23 @@ def test_same_shape_table_pairs_deberta_with_bert_of_the_same_scenario():
     assert "encoder-train/deberta-v3-base/fixed | encoder-train/bert-base/fixed" in lines[2]
     assert "**1.50x**" in lines[2]
     assert harness.same_shape_table({"encoder-train/bert-base/fixed": row(2.0, 1.0)}) == ""
+
+
+def test_bench_number_options_refuse_out_of_range_values_in_one_line(capsys):
+    import argparse
+
+    from bench import at_least
+
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--steps", type=at_least(1))
+    parser.add_argument("--lr", type=at_least(1e-12, float))
+    assert parser.parse_args(["--steps", "3", "--lr", "0.5"]).steps == 3
+    for argv, message in [
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--steps", "2.5"], "argument --steps: expected an integer, got '2.5'"),
+        (["--lr", "nan"], "argument --lr: must be at least 1e-12, got nan"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
