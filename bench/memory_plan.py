@@ -54,6 +54,7 @@ class Setting:
     world_size: int = 1
     grad_accum: int = 1
     tp: int = 1
+    lora_quantize: str | None = None
 
 
 def _batch(setting: Setting, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -118,9 +119,12 @@ def measure(setting: Setting) -> dict[str, int]:
         model.gradient_checkpointing_enable()
     if setting.lora_r:  # as `bunmyaku finetune --lora-r` does (tasks/finetune.py): adapters, base frozen
         from bunmyaku.models.lora import add_lora
+        from bunmyaku.models.quantize import quantize_base
         from bunmyaku.tasks.finetune import FinetuneArgs
 
         targets = setting.lora_targets or DEFAULT_LORA_TARGETS[setting.config["model_type"]]
+        if setting.lora_quantize:
+            quantize_base(model, setting.lora_quantize)
         add_lora(model, setting.lora_r, FinetuneArgs.lora_alpha, targets.split(","))
     freeze = Freeze(False, setting.freeze_layers)
     for name, param in model.named_parameters():
@@ -156,12 +160,24 @@ def measure(setting: Setting) -> dict[str, int]:
     states = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
     activations = sum(at_peak[kind] for kind in (_MemRefType.ACT, _MemRefType.TEMP, _MemRefType.OTH) if kind in at_peak)
     return {
-        "parameters": sum(p.nbytes for p in model.parameters()),
+        "parameters": parameter_bytes(model),
         "gradients": grads,
         "optimizer": states,
         "activations": activations,
         "total": max(at_peak["Total"], step_tracker.get_tracker_snapshot("peak")[cpu]["Total"]),
     }
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters; a quantized weight's with its quantization statistics, which bitsandbytes
+    keeps beside the parameter (counted from its tensors by models/quantize.py's ``weight_bytes``)."""
+    from bunmyaku.models.quantize import is_quantized, weight_bytes
+
+    total = sum(p.nbytes for p in model.parameters())
+    if is_quantized(model):
+        quantized = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+        total += sum(weight_bytes(m) - m.weight.nbytes for m in quantized)
+    return total
 
 
 def predict(setting: Setting) -> dict[str, int]:
@@ -183,6 +199,7 @@ def predict(setting: Setting) -> dict[str, int]:
             world_size=setting.world_size,
             grad_accum_steps=setting.grad_accum,
             tp=setting.tp,
+            lora_quantize=setting.lora_quantize,
             device="cpu",
         )
     return plan.as_dict()

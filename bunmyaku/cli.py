@@ -765,6 +765,9 @@ def memory_command(
     lora_targets: str | None = typer.Option(
         None, help="transformers module names to adapt (default: query,value / q_proj,v_proj / c_attn)."
     ),
+    lora_quantize: str | None = typer.Option(
+        None, help="QLoRA: the base's linear weights in nf4 or int8 (bitsandbytes); needs --lora-r."
+    ),
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="FSDP keeps sharded state on the host."),
     num_labels: int | None = typer.Option(None, help="Classes of a classification head."),
     device_memory: str | None = typer.Option(
@@ -797,6 +800,7 @@ def memory_command(
         freeze_layers=freeze_layers,
         lora_r=lora_r,
         lora_targets=lora_targets,
+        lora_quantize=lora_quantize,
         cpu_offload=cpu_offload,
         num_labels=num_labels,
         device=device,

@@ -104,7 +104,8 @@ class LongformerSelfAttention(nn.Module):
             G = index.size(1)
             x_global = x.gather(1, index[:, :, None].expand(B, G, C))  # (B, G, C)
             q_global = self.q_global(x_global).view(B, G, H, D).transpose(1, 2)  # (B, H, G, D)
-            if G < D:
+            # the shortcut reads the key and value weights: a wrapped (LoRA) or quantized projection runs as a module
+            if G < D and type(self.k_global) is Linear and type(self.v_global) is Linear:
                 global_out = self._global_rows_through_inputs(x, q_global, pattern.valid, dropout_p)
             else:
                 k_global = self.k_global(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)

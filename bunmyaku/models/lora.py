@@ -44,6 +44,7 @@ from torch import nn
 
 from bunmyaku.hub.files import atomic_path, write_json_atomic
 from bunmyaku.models.base import _resolve_dtype
+from bunmyaku.models.quantize import is_quantized, quantization_config, quantize_base, scheme_of
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ def _hf_module(model: nn.Module, name: str) -> tuple[str, str | None] | None:
     return None if match is None else (match["module"], match["part"])
 
 
-def _base_linears(model: nn.Module) -> dict[str, tuple[str, str | None]]:
-    """Our linear modules of the base model -> :func:`_hf_module`."""
+def base_linears(model: nn.Module) -> dict[str, tuple[str, str | None]]:
+    """Our linear modules of the base model that the checkpoint stores -> :func:`_hf_module`."""
     prefix = type(model).our_base_prefix
     found = {name: _hf_module(model, name) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     return {name: hf for name, hf in found.items() if hf is not None and name.startswith(prefix)}
@@ -117,7 +118,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> dict[str, tuple[str
     Raises:
         ValueError: a target that names no linear of this architecture (the message lists the valid names).
     """
-    linears = _base_linears(model)
+    linears = base_linears(model)
     valid = sorted({hf.rsplit(".", 1)[-1] for hf, _ in linears.values()})
     unknown = [t for t in targets if not any(_matches(hf, t) for hf, _ in linears.values())]
     if not targets or unknown:
@@ -293,6 +294,9 @@ def save_adapter(
     base = str(local.resolve()) if local.exists() else base_model
     state = adapter_state_dict(model)
     config = model.hf_config()
+    scheme = is_quantized(model)
+    if scheme:  # load_adapter quantizes the base the same way (transformers' record of it)
+        config["quantization_config"] = quantization_config(scheme)
     if dtype is not None:
         dtype = _resolve_dtype(dtype, config)
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -370,12 +374,18 @@ def _head_comes_from_adapter() -> Iterator[None]:
 
 
 def load_adapter(
-    directory: str | os.PathLike, task: str | None = None, device: str | torch.device | None = None, **kwargs: Any
+    directory: str | os.PathLike,
+    task: str | None = None,
+    device: str | torch.device | None = None,
+    quantize: bool = True,
+    **kwargs: Any,
 ) -> nn.Module:
     """Base model + adapter from a PEFT adapter folder, adapters not merged (:func:`merge_lora` merges them).
 
     The base comes from ``base_model_name_or_path``; the head's size and label maps from the folder's
-    :data:`MODEL_CONFIG` (a folder without one, such as PEFT's own, takes the base's).
+    :data:`MODEL_CONFIG` (a folder without one, such as PEFT's own, takes the base's). An adapter trained on a
+    quantized base (QLoRA, :mod:`bunmyaku.models.quantize`) gets its base quantized the same way unless
+    ``quantize`` is False (merging takes the full-precision base).
 
     Raises:
         FileNotFoundError: the base model is not where the adapter says.
@@ -410,6 +420,9 @@ def load_adapter(
     for name in ("problem_type",):
         if name in own and hasattr(model.config, name):
             setattr(model.config, name, own[name])
+    scheme = scheme_of(own.get("quantization_config"))
+    if scheme and quantize:
+        quantize_base(model, scheme)
     add_lora(model, record["r"], record["lora_alpha"], list(record["target_modules"]), record.get("lora_dropout", 0))
     load_adapter_weights(model, directory)
     return model.eval()
@@ -420,7 +433,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Returns:
         ``model``, without LoRA layers: ``save_pretrained`` writes it as an ordinary HF folder.
+
+    Raises:
+        ValueError: a quantized base (QLoRA): merging there would round the merged weights to 4 or 8 bits.
     """
+    if is_quantized(model):
+        raise ValueError(
+            f"this model's base is quantized ({is_quantized(model)}): merging in place would round the merged "
+            "weights; merge its saved adapter folder instead (bunmyaku merge-lora RUN/model), which takes the "
+            "full-precision base"
+        )
     for name, layer in _lora_layers(model).items():
         layer.merge(adapter_names=[ADAPTER_NAME])
         parent, _, child = name.rpartition(".")
@@ -450,7 +472,7 @@ def merge_adapter_dir(
     if not is_adapter_dir(directory):
         raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG}: expected a LoRA adapter folder (RUN/model)")
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        model = merge_lora(load_adapter(directory, device="cpu"))
+        model = merge_lora(load_adapter(directory, device="cpu", quantize=False))
         model.save_pretrained(tmp, dtype=dtype)
         if (directory / "tokenizer.json").is_file():
             Tokenizer.from_pretrained(directory).save_pretrained(tmp)

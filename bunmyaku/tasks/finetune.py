@@ -62,6 +62,7 @@ from torch import nn
 from bunmyaku.data.loader import check_batch_size
 from bunmyaku.data.tables import IN_MEMORY, DataError
 from bunmyaku.hub.files import model_in_run_folder, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from bunmyaku.models.quantize import check_scheme
 from bunmyaku.tasks.base import BatchPlan, Feature, GroupedBatches, Task, pad_id
 from bunmyaku.tasks.choice import GPTPairClassification, MultipleChoice
 from bunmyaku.tasks.classification import SentenceSimilarityCross, TextClassification
@@ -214,6 +215,8 @@ class FinetuneArgs:
     """Dropout on the input of each LoRA adapter."""
     lora_merge: bool = False
     """Also write DIR/merged/: the adapters merged into the base weights, a plain HF model folder."""
+    lora_quantize: str | None = None
+    """QLoRA: keep the frozen base's linear weights in nf4 (4-bit) or int8 (bitsandbytes); None: float32."""
 
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
@@ -294,6 +297,7 @@ class FinetuneArgs:
             )
         if not self.lora_r and (self.lora_targets or self.lora_merge):
             raise ValueError("lora_targets and lora_merge take effect with LoRA on: give lora_r (e.g. 8) too")
+        check_scheme(self.lora_quantize, self.lora_r)
 
     def targets(self) -> list[str]:
         """``lora_targets`` as a list of names."""
@@ -880,7 +884,7 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
     )
     if keep:  # by process 0 alone; the others return once the results are written (or raise if that failed)
         on_main(_write_results, result, out, evaluation, eval_features, best_outputs)
-    if fargs.lora_merge and not (keep and dist_utils.is_main()):  # _write_results merged process 0's
+    if fargs.lora_merge and not fargs.lora_quantize and not (keep and dist_utils.is_main()):  # see _write_results
         _merge(model)
     logger.info("Done: %s", {k: v for k, v in summary.items() if k != "history"})
     return result
@@ -889,7 +893,11 @@ def _run(fargs: FinetuneArgs, targs: TrainArgs, out: Path, inputs: Inputs, keep:
 def _write_results(result: FinetuneResult, out: Path, evaluation, eval_features, best_outputs) -> None:
     """model/, merged/ (lora_merge), predictions.jsonl, and metrics.json last (it marks a finished run)."""
     result.save(out / "model")
-    if result.settings.lora_merge:
+    if result.settings.lora_merge and result.settings.lora_quantize:  # onto the full-precision base (merge_lora)
+        from bunmyaku.models.lora import merge_adapter_dir
+
+        merge_adapter_dir(out / "model", out / "merged", dtype=result.train_settings.export_dtype, overwrite=True)
+    elif result.settings.lora_merge:
         _merge(result.model)
         result.save(out / "merged")
     write_jsonl_atomic(out / "predictions.jsonl", result.task.predictions(evaluation, eval_features, best_outputs))
@@ -907,6 +915,7 @@ def _with_lora(fargs: FinetuneArgs, targs: TrainArgs, task: Task, model: nn.Modu
     if not fargs.lora_r:
         return task.prepare_model(model, tokenizer)
     from bunmyaku.models.lora import add_lora
+    from bunmyaku.models.quantize import quantize_base
 
     if isinstance(task, SentenceEmbedding):
         raise ValueError("LoRA is not supported for the bi-encoder (sentence-similarity with encoder=bi)")
@@ -919,6 +928,13 @@ def _with_lora(fargs: FinetuneArgs, targs: TrainArgs, task: Task, model: nn.Modu
             f"{fargs.task} adds tokens to the vocabulary, but LoRA keeps the base model's embeddings frozen and "
             "the adapter must load onto the base: fine-tune without lora_r"
         )
+    if fargs.lora_quantize:
+        if targs.strategy != "ddp" or targs.tp > 1:
+            raise ValueError(
+                f"lora_quantize: the quantized base cannot be sharded (strategy {targs.strategy}, tp {targs.tp}); "
+                "QLoRA runs in one process or under strategy ddp"
+            )
+        quantize_base(model, fargs.lora_quantize)
     return add_lora(model, fargs.lora_r, fargs.lora_alpha, fargs.targets(), fargs.lora_dropout)
 
 
@@ -1122,6 +1138,8 @@ def model_card(result: FinetuneResult) -> str:
     }
     if s.lora_r:
         hyper.update(lora_r=s.lora_r, lora_alpha=s.lora_alpha, lora_targets=s.lora_targets, lora_dropout=s.lora_dropout)
+        if s.lora_quantize:
+            hyper.update(lora_quantize=s.lora_quantize)
     lines += ["", "## Hyperparameters", "", *[f"- {k}: {v}" for k, v in hyper.items()], ""]
     lines += [
         "## Use",

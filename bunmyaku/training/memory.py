@@ -54,6 +54,11 @@ Sharding (``strategy="fsdp"``) divides parameters, gradients and optimizer state
 tensor cut along its first dimension into equal, padded chunks, as FSDP2's ``fully_shard`` does (rank 0's, the
 largest, is reported); ``cpu_offload`` keeps those three on the host (0 bytes on the device).
 
+QLoRA (``lora_quantize``, with ``lora_r``): the base's linear weights (models/quantize.py) count at their quantized
+bytes, exactly as bitsandbytes stores them, and one float copy of the largest (a quantized product dequantizes its
+weight first) joins the buffers. Under nf4 a base linear keeps nothing of its input for backward (bitsandbytes saves
+the packed weight only), so a projection's input stays only where an adapter reads it; int8 (LLM.int8()) keeps it.
+
 LoRA (``lora_r``): rank-r adapters A (r, in) and B (out, r) on the targeted projections (``transformers``' module
 names: BERT's ``query,value``, Llama's ``q_proj,v_proj``, GPT-2's ``c_attn`` by default) are trainable, with a new
 classification head (PEFT's ``modules_to_save``; a language model's head stays frozen); every other parameter is
@@ -84,6 +89,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bunmyaku.models.quantize import check_scheme, quantized_bytes
 
 MODEL_FAMILIES = ("bert", "roberta", "gpt2", "llama")
 TASKS = ("causal-lm", "masked-lm", "sequence-classification", "token-classification")
@@ -207,8 +214,9 @@ def _build_shapes(model: str | Path, task: str, num_labels: int | None) -> _Shap
 # ------------------------------------------------------------------------------------------------ exact counts
 
 
-def _lora_modules(shapes: _Shapes, targets: str | None) -> list[tuple[str, int, int]]:
-    """(our module name prefix, in features, out features) of every adapter, one per targeted module per layer."""
+def _lora_modules(shapes: _Shapes, targets: str | None) -> list[tuple[str, int, int, int]]:
+    """(our module name prefix, in features, out features, our linears it spans) of every adapter, one per targeted
+    module per layer (GPT-2's ``c_attn`` spans three: one A, shared, and B in three parts; models/lora.py)."""
     names = [t.strip() for t in (targets or DEFAULT_LORA_TARGETS[shapes.model_type]).split(",") if t.strip()]
     unknown = [n for n in names if n not in _LORA_TARGETS]
     if unknown:
@@ -222,13 +230,38 @@ def _lora_modules(shapes: _Shapes, targets: str | None) -> list[tuple[str, int, 
             found = [modules[o] for o in ours if o in modules]
             if not found:
                 raise ValueError(f"--lora-targets {name}: {shapes.model_type} has no such projection")
-            adapters.append((ours[0], found[0].in_features, sum(m.out_features for m in found)))
+            adapters.append((ours[0], found[0].in_features, sum(m.out_features for m in found), len(found)))
     return adapters
 
 
 def _layers_prefix(shapes: _Shapes) -> str:
     name = next(n for n, _ in shapes.model.named_parameters() if re.search(r"(?:^|\.)layers\.0\.", n))
     return name[: name.index("layers.0.")] + "layers."
+
+
+def _quantized_weights(shapes: _Shapes) -> dict[str, int]:
+    """The weights QLoRA quantizes (models/quantize.py: the base's linears the checkpoint stores) -> elements."""
+    from bunmyaku.models.lora import base_linears
+
+    modules = dict(shapes.model.named_modules())
+    return {f"{name}.weight": modules[name].weight.numel() for name in base_linears(shapes.model)}
+
+
+# the projections of a block by what they read: a group's input is kept for backward by any of its linears
+_INPUT_GROUPS = {
+    "qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "out": ("attn.out_proj",),
+    "mlp_in": ("mlp.fc_in", "mlp.fc_gate"),
+    "mlp_out": ("mlp.fc_out",),
+}
+
+
+def _unkept_inputs(shapes: _Shapes, targets: str | None) -> frozenset[str]:
+    """Under nf4 QLoRA, the input groups no linear keeps: bitsandbytes' 4-bit product saves only the packed weight
+    for the input's gradient, so only a LoRA adapter (its A reads the input) keeps a group's input."""
+    names = [t.strip() for t in (targets or DEFAULT_LORA_TARGETS[shapes.model_type]).split(",") if t.strip()]
+    adapted = {part for name in names for part in _LORA_TARGETS[name].split(",")}
+    return frozenset(group for group, members in _INPUT_GROUPS.items() if not adapted.intersection(members))
 
 
 def _trainable(shapes: _Shapes, task: str, freeze_layers: int, lora: bool) -> dict[str, bool]:
@@ -345,11 +378,13 @@ def _layer_saved(
     rows: int | None = None,
     norm_weights: bool = True,
     input_grad: bool = True,
+    unkept: frozenset[str] = frozenset(),
 ) -> int:
     """Bytes one block keeps for backward; ``rows`` < T: only that many query positions per sequence (BERT's last
     layer when the head reads [CLS] only), keys and values still at every position. ``norm_weights``: the norms'
     weights train (a frozen RMSNorm keeps no normalised input); ``input_grad``: the block's input needs a gradient
-    (not so above frozen embeddings under LoRA: the first norm then keeps nothing).
+    (not so above frozen embeddings under LoRA: the first norm then keeps nothing); ``unkept``: the projection
+    input groups (:data:`_INPUT_GROUPS`) that no linear keeps (:func:`_unkept_inputs`).
 
     ``E`` is the bytes of a projection's output (2 under autocast); norms, their inputs and the residual stream are
     float32 (:data:`STREAM_BYTES`)."""
@@ -365,24 +400,28 @@ def _layer_saved(
     normed = S if layer.norm == "rmsnorm" and norm_weights else 0
     mlp_inputs = 2 if layer.mlp == "swiglu" else 1  # projections reading the MLP's input
     saved = 0
+    qkv_in = 0 if "qkv" in unkept else _linear_inputs(B * T * C, 3, E)
+    mlp_in = 0 if "mlp_in" in unkept else _linear_inputs(n * C, mlp_inputs, E)
     if layer.pre_norm:  # x -> norm -> q, k, v: the norm's input (the block's), statistics, output
         if input_grad:
             saved += S * B * T * C + B * T * (stats + normed * C)
-        saved += _linear_inputs(B * T * C, 3, E)
+        saved += qkv_in
     else:  # the block's input (the previous norm's output) -> q, k, v
-        saved += _linear_inputs(B * T * C, 3, E)
+        saved += qkv_in
     saved += _attention_saved(d, rows, E, math_path)
-    saved += E * n * H * D  # the merged heads: the output projection's input
+    if "out" not in unkept:
+        saved += E * n * H * D  # the merged heads: the output projection's input
     # each sub-layer's residual sum: pre-LN, the MLP norm's input; post-LN, both norms' inputs
     if layer.pre_norm:
-        saved += S * n * C + n * (stats + normed * C) + _linear_inputs(n * C, mlp_inputs, E)
+        saved += S * n * C + n * (stats + normed * C) + mlp_in
     else:
-        saved += S * n * C + n * stats + _linear_inputs(n * C, mlp_inputs, E)  # norm1: input; output -> the MLP
+        saved += S * n * C + n * stats + mlp_in  # norm1: input; output -> the MLP
         saved += S * n * C + n * stats  # norm2's input (its output is the next block's input)
+    last = 1 if "mlp_out" in unkept else 0  # the activation's output is the last projection's input
     if layer.mlp == "swiglu":
-        saved += 4 * E * n * F  # gate, act(gate), up, their product
+        saved += (4 - last) * E * n * F  # gate, act(gate), up, their product
     else:
-        saved += _ACTIVATION_SAVES.get(layer.hidden_act, _DEFAULT_ACTIVATION_SAVES) * E * n * F
+        saved += (_ACTIVATION_SAVES.get(layer.hidden_act, _DEFAULT_ACTIVATION_SAVES) - last) * E * n * F
         if layer.activation_dropout > 0:
             saved += mask_bytes * n * F
     if layer.dropout > 0:
@@ -444,6 +483,7 @@ def _activations(
     checkpointing: bool,
     freeze_layers: int = 0,
     lora: bool = False,
+    unkept: frozenset[str] = frozenset(),
 ) -> tuple[int, int, int]:
     """(bytes held for backward at the end of the forward pass, the backward's extra at its peak, bytes still
     held when the first layer's backward runs: the embeddings' and that layer's, recomputed under checkpointing).
@@ -460,6 +500,7 @@ def _activations(
             rows=1 if shapes.reads_first and i == L - 1 else None,
             norm_weights=not lora and i >= freeze_layers,
             input_grad=not (lora and i == 0),
+            unkept=unkept,
         )
         for i in range(L)
     ]
@@ -492,6 +533,7 @@ def plan_memory(
     device: str = "cuda",
     grad_accum_steps: int = 1,
     tp: int = 1,
+    lora_quantize: str | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory per device of one training step (see the module notes for each component).
 
@@ -512,6 +554,7 @@ def plan_memory(
         device: cuda | cpu: which kernels run (what SDPA and dropout save; see the module notes).
         grad_accum_steps: micro-batches of ``batch_size`` per optimizer step (gradient accumulation).
         tp: tensor-parallel processes (``--tp``; ``world_size`` counts every process, a multiple of ``tp``).
+        lora_quantize: QLoRA: the base's linear weights in ``nf4`` or ``int8`` (needs ``lora_r``).
 
     Returns:
         The bytes per device.
@@ -544,6 +587,9 @@ def plan_memory(
         raise ValueError("--cpu-offload keeps sharded state on the host: it needs --strategy fsdp")
     if lora_r and freeze_layers:
         raise ValueError("--lora-r freezes every base weight already; drop --freeze-layers")
+    check_scheme(lora_quantize, lora_r)
+    if lora_quantize and (strategy != "ddp" or tp > 1):
+        raise ValueError("--lora-quantize: a quantized base is not sharded; QLoRA runs under --strategy ddp, no --tp")
     shapes = _build_shapes(model, task, num_labels)
     limit = getattr(shapes.config, "max_seq_len", None)
     if limit is not None and shapes.model_type in ("bert", "roberta", "gpt2") and max_length > limit:
@@ -559,18 +605,21 @@ def plan_memory(
     replicas = world_size // tp  # data-parallel: the processes of a tensor-parallel group read the same batches
     shard = replicas if strategy == "fsdp" else 1
     params = grads = states = 0
+    quantized = _quantized_weights(shapes) if lora_quantize else {}
     for name, p in shapes.model.named_parameters():
         numel = _shard_numel(_tp_local_shape(name, p.shape, tp, shapes.config.vocab_size), shard)
-        params += 4 * numel
+        params += quantized_bytes(tuple(p.shape), lora_quantize) if name in quantized else 4 * numel
         if trainable[name]:
             grads += 4 * numel
             states += 2 * 4 * numel + 4  # exp_avg, exp_avg_sq, step
-    for _, fan_in, fan_out in lora:
+    for _, fan_in, fan_out, parts in lora:
         numel = _shard_numel(torch.Size([lora_r, fan_in]), shard) + _shard_numel(torch.Size([fan_out, lora_r]), shard)
         params += 4 * numel
         grads += 4 * numel
-        states += 2 * 4 * numel + 2 * 4
+        states += 2 * 4 * numel + 4 * (1 + parts)  # exp_avg, exp_avg_sq; a step for A and for each part of B
     buffers = sum(b.numel() * b.element_size() for b in shapes.model.buffers())
+    if quantized:  # a quantized product dequantizes its weight first: one float copy exists at a time
+        buffers += 4 * max(quantized.values())
     if E != 4:
         buffers += E * _matmul_weight_numel(shapes, task)  # autocast's low-precision weight copies
     if strategy == "ddp" and replicas > 1:
@@ -582,8 +631,9 @@ def plan_memory(
         params = grads = states = 0
 
     d = _dims(shapes, batch_size, max_length, tp)
+    unkept = _unkept_inputs(shapes, lora_targets) if lora_quantize == "nf4" else frozenset()
     held, backward_extra, bottom = _activations(
-        shapes, task, d, E, device, checkpointing, freeze_layers, lora=bool(lora_r)
+        shapes, task, d, E, device, checkpointing, freeze_layers, lora=bool(lora_r), unkept=unkept
     )
     held += len(lora) * E * d["N"] * lora_r  # each adapter's A x, the input of B
     activations = held + backward_extra

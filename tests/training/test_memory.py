@@ -57,6 +57,39 @@ SETTINGS = [
     # LoRA: frozen norms, and nothing kept below the first adapter (frozen embeddings)
     Setting("llama-lm-lora", _llama(), "causal-lm", 4, 40, lora_r=8, lora_targets="q_proj,v_proj"),
     Setting("bert-cls-lora", _bert(), "sequence-classification", 4, 32, num_labels=3, lora_r=4),
+    # GPT-2's c_attn adapter: one A and B in three parts, each with its own optimizer step
+    Setting("gpt2-lm-lora", _gpt2(), "causal-lm", 2, 32, lora_r=4),
+    # QLoRA: the base's weights at their quantized bytes; under nf4 a base linear keeps no input for backward
+    Setting(
+        "bert-cls-qlora-nf4",
+        bert_config(64, 3, 4, vocab=99),
+        "sequence-classification",
+        4,
+        32,
+        num_labels=3,
+        lora_r=4,
+        lora_quantize="nf4",
+    ),
+    Setting(
+        "llama-lm-qlora-nf4",
+        llama_config(64, 3, 4, 2, vocab=99),
+        "causal-lm",
+        4,
+        40,
+        lora_r=8,
+        lora_targets="q_proj,v_proj",
+        lora_quantize="nf4",
+    ),
+    Setting(
+        "llama-lm-qlora-int8",
+        llama_config(64, 3, 4, 2, vocab=99),
+        "causal-lm",
+        4,
+        40,
+        lora_r=8,
+        lora_targets="q_proj,v_proj",
+        lora_quantize="int8",
+    ),
 ]
 
 
@@ -64,6 +97,8 @@ SETTINGS = [
 def test_prediction_matches_measurement(setting):
     if setting.lora_r:
         require_module("peft")
+    if setting.lora_quantize:
+        require_module("bitsandbytes")
     predicted, measured = predict(setting), measure(setting)
     for exact in ("parameters", "gradients", "optimizer"):
         assert predicted[exact] == measured[exact], exact
@@ -127,7 +162,9 @@ def test_lora_counts_equal_peft(tmp_path, family, task, targets):
     trainable, _ = wrapped.get_nb_trainable_parameters()
     plan = plan_memory(path, task, 2, 16, lora_r=4, num_labels=3 if family == "bert" else None)
     assert plan.gradients == 4 * trainable
-    assert plan.optimizer == 8 * trainable + 4 * sum(p.requires_grad for p in wrapped.parameters())
+    # one step per trainable tensor; GPT-2's c_attn B is one tensor in peft and three parts here (models/lora.py)
+    tensors = sum(p.requires_grad for p in wrapped.parameters()) + (2 * config["n_layer"] if family == "gpt2" else 0)
+    assert plan.optimizer == 8 * trainable + 4 * tensors
     full = plan_memory(path, task, 2, 16, num_labels=3 if family == "bert" else None)
     lora_params = 4 * sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
     assert plan.parameters == full.parameters + lora_params
