@@ -43,7 +43,7 @@ import torch
 
 from bench import at_least
 from bench.machine import describe
-from bench.memory_plan import Setting, llama_config, predict, tracker
+from bench.memory_plan import Setting, llama_config, parameter_bytes, predict, tracker
 from bunmyaku.hub.files import write_json_atomic, write_text_atomic
 from bunmyaku.training.memory import DEFAULT_LORA_TARGETS
 from bunmyaku.training.plugins import Plugin
@@ -73,6 +73,7 @@ class Rung:
     freeze_layers: int = 0
     lora_r: int = 0
     lora_targets: str = ""
+    lora_quantize: str | None = None
     strategy: str = "ddp"
     tp: int = 1
     cpu_offload: bool = False
@@ -104,6 +105,17 @@ def ladder(global_batch: int, model: dict[str, Any]) -> list[Rung]:
             freeze_layers=num_layers // 2,
         ),
         Rung("lora", f"LoRA r=8 on {targets} (base frozen)", micro_batch=g, lora_r=8, lora_targets=targets),
+        *(
+            Rung(
+                f"qlora-{scheme}",
+                f"QLoRA: LoRA r=8 on {targets}, base linears in {scheme} (bitsandbytes)",
+                micro_batch=g,
+                lora_r=8,
+                lora_targets=targets,
+                lora_quantize=scheme,
+            )
+            for scheme in ("nf4", "int8")
+        ),
         Rung("fsdp-2", "FSDP, 2 ranks (gloo)", processes=2, micro_batch=g // 2, strategy="fsdp"),
         Rung("tp-2", "tensor parallel, 2 ranks (gloo)", processes=2, micro_batch=g, tp=2),
         Rung(
@@ -145,7 +157,9 @@ class Watch(Plugin):
             self.memory["peak"] = self._tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
             self._tracker.__exit__(None, None, None)
             self._tracker = None
-            self.memory["parameters"] = _local_bytes(trainer.model.parameters())
+            self.memory["parameters"] = _local_bytes(trainer.model.parameters()) + _quantization_statistics(
+                trainer.model
+            )
             states = [t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
             self.memory["optimizer"] = _local_bytes(states)
         elif done == self.warmup + self.timed:
@@ -156,6 +170,11 @@ class Watch(Plugin):
 def _local_bytes(tensors) -> int:
     """Bytes of this process's part of each tensor (a DTensor's local shard)."""
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
+
+
+def _quantization_statistics(model: torch.nn.Module) -> int:
+    """Bytes a quantized base keeps beside its packed weights (bench/memory_plan.py's ``parameter_bytes``)."""
+    return parameter_bytes(model) - sum(p.nbytes for p in model.parameters())
 
 
 def _corpus(vocab_size: int, tokens: int, seed: int = 0):
@@ -184,8 +203,11 @@ def worker(spec: dict[str, Any]) -> None:
         model = cls(cls.configure(spec["model"]))
         if rung.lora_r:  # as `bunmyaku finetune --lora-r` does (tasks/finetune.py): adapters, base frozen
             from bunmyaku.models.lora import add_lora
+            from bunmyaku.models.quantize import quantize_base
             from bunmyaku.tasks.finetune import FinetuneArgs
 
+            if rung.lora_quantize:
+                quantize_base(model, rung.lora_quantize)
             add_lora(model, rung.lora_r, FinetuneArgs.lora_alpha, rung.lora_targets.split(","))
         steps = spec["warmup"] + spec["steps"] + 1
         args = TrainArgs(
@@ -299,6 +321,7 @@ def planned(rung: Rung, model: dict[str, Any], max_length: int) -> dict[str, int
         freeze_layers=rung.freeze_layers,
         lora_r=rung.lora_r,
         lora_targets=rung.lora_targets if rung.lora_r else None,
+        lora_quantize=rung.lora_quantize,
         strategy="fsdp" if rung.strategy == "fsdp" else "ddp",
         world_size=rung.processes,
         grad_accum=rung.accum,

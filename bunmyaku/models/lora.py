@@ -249,8 +249,10 @@ def adapter_config(model: nn.Module, base_model: str) -> dict[str, Any]:
     """``adapter_config.json`` for ``model``'s adapters, written by PEFT's own ``LoraConfig``."""
     peft = _peft()
     settings = model._lora
+    # the head's top-level modules (RoBERTa's classifier holds dense and out_proj): PEFT wraps each whole, and adds
+    # its task's own (classifier, score) to the list, so a submodule listed as well would be wrapped twice
     head_modules = sorted(
-        {key.removeprefix(_PEFT_PREFIX).rsplit(".", 1)[0] for key in _head_keys(adapter_state_dict(model))}
+        {key.removeprefix(_PEFT_PREFIX).split(".")[0] for key in _head_keys(adapter_state_dict(model))}
     )
     conv1d = getattr(model.config, "model_type", None) == "gpt2"  # transformers' GPT-2 stores (in, out) Conv1D
     config = peft.LoraConfig(

@@ -285,3 +285,42 @@ def test_lora_flags_exist_on_finetune_and_cv():
         shown = runner.invoke(app, [verb, "--help"], terminal_width=200).output
         for flag in ("--lora-r", "--lora-alpha", "--lora-targets", "--lora-dropout", "--lora-merge"):
             assert flag in shown, (verb, flag)
+
+
+def test_adapters_on_longformer_global_projections(tmp_path):
+    """Longformer's global rows can skip projecting every token by key_global / value_global (reading their weights);
+    with adapters on those projections the adapters must count, as peft's do on the transformers model."""
+    config = transformers.LongformerConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        attention_window=[4, 8],
+        max_position_embeddings=40,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        num_labels=2,
+    )
+    hf = transformers.LongformerForSequenceClassification(config)  # global attention on <s>: 1 global row < head_dim
+    randomize(hf, seed=0)
+    hf.save_pretrained(tmp_path / "base")
+    ours = bunmyaku.from_pretrained(tmp_path / "base")
+    lora.add_lora(ours, r=4, alpha=8.0, targets=["key_global", "value_global"])
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_B." in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    lora.save_adapter(ours, tmp_path / "adapter", str(tmp_path / "base"))
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.LongformerForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
+    batch = _batch(99)
+    batch["input_ids"][:, 0] = 0
+    with torch.no_grad():
+        expected = theirs(**batch).logits
+        assert_close(ours.eval()(**batch).logits, expected)
+        with theirs.disable_adapter():
+            assert (theirs(**batch).logits - expected).abs().max() > 1e-3
