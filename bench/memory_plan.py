@@ -249,6 +249,21 @@ SETTINGS = [
     Setting("GPT-2 6x384, LM, checkpointing", GPT2_SMALL, "causal-lm", 4, 256, True),
     Setting("Llama 6x384 (GQA 6/2), causal LM", LLAMA_SMALL, "causal-lm", 4, 256),
     Setting("Llama 6x384 (GQA 6/2), LM, freeze 3", LLAMA_SMALL, "causal-lm", 4, 256, False, 3),
+    Setting("BERT-small, cls, LoRA r=8", BERT_SMALL, "sequence-classification", 16, 256, num_labels=2, lora_r=8),
+    *(
+        Setting(
+            f"BERT-small, cls, QLoRA {q}",
+            BERT_SMALL,
+            "sequence-classification",
+            16,
+            256,
+            num_labels=2,
+            lora_r=8,
+            lora_quantize=q,
+        )
+        for q in ("nf4", "int8")
+    ),
+    Setting("Llama 6x384, LM, QLoRA nf4", LLAMA_SMALL, "causal-lm", 4, 256, lora_r=8, lora_quantize="nf4"),
 ]
 
 
