@@ -150,3 +150,76 @@ def test_flex_block_sparse_equals_dense_reference_on_cuda(T, b, random):
     out = block_sparse_attention(q, k, v, pattern)
     assert sa._compiled_flex is not None  # the flex path ran
     torch.testing.assert_close(out, block_sparse_reference(q, k, v, pattern), atol=2e-4, rtol=2e-4)
+
+
+# training mode: a fresh draw of random blocks per layer and forward, from torch's generator
+TRAIN_CONFIG = dict(
+    vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, max_seq_len=128,
+    block_size=4, num_random_blocks=2, dropout=0.0, attention_dropout=0.0,
+)  # fmt: skip
+
+
+def _record_patterns(monkeypatch, replace=None):
+    """Every pattern the model hands to block-sparse attention, in call order; ``replace(q, k, v, pattern)`` computes
+    the attention instead when given."""
+    import bunmyaku.models.big_bird as big_bird
+
+    seen = []
+
+    def attend(q, k, v, pattern, dropout_p=0.0, scale=None):
+        seen.append(pattern)
+        if replace is not None:
+            return replace(q, k, v, pattern)
+        return block_sparse_attention(q, k, v, pattern, dropout_p=dropout_p, scale=scale)
+
+    monkeypatch.setattr(big_bird, "block_sparse_attention", attend)
+    return seen
+
+
+def test_training_draws_fresh_random_blocks_per_layer_and_forward(monkeypatch):
+    seen = _record_patterns(monkeypatch)
+    model = BigBirdModel(BigBirdConfig(**TRAIN_CONFIG)).train()
+    ids = torch.randint(3, 99, (2, 80), generator=torch.Generator().manual_seed(0))  # 20 blocks of 4: past 36 tokens
+    outs = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        outs.append(model(input_ids=ids).last_hidden_state)
+    draws = [p.random_blocks for p in seen]  # (H, n - 2, r) each: 2 layers x 3 forwards
+    assert all(d.shape == (4, 18, 2) for d in draws)  # every head its own blocks
+    assert not torch.equal(draws[0], draws[1])  # each layer its own draw
+    assert not torch.equal(draws[0], draws[2]) and not torch.equal(draws[1], draws[3])  # each forward a new one
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # with dropout 0, only the random blocks differ
+    assert torch.equal(draws[0], draws[4]) and torch.equal(draws[1], draws[5])  # the same seed: the same draws
+    torch.testing.assert_close(outs[0], outs[2], atol=0, rtol=0)
+    model.eval()
+    with torch.no_grad():  # eval mode: transformers' fixed pattern (every random block is block 0), so no seed matters
+        torch.manual_seed(0)
+        first = model(input_ids=ids).last_hidden_state
+        torch.manual_seed(1)
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, first, atol=0, rtol=0)
+    assert seen[-1].random_blocks.abs().max() == 0
+
+
+def test_training_output_and_input_gradient_equal_the_dense_reference(monkeypatch):
+    """The whole model in training mode against itself with each layer's attention computed the dense way
+    (:func:`block_sparse_reference`) under the blocks that layer drew: padded rows, per-head blocks."""
+    model = BigBirdModel(BigBirdConfig(**TRAIN_CONFIG)).train()
+    ids = torch.randint(3, 99, (2, 61), generator=torch.Generator().manual_seed(1))  # 16 blocks, the last one short
+    mask = _valid(61, [61, 45]).long()
+    embeds = model.embed.tokens(ids).detach()
+
+    def run():
+        x = embeds.clone().requires_grad_()
+        out = model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out, x.grad
+
+    seen = _record_patterns(monkeypatch)
+    sparse = run()
+    drawn = iter(list(seen))
+    _record_patterns(monkeypatch, lambda q, k, v, pattern: block_sparse_reference(q, k, v, next(drawn)))
+    dense = run()
+    assert len(seen) == 2 and all(p.random_blocks.size(0) == 4 for p in seen)
+    assert not torch.equal(seen[0].random_blocks[0], seen[0].random_blocks[1])  # the heads differ
+    torch.testing.assert_close(sparse[0], dense[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse[1], dense[1], atol=1e-5, rtol=1e-5)  # the input gradient
