@@ -206,6 +206,11 @@ class _BigBirdHeadModel:
     base_class = BigBirdModel
     add_pooler = True
 
+    def parameters_maybe_unused(self) -> list[str]:
+        """The pooler, kept for the checkpoint's names: no head reads it. Distributed training reads this (DDP must
+        then look for unused parameters)."""
+        return [name for name, _ in self.named_parameters() if name.startswith("backbone.pooler.")]
+
 
 class BigBirdForMaskedLM(_BigBirdHeadModel, bert.BertForMaskedLM):
     """Masked language modelling with BERT's MLM head."""
