@@ -157,15 +157,13 @@ class BigBirdModel(bert.BertModel):
             )
         x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
         config = self.config
-        if not self.training:
-            mask = BlockSparsePattern.eval_mode(config.block_size, config.num_random_blocks, x.size(1), attention_mask)
+        fixed = BlockSparsePattern.eval_mode(
+            config.block_size, config.num_random_blocks, x.size(1), attention_mask, device=x.device
+        )
         hidden = [x] if output_hidden_states else None
         for block in self.layers:
-            if self.training:  # each layer its own draw, made here so that a checkpointed block recomputes with it
-                mask = BlockSparsePattern.train_mode(
-                    config.block_size, config.num_random_blocks, config.num_heads, x.size(1), attention_mask,
-                    config.max_seq_len, x.device,
-                )  # fmt: skip
+            # training: each layer its own draw, made here so that a checkpointed block recomputes with the same one
+            mask = fixed.redrawn(config.num_heads, config.max_seq_len) if self.training else fixed
             x = block(x, mask)
             if hidden is not None:
                 hidden.append(x)

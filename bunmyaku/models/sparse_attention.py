@@ -40,7 +40,7 @@ The second pattern, BigBird's block-sparse one (:class:`BlockSparsePattern`: glo
 of three blocks, r random blocks), runs on the same machinery: :func:`block_sparse_attention` gathers each query
 block's key blocks into one batched SDPA call on CPU (linear in T) and uses a FlexAttention ``BlockMask`` on CUDA;
 :func:`block_sparse_reference` is its dense (T, T) oracle for the tests. Its random blocks are drawn in training
-(:meth:`BlockSparsePattern.train_mode`, under :func:`random_block_choices`) and fixed to block 0 in eval mode
+(:meth:`BlockSparsePattern.redrawn`, under :func:`random_block_choices`) and fixed to block 0 in eval mode
 (:meth:`BlockSparsePattern.eval_mode`), both as ``transformers`` has them.
 """
 
@@ -422,58 +422,51 @@ class BlockSparsePattern:
 
     @classmethod
     def eval_mode(
-        cls, block_size: int, num_random_blocks: int, length: int, attention_mask: torch.Tensor | None = None
+        cls,
+        block_size: int,
+        num_random_blocks: int,
+        length: int,
+        attention_mask: torch.Tensor | None = None,
+        device=None,
     ) -> BlockSparsePattern:
         """``transformers``' pattern in eval mode, where it draws no random block: its adjacency list stays all
         zeros, so each of a query block's r random blocks is block 0.
 
         Args:
             attention_mask: (B, T) 1 for real tokens, or None.
+            device: where the random blocks live (and :meth:`redrawn` draws); default: the mask's, else the CPU.
         """
         n = -(-length // block_size)
-        device = None if attention_mask is None else attention_mask.device
+        device = attention_mask.device if attention_mask is not None else device
         random_blocks = torch.zeros(1, max(n - 2, 0), num_random_blocks, dtype=torch.long, device=device)
         valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         return cls(block_size, random_blocks, valid)
 
-    @classmethod
-    def train_mode(
-        cls,
-        block_size: int,
-        num_random_blocks: int,
-        num_heads: int,
-        length: int,
-        attention_mask: torch.Tensor | None = None,
-        max_seq_len: int | None = None,
-        device=None,
-    ) -> BlockSparsePattern:
-        """A fresh draw of random blocks, as in training: for every head and middle query block, r distinct key
-        blocks picked uniformly from those :func:`random_block_choices` allows, with torch's generator on ``device``
-        (so ``torch.manual_seed`` repeats a run).
+    def redrawn(self, num_heads: int, max_seq_len: int | None = None) -> BlockSparsePattern:
+        """The same blocks and padding with a fresh draw of random blocks, as in training: for every head and middle
+        query block, r distinct key blocks picked uniformly from those :func:`random_block_choices` allows, with
+        torch's generator on the device of ``random_blocks`` (so ``torch.manual_seed`` repeats a run).
 
         Args:
             num_heads: H; each head draws its own blocks, as in ``transformers``.
-            length: T, padded up to a block multiple for the block count.
-            attention_mask: (B, T) 1 for real tokens, or None.
             max_seq_len: the model's longest input (``transformers``' older rule at 1024, 3072, 4096 tokens reads it).
 
         Raises:
-            ValueError: a length the rule cannot draw r distinct random blocks for.
+            ValueError: a length the rule cannot draw r distinct random blocks for (``transformers`` fails there too).
         """
-        n = -(-length // block_size)
-        device = attention_mask.device if device is None and attention_mask is not None else device
-        choices = random_block_choices(n, block_size, num_random_blocks, max_seq_len).to(device)  # (n - 2, m)
-        short = choices.sum(-1) < num_random_blocks
+        _, middle, r = self.random_blocks.shape
+        choices = random_block_choices(middle + 2, self.block_size, r, max_seq_len)  # (n - 2, m), on the host
+        short = choices.sum(-1) < r
         if bool(short.any()):
             raise ValueError(
-                f"{length} tokens in blocks of {block_size}: query block {int(short.nonzero()[0]) + 1} has fewer "
-                f"than num_random_blocks={num_random_blocks} blocks to draw from"
+                f"{middle + 2} blocks of {self.block_size}: query block {int(short.nonzero()[0]) + 1} has fewer than "
+                f"num_random_blocks={r} blocks to draw from"
             )
+        device = self.random_blocks.device
+        choices = choices.to(device)
         # the r largest of uniform keys over the allowed blocks: a uniform r-subset, each block at most once
         keys = torch.rand(num_heads, *choices.shape, device=device).masked_fill(~choices, -1.0)  # (H, n - 2, m)
-        random_blocks = keys.topk(num_random_blocks, dim=-1).indices  # (H, n - 2, r)
-        valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        return cls(block_size, random_blocks, valid)
+        return type(self)(self.block_size, keys.topk(r, dim=-1).indices, self.valid)  # (H, n - 2, r) random blocks
 
     def key_blocks(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """What each middle query block attends: (H or 1, n - 2, 5 + r) key block ids (the first block, the window

@@ -177,7 +177,7 @@ def test_training_random_blocks_obey_transformers_rule(length, block_size, num_r
     torch.manual_seed(0)
     ours = torch.stack(
         [
-            BlockSparsePattern.train_mode(block_size, num_random, 4, length, max_seq_len=max_positions).random_blocks
+            BlockSparsePattern.eval_mode(block_size, num_random, length).redrawn(4, max_positions).random_blocks
             for _ in range(120)
         ]
     )

@@ -138,6 +138,10 @@ def test_bad_block_sparse_patterns_are_refused():
         block_sparse_attention(q, q, q, BlockSparsePattern(4, torch.zeros(2, 3, 1, dtype=torch.long)))
     with pytest.raises(ValueError, match="needs at least 3 blocks"):
         block_sparse_attention(q, q, q, BlockSparsePattern(10, torch.zeros(1, 0, 1, dtype=torch.long)))
+    with pytest.raises(ValueError, match="9 blocks with num_random_blocks=2: random blocks are drawn past"):
+        BlockSparsePattern.eval_mode(4, 2, 36).redrawn(2)  # 36 tokens: the model attends fully there
+    with pytest.raises(ValueError, match="query block 2 has fewer than num_random_blocks=1 blocks to draw from"):
+        BlockSparsePattern.eval_mode(256, 1, 3072).redrawn(2)  # the older rule: block 2 has nothing outside its window
 
 
 @pytest.mark.gpu
@@ -223,3 +227,16 @@ def test_training_output_and_input_gradient_equal_the_dense_reference(monkeypatc
     assert not torch.equal(seen[0].random_blocks[0], seen[0].random_blocks[1])  # the heads differ
     torch.testing.assert_close(sparse[0], dense[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sparse[1], dense[1], atol=1e-5, rtol=1e-5)  # the input gradient
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_draw_stays_on_the_device():
+    model = BigBirdModel(BigBirdConfig(**TRAIN_CONFIG)).cuda().train()
+    pattern = BlockSparsePattern.eval_mode(4, 2, 80, device="cuda").redrawn(4)
+    assert pattern.random_blocks.is_cuda and pattern.random_blocks.shape == (4, 18, 2)
+    q, k, v = (torch.randn(2, 4, 80, 8, device="cuda") for _ in "qkv")
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, pattern), block_sparse_reference(q, k, v, pattern), atol=2e-4, rtol=2e-4
+    )
+    model(input_ids=torch.randint(3, 99, (2, 80), device="cuda")).last_hidden_state.sum().backward()
