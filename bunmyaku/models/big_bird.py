@@ -13,16 +13,24 @@ Attention: ``original_full`` is dense attention, computed as BERT's. ``block_spa
 (the last one padded, as ``transformers`` pads to a block multiple) and
 - the first and the last block are global: their queries see every key, and every query sees their keys;
 - every other query block sees its own block and the blocks on each side (the window);
-- every other query block also sees ``num_random_blocks`` random key blocks. In eval mode ``transformers`` draws
-  none: its adjacency list of random blocks stays all zeros (``_bigbird_block_rand_mask`` returns before sampling
-  when ``not self.training``), so each "random" block is block 0, whose keys are then in the softmax
-  ``1 + num_random_blocks`` times; the block-sparse path gathers block 0 that many times too
-  (:meth:`~bunmyaku.models.sparse_attention.BlockSparsePattern.eval_mode`), which gives ``transformers``' eval outputs
-  on real tokens (padding positions are zeroed there and not compared).
-Known differences: training mode uses the same deterministic pattern, whereas ``transformers`` draws fresh random
-blocks with numpy's global generator on each training forward (outputs in training cannot match it in any case
-because of dropout); ``output_attentions`` and the eager path are refused beyond the full-attention limit (no
-(T, T) weights exist there).
+- every other query block also sees ``num_random_blocks`` random key blocks.
+
+Random blocks in training: every layer of every forward draws its own, each head apart, with torch's generator on
+the model's device (``torch.manual_seed`` repeats a run), under ``transformers``' rule of which key blocks a query
+block may draw (:func:`~bunmyaku.models.sparse_attention.random_block_choices`: r distinct blocks, never its window
+nor block 0; only among the first 2r + 5 blocks, as its "plan" has it, or the first 1024 tokens at 1024, 3072 and
+4096 tokens, as its older rule has it). In eval mode ``transformers``
+draws none: its adjacency list of random blocks stays all zeros (``_bigbird_block_rand_mask`` returns before
+sampling when ``not self.training``), so each "random" block is block 0, whose keys are then in the softmax
+``1 + num_random_blocks`` times; the block-sparse path gathers block 0 that many times too
+(:meth:`~bunmyaku.models.sparse_attention.BlockSparsePattern.eval_mode`), which gives ``transformers``' eval outputs
+on real tokens (padding positions are zeroed there and not compared).
+
+Known differences: in training ``transformers`` reseeds numpy's global generator with the layer index on every
+forward, so each layer draws the same blocks at every step (and numpy's global state is reset as a side effect);
+here each forward draws anew (a choice: over training a query block then meets every block the rule allows,
+not r fixed ones per layer), so training outputs differ from ``transformers``' even without dropout.
+``output_attentions`` and the eager path are refused beyond the full-attention limit (no (T, T) weights exist there).
 
 Heads: masked LM, sequence classification, token classification.
 """
@@ -149,9 +157,13 @@ class BigBirdModel(bert.BertModel):
             )
         x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
         config = self.config
-        mask = BlockSparsePattern.eval_mode(config.block_size, config.num_random_blocks, x.size(1), attention_mask)
+        fixed = BlockSparsePattern.eval_mode(
+            config.block_size, config.num_random_blocks, x.size(1), attention_mask, device=x.device
+        )
         hidden = [x] if output_hidden_states else None
         for block in self.layers:
+            # training: each layer its own draw, made here so that a checkpointed block recomputes with the same one
+            mask = fixed.redrawn(config.num_heads, config.max_seq_len) if self.training else fixed
             x = block(x, mask)
             if hidden is not None:
                 hidden.append(x)
@@ -191,6 +203,11 @@ class _BigBirdHeadModel:
     base_key_map = KeyMap(BIG_BIRD_FROM_HF)
     base_class = BigBirdModel
     add_pooler = True
+
+    def parameters_maybe_unused(self) -> list[str]:
+        """The pooler, kept for the checkpoint's names: no head reads it. Distributed training reads this (DDP must
+        then look for unused parameters)."""
+        return [name for name, _ in self.named_parameters() if name.startswith("backbone.pooler.")]
 
 
 class BigBirdForMaskedLM(_BigBirdHeadModel, bert.BertForMaskedLM):

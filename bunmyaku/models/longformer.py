@@ -162,6 +162,12 @@ class LongformerPreTrainedModel(PreTrainedModel):
     hf_base_prefix = "longformer."
     optional_base_modules = ("pooler.",)
 
+    def parameters_maybe_unused(self) -> list[str]:
+        """The global projections: a batch without global tokens (masked LM, tagging, unless the caller sets some)
+        never uses them, and global rows scored through the inputs never use ``k_global``'s bias (it adds the same
+        number to every score of a query). Distributed training reads this (DDP must then look for them)."""
+        return [name for name, _ in self.named_parameters() if any(f"attn.{p}_global." in name for p in "qkv")]
+
     def __call__(self, *args: Any, output_attentions: bool = False, **kwargs: Any) -> Any:
         if output_attentions:
             raise ValueError("output_attentions is not supported for Longformer: its weights are never a (T, T) map")

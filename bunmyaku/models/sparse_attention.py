@@ -39,7 +39,9 @@ takes them as ``global_qkv``, and the global rows are overwritten with :func:`gl
 The second pattern, BigBird's block-sparse one (:class:`BlockSparsePattern`: global first and last blocks, a window
 of three blocks, r random blocks), runs on the same machinery: :func:`block_sparse_attention` gathers each query
 block's key blocks into one batched SDPA call on CPU (linear in T) and uses a FlexAttention ``BlockMask`` on CUDA;
-:func:`block_sparse_reference` is its dense (T, T) oracle for the tests.
+:func:`block_sparse_reference` is its dense (T, T) oracle for the tests. Its random blocks are drawn in training
+(:meth:`BlockSparsePattern.redrawn`, under :func:`random_block_choices`) and fixed to block 0 in eval mode
+(:meth:`BlockSparsePattern.eval_mode`), both as ``transformers`` has them.
 """
 
 from __future__ import annotations
@@ -420,19 +422,51 @@ class BlockSparsePattern:
 
     @classmethod
     def eval_mode(
-        cls, block_size: int, num_random_blocks: int, length: int, attention_mask: torch.Tensor | None = None
+        cls,
+        block_size: int,
+        num_random_blocks: int,
+        length: int,
+        attention_mask: torch.Tensor | None = None,
+        device=None,
     ) -> BlockSparsePattern:
         """``transformers``' pattern in eval mode, where it draws no random block: its adjacency list stays all
         zeros, so each of a query block's r random blocks is block 0.
 
         Args:
             attention_mask: (B, T) 1 for real tokens, or None.
+            device: where the random blocks live (and :meth:`redrawn` draws); default: the mask's, else the CPU.
         """
         n = -(-length // block_size)
-        device = None if attention_mask is None else attention_mask.device
+        device = attention_mask.device if attention_mask is not None else device
         random_blocks = torch.zeros(1, max(n - 2, 0), num_random_blocks, dtype=torch.long, device=device)
         valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         return cls(block_size, random_blocks, valid)
+
+    def redrawn(self, num_heads: int, max_seq_len: int | None = None) -> BlockSparsePattern:
+        """The same blocks and padding with a fresh draw of random blocks, as in training: for every head and middle
+        query block, r distinct key blocks picked uniformly from those :func:`random_block_choices` allows, with
+        torch's generator on the device of ``random_blocks`` (so ``torch.manual_seed`` repeats a run).
+
+        Args:
+            num_heads: H; each head draws its own blocks, as in ``transformers``.
+            max_seq_len: the model's longest input (``transformers``' older rule at 1024, 3072, 4096 tokens reads it).
+
+        Raises:
+            ValueError: a length the rule cannot draw r distinct random blocks for (``transformers`` fails there too).
+        """
+        _, middle, r = self.random_blocks.shape
+        choices = random_block_choices(middle + 2, self.block_size, r, max_seq_len)  # (n - 2, m), on the host
+        short = choices.sum(-1) < r
+        if bool(short.any()):
+            raise ValueError(
+                f"{middle + 2} blocks of {self.block_size}: query block {int(short.nonzero()[0]) + 1} has fewer than "
+                f"num_random_blocks={r} blocks to draw from"
+            )
+        device = self.random_blocks.device
+        choices = choices.to(device)
+        # the r largest of uniform keys over the allowed blocks: a uniform r-subset, each block at most once
+        keys = torch.rand(num_heads, *choices.shape, device=device).masked_fill(~choices, -1.0)  # (H, n - 2, m)
+        return type(self)(self.block_size, keys.topk(r, dim=-1).indices, self.valid)  # (H, n - 2, r) random blocks
 
     def key_blocks(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """What each middle query block attends: (H or 1, n - 2, 5 + r) key block ids (the first block, the window
@@ -453,6 +487,43 @@ class BlockSparsePattern:
         slot_ok[:, 1] = i - 1 != 0  # block 0 is already the first slot
         slot_ok[:, 3] = i + 1 != n - 1  # block n - 1 is already the fifth
         return index, slot_ok
+
+
+def random_block_choices(
+    n: int, block_size: int, num_random_blocks: int, max_seq_len: int | None = None
+) -> torch.Tensor:
+    """Which key blocks each middle query block may draw as a random block in training: ``transformers``' rule
+    (the original BigBird code's), as a (n - 2, m) bool matrix, row i - 1 for query block i, column j for key block j
+    (m: one past the highest block any row may draw).
+
+    Past the full-attention limit (n > 2r + 5 blocks) ``transformers`` follows its "plan": every query block draws
+    from the first 2r + 5 blocks only, never block 0 nor block 2r + 4 (the plan's "global" ends), nor its own window
+    i - 1, i, i + 1; query block 1 never draws block 2r + 3, and query block 2r + 3 never draws block 1.
+
+    At a padded length of 1024, 3072 or 4096 tokens it keeps the paper's older rule, laid out for the model's longest
+    input (n' = max_seq_len / b blocks): blocks 1 .. min(L, n' - 2), L = 1024 / b - 1 (n' - 1 when b >= 512), minus
+    the window, except that query blocks n' - 3 and n' - 2 draw from the whole range, their window included.
+
+    Raises:
+        ValueError: n <= 2r + 5 at another length (``transformers`` attends fully there).
+    """
+    r = num_random_blocks
+    i = torch.arange(1, n - 1)[:, None]  # (n - 2, 1) query blocks
+    if n * block_size in (1024, 3072, 4096):
+        n_max = (max_seq_len if max_seq_len is not None else n * block_size) // block_size
+        last = 1024 // block_size - 1 if 1024 > 2 * block_size else n_max - 1
+        j = torch.arange(min(last, n_max - 2) + 1)[None, :]  # (1, m)
+        outside_window = (j < i - 1) | (j > i + 1)
+        return (j >= 1) & (outside_window | (i == n_max - 3) | (i == n_max - 2))
+    if n <= 2 * r + 5:
+        raise ValueError(
+            f"{n} blocks with num_random_blocks={r}: random blocks are drawn past 2r + 5 = {2 * r + 5} blocks only "
+            "(below that the model attends fully)"
+        )
+    j = torch.arange(2 * r + 4)[None, :]  # (1, m): blocks 0 .. 2r + 3
+    allowed = (j >= 1) & ((j < i - 1) | (j > i + 1))
+    allowed &= ~((i == 1) & (j == 2 * r + 3)) & ~((i == 2 * r + 3) & (j == 1))
+    return allowed
 
 
 def block_sparse_attention(

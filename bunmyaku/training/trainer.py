@@ -405,7 +405,14 @@ class Trainer:
             self._parallelize(model)
         elif self.world_size > 1 and args.strategy == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            # DDP's search for parameters without a gradient walks the autograd graph after every forward: only for
+            # models that say a forward may leave some unused (else DDP waits for their gradients and fails)
+            unused = maybe_unused_parameters(model)
+            if unused:
+                logger.info("DDP seeks unused parameters each step: %d may be unused (%s ...)", len(unused), unused[0])
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, find_unused_parameters=bool(unused)
+            )
         elif self.world_size > 1:  # in place: parameters become DTensors, names and the module stay
             mesh = sharding.build_mesh(args.strategy, self.device, args.shard_size)
             sharding.shard_model(model, mesh, bf16=args.precision == "bf16", cpu_offload=args.cpu_offload)
@@ -692,6 +699,20 @@ def _host_floats(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
     copied = torch.stack([values[k].reshape(()).double() for k in keys]).tolist() if keys else []
     host = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
     return {**host, **dict(zip(keys, copied, strict=True))}
+
+
+def maybe_unused_parameters(model: nn.Module) -> list[str]:
+    """The trainable parameters a forward of ``model`` may leave without a gradient, by name.
+
+    A model lists them in a ``parameters_maybe_unused()`` method (Longformer's global projections, which a batch
+    without global tokens never uses; a checkpoint's pooler that no head reads); without one, every parameter is
+    taken to be used. Frozen parameters are left out: DDP waits for none of them anyway.
+    """
+    listed = getattr(model, "parameters_maybe_unused", None)
+    if listed is None:
+        return []
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return [name for name in listed() if name in trainable]
 
 
 def _num_tokens(batch: Batch) -> int:

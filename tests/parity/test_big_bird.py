@@ -129,3 +129,72 @@ def test_block_sparse_refuses_eager_attention(tmp_path):
     model(input_ids=torch.ones(1, 14, dtype=torch.long))  # up to the limit: full attention, as in transformers
     with pytest.raises(ValueError, match="15 tokens with attention_type='block_sparse'.*SDPA only"):
         model(input_ids=torch.ones(1, 15, dtype=torch.long))
+
+
+def _transformers_draws(length, block_size, num_random, max_positions, draws, heads=4):
+    """The random blocks ``transformers`` draws in training, (draws, H, n - 2, r), read from its own code path: one
+    layer whose seed (which it gives numpy's global generator on each training forward) is varied per forward."""
+    import numpy as np
+
+    config = transformers.BigBirdConfig(
+        **{**CONFIGS[0], "num_hidden_layers": 1}, attention_type="block_sparse", block_size=block_size,
+        num_random_blocks=num_random, max_position_embeddings=max_positions, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = transformers.BigBirdModel(config).train()
+    attention = model.encoder.layer[0].attention.self
+    seen = []
+    make_mask = attention._create_rand_mask_from_inputs
+
+    def record(from_blocked, to_blocked, rand_attn, *args):
+        seen.append(rand_attn[0].clone())  # (H, n - 2, r): the same for every row of the batch
+        return make_mask(from_blocked, to_blocked, rand_attn, *args)
+
+    attention._create_rand_mask_from_inputs = record
+    state = np.random.get_state()
+    try:
+        with torch.no_grad():
+            for seed in range(draws):
+                attention.seed = seed
+                model(input_ids=torch.ones(1, length, dtype=torch.long))
+    finally:
+        np.random.set_state(state)
+    return torch.stack(seen)
+
+
+# length, block size, random blocks, max positions: the plan transformers follows past 2r + 5 blocks (the second
+# case padded up to a block multiple), then its older rule at 1024 tokens (all of it, then half of max positions)
+RANDOM_RULES = [(80, 4, 2, 128), (61, 4, 1, 64), (1024, 16, 2, 1024), (1024, 32, 1, 2048)]
+
+
+@pytest.mark.parametrize("length, block_size, num_random, max_positions", RANDOM_RULES)
+def test_training_random_blocks_obey_transformers_rule(length, block_size, num_random, max_positions):
+    """Every block we draw is one ``transformers`` draws for that query block (never its window, block 0 ...), no
+    row lists a block twice, and every block it draws we draw too, over many draws."""
+    from bunmyaku.models.sparse_attention import BlockSparsePattern
+
+    theirs = _transformers_draws(length, block_size, num_random, max_positions, draws=120)  # (draws, H, n - 2, r)
+    torch.manual_seed(0)
+    ours = torch.stack(
+        [
+            BlockSparsePattern.eval_mode(block_size, num_random, length).redrawn(4, max_positions).random_blocks
+            for _ in range(120)
+        ]
+    )
+    assert ours.shape == theirs.shape
+    n = theirs.size(2) + 2
+    for draws in (theirs, ours):
+        rows = draws.flatten(0, 1).sort(-1).values  # (draws H, n - 2, r)
+        assert (rows[..., 1:] != rows[..., :-1]).all()  # r distinct blocks in each row
+
+    def allowed(draws):
+        blocks = torch.zeros(n - 2, n, dtype=torch.bool)
+        blocks.scatter_(1, draws.permute(2, 0, 1, 3).reshape(n - 2, -1).long(), True)
+        return blocks
+
+    expected = allowed(theirs)
+    torch.testing.assert_close(allowed(ours), expected, atol=0, rtol=0)
+    assert not expected[:, 0].any()  # never block 0
+    assert (expected.sum(-1) > num_random).all()  # each row had a choice: the comparison means something
+    assert not any(expected[i - 1, i - 1 : i + 2].any() for i in range(2, n - 4))  # a window is never drawn there
+    assert not torch.equal(ours[0, 0], ours[0, 1])  # the heads draw apart

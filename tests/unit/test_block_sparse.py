@@ -138,6 +138,10 @@ def test_bad_block_sparse_patterns_are_refused():
         block_sparse_attention(q, q, q, BlockSparsePattern(4, torch.zeros(2, 3, 1, dtype=torch.long)))
     with pytest.raises(ValueError, match="needs at least 3 blocks"):
         block_sparse_attention(q, q, q, BlockSparsePattern(10, torch.zeros(1, 0, 1, dtype=torch.long)))
+    with pytest.raises(ValueError, match="9 blocks with num_random_blocks=2: random blocks are drawn past"):
+        BlockSparsePattern.eval_mode(4, 2, 36).redrawn(2)  # 36 tokens: the model attends fully there
+    with pytest.raises(ValueError, match="query block 2 has fewer than num_random_blocks=1 blocks to draw from"):
+        BlockSparsePattern.eval_mode(256, 1, 3072).redrawn(2)  # the older rule: block 2 has nothing outside its window
 
 
 @pytest.mark.gpu
@@ -150,3 +154,89 @@ def test_flex_block_sparse_equals_dense_reference_on_cuda(T, b, random):
     out = block_sparse_attention(q, k, v, pattern)
     assert sa._compiled_flex is not None  # the flex path ran
     torch.testing.assert_close(out, block_sparse_reference(q, k, v, pattern), atol=2e-4, rtol=2e-4)
+
+
+# training mode: a fresh draw of random blocks per layer and forward, from torch's generator
+TRAIN_CONFIG = dict(
+    vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, max_seq_len=128,
+    block_size=4, num_random_blocks=2, dropout=0.0, attention_dropout=0.0,
+)  # fmt: skip
+
+
+def _record_patterns(monkeypatch, replace=None):
+    """Every pattern the model hands to block-sparse attention, in call order; ``replace(q, k, v, pattern)`` computes
+    the attention instead when given."""
+    import bunmyaku.models.big_bird as big_bird
+
+    seen = []
+
+    def attend(q, k, v, pattern, dropout_p=0.0, scale=None):
+        seen.append(pattern)
+        if replace is not None:
+            return replace(q, k, v, pattern)
+        return block_sparse_attention(q, k, v, pattern, dropout_p=dropout_p, scale=scale)
+
+    monkeypatch.setattr(big_bird, "block_sparse_attention", attend)
+    return seen
+
+
+def test_training_draws_fresh_random_blocks_per_layer_and_forward(monkeypatch):
+    seen = _record_patterns(monkeypatch)
+    model = BigBirdModel(BigBirdConfig(**TRAIN_CONFIG)).train()
+    ids = torch.randint(3, 99, (2, 80), generator=torch.Generator().manual_seed(0))  # 20 blocks of 4: past 36 tokens
+    outs = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        outs.append(model(input_ids=ids).last_hidden_state)
+    draws = [p.random_blocks for p in seen]  # (H, n - 2, r) each: 2 layers x 3 forwards
+    assert all(d.shape == (4, 18, 2) for d in draws)  # every head its own blocks
+    assert not torch.equal(draws[0], draws[1])  # each layer its own draw
+    assert not torch.equal(draws[0], draws[2]) and not torch.equal(draws[1], draws[3])  # each forward a new one
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # with dropout 0, only the random blocks differ
+    assert torch.equal(draws[0], draws[4]) and torch.equal(draws[1], draws[5])  # the same seed: the same draws
+    torch.testing.assert_close(outs[0], outs[2], atol=0, rtol=0)
+    model.eval()
+    with torch.no_grad():  # eval mode: transformers' fixed pattern (every random block is block 0), so no seed matters
+        torch.manual_seed(0)
+        first = model(input_ids=ids).last_hidden_state
+        torch.manual_seed(1)
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, first, atol=0, rtol=0)
+    assert seen[-1].random_blocks.abs().max() == 0
+
+
+def test_training_output_and_input_gradient_equal_the_dense_reference(monkeypatch):
+    """The whole model in training mode against itself with each layer's attention computed the dense way
+    (:func:`block_sparse_reference`) under the blocks that layer drew: padded rows, per-head blocks."""
+    model = BigBirdModel(BigBirdConfig(**TRAIN_CONFIG)).train()
+    ids = torch.randint(3, 99, (2, 61), generator=torch.Generator().manual_seed(1))  # 16 blocks, the last one short
+    mask = _valid(61, [61, 45]).long()
+    embeds = model.embed.tokens(ids).detach()
+
+    def run():
+        x = embeds.clone().requires_grad_()
+        out = model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out, x.grad
+
+    seen = _record_patterns(monkeypatch)
+    sparse = run()
+    drawn = iter(list(seen))
+    _record_patterns(monkeypatch, lambda q, k, v, pattern: block_sparse_reference(q, k, v, next(drawn)))
+    dense = run()
+    assert len(seen) == 2 and all(p.random_blocks.size(0) == 4 for p in seen)
+    assert not torch.equal(seen[0].random_blocks[0], seen[0].random_blocks[1])  # the heads differ
+    torch.testing.assert_close(sparse[0], dense[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse[1], dense[1], atol=1e-5, rtol=1e-5)  # the input gradient
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_draw_stays_on_the_device():
+    model = BigBirdModel(BigBirdConfig(**TRAIN_CONFIG)).cuda().train()
+    pattern = BlockSparsePattern.eval_mode(4, 2, 80, device="cuda").redrawn(4)
+    assert pattern.random_blocks.is_cuda and pattern.random_blocks.shape == (4, 18, 2)
+    q, k, v = (torch.randn(2, 4, 80, 8, device="cuda") for _ in "qkv")
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, pattern), block_sparse_reference(q, k, v, pattern), atol=2e-4, rtol=2e-4
+    )
+    model(input_ids=torch.randint(3, 99, (2, 80), device="cuda")).last_hidden_state.sum().backward()
