@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import bunmyaku
@@ -91,8 +92,13 @@ def test_a_quantized_model_computes_with_the_dequantized_weights(kind, scheme):
         got, want = _out(quantized, _batch()), _out(reference, _batch())
     assert_close(got, want, atol=2e-5)
     assert (got - float_out).abs().max() > 1e-4  # the weights really were rounded
-    if kind != "bert":  # a language model's tied vocabulary projection stays float
+    if kind != "bert":  # a language model's tied vocabulary projection stays float; generation (KV cache) works
         assert quantized.get_output_embeddings().weight.dtype == torch.float32
+        prompt = _batch()["input_ids"][:2, :4]
+        assert (
+            quantized.generate(prompt, max_new_tokens=6).tolist()
+            == reference.generate(prompt, max_new_tokens=6).tolist()
+        )
 
 
 @pytest.mark.parametrize("scheme", quantize.SCHEMES)
@@ -255,3 +261,34 @@ def test_lora_quantize_on_the_command_line(qlora_run, tmp_path):
         + ["--max-length", "16", "--lora-r", "4", "--device", "cpu", "--json"],
     )
     assert json.loads(planned.output)["parameters"] < json.loads(plain.output)["parameters"]
+
+
+@pytest.mark.distributed
+def test_qlora_under_ddp_matches_one_process(tmp_path):
+    """2 gloo processes with half the batch train the adapters of 1 process with the whole batch (no dropout)."""
+    from tests.training.test_distributed import _free_port, _start, _wait
+
+    base = save_tiny(tmp_path / "base", "bert")
+    config = BertConfig(vocab_size=40, hidden_size=WIDTH, intermediate_size=128, num_layers=2, num_heads=4, dropout=0.0)
+    config.attention_dropout = 0.0
+    BertModel.from_config(config).save_pretrained(base)
+    train = tmp_path / "train.tsv"
+    train.write_text("".join(f"{t}\t{lab}\n" for t, lab in sentiment_rows(32)))
+    flags = ["-m", "bunmyaku", "finetune", "--task", "text-classification", "--model", str(base), "--train"]
+    flags += [str(train), "--eval", str(train), "--text-column", "0", "--label-column", "1", "--lora-r", "4"]
+    flags += ["--lora-targets", "query,value", "--lora-quantize", "nf4", "--epochs", "2", "--max-length", "32"]
+    flags += ["--lr", "0.01", "--warmup-steps", "0", "--device", "cpu", "--no-progress", "--no-plot"]
+    single = _start([*flags, "--batch-size", "8", "--output-dir", str(tmp_path / "single")])
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    with open(tmp_path / "ddp.log", "w+b") as log:
+        code = _wait(_start([*torchrun, *flags, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")], log), 150)
+        log.seek(0)
+        assert code == 0, log.read().decode(errors="replace")[-3000:]
+    assert _wait(single, 150) == 0
+    got = load_file(tmp_path / "ddp" / "model" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "single" / "model" / "adapter_model.safetensors")
+    start = torch.zeros_like(want["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"])
+    assert not torch.equal(want["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"], start)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
