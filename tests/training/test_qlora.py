@@ -23,10 +23,10 @@ from bunmyaku.models.bert import BertConfig, BertModel
 from bunmyaku.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from bunmyaku.models.llama import LlamaConfig, LlamaForCausalLM
 from bunmyaku.tasks.finetune import load_finetuned
-from bunmyaku.training import Plugin
 from tests.conftest import require_module
 from tests.finetune.helpers import save_tiny, sentiment_rows
 from tests.parity.helpers import assert_close, randomize
+from tests.training.test_lora import Snapshot
 
 bnb = require_module("bitsandbytes", "QLoRA's quantized layers (the qlora extra)")
 transformers = require_module("transformers", "the oracle for quantized adapters")
@@ -151,11 +151,6 @@ def test_adapters_on_a_quantized_base_equal_peft_on_transformers_quantized_model
         reloaded = bunmyaku.from_pretrained(tmp_path / "adapter")  # quantized again, as the record says
         assert quantize.is_quantized(reloaded) == scheme
         assert torch.equal(reloaded(**batch).logits, ours(**batch).logits)
-
-
-class Snapshot(Plugin):
-    def on_fit_start(self, trainer) -> None:
-        self.start = {n: p.detach().clone() for n, p in trainer.unwrapped_model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
