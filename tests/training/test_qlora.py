@@ -287,3 +287,25 @@ def test_qlora_under_ddp_matches_one_process(tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", quantize.SCHEMES)
+def test_qlora_on_cuda_computes_with_the_dequantized_weights_and_trains(scheme):
+    model = _tiny("llama").cuda()
+    quantized = quantize.quantize_base(copy.deepcopy(model), scheme)
+    reference = copy.deepcopy(model)
+    batch = {k: v.cuda() for k, v in _batch().items()}
+    with torch.no_grad():
+        for name in lora.base_linears(quantized):
+            reference.get_submodule(name).weight.copy_(_dequantized(quantized.get_submodule(name)))
+        got, want = _out(quantized, batch).cpu(), _out(reference, batch).cpu()
+    # CUDA's int8 product also rounds the inputs to int8 (per row): a bound relative to the outputs there
+    assert (got - want).abs().max() <= (1e-3 if scheme == "nf4" else 0.05 * float(want.abs().max()))
+    lora.add_lora(quantized, r=4, alpha=8.0, targets=["q_proj", "v_proj"])
+    quantized.train()
+    loss = quantized(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = [p.grad for n, p in quantized.named_parameters() if ".lora_A." in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
