@@ -56,15 +56,21 @@ STRATEGIES = ("ddp", "fsdp", "hsdp")
 SHARDS = "shards"  # the DCP folder inside a checkpoint
 
 
+# plugins that take norms over every shard (a collective on the gradients' device): with cpu_offload the shards are in
+# host memory, which the NCCL process group of a CUDA run cannot reduce (PyTorch's own clipping meets the same limit)
+_NEEDS_DEVICE_SHARDS = ("FGM", "AWP", "SAM")
+
+
 def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -> None:
     """Refuse settings a sharded run cannot honour, with the reason.
 
     Every plugin of bunmyaku runs on sharded weights (EMA and SWA keep their averages sharded like the parameters,
-    FGM, AWP and SAM take their norms over every shard: see :func:`global_norm`); ``plugins`` is kept for settings
-    that some plugin cannot honour.
+    FGM, AWP and SAM take their norms over every shard: see :func:`global_norm`), except FGM, AWP and SAM with
+    ``cpu_offload`` (their norms would reduce host-memory shards over NCCL).
 
     Raises:
-        ValueError: an unknown strategy, ``cpu_offload`` without CUDA or without sharding, a bad ``shard_size``.
+        ValueError: an unknown strategy, ``cpu_offload`` without CUDA, without sharding or with FGM / AWP / SAM, a bad
+            ``shard_size``.
     """
     if args.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
@@ -76,6 +82,14 @@ def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -
         return
     if args.cpu_offload and device.type != "cuda":
         raise ValueError("cpu_offload moves parameters from the GPU to host memory; this run is already on the CPU")
+    if args.cpu_offload:
+        for plugin in plugins:
+            names = {cls.__name__ for cls in type(plugin).__mro__} & set(_NEEDS_DEVICE_SHARDS)
+            if names:  # by name: adversarial.py imports this module
+                raise ValueError(
+                    f"{names.pop()} is not supported with cpu_offload: its norms over every shard would reduce "
+                    "host-memory shards, which the NCCL process group cannot; train without cpu_offload for it"
+                )
     if args.precision == "fp16":
         raise ValueError(f"strategy {args.strategy} supports fp32 and bf16 (fp16's GradScaler is not sharded)")
 

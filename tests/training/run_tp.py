@@ -31,7 +31,6 @@ from bunmyaku.training.distributed import is_main, process_group_from_env
 from tests.training.helpers import EOS, MASK, PAD, VOCAB, random_split, tiny_gpt2
 from tests.training.run_fsdp import Interrupt, Interrupted
 
-
 TP_PLUGINS = {"ema": {"ema_decay": 0.5}, "sam": {"sam": 0.05}}
 
 

@@ -350,6 +350,28 @@ def test_export_best_reads_the_best_sharded_checkpoint(tmp_path):
     assert any(not torch.equal(last[f"model.{k}"], v) for k, v in saved.items())
 
 
+def test_export_best_with_ema_exports_that_checkpoints_average(tmp_path):
+    """export_best with EMA and sharded checkpoints: the export is the best checkpoint's average (stored through DCP
+    as ``plugins.0.shadow.<name>``, read straight from its shard as the oracle), not its weights nor the last one's."""
+    from bunmyaku import from_pretrained
+    from bunmyaku.data import PackedBlocks
+    from tests.training.helpers import EOS, random_split
+
+    settings = {"max_steps": 4, "lr": 1.0, "eval_every": 1, "keep_last": 5, "export_best": True, "ema_decay": 0.5}
+    trainer = _trainer(tmp_path, **settings)
+    trainer.eval_data = PackedBlocks(random_split(6, seed=1), 16, EOS)
+    trainer.fit()
+    assert trainer.best["step"] not in (None, 4)
+    (shard,) = (tmp_path / "checkpoints" / f"step-{trainer.best['step']:08d}" / "shards").iterdir()
+    stored = load_file(shard)
+    average = {k.removeprefix("plugins.0.shadow."): v for k, v in stored.items() if k.startswith("plugins.0.")}
+    exported = from_pretrained(tmp_path).state_dict()
+    assert average and average.keys() <= exported.keys()
+    for name, tensor in average.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(stored[f"model.{k}"], v) for k, v in average.items())  # not the weights themselves
+
+
 def test_resuming_with_the_other_strategy_is_refused(tmp_path):
     """Sharded and whole-weight checkpoints differ in layout: a run with the other strategy says so instead of
     skipping them as damaged and silently starting afresh."""
@@ -359,3 +381,17 @@ def test_resuming_with_the_other_strategy_is_refused(tmp_path):
     _trainer(tmp_path / "whole", strategy="ddp").fit()
     with pytest.raises(ValueError, match="was written with strategy ddp"):
         _trainer(tmp_path / "whole", max_steps=3).fit()
+
+
+def test_perturbation_plugins_with_cpu_offload_are_refused(tmp_path):
+    """FGM, AWP and SAM reduce norms over every shard: with cpu_offload those shards are in host memory, which NCCL
+    cannot reduce; EMA and SWA (shard-local updates) are allowed. The check needs no GPU: it reads the device."""
+    from bunmyaku.training.adversarial import AWP, FGM, SAM
+    from bunmyaku.training.plugins import EMA, SWA
+
+    args = _args(tmp_path, cpu_offload=True)
+    cuda = torch.device("cuda")
+    for plugin, name in ((FGM(1.0), "FGM"), (AWP(), "AWP"), (SAM(0.05, adaptive=True), "SAM")):
+        with pytest.raises(ValueError, match=f"{name} is not supported with cpu_offload: its norms"):
+            sharding.check_strategy(args, [plugin], cuda)
+    sharding.check_strategy(args, [EMA(0.5), SWA(0.5)], cuda)
