@@ -11,9 +11,9 @@ embeddings), ``bf16/`` (bf16 compute, fp32 reduction), ``best2/`` (restore_best)
 (the reduce-scatter calls FSDP made in a 2-step run with accumulation). ``one`` writes ``single/``
 (uninterrupted), ``plugins1/``, ``best1/`` and ``resumed1/`` (resumed from ``resumed2``'s step-3 checkpoint,
 written by 2 processes). Both also train once per plugin of ``SHARDED_PLUGINS`` (EMA, SWA, FGM, AWP, SAM, ASAM:
-``<name>2/``, ``<name>1/``); ``two`` writes ``ema-resumed2/`` (EMA, interrupted during step 4 and resumed) and ``one``
-``ema-resumed1/`` (EMA, resumed from ``ema-resumed2``'s step-3 checkpoint). ``cuda`` (2 GPUs, NCCL) writes ``cuda/``
-and ``offload/`` (``cpu_offload``).
+``<name>2/``, ``<name>1/``; ``two`` also ``ema-hsdp2/`` and ``sam-hsdp2/`` with hsdp); ``two`` writes
+``ema-resumed2/`` (EMA, interrupted during step 4 and resumed) and ``one`` ``ema-resumed1/`` (EMA, resumed from
+``ema-resumed2``'s step-3 checkpoint). ``cuda`` (2 GPUs, NCCL) writes ``cuda/`` and ``offload/`` (``cpu_offload``).
 """
 
 from __future__ import annotations
@@ -130,6 +130,8 @@ def main() -> None:
             train(out / "best2", 6, selection=WORST)
             count_reduce_scatters(out)
             train_plugins(out, "2")
+            for name in ("ema", "sam"):  # the (replicate, shard) mesh: norms and averages over a 2-D layout
+                train(out / f"{name}-hsdp2", 6, strategy="hsdp", **PLUGIN_SETTINGS[name])
             try:  # the plugin lists of both runs alike: a checkpoint's plugin states are matched by position
                 train(out / "ema-resumed2", 6, plugins=[Interrupt(3)], **PLUGIN_SETTINGS["ema"])
             except Interrupted:

@@ -126,6 +126,19 @@ def test_plugins_under_fsdp_match_one_process(runs, plugin):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("plugin", ["ema", "sam"])
+def test_plugins_under_hsdp_match_one_process(runs, plugin):
+    """On hsdp's (replicate, shard) mesh the averages are sharded in 2-D and the norms reduced over both dimensions."""
+    _assert_same_losses(_losses(runs / f"{plugin}-hsdp2"), _losses(runs / f"{plugin}1"))
+    _assert_same_weights(runs / f"{plugin}-hsdp2", runs / f"{plugin}1")
+    with_plugin, plain = (
+        load_file(runs / f"{plugin}-hsdp2" / "model.safetensors"),
+        load_file(runs / "hsdp" / "model.safetensors"),
+    )
+    assert max(float((with_plugin[k] - plain[k]).abs().max()) for k in plain) > 1e-3  # EMA: the average was exported
+
+
+@pytest.mark.distributed
 def test_ema_resumes_exactly_from_a_sharded_checkpoint(runs):
     """EMA's sharded average is saved by each process and read back into the shards: interrupted during step 4 and
     resumed from the step-3 checkpoint, the export (the average) is the uninterrupted run's, bit for bit; 1 process
