@@ -346,10 +346,6 @@ class LLRD(Plugin):
             raise ValueError(f"llrd decay must be in (0, 1], got {decay}")
         self.decay = decay
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        """Once, after wrapping or sharding (DDP, FSDP, TP) and the optimizer, before a checkpoint is resumed: keep
-        per-parameter state here (a clone of a sharded parameter is sharded, so no process holds a whole copy)."""
-
     def param_groups(self, trainer: Trainer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         names = {id(p): n for n, p in trainer.unwrapped_model.named_parameters()}
         num_layers = _num_layers(list(names.values()))
