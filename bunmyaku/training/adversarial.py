@@ -17,6 +17,11 @@ Under DDP the gradient here is already all-reduced (the step's last micro-batch 
 the same weights by the same amount; the second pass syncs again on its last micro-batch, so the gradient the
 optimizer steps with is the whole batch's: 2 processes with half the batch each train exactly like 1 with all of it
 (not SAM's per-device "m-sharpness" variant, whose result would change with the number of processes).
+
+Under sharding (FSDP / HSDP) and tensor parallelism the weights and gradients are DTensors, each process holding its
+shards: every norm here is the one over all shards and processes (:func:`~bunmyaku.training.sharding.global_norm`,
+a collective), the perturbations are then added and removed shard by shard, and the second pass runs under the same
+sharding (its gradients reduce-scattered again on the last micro-batch), so the sharded run trains as 1 process does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from bunmyaku.training.plugins import Plugin, step_epoch
+from bunmyaku.training.sharding import all_finite, global_norm
 
 if TYPE_CHECKING:
     from bunmyaku.training.trainer import Trainer
@@ -37,11 +43,11 @@ logger = logging.getLogger(__name__)
 
 def unscaled_grads(trainer: Trainer, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
     """The parameters' gradients divided by the fp16 loss scale (None where a parameter has no gradient), or
-    None altogether when any of them is not finite: the GradScaler will skip this step, so nothing is perturbed."""
+    None altogether when any of them is not finite on any process: the GradScaler will skip this step, so nothing is
+    perturbed."""
     scale = trainer.scaler.get_scale() if trainer.scaler is not None else 1.0
     grads = [None if p.grad is None else p.grad.detach().float() / scale for p in params]
-    present = [g for g in grads if g is not None]
-    if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):
+    if not all_finite([g for g in grads if g is not None]):
         return None
     return grads
 
@@ -86,7 +92,7 @@ class FGM(Plugin):
         grads = unscaled_grads(trainer, [weight])
         if grads is None:
             return
-        norm = grads[0].norm()
+        norm = global_norm(grads)  # over every shard of the table
         if norm == 0:
             return
         saved = weight.detach().clone()
@@ -129,12 +135,12 @@ class AWP(Plugin):
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
             for param, grad, original in zip(params, grads, saved, strict=True):
-                g_norm = grad.norm()
+                g_norm = global_norm([grad])  # each matrix's norms over all its shards
                 if g_norm == 0:
                     continue
                 w = original.float()
                 bound = self.eps * w.abs()
-                moved = w + self.lr * w.norm() * grad / g_norm
+                moved = w + self.lr * global_norm([w]) * grad / g_norm
                 param.copy_(torch.minimum(torch.maximum(moved, w - bound), w + bound))
         second_pass(trainer, params, saved)
 
@@ -165,7 +171,7 @@ class SAM(Plugin):
         scaled = [(w.float().square() * g if self.adaptive else g) for w, g in zip(saved, grads, strict=True)]
         # ||w g|| for ASAM; ||g|| for SAM
         denominators = [(w.float().abs() * g if self.adaptive else g) for w, g in zip(saved, grads, strict=True)]
-        norm = torch.linalg.vector_norm(torch.stack([d.norm() for d in denominators]))
+        norm = global_norm(denominators)  # over every weight and every shard
         if norm == 0:
             return
         with torch.no_grad():

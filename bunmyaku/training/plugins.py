@@ -3,12 +3,18 @@
 The Trainer calls each plugin's hooks at fixed points of a step::
 
     on_fit_start                       model on its device, before DDP or FSDP wrapping and the optimizer
+    on_train_start                     wrapped or sharded, optimizer built, before resuming a checkpoint
     for each micro-batch: forward -> before_backward(loss) -> backward -> after_backward
     before_optimizer_step -> unscale, clip, step -> after_optimizer_step
     evaluation_context (around evaluation and the final export), on_evaluate(metrics)
     state_dict / load_state_dict (saved in every checkpoint)
 
 Plugins that act from an epoch on (AWP, SWA) read the epoch of a step with :func:`step_epoch`.
+
+Under sharding (FSDP / HSDP) and tensor parallelism every parameter and gradient is a DTensor: this process's shard
+of it. A plugin's per-parameter state made in ``on_train_start`` from the parameters (EMA's and SWA's averages) is
+sharded alike, and element-wise updates (``lerp_``, ``copy_``) act on each process's shard alone; the Trainer saves
+such state with the sharded checkpoint (each process its shards, through DCP) and gathers it only for the export.
 
 A plugin that needs another forward / backward pass over the step's micro-batches (SAM, AWP) calls
 ``trainer.forward_backward()`` from ``before_optimizer_step``; one that changes parameter groups (layer-wise
@@ -43,6 +49,10 @@ class Plugin:
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Once, before DDP or FSDP wrapping and the optimizer are built (freeze parameters here)."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Once, after wrapping or sharding (DDP, FSDP, TP) and the optimizer, before a checkpoint is resumed: keep
+        per-parameter state here (a clone of a sharded parameter is sharded, so no process holds a whole copy)."""
 
     def param_groups(self, trainer: Trainer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Edit the optimizer's parameter groups before it is built."""
@@ -95,7 +105,9 @@ class EMA(Plugin):
     """An exponential moving average of the trainable weights, used for evaluation and the exported model.
 
     After every optimizer step ``shadow = decay * shadow + (1 - decay) * weight``. Averaged weights generalise
-    a little better than the last iterate and are a common free gain in fine-tuning.
+    a little better than the last iterate and are a common free gain in fine-tuning. Under sharding the shadow is
+    sharded like the weights (each process averages its own shards), saved with the sharded checkpoint, and gathered
+    whole only for the export.
 
     Args:
         decay: the averaging factor, e.g. 0.999.
@@ -110,7 +122,7 @@ class EMA(Plugin):
     def _params(self, trainer: Trainer) -> dict[str, nn.Parameter]:
         return {n: p for n, p in trainer.unwrapped_model.named_parameters() if p.requires_grad}
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         self.shadow = {n: p.detach().clone().float() for n, p in self._params(trainer).items()}
 
     @torch.no_grad()
@@ -154,7 +166,8 @@ class SWA(Plugin):
     (an inf in the gradient) leaves the weights as they were and is not averaged again.
 
     SWA recomputes BatchNorm statistics for the averaged weights (``swa_utils.update_bn``); Transformers normalise
-    with LayerNorm, which has no running statistics, so nothing needs recomputing.
+    with LayerNorm, which has no running statistics, so nothing needs recomputing. Under sharding the average is
+    sharded like the weights, as EMA's is.
 
     Args:
         start: the first epoch whose steps are averaged (> 0).
@@ -183,6 +196,8 @@ class SWA(Plugin):
                 f"swa_start is {self.start:g} but the run is {total:.3g} epochs long (its last step runs in epoch "
                 f"{last:.3g}): nothing would be averaged; lower swa_start or train longer"
             )
+
+    def on_train_start(self, trainer: Trainer) -> None:
         self.average = {n: p.detach().float().clone() for n, p in self._params(trainer).items()}
         self.count = 0
 
@@ -202,7 +217,8 @@ class SWA(Plugin):
     @torch.no_grad()
     def _add(self, trainer: Trainer) -> None:
         params = self._params(trainer)
-        self._update(list(self.average.values()), [params[n].detach().float() for n in self.average], self.count)
+        for name, average in self.average.items():  # one by one: TP mixes DTensors and whole tensors, which one
+            self._update([average], [params[name].detach().float()], self.count)  # foreach call refuses
         self.count += 1
 
     def evaluation_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:

@@ -16,7 +16,11 @@ What the Trainer asks of this module, and why:
   collective; :func:`gathered` all-gathers the weights once, so evaluation forwards need no communication;
 - checkpoints: every process writes its own shards of the model and optimizer state with
   ``torch.distributed.checkpoint`` (DCP), and any number of processes reads them back (resharding);
-- export: the full weights are gathered on rank 0 and written as one ordinary HF folder.
+- export: the full weights are gathered on rank 0 and written as one ordinary HF folder;
+- plugins: every parameter and gradient is a DTensor, so EMA's and SWA's averages (clones of the parameters) are
+  sharded alike and updated shard by shard, FGM's, AWP's and SAM's norms are taken over every shard
+  (:func:`global_norm`) while their perturbations are applied shard by shard, and the plugins' tensors travel
+  through DCP with the model (:func:`split_plugin_states`). Tensor parallelism's split weights are DTensors too.
 
 Checkpoint files: DCP's default ``FileSystemWriter`` pickles its ``.metadata`` file and loads it with a plain
 ``pickle.load``, and stores non-tensor values with ``torch.save``. bunmyaku writes no pickle: the shards are
@@ -51,38 +55,22 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "fsdp", "hsdp")
 SHARDS = "shards"  # the DCP folder inside a checkpoint
 
-# plugins that keep a per-parameter copy or perturb the weights by a norm over every gradient: under sharding
-# each process holds a slice of every tensor, which those plugins do not handle (yet)
-_UNSHARDABLE = {
-    "EMA": "its averaged copy of the weights would need sharded storage and checkpoints",
-    "SWA": "its averaged copy of the weights would need sharded storage and checkpoints",
-    "FGM": "its perturbation's norm would have to be reduced over the gradient shards of every process",
-    "AWP": "its perturbation's norm would have to be reduced over the weight shards of every process",
-    "SAM": "its perturbation's norm would have to be reduced over the gradient shards of every process",
-}
 
-
-def refuse_unshardable(plugins: Sequence[object], setting: str) -> None:
-    """Refuse the plugins in ``_UNSHARDABLE`` (or their subclasses) under sharded weights (FSDP or TP).
-
-    Raises:
-        ValueError: naming the plugin, the setting and why; DDP (whole replicas) runs them.
-    """
-    for plugin in plugins:
-        for cls in type(plugin).__mro__:  # by name: SWA lives beside EMA; subclasses are refused too
-            if cls.__name__ in _UNSHARDABLE:
-                raise ValueError(
-                    f"{cls.__name__} is not supported with {setting}: {_UNSHARDABLE[cls.__name__]}. "
-                    "Use strategy ddp without tp for it"
-                )
+# plugins that take norms over every shard (a collective on the gradients' device): with cpu_offload the shards are in
+# host memory, which the NCCL process group of a CUDA run cannot reduce (PyTorch's own clipping meets the same limit)
+_NEEDS_DEVICE_SHARDS = ("FGM", "AWP", "SAM")
 
 
 def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -> None:
     """Refuse settings a sharded run cannot honour, with the reason.
 
+    Every plugin of bunmyaku runs on sharded weights (EMA and SWA keep their averages sharded like the parameters,
+    FGM, AWP and SAM take their norms over every shard: see :func:`global_norm`), except FGM, AWP and SAM with
+    ``cpu_offload`` (their norms would reduce host-memory shards over NCCL).
+
     Raises:
-        ValueError: an unknown strategy, a plugin that does not work on sharded weights, ``cpu_offload`` without
-            CUDA or without sharding, a bad ``shard_size``.
+        ValueError: an unknown strategy, ``cpu_offload`` without CUDA, without sharding or with FGM / AWP / SAM, a bad
+            ``shard_size``.
     """
     if args.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
@@ -92,9 +80,16 @@ def check_strategy(args: Any, plugins: Sequence[object], device: torch.device) -
         if args.cpu_offload:
             raise ValueError("cpu_offload needs strategy fsdp or hsdp (DDP keeps whole replicas on each device)")
         return
-    refuse_unshardable(plugins, f"strategy {args.strategy}")
     if args.cpu_offload and device.type != "cuda":
         raise ValueError("cpu_offload moves parameters from the GPU to host memory; this run is already on the CPU")
+    if args.cpu_offload:
+        for plugin in plugins:
+            names = {cls.__name__ for cls in type(plugin).__mro__} & set(_NEEDS_DEVICE_SHARDS)
+            if names:  # by name: adversarial.py imports this module
+                raise ValueError(
+                    f"{names.pop()} is not supported with cpu_offload: its norms over every shard would reduce "
+                    "host-memory shards, which the NCCL process group cannot; train without cpu_offload for it"
+                )
     if args.precision == "fp16":
         raise ValueError(f"strategy {args.strategy} supports fp32 and bf16 (fp16's GradScaler is not sharded)")
 
@@ -194,6 +189,34 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor made whole (a collective); the tensor itself otherwise."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``tensors`` taken together, as a plain float32 scalar equal on every process.
+
+    A DTensor's norm is reduced over its shards (FSDP's, TP's, both): one collective per device mesh and layout,
+    not per tensor. Plain tensors (whole on every process: TP's norms and position tables) count once. What the
+    plugins that perturb by a norm (FGM, AWP, SAM) need so that 2 processes move the weights as 1 does.
+    """
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        mesh = getattr(tensor, "device_mesh", None)
+        groups.setdefault(None if mesh is None else (mesh, tuple(tensor.placements)), []).append(tensor)
+    if not groups:
+        return torch.zeros(())
+    parts = [full_tensor(torch.nn.utils.get_total_norm(group)).float() for group in groups.values()]
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite on every process (DTensors: each process checks its shards,
+    then one all-reduce), so that all processes take the same branch (a second pass is a collective)."""
+    if not tensors:
+        return True
+    flag = torch.stack([torch.isfinite(local_tensor(t)).all() for t in tensors]).all().to(torch.int32)
+    if dist.is_initialized() and any(hasattr(t, "device_mesh") for t in tensors):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 # ---------------------------------------------------------------------------------------------- whole weights
@@ -301,8 +324,79 @@ def _single_process_is_intended() -> Iterator[None]:
         yield
 
 
+# Plugin states under sharded checkpoints: EMA's and SWA's averages are sharded like the parameters (DTensors), so
+# rank 0 alone cannot write them to trainer_state.safetensors. Every tensor of every plugin's state goes through DCP
+# instead, under ``plugins.<plugin index>.<path in its state>``, and the JSON state holds a stub naming it; a resume
+# reads them into the resuming run's own (sharded or whole) plugin tensors, so resharding works for them too.
+PLUGIN_TENSOR = "__dcp__"
+
+
+def split_plugin_states(states: Sequence[dict[str, Any]]) -> tuple[list[Any], dict[str, torch.Tensor]]:
+    """The plugins' states with each tensor replaced by a stub ``{"__dcp__": key}``, and the tensors by key (what
+    DCP stores: this process's shards of a DTensor)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def stub(obj: Any, path: tuple[str, ...]) -> Any:
+        if torch.is_tensor(obj):
+            key = ".".join(path)
+            tensors[key] = obj.detach()
+            return {PLUGIN_TENSOR: key}
+        if isinstance(obj, dict):
+            return {k: stub(v, (*path, str(k))) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(stub(v, (*path, str(i))) for i, v in enumerate(obj))
+        return obj
+
+    return [stub(state, (str(i),)) for i, state in enumerate(states)], tensors
+
+
+def _plugin_templates(saved: Sequence[Any], current: Sequence[Any], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of this run's plugin states (``current``) where the checkpoint's (``saved``) hold stubs: DCP loads
+    the stored values into them in place.
+
+    Raises:
+        ValueError: a stored tensor this run's plugins do not hold (another plugin list than the saved run's).
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def match(old: Any, new: Any, where: str) -> None:
+        if isinstance(old, dict) and PLUGIN_TENSOR in old:
+            if not torch.is_tensor(new):
+                raise ValueError(
+                    f"{path}: the checkpoint's plugin state holds a tensor at {where}, which this run's plugins do "
+                    "not have; resume with the plugins (and settings) of the run that wrote it"
+                )
+            found[old[PLUGIN_TENSOR]] = new.detach()
+        elif isinstance(old, dict):
+            for key, value in old.items():
+                match(value, new.get(key) if isinstance(new, dict) else None, f"{where}.{key}")
+        elif isinstance(old, (list, tuple)):
+            for i, value in enumerate(old):
+                match(value, new[i] if isinstance(new, (list, tuple)) and i < len(new) else None, f"{where}.{i}")
+
+    for i, (old, new) in enumerate(zip(saved, current, strict=False)):
+        match(old, new, f"plugins[{i}]")
+    return found
+
+
+def _fill_plugin_states(saved: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``saved`` with each stub replaced by its loaded tensor."""
+    if isinstance(saved, dict) and PLUGIN_TENSOR in saved:
+        return tensors.get(saved[PLUGIN_TENSOR], saved)  # a state no plugin of this run takes stays a stub
+    if isinstance(saved, dict):
+        return {k: _fill_plugin_states(v, tensors) for k, v in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        return type(saved)(_fill_plugin_states(v, tensors) for v in saved)
+    return saved
+
+
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    plugin_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a sharded checkpoint for ``step`` (every process calls it); returns its folder.
 
@@ -314,7 +408,9 @@ def save_checkpoint(
         step: the optimizer step.
         model: the (sharded or plain) model.
         optimizer: its optimizer.
-        state: rank 0's trainer state without the model and optimizer (step, scheduler, RNG...).
+        state: rank 0's trainer state without the model and optimizer (step, scheduler, RNG...); its plugin states
+            with stubs for their tensors (:func:`split_plugin_states`).
+        plugin_tensors: this process's plugin tensors by key, from :func:`split_plugin_states` (every process).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -327,6 +423,8 @@ def save_checkpoint(
         (tmp / SHARDS).mkdir(parents=True)
     dist_utils.barrier()
     tensors, groups = _dcp_state(model, optimizer)
+    if plugin_tensors:
+        tensors["plugins"] = plugin_tensors
     writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True)
     with _single_process_is_intended():
         dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
@@ -377,10 +475,19 @@ def latest_readable(root: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    plugins: Sequence[Any] = (),
 ) -> None:
     """Load a sharded checkpoint's model (and optimizer) into this run's ``model``, however many processes wrote
-    it and however many read it (every process calls it)."""
+    it and however many read it (every process calls it).
+
+    The plugins' tensors (EMA's and SWA's averages) are read into ``plugins``' own state tensors, sharded or whole
+    like this run's parameters, and put in place of their stubs in ``state["plugins"]``, which is then ready for
+    each plugin's ``load_state_dict``.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import (
@@ -395,6 +502,10 @@ def load_checkpoint(
         tensors: dict[str, Any] = {"model": _without_aliases(get_model_state_dict(model))}
     else:
         tensors, _ = _dcp_state(model, optimizer)
+    saved_plugins = state.get("plugins") or []
+    templates = _plugin_templates(saved_plugins, [p.state_dict() for p in plugins], path)
+    if templates:
+        tensors["plugins"] = templates
     try:
         reader = HuggingFaceStorageReader(str(path / SHARDS))
         with _single_process_is_intended():
@@ -405,6 +516,7 @@ def load_checkpoint(
     if optimizer is not None:
         optim_state = {"state": tensors["optimizer"], "param_groups": state["optimizer_groups"]}
         set_optimizer_state_dict(model, optimizer, optim_state)
+    state["plugins"] = _fill_plugin_states(saved_plugins, templates)
 
 
 # ---------------------------------------------------------------------------------------------- tensor parallel
@@ -488,13 +600,12 @@ def check_tensor_parallel(model: nn.Module, tp: int, world: int, strategy: str) 
 
 
 def check_tensor_parallel_settings(args: Any, plugins: Sequence[object]) -> None:
-    """Refuse what a tensor-parallel run cannot honour: the plugins that keep whole copies of the weights or
-    perturb them by a norm over every gradient (as for FSDP), fp16's loss scaler, ``compile``.
+    """Refuse what a tensor-parallel run cannot honour: fp16's loss scaler, ``compile``. The plugins run on split
+    weights as on FSDP's shards (``plugins`` is kept for settings that some plugin cannot honour).
 
     Raises:
         ValueError: naming the setting and why.
     """
-    refuse_unshardable(plugins, f"tp {args.tp}")
     if args.precision == "fp16":
         raise ValueError(f"tp {args.tp} supports fp32 and bf16 (fp16's GradScaler does not unscale split gradients)")
     if args.compile:

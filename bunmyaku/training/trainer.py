@@ -366,8 +366,10 @@ class Trainer:
 
     def _save_sharded(self, rng_states: list[Any]) -> None:
         """fsdp / hsdp: every process writes its shards of the model and optimizer state (DCP), rank 0 the rest."""
-        state = self._trainer_state(rng_states) if self.is_main else {}
-        sharding.save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, state)
+        # every process: the plugins' tensors (EMA's sharded average) go through DCP, their stubs into rank 0's JSON
+        plugin_states, plugin_tensors = sharding.split_plugin_states([p.state_dict() for p in self.plugins])
+        state = {**self._trainer_state(rng_states), "plugins": plugin_states} if self.is_main else {}
+        sharding.save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, state, plugin_tensors)
         if self.is_main:
             self._rotate()
         dist_utils.barrier()
@@ -426,6 +428,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
         self.grad_norm: float | torch.Tensor | None = None
         self._first_bad_step = torch.tensor(-1, device=self.device)
+        for plugin in self.plugins:  # per-parameter state (EMA's average) shaped like the parameters: sharded or whole
+            plugin.on_train_start(self)
         if args.tp > 1:  # before resuming (loading optimizer state takes a step) and after (the groups are loaded)
             sharding.unfuse_optimizer(self.optimizer)
         resumed = self._resume() if args.resume else None
@@ -454,7 +458,7 @@ class Trainer:
             if found_sharded is None:
                 return None
             path, state = found_sharded
-            sharding.load_checkpoint(path, self.model, self.optimizer, state)
+            sharding.load_checkpoint(path, self.model, self.optimizer, state, self.plugins)
         else:
             newest = ckpt.list_checkpoints(self.checkpoint_dir)[-1:]
             if newest and (newest[0][1] / sharding.SHARDS).is_dir():
@@ -537,15 +541,22 @@ class Trainer:
         model = self.model
         if self.args.export_best and self.best["step"] not in (None, self.step):
             path = ckpt.step_dir(self.checkpoint_dir, self.best["step"])
-            sharding.load_checkpoint(path, model, None, sharding.read_checkpoint(path))
+            state = sharding.read_checkpoint(path)
+            sharding.load_checkpoint(path, model, None, state, self.plugins)
+            for plugin, plugin_state in zip(self.plugins, state["plugins"], strict=False):
+                plugin.load_state_dict(plugin_state)  # EMA's or SWA's average of that checkpoint, for the export
             logger.info("Exporting the best checkpoint, %s (eval loss %.4f)", path, self.best["eval_loss"])
         if self.export_dir is None:
             return
-        self._check_weights("export")
-        if sharding.is_sharded(model):
-            sharding.export(model, self.export_dir, dtype=self.args.export_dtype)
-        elif self.is_main:
-            ckpt.save_model(model, self.export_dir, dtype=self.args.export_dtype)
+        with contextlib.ExitStack() as stack:  # EMA's or SWA's average swapped in, shard by shard, then gathered
+            if not (self.restore_best and self.selected_state is not None):  # those were evaluated as is
+                for plugin in self.plugins:
+                    stack.enter_context(plugin.evaluation_context(self))
+            self._check_weights("export")
+            if sharding.is_sharded(model):
+                sharding.export(model, self.export_dir, dtype=self.args.export_dtype)
+            elif self.is_main:
+                ckpt.save_model(model, self.export_dir, dtype=self.args.export_dtype)
         if self.is_main:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.export_dir)

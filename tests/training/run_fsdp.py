@@ -10,7 +10,10 @@ after the step-3 checkpoint, then resumed by a new Trainer), ``plugins2/`` (laye
 embeddings), ``bf16/`` (bf16 compute, fp32 reduction), ``best2/`` (restore_best) and ``reduce_scatters.json``
 (the reduce-scatter calls FSDP made in a 2-step run with accumulation). ``one`` writes ``single/``
 (uninterrupted), ``plugins1/``, ``best1/`` and ``resumed1/`` (resumed from ``resumed2``'s step-3 checkpoint,
-written by 2 processes). ``cuda`` (2 GPUs, NCCL) writes ``cuda/`` and ``offload/`` (``cpu_offload``).
+written by 2 processes). Both also train once per plugin of ``SHARDED_PLUGINS`` (EMA, SWA, FGM, AWP, SAM, ASAM:
+``<name>2/``, ``<name>1/``; ``two`` also ``ema-hsdp2/`` and ``sam-hsdp2/`` with hsdp); ``two`` writes
+``ema-resumed2/`` (EMA, interrupted during step 4 and resumed) and ``one`` ``ema-resumed1/`` (EMA, resumed from
+``ema-resumed2``'s step-3 checkpoint). ``cuda`` (2 GPUs, NCCL) writes ``cuda/`` and ``offload/`` (``cpu_offload``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bunmyaku.training import TrainArgs, Trainer
 from bunmyaku.training.distributed import process_group_from_env, world_size
 from bunmyaku.training.plugins import Plugin
 from tests.training.helpers import EOS, random_split, tiny_gpt2
+from tests.training.run_tiny import PLUGINS as PLUGIN_SETTINGS
 
 
 class Interrupted(Exception):
@@ -46,6 +50,8 @@ class Interrupt(Plugin):
 
 
 PLUGINS = {"llrd": 0.5, "freeze_embeddings": True}
+# the plugins that keep sharded averages (EMA, SWA) or perturb by norms over every shard (FGM, AWP, SAM, ASAM)
+SHARDED_PLUGINS = ("ema", "swa", "fgm", "awp", "sam", "asam")
 # restore_best selecting the highest loss: the step-3 evaluation's weights are kept and exported, not the last ones
 WORST = {"restore_best": True, "metric": "loss", "greater_is_better": True}
 
@@ -90,6 +96,16 @@ def count_reduce_scatters(out: Path) -> None:
         (out / "reduce_scatters.json").write_text(json.dumps({"calls": len(calls)}))
 
 
+# AWP moving each matrix by 5% of its norm, each weight by up to 100% of itself: the clamp seldom binds, so the
+# perturbation is set by the matrices' norms (with run_tiny's 1.0 and 1% the clamp alone would decide it)
+AWP = {**PLUGIN_SETTINGS["awp"], "awp_lr": 0.05, "awp_eps": 1.0}
+
+
+def train_plugins(out: Path, suffix: str) -> None:
+    for name in SHARDED_PLUGINS:
+        train(out / f"{name}{suffix}", 6, **(AWP if name == "awp" else PLUGIN_SETTINGS[name]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir", type=Path)
@@ -113,6 +129,14 @@ def main() -> None:
             train(out / "bf16", 6, precision="bf16")
             train(out / "best2", 6, selection=WORST)
             count_reduce_scatters(out)
+            train_plugins(out, "2")
+            for name in ("ema", "sam"):  # the (replicate, shard) mesh: norms and averages over a 2-D layout
+                train(out / f"{name}-hsdp2", 6, strategy="hsdp", **PLUGIN_SETTINGS[name])
+            try:  # the plugin lists of both runs alike: a checkpoint's plugin states are matched by position
+                train(out / "ema-resumed2", 6, plugins=[Interrupt(3)], **PLUGIN_SETTINGS["ema"])
+            except Interrupted:
+                pass
+            train(out / "ema-resumed2", 6, plugins=[Interrupt(99)], **PLUGIN_SETTINGS["ema"])
         else:
             train(out / "single", 6)
             train(out / "plugins1", 6, **PLUGINS)
@@ -120,6 +144,10 @@ def main() -> None:
             checkpoint = out / "resumed1" / "checkpoints" / "step-00000003"
             shutil.copytree(out / "resumed2" / "checkpoints" / "step-00000003", checkpoint)
             train(out / "resumed1", 6)
+            train_plugins(out, "1")
+            checkpoint = out / "ema-resumed1" / "checkpoints" / "step-00000003"
+            shutil.copytree(out / "ema-resumed2" / "checkpoints" / "step-00000003", checkpoint)
+            train(out / "ema-resumed1", 6, plugins=[Interrupt(99)], **PLUGIN_SETTINGS["ema"])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ batches). Each writes, per model, a run folder ``<model>-<mode>/`` (metrics.json
 ``two`` also writes ``resumed-two/`` (the GPT-2 interrupted during step 3, resumed from its sharded step-2
 checkpoint) and ``one`` ``resumed-one/`` (1 process resuming that 2-process checkpoint). ``four`` (4 processes)
 trains the GPT-2 with ``tp 2`` and ``strategy fsdp`` on a 2 x 2 mesh into ``gpt2-four/`` (micro-batches of 2 per
-data-parallel replica: the same global batch).
+data-parallel replica: the same global batch). ``one`` and ``two`` also train the GPT-2 with each plugin of
+``TP_PLUGINS`` into ``gpt2-<plugin>-<mode>/`` (EMA: a split average; SAM: a norm over split and whole gradients).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from bunmyaku.training import TrainArgs, Trainer, sharding
 from bunmyaku.training.distributed import is_main, process_group_from_env
 from tests.training.helpers import EOS, MASK, PAD, VOCAB, random_split, tiny_gpt2
 from tests.training.run_fsdp import Interrupt, Interrupted
+
+TP_PLUGINS = {"ema": {"ema_decay": 0.5}, "sam": {"sam": 0.05}}
 
 
 def tiny_llama(seed: int = 0, tied: bool = False):
@@ -189,6 +192,8 @@ def main() -> None:
             checkpoint = out / "resumed-one" / "checkpoints" / "step-00000002"
             shutil.copytree(out / "resumed-two" / "checkpoints" / "step-00000002", checkpoint)
             train_lm(tiny_gpt2(), out / "resumed-one", save_every=2, strategy="fsdp")  # reads sharded checkpoints
+        for name, settings in TP_PLUGINS.items():
+            train_lm(tiny_gpt2(), out / f"gpt2-{name}-{mode}", **settings, **tp)
         tokens, local, vocab = {}, {}, {}  # generated tokens, this process's head counts and weight shapes
         lms = (("gpt2", tiny_gpt2), ("llama", tiny_llama), ("llama-tied", lambda: tiny_llama(tied=True)))
         for name, build in lms:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from bunmyaku.training import TrainArgs, Trainer, sharding
 from bunmyaku.training import checkpoint as ckpt
 from tests.conftest import require_module
+from tests.training.run_fsdp import SHARDED_PLUGINS
 from tests.training.test_distributed import _free_port, _start, _wait
 
 SCRIPT = ["-m", "tests.training.run_fsdp"]
@@ -99,6 +100,52 @@ def test_llrd_and_freezing_under_fsdp_match_one_process(runs):
         assert torch.equal(trained["transformer.wte.weight"], start["transformer.wte.weight"]), run
         name = "transformer.h.0.attn.c_attn.weight"
         assert (trained[name] - start[name]).abs().max() > 1e-3, run
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("plugin", SHARDED_PLUGINS)
+def test_plugins_under_fsdp_match_one_process(runs, plugin):
+    """EMA and SWA average each process's shards; FGM, AWP, SAM and ASAM perturb by norms over every shard and run
+    their second pass sharded: 2 processes with half the batch give the losses and exported weights (the average
+    for EMA and SWA) of 1 process with the whole batch."""
+    two, one = runs / f"{plugin}2", runs / f"{plugin}1"
+    _assert_same_losses(_losses(two), _losses(one))
+    _assert_same_weights(two, one)
+    # the plugin changed the run (EMA and SWA only their export: the average, not the last iterate, which is the
+    # plain run's), by far more than the tolerance above
+    with_plugin, plain = load_file(one / "model.safetensors"), load_file(runs / "single" / "model.safetensors")
+    assert max(float((with_plugin[k] - plain[k]).abs().max()) for k in plain) > 1e-3
+    if plugin in ("ema", "swa"):  # the average travels through DCP in every process's shard file, not in the JSON
+        folder = two / "checkpoints" / "step-00000006"
+        saved = json.loads((folder / "trainer_state.json").read_text())["state"]["plugins"][0]
+        stubs = saved["shadow" if plugin == "ema" else "average"]
+        assert stubs and all(set(stub) == {sharding.PLUGIN_TENSOR} for stub in stubs.values())
+        for shard in (folder / "shards").iterdir():
+            with safe_open(shard, "pt") as f:
+                assert any(key.startswith("plugins.0.") for key in f.keys()), shard.name
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("plugin", ["ema", "sam"])
+def test_plugins_under_hsdp_match_one_process(runs, plugin):
+    """On hsdp's (replicate, shard) mesh the averages are sharded in 2-D and the norms reduced over both dimensions."""
+    _assert_same_losses(_losses(runs / f"{plugin}-hsdp2"), _losses(runs / f"{plugin}1"))
+    _assert_same_weights(runs / f"{plugin}-hsdp2", runs / f"{plugin}1")
+    with_plugin, plain = (
+        load_file(runs / f"{plugin}-hsdp2" / "model.safetensors"),
+        load_file(runs / "hsdp" / "model.safetensors"),
+    )
+    assert max(float((with_plugin[k] - plain[k]).abs().max()) for k in plain) > 1e-3  # EMA: the average was exported
+
+
+@pytest.mark.distributed
+def test_ema_resumes_exactly_from_a_sharded_checkpoint(runs):
+    """EMA's sharded average is saved by each process and read back into the shards: interrupted during step 4 and
+    resumed from the step-3 checkpoint, the export (the average) is the uninterrupted run's, bit for bit; 1 process
+    resuming that 2-process checkpoint (the average resharded) continues like the 1-process run."""
+    _assert_same_weights(runs / "ema-resumed2", runs / "ema2", atol=0.0)
+    assert [r for r in _losses(runs / "ema-resumed2") if r[0] > 3] == [r for r in _losses(runs / "ema2") if r[0] > 3]
+    _assert_same_weights(runs / "ema-resumed1", runs / "ema1")
 
 
 @pytest.mark.distributed
@@ -256,10 +303,6 @@ def test_a_cut_shard_is_skipped_for_the_checkpoint_before_it(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"ema_decay": 0.9}, "EMA is not supported with strategy fsdp"),
-        ({"sam": 0.05}, "SAM is not supported with strategy fsdp"),
-        ({"fgm": 1.0}, "FGM is not supported with strategy fsdp"),
-        ({"swa_start": 0.05}, "SWA is not supported"),
         ({"cpu_offload": True}, "already on the CPU"),
         ({"strategy": "zero"}, "strategy must be one of ddp, fsdp, hsdp"),
         ({"strategy": "ddp", "cpu_offload": True}, "cpu_offload needs strategy fsdp or hsdp"),
@@ -320,6 +363,28 @@ def test_export_best_reads_the_best_sharded_checkpoint(tmp_path):
     assert any(not torch.equal(last[f"model.{k}"], v) for k, v in saved.items())
 
 
+def test_export_best_with_ema_exports_that_checkpoints_average(tmp_path):
+    """export_best with EMA and sharded checkpoints: the export is the best checkpoint's average (stored through DCP
+    as ``plugins.0.shadow.<name>``, read straight from its shard as the oracle), not its weights nor the last one's."""
+    from bunmyaku import from_pretrained
+    from bunmyaku.data import PackedBlocks
+    from tests.training.helpers import EOS, random_split
+
+    settings = {"max_steps": 4, "lr": 1.0, "eval_every": 1, "keep_last": 5, "export_best": True, "ema_decay": 0.5}
+    trainer = _trainer(tmp_path, **settings)
+    trainer.eval_data = PackedBlocks(random_split(6, seed=1), 16, EOS)
+    trainer.fit()
+    assert trainer.best["step"] not in (None, 4)
+    (shard,) = (tmp_path / "checkpoints" / f"step-{trainer.best['step']:08d}" / "shards").iterdir()
+    stored = load_file(shard)
+    average = {k.removeprefix("plugins.0.shadow."): v for k, v in stored.items() if k.startswith("plugins.0.")}
+    exported = from_pretrained(tmp_path).state_dict()
+    assert average and average.keys() <= exported.keys()
+    for name, tensor in average.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(stored[f"model.{k}"], v) for k, v in average.items())  # not the weights themselves
+
+
 def test_resuming_with_the_other_strategy_is_refused(tmp_path):
     """Sharded and whole-weight checkpoints differ in layout: a run with the other strategy says so instead of
     skipping them as damaged and silently starting afresh."""
@@ -329,3 +394,17 @@ def test_resuming_with_the_other_strategy_is_refused(tmp_path):
     _trainer(tmp_path / "whole", strategy="ddp").fit()
     with pytest.raises(ValueError, match="was written with strategy ddp"):
         _trainer(tmp_path / "whole", max_steps=3).fit()
+
+
+def test_perturbation_plugins_with_cpu_offload_are_refused(tmp_path):
+    """FGM, AWP and SAM reduce norms over every shard: with cpu_offload those shards are in host memory, which NCCL
+    cannot reduce; EMA and SWA (shard-local updates) are allowed. The check needs no GPU: it reads the device."""
+    from bunmyaku.training.adversarial import AWP, FGM, SAM
+    from bunmyaku.training.plugins import EMA, SWA
+
+    args = _args(tmp_path, cpu_offload=True)
+    cuda = torch.device("cuda")
+    for plugin, name in ((FGM(1.0), "FGM"), (AWP(), "AWP"), (SAM(0.05, adaptive=True), "SAM")):
+        with pytest.raises(ValueError, match=f"{name} is not supported with cpu_offload: its norms"):
+            sharding.check_strategy(args, [plugin], cuda)
+    sharding.check_strategy(args, [EMA(0.5), SWA(0.5)], cuda)
