@@ -19,13 +19,15 @@ def init_from_env(backend: str | None = None) -> bool:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); returns whether one was joined.
 
     Args:
-        backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
+        backend: ``"gloo"``, ``"nccl"`` or a per-device list; default with CUDA: NCCL for CUDA tensors and gloo for
+            CPU ones (``"cpu:gloo,cuda:nccl"``: under FSDP's CPU offload the shards, their gradients and the norms
+            taken over them live in host memory, which NCCL cannot reduce), else gloo.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True

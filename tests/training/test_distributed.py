@@ -94,3 +94,22 @@ def test_plugins_under_ddp_match_a_single_process(runs, plugin):
     if plugin in ("ema", "swa"):  # the export is the average, not the last iterate
         last = _weights(ddp / plugin, 6)
         assert any(not torch.allclose(last[n], with_plugin[n], atol=1e-5) for n in last)
+
+
+def test_cuda_runs_join_with_gloo_for_host_tensors(monkeypatch):
+    """With CUDA, the default group reduces CUDA tensors over NCCL and CPU ones (FSDP's offloaded shards and their
+    norms) over gloo; without CUDA, gloo."""
+    from bunmyaku.training import distributed
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", joined.append)
+    devices = []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    for cuda, expected in ((True, "cpu:gloo,cuda:nccl"), (False, "gloo")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert distributed.init_from_env()
+        assert joined[-1] == expected
+    assert devices == [1]  # the local device is set for NCCL only
