@@ -247,7 +247,7 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
         "rows": {},
     }
     only = set(args.only.split(",")) if args.only else None
-    save = _write if only is None else lambda report, labels: None  # a plain rerun gathers the rows
+    save = _write if only is None else lambda report, labels: report.update(labels=labels)  # a plain rerun writes
     labels = {}
     for name, options, label in rows_for(args.max_length):
         if only is not None and name not in only:
