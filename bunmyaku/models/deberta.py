@@ -62,7 +62,7 @@ from bunmyaku.models import bert
 from bunmyaku.models.attention import Attention
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
-from bunmyaku.models.disentangled import disentangled_attention, reference_weights
+from bunmyaku.models.disentangled import disentangled_attention, first_query_attention, reference_weights
 from bunmyaku.models.fastpath import Packing, RowGroup
 from bunmyaku.models.heads import flatten_choices, sequence_classification_loss, span_loss, token_loss
 from bunmyaku.models.layers import Block, activation
@@ -193,6 +193,7 @@ class DebertaV2Config(ModelConfig):
             norm_eps=self.norm_eps,
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
+            attn_implementation=self.attn_implementation,  # "eager" selects the reference path
         )
 
     def to_hf(self) -> dict:
@@ -320,6 +321,14 @@ class DisentangledAttention(Attention):
         """(B, T, C) -> q, k, v (B, H, T, D)."""
         return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
 
+    def _project_query(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> q (B, H, T, D), for positions whose keys and values are not wanted."""
+        return self._heads(self.q_proj(x))
+
+    def _project_context(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> k, v (B, H, T, D), for positions whose queries are not wanted."""
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
     def _project_positions(
         self, rel: torch.Tensor, length: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
@@ -350,13 +359,20 @@ class DisentangledAttention(Attention):
         rel_embeddings: torch.Tensor | None,
         relative_pos,
         packed: PackedRows | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C); mask: (B, T) or None; rel_embeddings: (R, C) (normed) or None -> (B, T, C).
 
         With ``packed``, x is (N, C), the real tokens of a packed batch, and so is the output (``mask`` and
         ``relative_pos`` are then unused: each row group carries its own).
+
+        With ``context``, only position 0 is computed: ``x`` is its input, (B, 1, C), or (B, C) with ``packed``,
+        ``context`` every position's, (B, T, C), or (N, C) with ``packed``, which keys and values come from;
+        ``relative_pos`` is then (T, T) for the batch's length T in both layouts.
         """
         dropout_p = self.dropout if self.training else 0.0
+        if context is not None:
+            return self.out_proj(self._first(x, context, mask, rel_embeddings, relative_pos, packed, dropout_p))
         if packed is not None:
             return self.out_proj(self._packed(x, rel_embeddings, packed, dropout_p))
         B, T, _ = x.shape
@@ -370,6 +386,23 @@ class DisentangledAttention(Attention):
             y = self._attend(q, k, v, pos_q, pos_k, relative_pos, span, mask, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): heads merged
         return self.out_proj(y)
+
+    def _first(self, x, context, mask, rel_embeddings, relative_pos, packed: PackedRows | None, dropout_p: float):
+        """Position 0's attention output before the output projection: (B, 1, H * D), or (B, H * D) packed."""
+        if packed is not None:  # keys and values projected packed, then re-padded to (B, T, H * D)
+            q = self._project_query(x[:, None])  # (B, H, 1, D)
+            N, packing = context.size(0), packed.packing
+            k, v = (
+                self._heads(packing.pad(t[0].transpose(0, 1).reshape(N, -1)))
+                for t in self._project_context(context[None])
+            )
+            mask = packing.mask[:, 0, 0]  # (B, T)
+        else:
+            q, (k, v) = self._project_query(x), self._project_context(context)
+        pos_q, pos_k, span = self._positions(rel_embeddings, k.size(-2))
+        y = first_query_attention(q, k, v, pos_q, pos_k, relative_pos, span, mask, self.scale, dropout_p)
+        y = y.transpose(1, 2).flatten(2)  # (B, 1, H * D)
+        return y[:, 0] if packed is not None else y
 
     def _packed(self, x: torch.Tensor, rel_embeddings, packed: PackedRows, dropout_p: float) -> torch.Tensor:
         """(N, C) real tokens -> (N, H * D) attention outputs before the output projection, each row attending
@@ -402,8 +435,11 @@ class DebertaBlock(Block):
         super().__init__(config.layer_config(layer_idx), layer_idx)
         self.attn = self.attention_class(config, layer_idx)
 
-    def _forward(self, x, mask, rel_embeddings, relative_pos, packed):
-        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, rel_embeddings, relative_pos, packed))
+    def _forward(self, x, mask, rel_embeddings, relative_pos, packed, context=None):
+        def attend(h):
+            return self.attn(h, mask, rel_embeddings, relative_pos, packed, context)
+
+        x = self._sublayer(x, self.attn_norm, attend)
         return self._sublayer(x, self.mlp_norm, self.mlp)
 
     def forward(
@@ -413,10 +449,12 @@ class DebertaBlock(Block):
         rel_embeddings: torch.Tensor | None = None,
         relative_pos: torch.Tensor | None = None,
         packed: PackedRows | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); ``mask`` (B, T) 1 for real tokens; the relative embeddings (R, C), positions.
-        With ``packed``, x is (N, C) packed real tokens and so is the output."""
-        args = (x, mask, rel_embeddings, relative_pos, packed)
+        With ``packed``, x is (N, C) packed real tokens and so is the output. With ``context`` (every position's
+        input), x holds position 0's only and so does the output (see :meth:`DisentangledAttention.forward`)."""
+        args = (x, mask, rel_embeddings, relative_pos, packed, context)
         if self.gradient_checkpointing and self.training:
             return checkpoint(self._forward, *args, use_reentrant=False)
         return self._forward(*args)
@@ -583,6 +621,7 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         unpad: bool | None = None,
+        first_token_only: bool = False,
     ) -> ModelOutput:
         """Encode a batch (unpadded inside when it is right-padded and ``config.unpad``).
 
@@ -594,10 +633,16 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
             inputs_embeds: (B, T, E) instead of ``input_ids``.
             output_hidden_states: also return the embeddings and every layer's output.
             unpad: run on the real tokens only (outputs at padding are then zeros); default ``config.unpad``.
+            first_token_only: only position 0 is read, as by the pooler: the last layer computes its query,
+                attention and MLP for position 0 alone (keys and values still for every position), and
+                ``last_hidden_state`` is (B, 1, C). Not with ``output_hidden_states``. A one-layer model with the
+                convolution layer (which adds to layer 0's every position) computes every position anyway.
 
         Returns:
             ``last_hidden_state`` (B, T, C) and, when asked, ``hidden_states``.
         """
+        if first_token_only and output_hidden_states:
+            raise ValueError("first_token_only=True cannot return hidden_states: the last layer skips positions")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -606,10 +651,12 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         config = self.config
         unpad = config.unpad if unpad is None else unpad
         if self.layers[0].attn.recorded is not None:  # output_attentions: every (B, H, T, T) map, padded layout
-            unpad = False
+            unpad, first_token_only = False, False
+        last = len(self.layers) - 1
+        first_token_only = first_token_only and not (last == 0 and self.conv is not None)
         packed = PackedRows.from_mask(mask, config) if mask is not None and unpad and right_padded(mask) else None
         relative_pos = None
-        if config.relative_attention and packed is None:
+        if config.relative_attention and (packed is None or first_token_only):
             relative_pos = relative_positions(T, config.position_buckets, config.max_relative, ref.device)  # (T, T)
         rel = self.relative_embeddings()
         packing = None
@@ -623,12 +670,18 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         x = embedded
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
-            x = block(x, mask, rel, relative_pos, packed)
+            if first_token_only and i == last:
+                first = x[:, :1] if packing is None else x[packing.cu_seqlens[:-1].long()]  # (B, 1, C) or (B, C)
+                x = block(first, mask, rel, relative_pos, packed, context=x)
+            else:
+                x = block(x, mask, rel, relative_pos, packed)
             if i == 0 and self.conv is not None:
                 x = self.conv(embedded, x, mask, packing)
             if hidden is not None:
                 hidden.append(x)
-        if packing is not None:
+        if packing is not None and first_token_only:
+            x = x[:, None]  # (B, 1, C)
+        elif packing is not None:
             x = packing.pad(x)  # (B, T, C)
             hidden = [packing.pad(h) for h in hidden] if hidden is not None else None
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
@@ -722,6 +775,7 @@ class _DebertaHeadModel(DebertaV2PreTrainedModel):
             inputs_embeds,
             output_hidden_states,
             unpad=False if reads_padding else None,
+            first_token_only=self.reads == "first" and not output_hidden_states,
         )
 
     def _classifier_dropout(self) -> nn.Dropout:
