@@ -47,6 +47,7 @@ extractive QA, multiple choice. DeBERTa v1 is built from these parts in :mod:`bu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -246,6 +247,16 @@ def relative_positions(length: int, buckets: int, max_position: int, device=None
     return distances[index[:, None] - index[None, :] + length - 1]  # (T, T)
 
 
+@functools.lru_cache(maxsize=64)
+def position_reach(length: int, buckets: int, max_position: int) -> int:
+    """The largest |relative position| (bucket) in a length-T sequence: only the relative embeddings within it of
+    distance 0 are ever read. Ints in, an int out (cached: one small computation per length)."""
+    distances = torch.arange(max(length, 1))
+    if buckets > 0 and max_position > 0:
+        distances = log_bucket_position(distances, buckets, max_position)
+    return int(distances.abs().max())
+
+
 def right_padded(attention_mask: torch.Tensor) -> bool:
     """Whether every row's real tokens come first (and the first is real): packing then keeps their distances."""
     real = attention_mask.bool()
@@ -305,6 +316,7 @@ class DisentangledAttention(Attention):
         # HF counts the position terms in the scale whether or not relative attention is on
         self.scale = 1.0 / math.sqrt(self.head_dim * (1 + len(self.terms)))
         self.share_att_key = config.share_att_key
+        self.buckets, self.max_relative = config.position_buckets, config.max_relative
         C, HD = config.hidden_size, config.num_heads * config.head_dim
         if self.relative and not self.share_att_key:
             if "c2p" in self.terms:
@@ -332,13 +344,25 @@ class DisentangledAttention(Attention):
     def _project_positions(
         self, rel: torch.Tensor, length: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-        """(R, C) relative embeddings (after dropout) -> pos_q, pos_k (H, R, D) (None for an absent term), span."""
+        """(R, C) relative embeddings (after dropout) -> pos_q, pos_k (H, R, D) (None for an absent term), span.
+
+        Only the rows a length-T sequence reads are projected (deberta-v3's 512 rows, T = 128: 256), the others
+        are zeros: the kernels read (H, 2 * span, D) tables, and this keeps their indices. Under ``torch.compile``
+        every row is projected (the reach is computed in Python, per length).
+        """
+        span, reach = self.span, self.span
+        if not torch.compiler.is_compiling():
+            reach = min(span, position_reach(length, self.buckets, self.max_relative) + 1)
+        if reach < span:
+            rel = rel[span - reach : span + reach]  # rows span + r for |r| < reach
         pos_q = pos_k = None
         if "c2p" in self.terms:
             pos_k = self._heads((self.k_proj if self.share_att_key else self.pos_k_proj)(rel))  # (H, R, D)
         if "p2c" in self.terms:
             pos_q = self._heads((self.q_proj if self.share_att_key else self.pos_q_proj)(rel))  # (H, R, D)
-        return pos_q, pos_k, self.span
+        if reach < span:
+            pos_q, pos_k = (None if t is None else F.pad(t, (0, 0, span - reach, span - reach)) for t in (pos_q, pos_k))
+        return pos_q, pos_k, span
 
     def _positions(self, rel_embeddings: torch.Tensor | None, length: int):
         """pos_q, pos_k (H, R, D) or None, span: the relative embeddings projected for a batch of length T."""

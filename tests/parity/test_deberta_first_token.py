@@ -1,6 +1,7 @@
-"""The first-token path of DeBERTa's pooled heads (``first_token_only``): the last layer computes position 0 alone
-(its query, attention and MLP; keys and values from every position), and gives the same logits, loss and gradients
-as the whole last layer, padded, unpadded and left-padded, for v2 / v3 and v1 configurations."""
+"""Work a DeBERTa training step skips, and that it changes nothing: the first-token path of the pooled heads
+(``first_token_only``: the last layer computes position 0 alone, its query, attention and MLP, keys and values from
+every position) gives the same logits, loss and gradients as the whole last layer, padded, unpadded and left-padded,
+for v2 / v3 and v1 configurations; and only the relative embeddings a sequence's length reaches are projected."""
 
 from __future__ import annotations
 
@@ -85,3 +86,31 @@ def test_first_token_only_refuses_hidden_states():
     model = deberta.DebertaV2Model.from_config(config)
     with pytest.raises(ValueError, match="first_token_only"):
         model(torch.ones(1, 5, dtype=torch.long), output_hidden_states=True, first_token_only=True)
+
+
+@pytest.mark.parametrize(
+    ("buckets", "max_position", "length"), [(256, 512, 128), (256, 512, 512), (8, 16, 3), (8, 16, 20)]
+)
+def test_only_the_reached_relative_embeddings_are_projected(buckets, max_position, length):
+    """The projected tables equal the whole table's projection at every row the sequence's relative positions
+    index (the rows the kernels read), and are zeros elsewhere; deberta-v3-base at T = 128 projects half its rows."""
+    config = deberta.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=37, relative_attention=True,
+        position_buckets=buckets, max_relative_positions=max_position, pos_att_type="p2c|c2p", share_att_key=True,
+    )  # fmt: skip
+    attn = deberta.DisentangledAttention(config)
+    span = config.att_span
+    rel = torch.randn(2 * span, 32)
+    pos_q, pos_k, got_span = attn._project_positions(rel, length)
+    full_q, full_k = attn._heads(attn.q_proj(rel)), attn._heads(attn.k_proj(rel))
+    assert got_span == span and pos_q.shape == full_q.shape and pos_k.shape == full_k.shape
+    relative_pos = deberta.relative_positions(length, buckets, max_position)
+    read = torch.zeros(2 * span, dtype=torch.bool)
+    read[torch.clamp(relative_pos + span, 0, 2 * span - 1).flatten()] = True
+    read[torch.clamp(-relative_pos + span, 0, 2 * span - 1).flatten()] = True
+    assert_close(pos_q[:, read], full_q[:, read], atol=1e-6)
+    assert_close(pos_k[:, read], full_k[:, read], atol=1e-6)
+    projected = pos_q.abs().sum((0, 2)) > 0
+    assert not (read & ~projected).any() and projected.sum() <= read.sum() + 1  # one row to spare, at most
+    if (buckets, length) == (256, 128):
+        assert int(projected.sum()) == 256  # of 512
