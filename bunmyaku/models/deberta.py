@@ -66,7 +66,7 @@ from bunmyaku.models.config import LayerConfig, ModelConfig
 from bunmyaku.models.disentangled import disentangled_attention, first_query_attention, reference_weights
 from bunmyaku.models.fastpath import Packing, RowGroup
 from bunmyaku.models.heads import flatten_choices, sequence_classification_loss, span_loss, token_loss
-from bunmyaku.models.layers import Block, activation
+from bunmyaku.models.layers import Block, Dropout, activation, dropout
 from bunmyaku.models.linear import Linear
 
 POSITION_TERMS = ("c2p", "p2c")
@@ -323,7 +323,7 @@ class DisentangledAttention(Attention):
                 self.pos_k_proj = Linear(C, HD)
             if "p2c" in self.terms:
                 self.pos_q_proj = Linear(C, HD)
-        self.pos_dropout = nn.Dropout(config.dropout)
+        self.pos_dropout = Dropout(config.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(..., L, H * D) -> (..., H, L, D)."""
@@ -405,7 +405,7 @@ class DisentangledAttention(Attention):
         if self.recorded is not None:  # output_attentions: the weights kept
             weights = reference_weights(q, k, pos_q, pos_k, relative_pos, span, mask, self.scale)
             self.recorded.append(weights)
-            y = F.dropout(weights, p=dropout_p) @ v  # (B, H, T, D)
+            y = dropout(weights, dropout_p) @ v  # (B, H, T, D)
         else:
             y = self._attend(q, k, v, pos_q, pos_k, relative_pos, span, mask, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): heads merged
@@ -458,6 +458,7 @@ class DebertaBlock(Block):
     def __init__(self, config: DebertaV2Config, layer_idx: int):
         super().__init__(config.layer_config(layer_idx), layer_idx)
         self.attn = self.attention_class(config, layer_idx)
+        self.dropout = Dropout(config.dropout)  # the block's residual dropout, its mask drawn faster on CPU
 
     def _forward(self, x, mask, rel_embeddings, relative_pos, packed, context=None):
         def attend(h):
@@ -494,7 +495,7 @@ class ConvLayer(nn.Module):
         self.conv = nn.Conv1d(C, C, k, padding=(k - 1) // 2, groups=config.conv_groups)
         self.act = activation(config.conv_act)
         self.norm = nn.LayerNorm(C, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self, embedded: torch.Tensor, layer_out: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None
@@ -524,7 +525,7 @@ class DebertaV2Embeddings(nn.Module):
         self.segments = nn.Embedding(config.type_vocab_size, E) if config.type_vocab_size > 0 else None
         self.proj = Linear(E, config.hidden_size, bias=False) if E != config.hidden_size else None
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self,
@@ -743,7 +744,7 @@ class ContextPooler(nn.Module):
 
     def __init__(self, config: DebertaV2Config):
         super().__init__()
-        self.dropout = nn.Dropout(config.pooler_dropout)
+        self.dropout = Dropout(config.pooler_dropout)
         self.dense = Linear(config.pooler_hidden_size, config.pooler_hidden_size)
         self.act = activation(config.pooler_hidden_act)
 
@@ -802,9 +803,9 @@ class _DebertaHeadModel(DebertaV2PreTrainedModel):
             first_token_only=self.reads == "first" and not output_hidden_states,
         )
 
-    def _classifier_dropout(self) -> nn.Dropout:
+    def _classifier_dropout(self) -> Dropout:
         p = self.config.cls_dropout
-        return nn.Dropout(self.config.dropout if p is None else p)
+        return Dropout(self.config.dropout if p is None else p)
 
 
 class DebertaV2ForMaskedLM(_DebertaHeadModel):
@@ -894,7 +895,7 @@ class DebertaV2ForTokenClassification(_DebertaHeadModel):
 
     def __init__(self, config: DebertaV2Config):
         super().__init__(config)
-        self.head.dropout = nn.Dropout(config.dropout)
+        self.head.dropout = Dropout(config.dropout)
         self.head.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(

@@ -38,9 +38,9 @@ import functools
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from bunmyaku.models.fastpath import Packing
+from bunmyaku.models.layers import dropout
 
 Impl = Literal["auto", "reference", "fast", "flex"]
 
@@ -131,7 +131,7 @@ def reference_attention(query, key, value, pos_query, pos_key, relative_pos, spa
     does, so that it matches in bf16 too."""
     weights = reference_weights(query, key, pos_query, pos_key, relative_pos, span, mask, scale)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ value
 
 
@@ -325,7 +325,7 @@ def fast_attention(query, key, value, pos_query, pos_key, relative_pos, span, ma
         ).view(B, H, T, T)
     weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ value
 
 
@@ -387,7 +387,7 @@ def first_query_attention(
         scores = scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ value
 
 
