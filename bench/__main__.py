@@ -71,7 +71,7 @@ def run_config(config: Config, args: argparse.Namespace) -> dict[str, dict]:
 def pool(results: list[dict]) -> dict:
     """One worker result from several of the same configuration: times and per-step extras joined, peaks maxed."""
     out = dict(results[0])
-    for key in ("times", "ttft", "decode_tps"):
+    for key in ("times", "cpu_times", "ttft", "decode_tps"):
         if key in out:
             out[key] = [value for r in results for value in r[key]]
     for key in ("peak_rss_mb", "peak_gpu_mb", "load_avg"):
@@ -104,6 +104,8 @@ def summarize(result: dict) -> dict:
     for key in ("ttft", "decode_tps"):
         if key in result:
             summary[key] = statistics.median(result[key])
+    if result.get("cpu_times"):  # rows measured before CPU time was recorded have none
+        summary["cpu_median"] = statistics.median(result["cpu_times"])
     return summary
 
 
@@ -238,9 +240,15 @@ def main() -> None:
             "rounds": args.rounds,
         }
         hf, ours = rows[config.name]["transformers"], rows[config.name]["bunmyaku"]
+        cpu = ""
+        if "cpu_median" in hf and "cpu_median" in ours:
+            cpu = (
+                f"  CPU s {hf['cpu_median']:.2f} / {ours['cpu_median']:.2f} "
+                f"({hf['cpu_median'] / ours['cpu_median']:.2f}x)"
+            )
         print(
             f"{config.name:34s} transformers {hf['median'] * 1e3:9.0f} ms  bunmyaku {ours['median'] * 1e3:9.0f} ms  "
-            f"speed-up {speedup(hf, ours):.2f}x  reps {hf['reps']}/{ours['reps']}  load {os.getloadavg()[0]:.1f}",
+            f"speed-up {speedup(hf, ours):.2f}x  reps {hf['reps']}/{ours['reps']}  load {os.getloadavg()[0]:.1f}{cpu}",
             flush=True,
         )
         if not args.no_write:  # after every configuration: a run cut short keeps what it measured

@@ -47,18 +47,21 @@ def main() -> None:
     for _ in range(args.warmup):
         step()
     sync()
-    times, extras = [], []
+    times, cpu_times, extras = [], [], []
     while len(times) < args.reps and (not args.budget or sum(times) < args.budget or len(times) < args.min_reps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         extra = step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         if extra:
             extras.append(extra)
     result = {
         "config": config.name,
         "impl": args.impl,
         "times": times,
+        # this process's CPU seconds per step (all its threads): on a shared machine, steadier than wall time
+        "cpu_times": cpu_times,
         "tokens": tokens,
         "load_avg": os.getloadavg()[0],
         "threads": torch.get_num_threads(),

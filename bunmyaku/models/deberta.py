@@ -47,6 +47,7 @@ extractive QA, multiple choice. DeBERTa v1 is built from these parts in :mod:`bu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -62,10 +63,10 @@ from bunmyaku.models import bert
 from bunmyaku.models.attention import Attention
 from bunmyaku.models.base import ModelOutput, PreTrainedModel
 from bunmyaku.models.config import LayerConfig, ModelConfig
-from bunmyaku.models.disentangled import disentangled_attention, reference_weights
+from bunmyaku.models.disentangled import disentangled_attention, first_query_attention, reference_weights
 from bunmyaku.models.fastpath import Packing, RowGroup
 from bunmyaku.models.heads import flatten_choices, sequence_classification_loss, span_loss, token_loss
-from bunmyaku.models.layers import Block, activation
+from bunmyaku.models.layers import Block, Dropout, activation, dropout
 from bunmyaku.models.linear import Linear
 
 POSITION_TERMS = ("c2p", "p2c")
@@ -193,6 +194,7 @@ class DebertaV2Config(ModelConfig):
             norm_eps=self.norm_eps,
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
+            attn_implementation=self.attn_implementation,  # "eager" selects the reference path
         )
 
     def to_hf(self) -> dict:
@@ -243,6 +245,16 @@ def relative_positions(length: int, buckets: int, max_position: int, device=None
         distances = log_bucket_position(distances, buckets, max_position).long()
     index = torch.arange(length, device=device)
     return distances[index[:, None] - index[None, :] + length - 1]  # (T, T)
+
+
+@functools.lru_cache(maxsize=64)
+def position_reach(length: int, buckets: int, max_position: int) -> int:
+    """The largest |relative position| (bucket) in a length-T sequence: only the relative embeddings within it of
+    distance 0 are ever read. Ints in, an int out (cached: one small computation per length)."""
+    distances = torch.arange(max(length, 1))
+    if buckets > 0 and max_position > 0:
+        distances = log_bucket_position(distances, buckets, max_position)
+    return int(distances.abs().max())
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -304,13 +316,14 @@ class DisentangledAttention(Attention):
         # HF counts the position terms in the scale whether or not relative attention is on
         self.scale = 1.0 / math.sqrt(self.head_dim * (1 + len(self.terms)))
         self.share_att_key = config.share_att_key
+        self.buckets, self.max_relative = config.position_buckets, config.max_relative
         C, HD = config.hidden_size, config.num_heads * config.head_dim
         if self.relative and not self.share_att_key:
             if "c2p" in self.terms:
                 self.pos_k_proj = Linear(C, HD)
             if "p2c" in self.terms:
                 self.pos_q_proj = Linear(C, HD)
-        self.pos_dropout = nn.Dropout(config.dropout)
+        self.pos_dropout = Dropout(config.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(..., L, H * D) -> (..., H, L, D)."""
@@ -320,16 +333,36 @@ class DisentangledAttention(Attention):
         """(B, T, C) -> q, k, v (B, H, T, D)."""
         return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
 
+    def _project_query(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> q (B, H, T, D), for positions whose keys and values are not wanted."""
+        return self._heads(self.q_proj(x))
+
+    def _project_context(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> k, v (B, H, T, D), for positions whose queries are not wanted."""
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
     def _project_positions(
         self, rel: torch.Tensor, length: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-        """(R, C) relative embeddings (after dropout) -> pos_q, pos_k (H, R, D) (None for an absent term), span."""
+        """(R, C) relative embeddings (after dropout) -> pos_q, pos_k (H, R, D) (None for an absent term), span.
+
+        Only the rows a length-T sequence reads are projected (deberta-v3's 512 rows, T = 128: 256), the others
+        are zeros: the kernels read (H, 2 * span, D) tables, and this keeps their indices. Under ``torch.compile``
+        every row is projected (the reach is computed in Python, per length).
+        """
+        span, reach = self.span, self.span
+        if not torch.compiler.is_compiling():
+            reach = min(span, position_reach(length, self.buckets, self.max_relative) + 1)
+        if reach < span:
+            rel = rel[span - reach : span + reach]  # rows span + r for |r| < reach
         pos_q = pos_k = None
         if "c2p" in self.terms:
             pos_k = self._heads((self.k_proj if self.share_att_key else self.pos_k_proj)(rel))  # (H, R, D)
         if "p2c" in self.terms:
             pos_q = self._heads((self.q_proj if self.share_att_key else self.pos_q_proj)(rel))  # (H, R, D)
-        return pos_q, pos_k, self.span
+        if reach < span:
+            pos_q, pos_k = (None if t is None else F.pad(t, (0, 0, span - reach, span - reach)) for t in (pos_q, pos_k))
+        return pos_q, pos_k, span
 
     def _positions(self, rel_embeddings: torch.Tensor | None, length: int):
         """pos_q, pos_k (H, R, D) or None, span: the relative embeddings projected for a batch of length T."""
@@ -350,13 +383,20 @@ class DisentangledAttention(Attention):
         rel_embeddings: torch.Tensor | None,
         relative_pos,
         packed: PackedRows | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C); mask: (B, T) or None; rel_embeddings: (R, C) (normed) or None -> (B, T, C).
 
         With ``packed``, x is (N, C), the real tokens of a packed batch, and so is the output (``mask`` and
         ``relative_pos`` are then unused: each row group carries its own).
+
+        With ``context``, only position 0 is computed: ``x`` is its input, (B, 1, C), or (B, C) with ``packed``,
+        ``context`` every position's, (B, T, C), or (N, C) with ``packed``, which keys and values come from;
+        ``relative_pos`` is then (T, T) for the batch's length T in both layouts.
         """
         dropout_p = self.dropout if self.training else 0.0
+        if context is not None:
+            return self.out_proj(self._first(x, context, mask, rel_embeddings, relative_pos, packed, dropout_p))
         if packed is not None:
             return self.out_proj(self._packed(x, rel_embeddings, packed, dropout_p))
         B, T, _ = x.shape
@@ -365,11 +405,28 @@ class DisentangledAttention(Attention):
         if self.recorded is not None:  # output_attentions: the weights kept
             weights = reference_weights(q, k, pos_q, pos_k, relative_pos, span, mask, self.scale)
             self.recorded.append(weights)
-            y = F.dropout(weights, p=dropout_p) @ v  # (B, H, T, D)
+            y = dropout(weights, dropout_p) @ v  # (B, H, T, D)
         else:
             y = self._attend(q, k, v, pos_q, pos_k, relative_pos, span, mask, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): heads merged
         return self.out_proj(y)
+
+    def _first(self, x, context, mask, rel_embeddings, relative_pos, packed: PackedRows | None, dropout_p: float):
+        """Position 0's attention output before the output projection: (B, 1, H * D), or (B, H * D) packed."""
+        if packed is not None:  # keys and values projected packed, then re-padded to (B, T, H * D)
+            q = self._project_query(x[:, None])  # (B, H, 1, D)
+            N, packing = context.size(0), packed.packing
+            k, v = (
+                self._heads(packing.pad(t[0].transpose(0, 1).reshape(N, -1)))
+                for t in self._project_context(context[None])
+            )
+            mask = packing.mask[:, 0, 0]  # (B, T)
+        else:
+            q, (k, v) = self._project_query(x), self._project_context(context)
+        pos_q, pos_k, span = self._positions(rel_embeddings, k.size(-2))
+        y = first_query_attention(q, k, v, pos_q, pos_k, relative_pos, span, mask, self.scale, dropout_p)
+        y = y.transpose(1, 2).flatten(2)  # (B, 1, H * D)
+        return y[:, 0] if packed is not None else y
 
     def _packed(self, x: torch.Tensor, rel_embeddings, packed: PackedRows, dropout_p: float) -> torch.Tensor:
         """(N, C) real tokens -> (N, H * D) attention outputs before the output projection, each row attending
@@ -401,9 +458,13 @@ class DebertaBlock(Block):
     def __init__(self, config: DebertaV2Config, layer_idx: int):
         super().__init__(config.layer_config(layer_idx), layer_idx)
         self.attn = self.attention_class(config, layer_idx)
+        self.dropout = Dropout(config.dropout)  # the block's residual dropout, its mask drawn faster on CPU
 
-    def _forward(self, x, mask, rel_embeddings, relative_pos, packed):
-        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mask, rel_embeddings, relative_pos, packed))
+    def _forward(self, x, mask, rel_embeddings, relative_pos, packed, context=None):
+        def attend(h):
+            return self.attn(h, mask, rel_embeddings, relative_pos, packed, context)
+
+        x = self._sublayer(x, self.attn_norm, attend)
         return self._sublayer(x, self.mlp_norm, self.mlp)
 
     def forward(
@@ -413,10 +474,12 @@ class DebertaBlock(Block):
         rel_embeddings: torch.Tensor | None = None,
         relative_pos: torch.Tensor | None = None,
         packed: PackedRows | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) -> (B, T, C); ``mask`` (B, T) 1 for real tokens; the relative embeddings (R, C), positions.
-        With ``packed``, x is (N, C) packed real tokens and so is the output."""
-        args = (x, mask, rel_embeddings, relative_pos, packed)
+        With ``packed``, x is (N, C) packed real tokens and so is the output. With ``context`` (every position's
+        input), x holds position 0's only and so does the output (see :meth:`DisentangledAttention.forward`)."""
+        args = (x, mask, rel_embeddings, relative_pos, packed, context)
         if self.gradient_checkpointing and self.training:
             return checkpoint(self._forward, *args, use_reentrant=False)
         return self._forward(*args)
@@ -432,7 +495,7 @@ class ConvLayer(nn.Module):
         self.conv = nn.Conv1d(C, C, k, padding=(k - 1) // 2, groups=config.conv_groups)
         self.act = activation(config.conv_act)
         self.norm = nn.LayerNorm(C, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self, embedded: torch.Tensor, layer_out: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None
@@ -462,7 +525,7 @@ class DebertaV2Embeddings(nn.Module):
         self.segments = nn.Embedding(config.type_vocab_size, E) if config.type_vocab_size > 0 else None
         self.proj = Linear(E, config.hidden_size, bias=False) if E != config.hidden_size else None
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self,
@@ -583,6 +646,7 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         unpad: bool | None = None,
+        first_token_only: bool = False,
     ) -> ModelOutput:
         """Encode a batch (unpadded inside when it is right-padded and ``config.unpad``).
 
@@ -594,10 +658,16 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
             inputs_embeds: (B, T, E) instead of ``input_ids``.
             output_hidden_states: also return the embeddings and every layer's output.
             unpad: run on the real tokens only (outputs at padding are then zeros); default ``config.unpad``.
+            first_token_only: only position 0 is read, as by the pooler: the last layer computes its query,
+                attention and MLP for position 0 alone (keys and values still for every position), and
+                ``last_hidden_state`` is (B, 1, C). Not with ``output_hidden_states``. A one-layer model with the
+                convolution layer (which adds to layer 0's every position) computes every position anyway.
 
         Returns:
             ``last_hidden_state`` (B, T, C) and, when asked, ``hidden_states``.
         """
+        if first_token_only and output_hidden_states:
+            raise ValueError("first_token_only=True cannot return hidden_states: the last layer skips positions")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -606,10 +676,12 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         config = self.config
         unpad = config.unpad if unpad is None else unpad
         if self.layers[0].attn.recorded is not None:  # output_attentions: every (B, H, T, T) map, padded layout
-            unpad = False
+            unpad, first_token_only = False, False
+        last = len(self.layers) - 1
+        first_token_only = first_token_only and not (last == 0 and self.conv is not None)
         packed = PackedRows.from_mask(mask, config) if mask is not None and unpad and right_padded(mask) else None
         relative_pos = None
-        if config.relative_attention and packed is None:
+        if config.relative_attention and (packed is None or first_token_only):
             relative_pos = relative_positions(T, config.position_buckets, config.max_relative, ref.device)  # (T, T)
         rel = self.relative_embeddings()
         packing = None
@@ -623,12 +695,18 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         x = embedded
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.layers):
-            x = block(x, mask, rel, relative_pos, packed)
+            if first_token_only and i == last:
+                first = x[:, :1] if packing is None else x[packing.cu_seqlens[:-1].long()]  # (B, 1, C) or (B, C)
+                x = block(first, mask, rel, relative_pos, packed, context=x)
+            else:
+                x = block(x, mask, rel, relative_pos, packed)
             if i == 0 and self.conv is not None:
                 x = self.conv(embedded, x, mask, packing)
             if hidden is not None:
                 hidden.append(x)
-        if packing is not None:
+        if packing is not None and first_token_only:
+            x = x[:, None]  # (B, 1, C)
+        elif packing is not None:
             x = packing.pad(x)  # (B, T, C)
             hidden = [packing.pad(h) for h in hidden] if hidden is not None else None
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
@@ -666,7 +744,7 @@ class ContextPooler(nn.Module):
 
     def __init__(self, config: DebertaV2Config):
         super().__init__()
-        self.dropout = nn.Dropout(config.pooler_dropout)
+        self.dropout = Dropout(config.pooler_dropout)
         self.dense = Linear(config.pooler_hidden_size, config.pooler_hidden_size)
         self.act = activation(config.pooler_hidden_act)
 
@@ -722,11 +800,12 @@ class _DebertaHeadModel(DebertaV2PreTrainedModel):
             inputs_embeds,
             output_hidden_states,
             unpad=False if reads_padding else None,
+            first_token_only=self.reads == "first" and not output_hidden_states,
         )
 
-    def _classifier_dropout(self) -> nn.Dropout:
+    def _classifier_dropout(self) -> Dropout:
         p = self.config.cls_dropout
-        return nn.Dropout(self.config.dropout if p is None else p)
+        return Dropout(self.config.dropout if p is None else p)
 
 
 class DebertaV2ForMaskedLM(_DebertaHeadModel):
@@ -816,7 +895,7 @@ class DebertaV2ForTokenClassification(_DebertaHeadModel):
 
     def __init__(self, config: DebertaV2Config):
         super().__init__(config)
-        self.head.dropout = nn.Dropout(config.dropout)
+        self.head.dropout = Dropout(config.dropout)
         self.head.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(

@@ -81,6 +81,12 @@ class DebertaAttention(deberta.DisentangledAttention):
         q, k, v = self._heads3(self.qkv_proj(x)).chunk(3, dim=-1)  # (B, H, T, D) each
         return q + self._heads(self.q_bias[None]), k, v + self._heads(self.v_bias[None])
 
+    def _project_query(self, x: torch.Tensor) -> torch.Tensor:
+        return self._project(x)[0]  # the fused projection: k and v of these few positions come along
+
+    def _project_context(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._project(x)[1:]
+
     def _heads3(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H * 3D) -> (B, H, T, 3D)."""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

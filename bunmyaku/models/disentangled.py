@@ -38,9 +38,9 @@ import functools
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from bunmyaku.models.fastpath import Packing
+from bunmyaku.models.layers import dropout
 
 Impl = Literal["auto", "reference", "fast", "flex"]
 
@@ -131,7 +131,7 @@ def reference_attention(query, key, value, pos_query, pos_key, relative_pos, spa
     does, so that it matches in bf16 too."""
     weights = reference_weights(query, key, pos_query, pos_key, relative_pos, span, mask, scale)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ value
 
 
@@ -325,7 +325,69 @@ def fast_attention(query, key, value, pos_query, pos_key, relative_pos, span, ma
         ).view(B, H, T, T)
     weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
+    return weights @ value
+
+
+def first_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pos_query: torch.Tensor | None,
+    pos_key: torch.Tensor | None,
+    relative_pos: torch.Tensor | None,
+    span: int,
+    mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """:func:`disentangled_attention` for query position 0 alone (what a pooler on the first token reads).
+
+    The score row of one query is (B, H, 1, T): the c2p term reads the T position-key rows of ``relative_pos[0]``,
+    the p2c term each key against the position-query row of its own distance (column 0 of ``relative_pos``, as the
+    reference reads it), so nothing (T, T) is formed and autograd's backward is as small as the forward.
+
+    Args:
+        query: (B, H, 1, D) the content query of position 0.
+        key, value: (B, H, T, D) every position's.
+        relative_pos: (T, T) as :func:`disentangled_attention` takes it (row 0 and column 0 are read); None when
+            both position terms are off.
+        mask: (B, T) 1 at real tokens, or None. Where position 0 is padding, its weights are uniform, as the
+            reference's (a fully masked row).
+        pos_query, pos_key, span, scale, dropout_p: as :func:`disentangled_attention`.
+
+    Returns:
+        (B, H, 1, D).
+    """
+    B, H, T, D = key.shape
+    positional = pos_query is not None or pos_key is not None
+    if (
+        query.shape != (B, H, 1, D)
+        or value.shape != key.shape
+        or (positional and (relative_pos is None or relative_pos.shape != (T, T)))
+    ):
+        raise ValueError(
+            "first_query_attention: query must be (B, H, 1, D), key and value (B, H, T, D) and relative_pos (T, T); "
+            f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}, "
+            f"{None if relative_pos is None else tuple(relative_pos.shape)}"
+        )
+    if positional:
+        relative_pos = relative_pos.to(device=query.device, dtype=torch.long)
+    scores = query @ key.transpose(-1, -2)  # (B, H, 1, T)
+    if pos_key is not None:  # c2p[0, j] = q_0 . Pk[bucket(0 - j)]
+        index = torch.clamp(relative_pos[0] + span, 0, 2 * span - 1)  # (T,)
+        scores = scores + query @ pos_key.index_select(1, index).transpose(-1, -2)
+    if pos_query is not None:  # p2c[0, j] = k_j . Pq[clamp(span - relative_pos[j, 0])], the reference's index
+        index = torch.clamp(span - relative_pos[:, 0], 0, 2 * span - 1)  # (T,)
+        scores = scores + (key * pos_query.index_select(1, index)).sum(-1).unsqueeze(2)
+    scores = scores * scale
+    if mask is not None:
+        real = mask.bool()
+        attend = real[:, :1, None, None] & real[:, None, None, :]  # (B, 1, 1, T)
+        scores = scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = dropout(weights, dropout_p)
     return weights @ value
 
 

@@ -18,12 +18,61 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from bunmyaku.models.attention import Attention, KVCache
 from bunmyaku.models.config import LayerConfig
 from bunmyaku.models.fastpath import Packing
 from bunmyaku.models.linear import Linear, linear_act
+
+
+class _IntegerMaskDropout(torch.autograd.Function):
+    """Dropout whose keep mask is drawn as 31-bit integers against a threshold, kept as bool for the backward.
+
+    On CPU, ``F.dropout`` draws a float Bernoulli tensor, scales it and multiplies: drawing uniform integers (one
+    Mersenne Twister word per element) and comparing is about twice as fast, and the saved mask is a quarter of the
+    size. An element is kept with probability 1 - round(p 2^31) / 2^31, p to within 2^-31 (a float32 uniform draw
+    resolves 2^-24).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= round(p * 2**31)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)``: each element zeroed with probability p, the others scaled by 1 / (1 - p).
+
+    On CPU (floating point, eager) the mask is drawn as integers (:class:`_IntegerMaskDropout`), faster than
+    ``F.dropout``'s; elsewhere, and for p = 1, it is ``F.dropout``. Either way it is seeded by ``torch.manual_seed``.
+
+    Raises:
+        ValueError: p outside [0, 1].
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0 or not x.is_cpu or not x.is_floating_point() or torch.compiler.is_compiling():
+        return F.dropout(x, p, training=True)
+    return _IntegerMaskDropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same arguments and repr) whose forward is :func:`dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

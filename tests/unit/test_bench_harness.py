@@ -20,6 +20,15 @@ def test_summary_median_percentiles_and_throughput():
     assert summary["ttft"] == 0.2 and summary["decode_tps"] == 20.0 and summary["reps"] == 5
 
 
+def test_cpu_seconds_are_pooled_and_summarised_when_recorded():
+    """Workers record each step's process CPU seconds; rows stored before that have none and summarise as before."""
+    pooled = harness.pool(
+        [_result([1.0], cpu_times=[0.9]), _result([2.0], cpu_times=[1.9]), _result([3.0], cpu_times=[2.8])]
+    )
+    assert pooled["cpu_times"] == [0.9, 1.9, 2.8] and harness.summarize(pooled)["cpu_median"] == 1.9
+    assert "cpu_median" not in harness.summarize(_result([1.0, 2.0]))
+
+
 def test_speedup_is_time_ratio_or_decode_rate_ratio():
     assert harness.speedup({"median": 3.0}, {"median": 1.5}) == 2.0
     # generation: decode tokens/s after the first token, not whole-call time
