@@ -610,6 +610,16 @@ class DebertaV2PreTrainedModel(PreTrainedModel):
     # ignores them too); a model that uses them and a checkpoint that lacks them: newly initialised, as in HF
     optional_base_modules = ("embed.positions.",)
 
+    def parameters_maybe_unused(self) -> list[str]:
+        """The relative-position embeddings (and their norm) of a config with relative attention but no position
+        term (``pos_att_type`` empty): built, as in ``transformers``, and never read. Distributed training reads
+        this (DDP must then look for unused parameters)."""
+        if not self.config.relative_attention or self.config.position_terms:
+            return []
+        return [
+            name for name, _ in self.named_parameters() if ".rel_embed." in f".{name}" or ".rel_norm." in f".{name}"
+        ]
+
 
 class DebertaV2Model(DebertaV2PreTrainedModel):
     """The encoder: embeddings, the relative-position table, the blocks, the optional convolution."""

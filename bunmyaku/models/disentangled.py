@@ -111,9 +111,10 @@ def _check_shapes(query, key, value, pos_query, pos_key, relative_pos, span, mas
             raise ValueError(
                 f"disentangled_attention: {name} must be (H, 2 * span, D) = {(H, 2 * span, D)}, got {tuple(pos.shape)}"
             )
-    if relative_pos.shape != (T, T):
+    if (pos_query is not None or pos_key is not None) and (relative_pos is None or relative_pos.shape != (T, T)):
         raise ValueError(
-            f"disentangled_attention: relative_pos must be (T, T) = {(T, T)}, got {tuple(relative_pos.shape)}"
+            f"disentangled_attention: relative_pos must be (T, T) = {(T, T)} with a position term, got "
+            f"{None if relative_pos is None else tuple(relative_pos.shape)}"
         )
     if mask is not None and mask.shape != (B, T):
         raise ValueError(f"disentangled_attention: mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
@@ -141,7 +142,8 @@ def reference_weights(query, key, pos_query, pos_key, relative_pos, span, mask, 
     # transformers divides by sqrt(D * factor), computed in fp32 and cast to the scores' dtype
     divisor = torch.tensor(1.0 / scale, dtype=torch.float32, device=query.device).to(query.dtype)
     scores = query @ (key.transpose(-1, -2) / divisor)  # (B, H, T, T)
-    relative_pos = relative_pos.to(device=query.device, dtype=torch.long)
+    if relative_pos is not None:  # None without relative attention (no position term reads it)
+        relative_pos = relative_pos.to(device=query.device, dtype=torch.long)
     rel = None
     if pos_key is not None:
         c2p_index = torch.clamp(relative_pos + span, 0, 2 * span - 1)  # (T, T)

@@ -72,10 +72,15 @@ CONFIGS = {
         max_position_embeddings=64,
         layer_norm_eps=1e-5,
     ),
+    # the config's defaults: no relative attention at all (absolute positions only, a plain attention)
+    "v2-absolute": dict(TINY, type_vocab_size=2, max_position_embeddings=64),
+    # relative embeddings present but no position term (transformers builds rel_embeddings and never reads them)
+    "v2-no-terms": dict(TINY, relative_attention=True, position_buckets=8, max_position_embeddings=64),
 }
 
 # DeBERTa v1 (model_type "deberta"): fused q/k/v, no buckets; relative span min(T, max_relative_positions)
 V1_CONFIGS = {
+    "v1-absolute": dict(TINY, type_vocab_size=2, max_position_embeddings=64),
     "v1-base": dict(
         TINY,
         relative_attention=True,

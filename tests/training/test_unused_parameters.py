@@ -87,3 +87,22 @@ def test_only_models_that_may_leave_parameters_unused_make_ddp_look_for_them():
     assert len(maybe_unused_parameters(model)) == 2
     model.backbone.pooler.requires_grad_(False)  # frozen: DDP waits for no gradient of it
     assert maybe_unused_parameters(model) == []
+
+
+@pytest.mark.parametrize("terms", [None, "p2c|c2p"])
+def test_deberta_without_position_terms_lists_its_relative_embeddings(terms):
+    """relative_attention with no pos_att_type builds the relative embeddings (as transformers does) and reads none."""
+    from bunmyaku.models import deberta
+
+    config = deberta.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, dropout=0.0,
+        relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm", pos_att_type=terms,
+    )  # fmt: skip
+    model = deberta.DebertaV2ForSequenceClassification.from_config(config)
+    ids = torch.randint(5, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    found = _unused_after_backward(model, input_ids=ids)
+    listed = set(maybe_unused_parameters(model))
+    assert found == listed
+    assert listed == (
+        set() if terms else {"backbone.rel_embed.weight", "backbone.rel_norm.weight", "backbone.rel_norm.bias"}
+    )
