@@ -46,6 +46,25 @@ def test_a_rung_trains_and_measures_what_it_holds():
     assert rank["peak"] >= rank["parameters"] + rank["gradients"] + rank["optimizer"]
 
 
+def test_a_qlora_rung_holds_the_quantized_bytes():
+    """The base's linears at bitsandbytes' nf4 bytes, the rest (token table, norms, adapters) in float32."""
+    require_module("bitsandbytes")
+    from bunmyaku.models.quantize import quantized_bytes
+
+    shapes = _hf_parameters()
+    linears = {n: s for n, s in shapes.items() if n.startswith("model.layers.") and len(s) == 2}
+    rung = _rung("qlora-nf4")
+    (rank,) = measure_rung(rung, TINY, max_length=16, warmup=1, steps=1, threads=1)
+    # LoRA r=8 on q_proj and v_proj of each layer: A (8, 32) and B (out, 8)
+    adapters = sum(
+        8 * 32 + shapes[f"model.layers.{i}.self_attn.{m}.weight"][0] * 8 for i in range(2) for m in ("q_proj", "v_proj")
+    )
+    floats = sum(_numel(s) for n, s in shapes.items() if n not in linears) + adapters
+    assert rank["parameters"] == 4 * floats + sum(quantized_bytes(s, "nf4") for s in linears.values())
+    assert rank["gradients"] == 4 * adapters
+    assert rank["parameters"] < 4 * sum(_numel(s) for s in shapes.values())
+
+
 @pytest.mark.distributed
 def test_fsdp_on_two_ranks_holds_half_the_state_on_each():
     shapes = _hf_parameters()
@@ -62,7 +81,8 @@ def test_fsdp_on_two_ranks_holds_half_the_state_on_each():
 def test_the_table_has_every_rung_with_the_planner_beside_the_measurement():
     rungs = ladder(8, TINY)
     assert [r.name for r in rungs] == [
-        "baseline", "accumulation", "checkpointing", "freezing", "lora", "fsdp-2", "tp-2", "cpu-offload"
+        "baseline", "accumulation", "checkpointing", "freezing", "lora", "qlora-nf4", "qlora-int8", "fsdp-2", "tp-2",
+        "cpu-offload",
     ]  # fmt: skip
     # the same tokens per optimizer step in every rung (tensor parallel: the 2 ranks read the same batch)
     assert {r.micro_batch * r.accum * r.processes // r.tp for r in rungs} == {8}
