@@ -51,7 +51,7 @@ def disentangled_attention(
     value: torch.Tensor,
     pos_query: torch.Tensor | None,
     pos_key: torch.Tensor | None,
-    relative_pos: torch.Tensor,
+    relative_pos: torch.Tensor | None,
     span: int,
     mask: torch.Tensor | None,
     scale: float,
@@ -69,7 +69,8 @@ def disentangled_attention(
         pos_key: (H, 2 * span, D) key projection of the relative-position embeddings (the c2p term), or None when
             c2p is off.
         relative_pos: (T, T) long, the (bucketed) relative position of query i to key j, before adding ``span``;
-            it must depend on i - j only, as `transformers`' ``build_relative_position`` makes it.
+            it must depend on i - j only, as `transformers`' ``build_relative_position`` makes it; None when
+            neither position term is on (no relative attention).
         span: s, the number of relative positions on each side (``position_buckets`` or
             ``max_relative_positions``).
         mask: (B, T) 1 at real tokens, 0 at padding; None for no padding.
