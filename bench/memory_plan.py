@@ -171,13 +171,10 @@ def measure(setting: Setting) -> dict[str, int]:
 def parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters; a quantized weight's with its quantization statistics, which bitsandbytes
     keeps beside the parameter (counted from its tensors by models/quantize.py's ``weight_bytes``)."""
-    from bunmyaku.models.quantize import is_quantized, weight_bytes
+    from bunmyaku.models.quantize import quantized_layers, weight_bytes
 
-    total = sum(p.nbytes for p in model.parameters())
-    if is_quantized(model):
-        quantized = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
-        total += sum(weight_bytes(m) - m.weight.nbytes for m in quantized)
-    return total
+    extra = sum(weight_bytes(m) - m.weight.nbytes for m in quantized_layers(model).values())
+    return sum(p.nbytes for p in model.parameters()) + extra
 
 
 def predict(setting: Setting) -> dict[str, int]:

@@ -112,13 +112,19 @@ def _check_shapes(query, key, value, pos_query, pos_key, relative_pos, span, mas
             raise ValueError(
                 f"disentangled_attention: {name} must be (H, 2 * span, D) = {(H, 2 * span, D)}, got {tuple(pos.shape)}"
             )
-    if (pos_query is not None or pos_key is not None) and (relative_pos is None or relative_pos.shape != (T, T)):
+    if _bad_relative_pos(pos_query, pos_key, relative_pos, T):
         raise ValueError(
             f"disentangled_attention: relative_pos must be (T, T) = {(T, T)} with a position term, got "
             f"{None if relative_pos is None else tuple(relative_pos.shape)}"
         )
     if mask is not None and mask.shape != (B, T):
         raise ValueError(f"disentangled_attention: mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+
+
+def _bad_relative_pos(pos_query, pos_key, relative_pos, length: int) -> bool:
+    """Whether a position term is on and ``relative_pos`` is not the (T, T) table it reads."""
+    positional = pos_query is not None or pos_key is not None
+    return positional and (relative_pos is None or relative_pos.shape != (length, length))
 
 
 def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -363,18 +369,14 @@ def first_query_attention(
         (B, H, 1, D).
     """
     B, H, T, D = key.shape
-    positional = pos_query is not None or pos_key is not None
-    if (
-        query.shape != (B, H, 1, D)
-        or value.shape != key.shape
-        or (positional and (relative_pos is None or relative_pos.shape != (T, T)))
-    ):
+    shapes_ok = query.shape == (B, H, 1, D) and value.shape == key.shape
+    if not shapes_ok or _bad_relative_pos(pos_query, pos_key, relative_pos, T):
         raise ValueError(
             "first_query_attention: query must be (B, H, 1, D), key and value (B, H, T, D) and relative_pos (T, T); "
             f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}, "
             f"{None if relative_pos is None else tuple(relative_pos.shape)}"
         )
-    if positional:
+    if relative_pos is not None:
         relative_pos = relative_pos.to(device=query.device, dtype=torch.long)
     scores = query @ key.transpose(-1, -2)  # (B, H, 1, T)
     if pos_key is not None:  # c2p[0, j] = q_0 . Pk[bucket(0 - j)]

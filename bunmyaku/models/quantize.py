@@ -146,13 +146,17 @@ def _quantized_linear(bnb: Any, linear: nn.Linear, scheme: str) -> nn.Module:
     return layer.to(weight.device)  # quantizes the weight (bitsandbytes does it on the move to a device)
 
 
-def frozen_quantized_keys(model: nn.Module) -> set[str]:
-    """``model.state_dict()``'s keys held by quantized layers (weights, their statistics, biases): frozen, so a
-    snapshot of what training changes (the Trainer's best evaluation) leaves them out. Empty for a float model."""
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's bitsandbytes layers by name (:func:`quantize_base` made them; empty for a float model)."""
     if not is_quantized(model):
-        return set()
-    prefixes = [f"{name}." for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
-    return {key for key in model.state_dict(keep_vars=True) if key.startswith(tuple(prefixes))}
+        return {}
+    return {name: m for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+
+
+def frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Prefixes of the ``state_dict`` keys held by quantized layers (weights, their statistics, biases): frozen, so a
+    snapshot of what training changes (the Trainer's best evaluation) leaves them out. Empty for a float model."""
+    return tuple(f"{name}." for name in quantized_layers(model))
 
 
 def quantized_bytes(shape: tuple[int, ...], scheme: str) -> int:

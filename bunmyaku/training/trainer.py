@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from bunmyaku.data.loader import BatchStream, eval_batches
-from bunmyaku.models.quantize import frozen_quantized_keys
+from bunmyaku.models.quantize import frozen_prefixes
 from bunmyaku.training import checkpoint as ckpt
 from bunmyaku.training import distributed as dist_utils
 from bunmyaku.training import sharding
@@ -509,7 +509,8 @@ class Trainer:
                 sharding.load_full_state_dict(self.model, self.selected_state)
             else:  # a quantized base's tensors are left out of the snapshot: they never change (_cpu_state)
                 missing, unexpected = self.unwrapped_model.load_state_dict(self.selected_state, strict=False)
-                if unexpected or set(missing) - frozen_quantized_keys(self.unwrapped_model):
+                frozen = frozen_prefixes(self.unwrapped_model)
+                if unexpected or not all(key.startswith(frozen) for key in missing):
                     raise RuntimeError(f"the best evaluation's weights do not fit the model: {missing} {unexpected}")
             logger.info("Restored the best evaluation (step %d, %s)", self.selected["step"], self._selected_value())
         if self.sharded_checkpoints:
@@ -566,9 +567,9 @@ class Trainer:
         """The model's weights, whole, on the CPU (sharded: gathered on rank 0; every process must call it)."""
         if sharding.is_sharded(self.model):
             return sharding.full_state_dict(self.model)
-        frozen = frozen_quantized_keys(self.unwrapped_model)  # QLoRA's quantized base: frozen integer codes
+        frozen = frozen_prefixes(self.unwrapped_model)  # QLoRA's quantized base: frozen integer codes
         state = self.unwrapped_model.state_dict()
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k not in frozen}
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if not k.startswith(frozen)}
 
     @contextlib.contextmanager
     def _gradient_sync(self, enabled: bool):

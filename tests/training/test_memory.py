@@ -70,25 +70,18 @@ SETTINGS = [
         lora_r=4,
         lora_quantize="nf4",
     ),
-    Setting(
-        "llama-lm-qlora-nf4",
-        llama_config(64, 3, 4, 2, vocab=99),
-        "causal-lm",
-        4,
-        40,
-        lora_r=8,
-        lora_targets="q_proj,v_proj",
-        lora_quantize="nf4",
-    ),
-    Setting(
-        "llama-lm-qlora-int8",
-        llama_config(64, 3, 4, 2, vocab=99),
-        "causal-lm",
-        4,
-        40,
-        lora_r=8,
-        lora_targets="q_proj,v_proj",
-        lora_quantize="int8",
+    *(
+        Setting(
+            f"llama-lm-qlora-{scheme}",
+            llama_config(64, 3, 4, 2, vocab=99),
+            "causal-lm",
+            4,
+            40,
+            lora_r=8,
+            lora_targets="q_proj,v_proj",
+            lora_quantize=scheme,
+        )
+        for scheme in ("nf4", "int8")
     ),
 ]
 
