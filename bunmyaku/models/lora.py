@@ -422,7 +422,10 @@ def load_adapter(
     for name in ("problem_type",):
         if name in own and hasattr(model.config, name):
             setattr(model.config, name, own[name])
-    scheme = scheme_of(own.get("quantization_config"))
+    try:
+        scheme = scheme_of(own.get("quantization_config"))
+    except ValueError as e:
+        raise ValueError(f"{directory / MODEL_CONFIG}: {e}") from None
     if scheme and quantize:
         quantize_base(model, scheme)
     add_lora(model, record["r"], record["lora_alpha"], list(record["target_modules"]), record.get("lora_dropout", 0))

@@ -309,3 +309,15 @@ def test_qlora_on_cuda_computes_with_the_dequantized_weights_and_trains(scheme):
     loss.backward()
     grads = [p.grad for n, p in quantized.named_parameters() if ".lora_A." in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_an_unknown_quantization_record_names_its_file(qlora_run, tmp_path):
+    import shutil
+
+    _, out, _, _ = qlora_run
+    folder = shutil.copytree(out / "model", tmp_path / "model")
+    record = json.loads((folder / lora.MODEL_CONFIG).read_text())
+    record["quantization_config"] = {"quant_method": "gptq"}
+    (folder / lora.MODEL_CONFIG).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"bunmyaku_config.json: quantization_config .*gptq.* nf4 .* or int8"):
+        lora.load_adapter(folder)
