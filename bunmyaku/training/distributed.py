@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator, Mapping
 
@@ -74,8 +75,15 @@ def join_from_env(backend: str | None = None) -> bool:
 
 
 def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        # leave together, as process_group_from_env does: a process whose peer is still finishing (process 0
+        # writing a cv run's results) must not tear its connections down under it; at exit an error on one
+        # process may have ended the others' work, so the wait is bounded and a timeout only skips it
+        with contextlib.suppress(RuntimeError):
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    dist.destroy_process_group()
 
 
 def world_size() -> int:
