@@ -9,7 +9,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
+import importlib
 import os
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -30,6 +33,12 @@ def init_from_env(backend: str | None = None) -> bool:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn.functional binds `group=group.WORLD` as its functions' default when it is first imported
+    # (by DistributedDataParallel's import chain, among others); imported after the group exists, those defaults hold
+    # the group, so destroy_process_group cannot free it and its gloo threads run on into the interpreter's
+    # shutdown (see process_group_from_env)
+    importlib.import_module("torch.distributed.nn.functional")
+
     dist.init_process_group(backend)
     return True
 
@@ -39,11 +48,14 @@ def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
     """:func:`init_from_env` for the duration of a block; the group it joined is destroyed when the block ends,
     normally or by an exception.
 
-    A group still alive when the interpreter shuts down is destroyed after it: gloo's worker threads may then
-    need the GIL that no longer exists, and the process aborts with SIGABRT ("terminate called without an
-    active exception"; see the note in ``torch.distributed.destroy_process_group``). Destroying the group while
-    the interpreter is whole avoids that; on an error it also closes the connections, so the other processes
-    fail instead of waiting in a collective.
+    Why the group must be gone before the interpreter shuts down: gloo's worker threads free each finished
+    collective, and freeing a tensor that Python also referenced takes the GIL. A worker that does this while the
+    interpreter finalizes is ended inside a C++ destructor, and the process aborts with SIGABRT ("terminate called
+    without an active exception"; in a core dump: ``~AsyncBarrierWork`` -> ``~AsyncAllgatherWork`` ->
+    ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``). Those threads end only when the group is freed, and
+    ``destroy_process_group`` frees it only when nothing else holds it: :func:`init_from_env` and ``_destroy`` see
+    to that. On an error, destroying the group also closes the connections, so the other processes fail instead of
+    waiting in a collective.
 
     Yields:
         Whether a process group is active.
@@ -52,12 +64,11 @@ def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
     try:
         yield dist.is_initialized()
         if created and dist.is_initialized():
-            # leave together: a process that tears its connections down while a peer's last collective is still
-            # in flight aborts in gloo's threads the same way (seen once in CI with `generate --tp 2`)
+            # leave together: a peer still in its last collective must not lose its connections under it
             dist.barrier()
     finally:
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            _destroy()
 
 
 def join_from_env(backend: str | None = None) -> bool:
@@ -83,7 +94,23 @@ def _leave() -> None:
         # process may have ended the others' work, so the wait is bounded and a timeout only skips it
         with contextlib.suppress(RuntimeError):
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    _destroy()
+
+
+def _destroy() -> None:
+    """``destroy_process_group``, then let go of what still holds the groups, so that they are freed (and gloo's
+    threads joined) now, while the interpreter is whole (see :func:`process_group_from_env`)."""
     dist.destroy_process_group()
+    device_mesh = sys.modules.get("torch.distributed.device_mesh")
+    if device_mesh is None:
+        return
+    gc.collect()  # the run's modules and optimizer states, which hold meshes, in reference cycles
+    # torch's DTensor caches (sharding propagation, redistribution plans, mesh topology) keep the device meshes of a
+    # sharded run after it has ended, and each mesh's registry holds its groups; the groups are destroyed, so the
+    # meshes are of no further use
+    for obj in gc.get_objects():
+        if isinstance(obj, device_mesh.DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 def world_size() -> int:

@@ -14,12 +14,14 @@ are wrapped to log their paths.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
 from pathlib import Path
 
 from tests.finetune.helpers import save_tiny, sentiment_rows
+from tests.training.helpers import fail_if_group_outlived
 
 SETTINGS = {
     "task": "text-classification",
@@ -96,6 +98,8 @@ def main() -> None:
     import faulthandler
 
     faulthandler.dump_traceback_later(200, exit=True)  # a hung collective fails the run instead of the test's timeout
+    # registered before the first call joins the group, so it runs after the hook that destroys it
+    atexit.register(fail_if_group_outlived)
     import bunmyaku
 
     out, mode = Path(sys.argv[1]), sys.argv[2]

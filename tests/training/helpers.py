@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from bunmyaku.data import Split
@@ -66,3 +71,27 @@ class Plan:
 
     def load_state_dict(self, state):
         self.position = state["position"]
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's live gloo threads (Linux's /proc; none elsewhere)."""
+    names = []
+    tasks = Path("/proc/self/task")
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        with contextlib.suppress(OSError):  # a thread that ended while listed
+            name = (task / "comm").read_text().strip()
+            names += [name] if "gloo" in name else []
+    return names
+
+
+def fail_if_group_outlived() -> None:
+    """End a torchrun script with exit status 3 when gloo's threads are still alive after it destroyed its process
+    group: then destroy_process_group could not free the group (something still holds it), and its threads would
+    run on into the interpreter's shutdown, where freeing a tensor aborts the process (SIGABRT, "terminate called
+    without an active exception"; see bunmyaku.training.distributed.process_group_from_env) in a few runs of many.
+    This check fails every time instead."""
+    alive = gloo_threads()
+    if alive:
+        sys.stderr.write(f"rank {os.environ.get('RANK')}: the process group outlived destroy_process_group: {alive}\n")
+        sys.stderr.flush()
+        os._exit(3)  # also from an atexit hook, whose exceptions do not change the exit status

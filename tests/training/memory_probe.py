@@ -19,6 +19,8 @@ from torch.distributed.fsdp import fully_shard
 
 from bunmyaku.models.auto import model_class
 from bunmyaku.training import sharding
+from bunmyaku.training.distributed import process_group_from_env
+from tests.training.helpers import fail_if_group_outlived
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
@@ -38,26 +40,28 @@ def _split(model: torch.nn.Module, mode: str) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _measure(config_path: str, out: str, mode: str) -> None:
+    config_dict = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    cls = model_class(config_dict["model_type"], "causal-lm")
+    torch.manual_seed(0)
+    model = cls(cls.configure(config_dict))
+    optimizer = _split(model, mode)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    gradients = sum(_local_bytes(p.grad) for p in model.parameters())
+    optimizer.step()
+    parameters = sum(_local_bytes(p) for p in model.parameters())
+    states = sum(_local_bytes(t) for state in optimizer.state.values() for t in state.values())
+    if dist.get_rank() == 0:
+        result = {"parameters": parameters, "gradients": gradients, "optimizer": states}
+        Path(out).write_text(json.dumps(result), encoding="utf-8")
+
+
 def main(config_path: str, out: str, mode: str) -> None:
-    dist.init_process_group("gloo")
-    try:
-        config_dict = json.loads(Path(config_path).read_text(encoding="utf-8"))
-        cls = model_class(config_dict["model_type"], "causal-lm")
-        torch.manual_seed(0)
-        model = cls(cls.configure(config_dict))
-        optimizer = _split(model, mode)
-        ids = torch.randint(0, model.config.vocab_size, (2, 16))
-        model(input_ids=ids, labels=ids).loss.backward()
-        gradients = sum(_local_bytes(p.grad) for p in model.parameters())
-        optimizer.step()
-        parameters = sum(_local_bytes(p) for p in model.parameters())
-        states = sum(_local_bytes(t) for state in optimizer.state.values() for t in state.values())
-        if dist.get_rank() == 0:
-            result = {"parameters": parameters, "gradients": gradients, "optimizer": states}
-            Path(out).write_text(json.dumps(result), encoding="utf-8")
-    finally:
-        dist.destroy_process_group()
+    with process_group_from_env("gloo"):  # the model and optimizer, which hold the group, are gone when it ends
+        _measure(config_path, out, mode)
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    fail_if_group_outlived()

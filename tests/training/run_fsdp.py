@@ -30,7 +30,7 @@ from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import TrainArgs, Trainer
 from bunmyaku.training.distributed import process_group_from_env, world_size
 from bunmyaku.training.plugins import Plugin
-from tests.training.helpers import EOS, random_split, tiny_gpt2
+from tests.training.helpers import EOS, fail_if_group_outlived, random_split, tiny_gpt2
 from tests.training.run_tiny import PLUGINS as PLUGIN_SETTINGS
 
 
@@ -152,3 +152,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    fail_if_group_outlived()

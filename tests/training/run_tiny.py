@@ -14,7 +14,7 @@ import torch
 from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import TrainArgs, Trainer
 from bunmyaku.training.distributed import process_group_from_env
-from tests.training.helpers import EOS, random_split, tiny_gpt2
+from tests.training.helpers import EOS, fail_if_group_outlived, random_split, tiny_gpt2
 
 # TrainArgs settings per plugin; AWP starts at epoch 0.1, so its first step (epoch 0) is clean and the others are not
 PLUGINS = {
@@ -70,3 +70,4 @@ def train(cli: argparse.Namespace, output_dir: str, settings: dict) -> None:
 
 if __name__ == "__main__":
     main()
+    fail_if_group_outlived()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from bunmyaku.data import CausalLMCollator, PackedBlocks
 from bunmyaku.training import TrainArgs, Trainer, sharding
 from bunmyaku.training.distributed import is_main, process_group_from_env
-from tests.training.helpers import EOS, MASK, PAD, VOCAB, random_split, tiny_gpt2
+from tests.training.helpers import EOS, MASK, PAD, VOCAB, fail_if_group_outlived, random_split, tiny_gpt2
 from tests.training.run_fsdp import Interrupt, Interrupted
 
 TP_PLUGINS = {"ema": {"ema_decay": 0.5}, "sam": {"sam": 0.05}}
@@ -244,3 +244,4 @@ def vocabulary_split(model, head=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    fail_if_group_outlived()

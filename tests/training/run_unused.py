@@ -17,7 +17,7 @@ import torch
 
 from bunmyaku.training import TrainArgs, Trainer
 from bunmyaku.training.distributed import process_group_from_env, rank, world_size
-from tests.training.helpers import MASK, VOCAB, Plan
+from tests.training.helpers import MASK, VOCAB, Plan, fail_if_group_outlived
 
 LENGTH, ROWS = 24, 8  # tokens per row, rows per micro-batch over all processes
 
@@ -91,3 +91,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    fail_if_group_outlived()

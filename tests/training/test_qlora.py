@@ -276,7 +276,8 @@ def test_qlora_under_ddp_matches_one_process(tmp_path):
     single = _start([*flags, "--batch-size", "8", "--output-dir", str(tmp_path / "single")])
     torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
     with open(tmp_path / "ddp.log", "w+b") as log:
-        code = _wait(_start([*torchrun, *flags, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")], log), 150)
+        checked = ["-m", "tests.training.cli_checked", *flags[2:], "--batch-size", "4"]  # no group outlives it
+        code = _wait(_start([*torchrun, *checked, "--output-dir", str(tmp_path / "ddp")], log), 150)
         log.seek(0)
         assert code == 0, log.read().decode(errors="replace")[-3000:]
     assert _wait(single, 150) == 0
