@@ -16,12 +16,14 @@ two-sided window of ``L`` (each token sees as much context as in an ``L``-token 
 recipe, much shortened), then fine-tuned with truncate at ``LL``.
 
 Runs go to ``WORK_DIR/<row>``; a row's model folder is deleted once its test metrics are written. A finished row
-is reused on a rerun. The summary is written to ``bench/results/long-accuracy.json`` and ``.md``.
+is reused on a rerun. The summary is written to ``bench/results/long-accuracy.json`` and ``.md`` (or the
+``--results`` name).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import lzma
@@ -247,7 +249,11 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
         "rows": {},
     }
     only = set(args.only.split(",")) if args.only else None
-    save = _write if only is None else lambda report, labels: report.update(labels=labels)  # a plain rerun writes
+    stem = getattr(args, "results", None)
+    if only is None or stem:  # an --only run without --results leaves the files to a plain rerun
+        save = functools.partial(_write, stem=stem or "long-accuracy")
+    else:
+        save = lambda report, labels: report.update(labels=labels)  # noqa: E731
     labels = {}
     for name, options, label in rows_for(args.max_length):
         if only is not None and name not in only:
@@ -270,11 +276,11 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
     return report
 
 
-def _write(report: dict[str, Any], labels: dict[str, str]) -> None:
+def _write(report: dict[str, Any], labels: dict[str, str], stem: str) -> None:
     report["labels"] = labels
-    write_json_atomic(RESULTS / "long-accuracy.json", report, sort_keys=False)
+    write_json_atomic(RESULTS / f"{stem}.json", report, sort_keys=False)
     text = f"Machine: {report['machine']}\n\n{table(report['rows'], labels)}\n"
-    write_text_atomic(RESULTS / "long-accuracy.md", text)
+    write_text_atomic(RESULTS / f"{stem}.md", text)
 
 
 def main() -> None:
@@ -293,7 +299,13 @@ def main() -> None:
         "--only",
         default="",
         help="comma-separated rows to run (truncate, head-tail, windows-mean, windows-max, windows-attention, "
-        "longified), e.g. in a second process; such a run writes no results: a plain rerun gathers the finished rows",
+        "longified), e.g. in a second process; such a run writes no results (a plain rerun gathers the finished "
+        "rows) unless --results names them",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="the results files' name in bench/results/ (default long-accuracy); also written by an --only run",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -85,6 +85,12 @@ def test_table_runs_every_row_on_one_budget_and_writes_results(tmp_path, monkeyp
     report = long_accuracy.run_table(Namespace(**{**vars(args), "only": "head-tail,longified"}), finetune_row=fake_row)
     assert [c[0] for c in calls] == ["head-tail", "longified"] and list(report["rows"]) == ["head-tail", "longified"]
     assert not (tmp_path / "results" / "long-accuracy.md").exists()
+    # --only with --results: those rows, written under that name
+    report = long_accuracy.run_table(
+        Namespace(**{**vars(args), "only": "longified", "results": "long-mlm"}), finetune_row=fake_row
+    )
+    assert list(json.loads((tmp_path / "results" / "long-mlm.json").read_text())["rows"]) == ["longified"]
+    assert not (tmp_path / "results" / "long-accuracy.md").exists()
 
 
 def test_a_finished_row_is_reused_without_training(tmp_path, monkeypatch):
