@@ -23,6 +23,8 @@ from pathlib import Path
 from tests.finetune.helpers import save_tiny, sentiment_rows
 from tests.training.helpers import fail_if_group_outlived
 
+KEPT: list = []  # the results of main's calls, alive when the process group is destroyed at exit
+
 SETTINGS = {
     "task": "text-classification",
     "epochs": 2,
@@ -113,7 +115,7 @@ def main() -> None:
     train, evaluation = rows(43, seed=0), rows(13, seed=1)
     # a script's calls: the first joins the group, which stays for the next ones (the command finds it joined:
     # creating the default group again in the same processes after destroying it is not reliable)
-    bunmyaku.finetune(
+    result = bunmyaku.finetune(
         model=model,
         train=train,
         eval=evaluation,
@@ -124,7 +126,8 @@ def main() -> None:
         **SETTINGS,
     )
     cli(here, model, train, evaluation, batch)
-    bunmyaku.cv(model=model, train=train, folds=2, batch_size=batch, output_dir=here / "cv", **SETTINGS)
+    cv = bunmyaku.cv(model=model, train=train, folds=2, batch_size=batch, output_dir=here / "cv", **SETTINGS)
+    KEPT.extend([result, cv])  # held until exit, as a script's globals are: they must not hold the process group
 
 
 if __name__ == "__main__":
