@@ -162,9 +162,17 @@ def run_row(name: str, options: dict[str, Any], splits: dict[str, list], work: P
     return summary
 
 
-def long_model(work: Path, splits: dict[str, list], long_length: int, window: int, mlm_steps: int) -> tuple[Path, dict]:
-    """The longified bert-ja-small (reused when built earlier), MLM-pretrained for ``mlm_steps`` steps on the
-    train split's texts when that is above 0; the folder and what it cost."""
+def long_model(
+    work: Path,
+    splits: dict[str, list],
+    long_length: int,
+    window: int,
+    mlm_steps: int,
+    trained_length: int | None = None,
+) -> tuple[Path, dict]:
+    """The longified bert-ja-small (reused when built earlier; only its first ``trained_length`` positions copied
+    when given), MLM-pretrained for ``mlm_steps`` steps on the train split's texts when that is above 0; the folder
+    and what it cost."""
     import bunmyaku
     from bunmyaku.models.longify import longify
 
@@ -173,8 +181,14 @@ def long_model(work: Path, splits: dict[str, list], long_length: int, window: in
         info = json.loads(done.read_text(encoding="utf-8"))
         return Path(info["path"]), info
     start = time.perf_counter()
-    path = longify(MODEL, work / "long-model", max_length=long_length, attention_window=window, overwrite=True)
-    info: dict[str, Any] = {"longify_seconds": time.perf_counter() - start, "mlm_steps": mlm_steps}
+    path = longify(
+        MODEL, work / "long-model", long_length, window, overwrite=True, trained_length=trained_length
+    )  # fmt: skip
+    info: dict[str, Any] = {
+        "longify_seconds": time.perf_counter() - start,
+        "mlm_steps": mlm_steps,
+        "trained_length": trained_length,
+    }
     if mlm_steps > 0:
         texts = work / "mlm-train.jsonl"
         write_jsonl_atomic(texts, [{"text": row["text"]} for row in splits["train"]])
@@ -263,11 +277,14 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
         report["rows"][name] = finetune_row(name, options, splits, args.work, MODEL)
         save(report, labels)
     if args.long_length and (only is None or "longified" in only):
-        path, info = long_model(args.work, splits, args.long_length, args.max_length, args.mlm_steps)
+        trained = getattr(args, "trained_length", None)
+        path, info = long_model(args.work, splits, args.long_length, args.max_length, args.mlm_steps, trained)
         report["long_model"] = info
         label = f"longified to {args.long_length}, window {args.max_length}, " + (
             f"+ {args.mlm_steps} MLM steps on train" if args.mlm_steps else "no further pretraining"
         )
+        if trained:
+            label += f", positions 0-{trained - 1} copied"
         logger.info("row %s", label)
         labels["longified"] = label
         options = dict(long_strategy="truncate", max_length=args.long_length)
@@ -292,6 +309,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=at_least(8), default=256, help="tokens per input (per window)")
     parser.add_argument("--long-length", type=at_least(0), default=2048, help="longified length (0: no row)")
     parser.add_argument("--mlm-steps", type=at_least(0), default=0, help="MLM steps on the train texts after longify")
+    parser.add_argument(
+        "--trained-length",
+        type=at_least(1),
+        default=None,
+        help="longify copies only the model's first N positions (bert-ja-small was pretrained at 128 tokens)",
+    )
     parser.add_argument("--epochs", type=at_least(0.01, float), default=BUDGET["epochs"], help="every row's epochs")
     parser.add_argument("--lr", type=at_least(1e-12, float), default=BUDGET["lr"], help="every row's peak lr")
     parser.add_argument("--seed", type=int, default=0)

@@ -286,6 +286,11 @@ def longify_command(
         "512", help="The two-sided window (even): one for every layer, or one per layer separated by commas."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output-dir."),
+    trained_length: int = typer.Option(
+        None,
+        help="The length the source was pretrained at, when shorter than its position table (e.g. 128 for a BERT "
+        "with 512 positions trained on 128-token sequences): only those positions are copied.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs."),
 ) -> None:
     """Turn a BERT or RoBERTa into a Longformer (the Longformer paper's recipe): position embeddings copied to the
@@ -299,7 +304,8 @@ def longify_command(
     except ValueError:
         message = f"--attention-window {attention_window}: expected an even int, or ints separated by commas"
         raise ValueError(message) from None
-    longify(model, output_dir, max_length, windows[0] if len(windows) == 1 else windows, overwrite=overwrite)
+    window = windows[0] if len(windows) == 1 else windows
+    longify(model, output_dir, max_length, window, overwrite=overwrite, trained_length=trained_length)
     typer.echo(f"Longified {model} into {output_dir} ({max_length} tokens, window {attention_window})")
 
 

@@ -97,6 +97,34 @@ def test_positions_are_copied_over_and_over(roberta_dir, bert_dir, tmp_path, kin
     assert not torch.equal(new[pad + 1 + 25], new[pad + 1 + 24])  # not one row repeated
 
 
+def test_only_the_trained_positions_are_copied_when_asked(bert_dir, tmp_path):
+    """``--trained-length 8`` (a source pretrained on 8-token inputs): position p starts as the source's p mod 8, and
+    an input of up to 8 tokens still gets the source's outputs."""
+    from safetensors.torch import load_file
+
+    result = CliRunner().invoke(
+        app,
+        ["longify", "--model", str(bert_dir), "--max-length", "40", "--attention-window", "16"]
+        + ["--trained-length", "8", "--output-dir", str(tmp_path / "long")],
+    )
+    assert result.exit_code == 0, result.output
+    old = load_file(bert_dir / "model.safetensors")["bert.embeddings.position_embeddings.weight"]
+    new = load_file(tmp_path / "long" / "model.safetensors")["longformer.embeddings.position_embeddings.weight"]
+    assert new.shape == (41, 32) and torch.equal(new[0], old[0])  # BERT's pad 0: row 0, then the 40 positions
+    for position in range(40):
+        assert torch.equal(new[1 + position], old[position % 8]), position
+    ids = _ids(8, seed=3, first=5)
+    source, long = (bunmyaku.from_pretrained(d).eval() for d in (bert_dir, tmp_path / "long"))
+    with torch.no_grad():
+        assert_close(long(input_ids=ids).logits, source(input_ids=ids).logits)
+    for bad in ("0", "21"):
+        result = CliRunner().invoke(
+            app, ["longify", "--model", str(bert_dir), "--trained-length", bad, "--output-dir", str(tmp_path / bad)]
+        )
+        assert result.exit_code == 1 and f"trained_length {bad}" in result.output and "20 positions" in result.output
+        assert not (tmp_path / bad).exists()
+
+
 def test_global_projections_are_copies(roberta_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -5,10 +5,12 @@ A Longformer is RoBERTa with a different attention, so a trained encoder becomes
 - **positions**: the new table holds ``max_length`` positions, filled with the source's learned positions copied
   over and over (position ``p`` of the long model starts as position ``p mod n`` of the source, ``n`` its number of
   positions); the paper found this keeps the attention's learned locality and makes continued pretraining converge
-  fast. Longformer counts positions as RoBERTa does, from ``pad_token_id + 1``, so the table has ``max_length +
-  pad_token_id + 1`` rows; the rows up to ``pad_token_id`` (the padding position) are the source's first rows.
-  A RoBERTa keeps its offsets (real position ``i`` sits at row ``pad + 1 + i`` in both); a BERT's position ``i``
-  (row ``i``) moves to row ``pad + 1 + i``;
+  fast. A source pretrained on inputs shorter than its table (a BERT with 512 positions trained on 128-token
+  sequences) has untrained rows past that length: ``trained_length`` copies only its first rows instead, so position
+  ``p`` starts as ``p mod trained_length``. Longformer counts positions as RoBERTa does, from ``pad_token_id + 1``,
+  so the table has ``max_length + pad_token_id + 1`` rows; the rows up to ``pad_token_id`` (the padding position)
+  are the source's first rows. A RoBERTa keeps its offsets (real position ``i`` sits at row ``pad + 1 + i`` in
+  both); a BERT's position ``i`` (row ``i``) moves to row ``pad + 1 + i``;
 - **global projections**: ``query_global``, ``key_global``, ``value_global`` start as copies of ``query``, ``key``,
   ``value`` (§3.1 keeps two sets of projections; copying makes a global token attend as it did before);
 - everything else (token, segment embeddings, blocks, MLM head) is taken as it is.
@@ -67,7 +69,9 @@ def _source_model(model_dir: Path, config: dict):
     return cls.from_pretrained(model_dir)
 
 
-def long_positions(table: torch.Tensor, source_start: int, pad_token_id: int, max_length: int) -> torch.Tensor:
+def long_positions(
+    table: torch.Tensor, source_start: int, pad_token_id: int, max_length: int, trained_length: int | None = None
+) -> torch.Tensor:
     """The new position table: ``(max_length + pad_token_id + 1, C)``.
 
     Args:
@@ -75,8 +79,11 @@ def long_positions(table: torch.Tensor, source_start: int, pad_token_id: int, ma
         source_start: the row of the source's first real position (``pad + 1`` for RoBERTa, 0 for BERT).
         pad_token_id: the long model's padding index; real positions start at row ``pad_token_id + 1``.
         max_length: real positions in the long model.
+        trained_length: copy only the source's first ``trained_length`` real positions (default: all of them).
     """
     learned = table[source_start:]  # (n, C): the source's real positions
+    if trained_length is not None:
+        learned = learned[:trained_length]
     repeats = -(-max_length // learned.size(0))
     head = table[: pad_token_id + 1]  # rows up to the padding position
     return torch.cat([head, learned.repeat(repeats, 1)[:max_length]]).clone()
@@ -88,6 +95,7 @@ def longify(
     max_length: int = 4096,
     attention_window: int | list[int] = 512,
     overwrite: bool = False,
+    trained_length: int | None = None,
 ) -> Path:
     """Turn a BERT or RoBERTa folder into a Longformer folder that ``transformers`` and bunmyaku load.
 
@@ -98,13 +106,16 @@ def longify(
         max_length: tokens the long model takes (at least the source's).
         attention_window: the two-sided window, one for every layer or one per layer (positive, even).
         overwrite: replace a non-empty ``output_dir``.
+        trained_length: the input length the source was pretrained at, when shorter than its position table: only
+            those positions are copied (the rest of the source's table was never trained). Inputs up to that length
+            still get the source's outputs; default: the whole table.
 
     Returns:
         ``output_dir``.
 
     Raises:
-        ValueError: the source is not a BERT / RoBERTa, ``max_length`` is below the source's, a bad window, or a
-            BERT MLM head whose activation is not exact GELU.
+        ValueError: the source is not a BERT / RoBERTa, ``max_length`` is below the source's, a bad window or
+            ``trained_length``, or a BERT MLM head whose activation is not exact GELU.
         FileExistsError: ``output_dir`` holds files and ``overwrite`` is False.
     """
     model_dir = resolve_model_dir(model)
@@ -126,6 +137,15 @@ def longify(
             f"max_length {max_length!r}: expected an int of at least the source's {source_length} positions "
             f"({model_dir})"
         )
+    if trained_length is not None and (
+        isinstance(trained_length, bool)
+        or not isinstance(trained_length, int)
+        or not 1 <= trained_length <= source_length
+    ):
+        raise ValueError(
+            f"trained_length {trained_length!r}: expected an int from 1 to the source's {source_length} positions "
+            f"({model_dir})"
+        )
     has_mlm = source.task == "masked-lm"
     if has_mlm and model_type == "bert" and src.hidden_act != "gelu":
         raise ValueError(
@@ -143,7 +163,7 @@ def longify(
     state = dict(source.state_dict())
     prefix = "backbone." if has_mlm else ""
     positions = f"{prefix}embed.positions.weight"
-    state[positions] = long_positions(state[positions], source_start, src.pad_token_id, max_length)
+    state[positions] = long_positions(state[positions], source_start, src.pad_token_id, max_length, trained_length)
     for layer in range(src.num_layers):
         for name in ("q", "k", "v"):
             for part in ("weight", "bias"):
@@ -156,7 +176,11 @@ def longify(
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         target.save_pretrained(tmp)
         _copy_tokenizer(model_dir, tmp, max_length)
-    logger.info("longified %s to %s: %d tokens, window %s", model_dir, output_dir, max_length, attention_window)
+    copied = f"its first {trained_length}" if trained_length else f"all {source_length}"
+    logger.info(
+        "longified %s to %s: %d tokens, window %s, %s positions copied",
+        model_dir, output_dir, max_length, attention_window, copied,
+    )  # fmt: skip
     return Path(output_dir)
 
 

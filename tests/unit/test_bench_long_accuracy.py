@@ -44,7 +44,8 @@ def test_table_runs_every_row_on_one_budget_and_writes_results(tmp_path, monkeyp
     monkeypatch.setattr(long_accuracy, "describe", lambda: "test machine")
     long_dir = tmp_path / "long"
     info = {"path": str(long_dir)}
-    monkeypatch.setattr(long_accuracy, "long_model", lambda work, splits, n, w, s: (long_dir, {**info, "window": w}))
+    fake_long = lambda work, splits, n, w, s, t=None: (long_dir, {**info, "window": w})  # noqa: E731
+    monkeypatch.setattr(long_accuracy, "long_model", fake_long)
     calls = []
 
     def fake_row(name, options, splits, work, model):
