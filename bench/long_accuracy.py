@@ -181,9 +181,7 @@ def long_model(
         info = json.loads(done.read_text(encoding="utf-8"))
         return Path(info["path"]), info
     start = time.perf_counter()
-    path = longify(
-        MODEL, work / "long-model", long_length, window, overwrite=True, trained_length=trained_length
-    )  # fmt: skip
+    path = longify(MODEL, work / "long-model", long_length, window, overwrite=True, trained_length=trained_length)
     info: dict[str, Any] = {
         "longify_seconds": time.perf_counter() - start,
         "mlm_steps": mlm_steps,
@@ -263,7 +261,7 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
         "rows": {},
     }
     only = set(args.only.split(",")) if args.only else None
-    stem = getattr(args, "results", None)
+    stem = args.results
     if only is None or stem:  # an --only run without --results leaves the files to a plain rerun
         save = functools.partial(_write, stem=stem or "long-accuracy")
     else:
@@ -277,7 +275,7 @@ def run_table(args: argparse.Namespace, finetune_row: Callable[..., dict] = run_
         report["rows"][name] = finetune_row(name, options, splits, args.work, MODEL)
         save(report, labels)
     if args.long_length and (only is None or "longified" in only):
-        trained = getattr(args, "trained_length", None)
+        trained = args.trained_length
         path, info = long_model(args.work, splits, args.long_length, args.max_length, args.mlm_steps, trained)
         report["long_model"] = info
         label = f"longified to {args.long_length}, window {args.max_length}, " + (

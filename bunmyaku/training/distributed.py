@@ -12,11 +12,11 @@ import datetime
 import gc
 import importlib
 import os
-import sys
 from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 
 def init_from_env(backend: str | None = None) -> bool:
@@ -101,15 +101,12 @@ def _destroy() -> None:
     """``destroy_process_group``, then let go of what still holds the groups, so that they are freed (and gloo's
     threads joined) now, while the interpreter is whole (see :func:`process_group_from_env`)."""
     dist.destroy_process_group()
-    device_mesh = sys.modules.get("torch.distributed.device_mesh")
-    if device_mesh is None:
-        return
     gc.collect()  # the run's modules and optimizer states, which hold meshes, in reference cycles
     # torch's DTensor caches (sharding propagation, redistribution plans, mesh topology) keep the device meshes of a
     # sharded run after it has ended, and each mesh's registry holds its groups; the groups are destroyed, so the
     # meshes are of no further use
     for obj in gc.get_objects():
-        if isinstance(obj, device_mesh.DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
             obj._pg_registry.clear()
 
 

@@ -79,9 +79,8 @@ def gloo_threads() -> list[str]:
     tasks = Path("/proc/self/task")
     for task in tasks.iterdir() if tasks.is_dir() else ():
         with contextlib.suppress(OSError):  # a thread that ended while listed
-            name = (task / "comm").read_text().strip()
-            names += [name] if "gloo" in name else []
-    return names
+            names.append((task / "comm").read_text().strip())
+    return [name for name in names if "gloo" in name]
 
 
 def fail_if_group_outlived() -> None:

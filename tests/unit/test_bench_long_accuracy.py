@@ -54,7 +54,8 @@ def test_table_runs_every_row_on_one_budget_and_writes_results(tmp_path, monkeyp
                 "seconds": 10.0 * len(calls), "cpu_seconds": 5.0 * len(calls), "options": options}  # fmt: skip
 
     args = Namespace(work=tmp_path / "work", train_per_class=2, dev_per_class=1, test_per_class=3, seed=0,
-                     max_length=256, long_length=2048, mlm_steps=0, only="")  # fmt: skip
+                     max_length=256, long_length=2048, mlm_steps=0, trained_length=None, results=None,
+                     only="")  # fmt: skip
     report = long_accuracy.run_table(args, finetune_row=fake_row)
 
     names = [c[0] for c in calls]
