@@ -7,9 +7,11 @@ the model, so generation on a CPU is bound by it. oneDNN's inner product (the ke
 weight faster at few rows, and is faster at thousands of rows too (figures in BENCHMARKS.md, "Linears on oneDNN").
 
 The kernel has no autograd formula. Calls that need no gradient (inference, frozen weights on inputs without
-grad) call it directly; training goes through :class:`_OneDNNLinear`, which also computes the input's gradient
-``dY W`` on oneDNN (the same product with the weight transposed) and the weight's gradient ``dY^T X`` on
-MKL's GEMM, which is the faster of the two for that shape. Not on this path: CUDA, dtypes other than
+grad) call it directly; training goes through :class:`_OneDNNLinear`, whose backward runs on MKL's GEMM: the
+input's gradient ``dY W`` and the weight's ``dY^T X``. (oneDNN computes ``dY W`` too, given the weight
+transposed, but on a Zen 3 EPYC at 0.65-1.1x the GEMM's speed, 0.35-0.5x for a feed-forward block's second
+projection; on DeBERTa-v3-base's fine-tuning step that cost a quarter of the step: BENCHMARKS.md, "Linears on
+oneDNN".) Not on this path: CUDA, dtypes other than
 float32, CPU autocast (it must see ``F.linear`` to cast), ``torch.compile`` graphs (the compiler picks its
 own kernels) and double backward.
 
@@ -69,7 +71,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b on oneDNN, with its backward: dX = dY W (oneDNN), dW = dY^T X (GEMM), db = sum dY."""
+    """y = x W^T + b on oneDNN, with its backward on GEMM: dX = dY W, dW = dY^T X, db = sum dY."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -82,9 +84,9 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad, weight.t())  # (..., out) @ (out, in)
         flat = grad.reshape(-1, grad.size(-1))  # (rows, out)
+        if ctx.needs_input_grad[0]:
+            grad_x = (flat @ weight).view(*grad.shape[:-1], weight.size(1))  # (rows, out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_weight = flat.t() @ x.reshape(-1, x.size(-1))  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
