@@ -11,9 +11,8 @@ grad) call it directly; training goes through :class:`_OneDNNLinear`, whose back
 input's gradient ``dY W`` and the weight's ``dY^T X``. (oneDNN computes ``dY W`` too, given the weight
 transposed, but on a Zen 3 EPYC at 0.65-1.1x the GEMM's speed, 0.35-0.5x for a feed-forward block's second
 projection; on DeBERTa-v3-base's fine-tuning step that cost a quarter of the step: BENCHMARKS.md, "Linears on
-oneDNN".) Not on this path: CUDA, dtypes other than
-float32, CPU autocast (it must see ``F.linear`` to cast), ``torch.compile`` graphs (the compiler picks its
-own kernels) and double backward.
+oneDNN".) Not on this path: CUDA, dtypes other than float32, CPU autocast (it must see ``F.linear`` to cast),
+``torch.compile`` graphs (the compiler picks its own kernels) and double backward.
 
 The two kernels sum in different orders, so results differ by float32 rounding (~1e-6 relative), like
 ``F.linear`` on two machines. ``CPU_ONEDNN = False`` turns the path off (for A/B measurements).
