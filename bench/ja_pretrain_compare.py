@@ -7,7 +7,8 @@ number of steps x sequences x tokens per sequence, then fine-tuned with identica
 - ``roberta``: RoBERTa's, masked LM only, a fresh mask every epoch, full packed blocks (``--objective mlm``);
 - ``deberta``: DeBERTa-v3's, a DeBERTa-v2 encoder as the discriminator of replaced token detection with
   gradient-disentangled embedding sharing (``--objective rtd``). Its generator (a masked LM of the same width
-  and half the depth, as DeBERTa-v3's) is extra compute on top of the shared budget, and its wall time counts.
+  and half the depth, as DeBERTa-v3's) is extra compute on top of the shared budget, and its wall time counts;
+- ``scratch``, the control: ``bert``'s encoder randomly initialised (seeded), not pretrained, fine-tuned alike.
 
 Usage: ``python -m bench.ja_pretrain_compare WORK_DIR [--steps N] [--ft-train N] ...`` (``--help`` lists the
 budget's knobs). Stages write into ``WORK_DIR``: ``text/`` (the corpus and the fine-tuning subsets), ``tokens/``
@@ -53,6 +54,9 @@ SHIPPED = ROOT / "models" / "bunmyaku-bert-ja-small"
 logger = logging.getLogger("ja-pretrain-compare")
 
 MODELS = ("bert", "roberta", "deberta")
+# the control: BERT's encoder of the same shape, randomly initialised and fine-tuned with the same recipes, so
+# the table shows what each pretraining adds over none
+SCRATCH = "scratch"
 TASKS = ("jnli", "jsts", "jcommonsenseqa", "jsquad", "ner")
 RECIPES = {task: ROOT / "recipes" / "finetune" / f"ja-{task}.yaml" for task in TASKS}
 # the metric each task's table cell shows (bunmyaku's metrics.json keys)
@@ -294,6 +298,37 @@ def pretrain_model(name: str, tokens_dir: Path, out: Path, opts: argparse.Namesp
     return summary
 
 
+def scratch_model(out: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """Save ``bert``'s architecture, randomly initialised from ``--seed``, with the tokenizer into ``out``
+    (reused when its ``result.json`` exists): the fine-tuning control, pretrained on nothing."""
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    from bunmyaku.models.auto import model_class
+    from bunmyaku.tokenization import Tokenizer
+    from bunmyaku.training.rtd import base_model
+
+    tokenizer = Tokenizer.from_pretrained(opts.tokenizer)
+    hf = {**model_configs(opts.hidden, opts.layers, opts.heads, opts.block)["bert"], "vocab_size": len(tokenizer)}
+    hf["pad_token_id"] = tokenizer.pad_token_id
+    cls = model_class("bert", "pretraining")  # as ``bert`` is saved: the pooler too
+    torch.manual_seed(opts.seed)
+    model = cls.from_config(cls.config_class.from_hf(hf))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = {
+        "model": SCRATCH,
+        "objective": "none",
+        "parameters": sum(p.numel() for p in base_model(model).parameters()),
+        "wall_s": 0.0,
+        "cpu_s": 0.0,
+        "tokens_seen": 0,
+        "sequence_slots": 0,
+    }
+    write_json_atomic(done, summary, sort_keys=False)
+    return summary
+
+
 @torch.no_grad()
 def mlm_accuracy(model_dir: Path, tokens_dir: Path, block: int, batch: int, max_blocks: int, seed: int) -> dict:
     """Masked-token accuracy of a masked LM on the corpus's held-out documents: packed blocks of ``block`` tokens,
@@ -407,7 +442,7 @@ def _cell(value: float | None, metric: str) -> str:
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as the Markdown section BENCHMARKS.md quotes."""
     setup, pre, ft = summary["setup"], summary["pretrain"], summary["finetune"]
-    models = [m for m in MODELS if m in pre]
+    models = [m for m in (*MODELS, SCRATCH) if m in pre]
     lines = [
         "# BERT vs RoBERTa vs DeBERTa-v3 pretrained on Japanese, CPU budget (`python -m bench.ja_pretrain_compare`)",
         "",
@@ -485,7 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=default_data)
     parser.add_argument("--tokenizer", type=Path, default=SHIPPED)
     parser.add_argument("--results", type=Path, default=RESULTS / "ja-pretrain-compare", help="json / md stem")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join((*MODELS, SCRATCH)))
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seed", type=int, default=0)
     # corpus
@@ -515,8 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.model_list = [m for m in opts.models.split(",") if m]
     opts.task_list = [t for t in opts.tasks.split(",") if t]
     for name in opts.model_list:
-        if name not in MODELS:
-            parser.error(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if name not in (*MODELS, SCRATCH):
+            parser.error(f"--models: unknown model {name!r}; choose from {', '.join((*MODELS, SCRATCH))}")
     for task in opts.task_list:
         if task not in TASKS:
             parser.error(f"--tasks: unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -573,7 +608,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for name in opts.model_list:
         logger.info("pretraining %s", name)
-        summary["pretrain"][name] = pretrain_model(name, tokens_dir, work / "pretrain" / name, opts)
+        out = work / "pretrain" / name
+        summary["pretrain"][name] = (
+            scratch_model(out, opts) if name == SCRATCH else pretrain_model(name, tokens_dir, out, opts)
+        )
         save()
     eval_dirs = {"bert": "bert", "roberta": "roberta", "deberta-generator": "deberta/generator"}
     for key, sub in eval_dirs.items():

@@ -10,6 +10,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, require_module
 
@@ -133,7 +134,7 @@ def test_one_budget_every_model_every_task(run):
     assert generator["num_hidden_layers"] == 1 and generator["hidden_size"] == 32  # half depth, same width
     for key in ("bert", "roberta", "deberta-generator", "shipped"):
         assert 0.0 <= summary["mlm"][key]["mlm_accuracy"] <= 1.0 and summary["mlm"][key]["masked_tokens"] > 0
-    for m in compare.MODELS:
+    for m in (*compare.MODELS, compare.SCRATCH):
         for task in compare.TASKS:
             cell = summary["finetune"][m][task]
             assert math.isfinite(cell["value"]) and cell["wall_s"] > 0 and cell["cpu_s"] > 0, (m, task)
@@ -142,6 +143,23 @@ def test_one_budget_every_model_every_task(run):
     table = (root / "results" / "cmp.md").read_text()
     assert "| jsquad | f1 |" in table and "| deberta | rtd |" in table
     assert "tokenizer: models/bunmyaku-bert-ja-small." in table
+
+
+def test_scratch_control_is_bert_untrained(run):
+    """The control column: BERT's shape at its seeded initialisation, pretrained on nothing; the pretrained BERT
+    of the same shape moved away from such a start."""
+    from bunmyaku.models.auto import from_pretrained
+
+    root, _, summary = run
+    work = root / "work" / "pretrain"
+    assert summary["pretrain"]["scratch"]["tokens_seen"] == 0
+    assert json.loads((work / "scratch" / "config.json").read_text())["model_type"] == "bert"
+    scratch, bert = (from_pretrained(work / m, task="base").state_dict() for m in ("scratch", "bert"))
+    assert scratch.keys() == bert.keys()
+    assert not all(torch.equal(scratch[k], bert[k]) for k in scratch)
+    layer_norm = "embed.norm.weight"
+    assert torch.equal(scratch[layer_norm], torch.ones_like(scratch[layer_norm]))  # as initialised, never stepped
+    assert "| scratch | none |" in (root / "results" / "cmp.md").read_text()
 
 
 def test_rerun_reuses_finished_stages(run, monkeypatch):
