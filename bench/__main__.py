@@ -7,7 +7,10 @@ Options: ``--only PATTERN[,PATTERN]`` (substrings of the configuration name), ``
 ``--rounds N`` (alternate the two implementations' processes N times per configuration, each with 1/N of the
 repetitions and budget, and pool their times: a machine whose speed drifts over minutes then slows both alike),
 ``--compile [MODE]`` (both libraries' models compiled with ``torch.compile``, mode ``default`` unless given, for the
-encoder scenarios only; rows named ``<configuration>+compile``, or ``+compile:MODE``), ``--no-write`` (print only).
+encoder scenarios only; rows named ``<configuration>+compile``, or ``+compile:MODE``), ``--no-write`` (print only),
+``--peers`` (the DeBERTa rows also time transformers with each DeBERTa attention package of PyPI that imports:
+``disentangled-flash``, on CPU through its PyTorch backend, and ``flashdeberta``, CUDA only; their processes
+alternate with the other two and the stored row keeps them under ``peers``).
 
 Long-input rows ``long/<mode>/<length>`` (``bench/long_attention.py``: transformers Longformer, bunmyaku's windowed
 Longformer and dense SDPA, time and peak memory) run only when a non-empty ``--only`` pattern names them (``--only
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -34,7 +38,7 @@ from pathlib import Path
 
 from bench import long_attention
 from bench.machine import describe
-from bench.scenarios import COMPILABLE, CONFIGS, SAME_SHAPE, Config, model_dir
+from bench.scenarios import COMPILABLE, CONFIGS, PEERS, SAME_SHAPE, Config, model_dir
 from bunmyaku.hub.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,13 +63,52 @@ def run_one(config: Config, impl: str, args: argparse.Namespace) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def run_config(config: Config, args: argparse.Namespace) -> dict[str, dict]:
-    """Both implementations, their worker processes alternating ``args.rounds`` times; times pooled per side."""
-    parts: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+def run_config(config: Config, args: argparse.Namespace, peers: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Both implementations (and ``peers``), their worker processes alternating ``args.rounds`` times; times
+    pooled per implementation."""
+    parts: dict[str, list[dict]] = {impl: [] for impl in (*IMPLS, *peers)}
     for _ in range(args.rounds):
-        for impl in IMPLS:
+        for impl in parts:
             parts[impl].append(run_one(config, impl, args))
     return {impl: pool(results) for impl, results in parts.items()}
+
+
+def usable_peers(device: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The DeBERTa kernel packages this machine can time, and why each other one is left out."""
+    usable, skipped = [], {}
+    for peer, module in PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            skipped[peer] = f"not installed (pip install {peer})"
+        elif peer == "flashdeberta" and not device.startswith("cuda"):
+            skipped[peer] = "Triton kernels: CUDA only"
+        else:
+            usable.append(peer)
+    return tuple(usable), skipped
+
+
+def peers_table(rows: dict[str, dict]) -> str:
+    """bunmyaku against the DeBERTa kernel packages, from the rows that timed them; "" when none did."""
+    lines = []
+    for name in ordered_names(rows):
+        ours = rows[name]["bunmyaku"]
+        for peer, theirs in rows[name].get("peers", {}).items():
+            cpu = ""
+            if "cpu_median" in theirs and "cpu_median" in ours:
+                cpu = f"{theirs['cpu_median'] / ours['cpu_median']:.2f}x"
+            lines.append(
+                f"| {name} | transformers + {peer} | {theirs['median'] * 1e3:.0f} ms "
+                f"| {ours['median'] * 1e3:.0f} ms | **{theirs['median'] / ours['median']:.2f}x** | {cpu} "
+                f"| {theirs['reps']} / {ours['reps']} | {theirs['load_avg']:.1f} / {ours['load_avg']:.1f} "
+                f"| {rows[name]['when']} |"
+            )
+    if not lines:
+        return ""
+    head = [
+        "| configuration | peer | peer median | bunmyaku median | bunmyaku speed-up | same, CPU time | reps | load avg "
+        "| measured |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines)
 
 
 def pool(results: list[dict]) -> dict:
@@ -205,6 +248,7 @@ def main() -> None:
         "--compile", nargs="?", const="default", default="", help="compile both models (encoder scenarios)"
     )
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--peers", action="store_true", help="DeBERTa rows: also time the DeBERTa kernel packages")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -228,10 +272,17 @@ def main() -> None:
     rows, raw = saved.get("rows", {}), saved.get("raw", {})
     # the machine the rows were measured on; re-rendering (``--only`` matching nothing) keeps the stored one
     machine = describe(args.device) if configs else saved.get("machine", describe(args.device))
+    peers: tuple[str, ...] = ()
+    if args.peers:
+        peers, skipped = usable_peers(args.device)
+        for peer, why in skipped.items():
+            print(f"peer {peer} left out: {why}", flush=True)
     for config in configs:
-        results = run_config(config, args)
+        results = run_config(config, args, peers if config.model == "deberta-v3-base" else ())
         raw[config.name] = list(results.values())
-        rows[config.name] = {impl: summarize(r) for impl, r in results.items()}
+        rows[config.name] = {impl: summarize(results[impl]) for impl in IMPLS}
+        if len(results) > len(IMPLS):
+            rows[config.name]["peers"] = {p: summarize(r) for p, r in results.items() if p not in IMPLS}
         rows[config.name]["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         rows[config.name]["settings"] = {
             "warmup": args.warmup,
@@ -251,6 +302,12 @@ def main() -> None:
             f"speed-up {speedup(hf, ours):.2f}x  reps {hf['reps']}/{ours['reps']}  load {os.getloadavg()[0]:.1f}{cpu}",
             flush=True,
         )
+        for peer, theirs in rows[config.name].get("peers", {}).items():
+            print(
+                f"{'':34s} {peer} {theirs['median'] * 1e3:9.0f} ms  bunmyaku speed-up vs it "
+                f"{theirs['median'] / ours['median']:.2f}x  reps {theirs['reps']}",
+                flush=True,
+            )
         if not args.no_write:  # after every configuration: a run cut short keeps what it measured
             RESULTS.mkdir(exist_ok=True)
             write_json_atomic(store, {"machine": machine, "rows": rows, "raw": raw})
@@ -276,6 +333,12 @@ def main() -> None:
         markdown += (
             "\n\nbunmyaku against itself, same width and depth (cost ratio = the model's median step time / the "
             f"baseline's, from the rows above):\n\n{same_shape}"
+        )
+    kernels = peers_table(rows)
+    if kernels:
+        markdown += (
+            "\n\nbunmyaku against transformers with a DeBERTa attention package from PyPI (`--peers`), timed in the "
+            "same run as the rows above (speed-up = the peer's median / bunmyaku's):\n\n" + kernels
         )
     print(markdown)
     if not args.no_write:
@@ -314,6 +377,12 @@ def run_long(names: list[str], args: argparse.Namespace) -> None:
 
     long_attention.run_rows(names, settings, on_row=keep)
     markdown = long_attention.section(rows, machine, args.device)
+    kernels = peers_table(rows)
+    if kernels:
+        markdown += (
+            "\n\nbunmyaku against transformers with a DeBERTa attention package from PyPI (`--peers`), timed in the "
+            "same run as the rows above (speed-up = the peer's median / bunmyaku's):\n\n" + kernels
+        )
     print(markdown)
     if not args.no_write:
         print(f"wrote {write_section(markdown, 'long-' + args.device)}")

@@ -23,5 +23,7 @@ import bunmyaku
 model = bunmyaku.from_pretrained(packaged_model("SmolLM2-135M-Instruct"))
 json.dump(model.hf_config(), open(sys.argv[1], "w"), indent=1)
 PYEOF
+# the DeBERTa kernel peers of `python -m bench --peers` (pure Python; the GPU image has triton and einops)
+$PY -m pip download -q --no-deps --disable-pip-version-check -d "$OUT/wheels" disentangled-flash==1.1.1 flashdeberta==0.0.8
 chmod -R u+w "$OUT"
 du -sh "$OUT"/*

@@ -8,14 +8,24 @@
 #   diag     compiled BERT-base fine-tuning step profiled: kernels, GPU busy time, graphs and graph breaks
 #   mfu      GPT-2 124M pretraining MFU (bunmyaku pretrain, compiled)
 #   decode   generation rows
+#   gputests every test marked gpu (the CUDA FlexAttention paths of DeBERTa, Longformer, BigBird, ModernBERT, ...)
+#   deberta  DeBERTa-v3-base and BERT-base fine-tuning rows, fixed and variable, with the DeBERTa kernel peers
+#            (--peers: disentangled-flash and flashdeberta, from the wheels gpu_prepare.sh lays out)
+#   deberta-infer  the same for inference
+#   long     long-input rows, 1k to 32k tokens: transformers Longformer, ours windowed, dense SDPA
 #   e.g. OUT=$OUT bash bench/gpu_run.sh tests train mfu decode
 export PYTHONUNBUFFERED=1
-[ $# -gt 0 ] || { echo "usage: gpu_run.sh STAGE... (tests train extra diag mfu decode)"; exit 2; }
+STAGES="tests train extra diag mfu decode gputests deberta deberta-infer long"
+[ $# -gt 0 ] || { echo "usage: gpu_run.sh STAGE... ($STAGES)"; exit 2; }
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-500}
 G=.device/gpu
 exec 3>&1  # run's own messages reach the console when a command's output goes to a log
 python3 -c "import bunmyaku" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+if ls $G/wheels/*.whl >/dev/null 2>&1; then  # the DeBERTa kernel peers (pure Python wheels), for --peers
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    $G/wheels/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 # the real models' shapes with random weights (speed only)
@@ -61,7 +71,22 @@ for STAGE in "$@"; do
     run 230 python3 -m bench --device cuda --only generate --reps 20 --warmup 2 --budget 5 --min-reps 10 \
       > "$OUT/bench_gen.log" 2>&1
     grep -h "speed-up\|failed\|Error" "$OUT/bench_gen.log" | head -20 ;;
-  *) echo "unknown stage $STAGE (tests train extra diag mfu decode)" ;;
+  gputests)
+    run 240 python3 -m pytest -q -s -p no:cacheprovider -rfs -m gpu tests > "$OUT/gputests.log" 2>&1
+    tail -15 "$OUT/gputests.log" ;;
+  deberta)
+    run 300 python3 -m bench --device cuda --only encoder-train/deberta-v3-base,encoder-train/bert-base --peers \
+      $ROWS > "$OUT/bench_deberta.log" 2>&1
+    grep -h "speed-up\|left out\|failed\|Error" "$OUT/bench_deberta.log" | head -20 ;;
+  deberta-infer)
+    run 200 python3 -m bench --device cuda --only encoder-infer/deberta-v3-base,encoder-infer/bert-base --peers \
+      $ROWS > "$OUT/bench_deberta_infer.log" 2>&1
+    grep -h "speed-up\|left out\|failed\|Error" "$OUT/bench_deberta_infer.log" | head -20 ;;
+  long)
+    run 300 python3 -m bench --device cuda --only long/ --reps 5 --warmup 2 > "$OUT/bench_long.log" 2>&1
+    grep -h "x \|failed\|Error" "$OUT/bench_long.log" | head -30
+    cp bench/results/long-cuda.json "$OUT/" 2>/dev/null ;;
+  *) echo "unknown stage $STAGE ($STAGES)" ;;
   esac
   cp bench/results/speed-cuda.json "$OUT/" 2>/dev/null
 done

@@ -143,12 +143,47 @@ def similarity_sentences(n: int = 10_000) -> list[str]:
 Step = Callable[[], dict | None]
 
 
+# DeBERTa attention kernels from PyPI, each a peer: transformers' DeBERTa-v2 with its attention replaced (the
+# implementation name is the package's). ``python -m bench --peers`` times the deberta rows with those that import.
+PEERS = {"disentangled-flash": "disentangled_flash", "flashdeberta": "flashdeberta"}
+
+
+def _load_peer(impl: str, path: Path, task: str, device: str, dtype: torch.dtype, **kw):
+    """transformers' DebertaV2 with ``impl``'s kernels: disentangled-flash patches the loaded model (Triton on CUDA,
+    its own PyTorch backend elsewhere), flashdeberta has its own classes (Triton, CUDA only). Fails loudly when the
+    package would silently keep transformers' attention."""
+    import transformers
+
+    if impl == "flashdeberta":
+        import flashdeberta
+
+        cls = {"base": flashdeberta.FlashDebertaV2Model,
+               "sequence-classification": flashdeberta.FlashDebertaV2ForSequenceClassification}[task]  # fmt: skip
+        return cls.from_pretrained(path, dtype=dtype, **kw).to(device)
+    import disentangled_flash
+
+    auto = {"base": transformers.AutoModel, "sequence-classification": transformers.AutoModelForSequenceClassification}
+    model = auto[task].from_pretrained(path, dtype=dtype, **kw).to(device)
+    backbone = model if task == "base" else model.deberta
+    backend = "triton" if torch.device(device).type == "cuda" else "torch"
+    if task == "base":  # the lengths to serve are prepared by the caller (``encoder.prepare_for_inference``)
+        disentangled_flash.optimize_deberta(backbone.eval(), backend=backend, inference=True)
+    else:  # before the optimizer is built: the parameters stay the model's own
+        disentangled_flash.optimize_deberta_training(backbone, backend=backend)
+    attention = type(backbone.encoder.layer[0].attention.self)
+    if attention.__module__.startswith("transformers."):
+        raise RuntimeError(f"disentangled-flash kept transformers' {attention.__name__} ({backend} backend, {device})")
+    return model
+
+
 def _load(impl: str, path: Path, task: str, device: str, dtype: torch.dtype = torch.float32, compile: str = "", **kw):
     """The model of one implementation; with ``compile``, compiled in place (``nn.Module.compile``) in that mode."""
     if impl == "bunmyaku":
         import bunmyaku
 
         model = bunmyaku.from_pretrained(path, task=task, device=device, dtype=dtype, **kw)
+    elif impl in PEERS:
+        model = _load_peer(impl, path, task, device, dtype, **kw)
     else:
         import transformers
 
@@ -167,6 +202,8 @@ def encoder_infer(impl: str, config: Config, device: str, dtype: torch.dtype) ->
     model = _load(impl, model_dir(config.model), "base", device, dtype, config.compile).eval()
     ids, mask = encoder_batch(config, model.config.vocab_size)
     ids, mask = ids.to(device), mask.to(device)
+    if impl == "disentangled-flash":  # its inference encoder projects the position tables per prepared length once
+        model.encoder.prepare_for_inference(ids.shape[1])
 
     def step():
         with torch.inference_mode():

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.scenarios import BUILDERS, Config
+from bench.scenarios import BUILDERS, PEERS, Config
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--variant", default="")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--impl", choices=["bunmyaku", "transformers"], required=True)
+    parser.add_argument("--impl", choices=["bunmyaku", "transformers", *PEERS], required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)

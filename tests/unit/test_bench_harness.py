@@ -165,3 +165,83 @@ def test_bench_number_options_refuse_out_of_range_values_in_one_line(capsys):
             parser.parse_args(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_peers_alternate_with_both_libraries_and_get_their_own_table(monkeypatch):
+    """``--peers``: the DeBERTa kernel packages' processes take turns with transformers' and bunmyaku's, and the
+    stored row's ``peers`` become a table of bunmyaku's speed-up over each."""
+    from argparse import Namespace
+
+    from bench.scenarios import Config
+
+    calls = []
+
+    def fake_run_one(config, impl, args):
+        calls.append(impl)
+        return _result([{"transformers": 6.0, "bunmyaku": 2.0, "disentangled-flash": 3.0}[impl]], cpu_times=[1.0])
+
+    monkeypatch.setattr(harness, "run_one", fake_run_one)
+    config = Config("encoder-train", "deberta-v3-base", "fixed")
+    results = harness.run_config(config, Namespace(rounds=2), ("disentangled-flash",))
+    assert calls == ["transformers", "bunmyaku", "disentangled-flash"] * 2
+    row = {impl: harness.summarize(r) for impl, r in results.items() if impl in harness.IMPLS}
+    row |= {"peers": {"disentangled-flash": harness.summarize(results["disentangled-flash"])}, "when": "now"}
+    lines = harness.peers_table({config.name: row}).splitlines()
+    assert len(lines) == 3 and "| transformers + disentangled-flash | 3000 ms | 2000 ms | **1.50x** | 1.00x" in lines[2]
+    assert harness.peers_table({config.name: {k: v for k, v in row.items() if k != "peers"}}) == ""
+
+
+def test_usable_peers_say_why_one_is_left_out(monkeypatch):
+    import importlib.util
+
+    installed = {"disentangled_flash", "flashdeberta"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert harness.usable_peers("cuda") == (("disentangled-flash", "flashdeberta"), {})
+    peers, skipped = harness.usable_peers("cpu")
+    assert peers == ("disentangled-flash",) and "CUDA only" in skipped["flashdeberta"]
+    installed.clear()
+    peers, skipped = harness.usable_peers("cuda")
+    assert peers == () and "pip install disentangled-flash" in skipped["disentangled-flash"]
+
+
+def test_disentangled_flash_peer_is_patched_in_and_computes_transformers_function(tmp_path):
+    """The peer the bench times is transformers' DeBERTa with disentangled-flash's attention really swapped in
+    (its PyTorch backend on CPU), computing the same logits and gradients: the ratio compares equal functions."""
+    pytest.importorskip("disentangled_flash")
+    import torch
+    import transformers
+
+    from bench.scenarios import _load
+
+    config = transformers.DebertaV2Config(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        relative_attention=True, position_buckets=16, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+        share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    ids = torch.randint(5, 300, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    labels = torch.tensor([0, 2, 1])
+    out = {}
+    for impl in ("transformers", "disentangled-flash"):
+        model = _load(impl, tmp_path, "sequence-classification", "cpu").train()
+        out[impl] = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out[impl].loss.backward()
+        out[impl] = (out[impl].logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+        attention = model.deberta.encoder.layer[0].attention.self
+        assert (type(attention).__module__.startswith("disentangled_flash")) == (impl == "disentangled-flash")
+    (hf_logits, hf_grads), (peer_logits, peer_grads) = out["transformers"], out["disentangled-flash"]
+    torch.testing.assert_close(peer_logits, hf_logits, rtol=1e-5, atol=1e-5)
+    assert peer_grads.keys() == hf_grads.keys()
+    for name, grad in hf_grads.items():
+        torch.testing.assert_close(peer_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    base = _load("disentangled-flash", tmp_path, "base", "cpu").eval()  # inference: prepared per length
+    base.encoder.prepare_for_inference(ids.shape[1])
+    hf_base = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    with torch.inference_mode():
+        got = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = hf_base(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
