@@ -250,7 +250,14 @@ def pretrain_model(name: str, tokens_dir: Path, out: Path, opts: argparse.Namesp
     """Pretrain ``name`` into ``out`` (reused when its ``result.json`` exists); returns wall time and tokens seen."""
     done = out / "result.json"
     if done.is_file():
-        return json.loads(done.read_text(encoding="utf-8"))
+        summary = json.loads(done.read_text(encoding="utf-8"))
+        slots = opts.steps * opts.batch * opts.block
+        if summary["sequence_slots"] != slots:
+            raise SystemExit(
+                f"{out} holds a pretraining of {summary['sequence_slots']:,} sequence slots, not the {slots:,} of "
+                f"--steps {opts.steps} --batch {opts.batch} --block {opts.block}: use another work folder"
+            )
+        return summary
     import bunmyaku
     from bunmyaku.training.rtd import base_model
 
@@ -481,7 +488,12 @@ def markdown(summary: dict[str, Any]) -> str:
             cells.append(f"{_cell(run['value'], run['metric'])} ({run['wall_s']:.0f} s)" if run else "not run")
         sizes = summary["finetune_sizes"].get(task, "")
         lines.append(f"| {task} | {METRICS[task]} | {sizes} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: the task's metric on the evaluation subset (best epoch), and the fine-tuning wall time."]
+    epochs = f"{setup['ft_epochs']:g} epochs for every task" if setup.get("ft_epochs") else "the recipes' epochs"
+    lines += [
+        "",
+        "Cells: the task's metric on the evaluation subset (best epoch), and the fine-tuning wall time. Fine-tuning: "
+        f"`recipes/finetune/ja-*.yaml` with {epochs}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -572,9 +584,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "finetune": {},
     }
     results_json = opts.results.with_suffix(".json")
-    if results_json.is_file():  # a rerun keeps the first run's start time and machine line
-        previous = json.loads(results_json.read_text(encoding="utf-8"))
-        summary["started"] = previous.get("started", summary["started"])
 
     def save() -> None:
         write_json_atomic(results_json, summary, sort_keys=False)
@@ -583,6 +592,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes_file = text_dir / "sizes.json"
     if not sizes_file.is_file():
         write_json_atomic(sizes_file, prepare_text(opts.data, text_dir, opts), sort_keys=False)
+    # the run began with its first stage: a rerun into the same work folder (more models, the table again) keeps it
+    summary["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(sizes_file.stat().st_mtime))
     summary["corpus"] = json.loads(sizes_file.read_text(encoding="utf-8"))
     summary["finetune_sizes"] = {
         t: " / ".join(f"{_rows(p):,}" for p in task_files(text_dir, t)) for t in opts.task_list
@@ -628,8 +639,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         busy = []
         for task, name in pending:
             logger.info("fine-tuning %s on %s", name, task)
+            # an epochs override fine-tunes into its own folders: a finished run of other epochs is never reused
+            folder = work / "finetune" / name / (f"{task}-e{opts.ft_epochs:g}" if opts.ft_epochs else task)
             try:
-                run = finetune_model(task, work / "pretrain" / name, text_dir, work / "finetune" / name / task, opts)
+                run = finetune_model(task, work / "pretrain" / name, text_dir, folder, opts)
             except OutputDirBusy:
                 busy.append((task, name))
                 continue

@@ -8,6 +8,7 @@ import json
 import lzma
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,6 +173,27 @@ def test_rerun_reuses_finished_stages(run, monkeypatch):
     monkeypatch.setattr("bunmyaku.finetune", refuse)
     again = compare.main(args)
     assert again["finetune"] == first["finetune"] and again["pretrain"] == first["pretrain"]
+
+
+def test_a_rerun_of_another_budget_reuses_nothing_stale(run, monkeypatch):
+    """Other fine-tuning epochs fine-tune into their own folders; another pretraining budget in the same work folder
+    is refused rather than reported with the old models."""
+    root, args, first = run
+    ran = []
+
+    def fake_finetune(**options):
+        ran.append((Path(options["output_dir"]).name, options["epochs"]))
+        raise RuntimeError("stop after the first")
+
+    monkeypatch.setattr("bunmyaku.finetune", fake_finetune)
+    epochs = [*args[: args.index("--ft-epochs")], "--ft-epochs", "2", *args[args.index("--ft-epochs") + 2 :]]
+    with pytest.raises(RuntimeError, match="stop after the first"):
+        compare.main(epochs)
+    assert ran == [("jnli-e2", 2.0)]  # the 1-epoch results stay where they are, not reused for 2 epochs
+    steps = [*args[: args.index("--steps")], "--steps", "3", *args[args.index("--steps") + 2 :]]
+    with pytest.raises(SystemExit, match="sequence slots"):
+        compare.main(steps)
+    assert first["started"] == json.loads((root / "results" / "cmp.json").read_text())["started"]
 
 
 def test_recipes_are_the_shipped_ones_with_only_data_and_model_swapped(tmp_path):
