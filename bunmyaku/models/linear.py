@@ -15,7 +15,9 @@ oneDNN".) Not on this path: CUDA, dtypes other than float32, CPU autocast (it mu
 ``torch.compile`` graphs (the compiler picks its own kernels) and double backward.
 
 The two kernels sum in different orders, so results differ by float32 rounding (~1e-6 relative), like
-``F.linear`` on two machines. ``CPU_ONEDNN = False`` turns the path off (for A/B measurements).
+``F.linear`` on two machines. The path is on where PyTorch runs its AVX-512 kernels (the CPUs it was measured
+faster on); on AVX2-only CPUs oneDNN measured slower than GEMM and every call stays on ``F.linear``.
+``CPU_ONEDNN`` (True or False) overrides the choice (for A/B measurements).
 
 Batched decoding (a few rows per call) is faster still when the weight is first re-laid out into oneDNN's blocked
 format for that row count (BENCHMARKS.md, "Generation"). Inside
@@ -43,12 +45,16 @@ logger = logging.getLogger(__name__)
 
 _ONEDNN_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _REORDER_OP = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-# x86 only: the gain was found there (AVX-512); on other CPUs oneDNN may be built on a different backend
-CPU_ONEDNN = (
+# x86 only (on other CPUs oneDNN may be built on a different backend)
+ONEDNN_AVAILABLE = (
     _ONEDNN_OP is not None
     and torch.backends.mkldnn.is_available()
     and platform.machine().lower() in ("x86_64", "amd64")
 )
+# and on by default only with AVX-512, where the gains were measured; on an AVX2-only Zen 3 EPYC oneDNN's product
+# ran at 0.75-0.9x of GEMM's speed at every row count, decoding included, and DeBERTa-v3-base's fixed-length
+# inference was 1.23x faster without it (BENCHMARKS.md, "Linears on oneDNN")
+CPU_ONEDNN = ONEDNN_AVAILABLE and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 PACKED_DECODING = True  # see packed_weights
