@@ -30,15 +30,21 @@ def _import_fugashi() -> Any:
     return fugashi
 
 
+_DICTIONARIES = {"unidic_lite": "unidic_lite", "unidic": "unidic", "ipadic": "ipadic"}  # name -> package
+
+
+def _check_dictionary(mecab_dic: str | None) -> None:
+    if mecab_dic is not None and mecab_dic not in _DICTIONARIES:
+        raise ValueError(f"mecab_dic must be one of {sorted(_DICTIONARIES)} or None, got {mecab_dic!r}")
+
+
 def _dictionary_dir(mecab_dic: str | None) -> str | None:
     """The folder of a dictionary package, or None to let MeCab use its system configuration."""
     if mecab_dic is None:
         return None
-    packages = {"unidic_lite": "unidic_lite", "unidic": "unidic", "ipadic": "ipadic"}
-    if mecab_dic not in packages:
-        raise ValueError(f"mecab_dic must be one of {sorted(packages)} or None, got {mecab_dic!r}")
+    _check_dictionary(mecab_dic)
     try:
-        module = __import__(packages[mecab_dic])
+        module = __import__(_DICTIONARIES[mecab_dic])
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
             f"The MeCab dictionary {mecab_dic!r} is not installed: pip install {mecab_dic.replace('_', '-')} "
@@ -69,19 +75,28 @@ class MecabPreTokenizer:
         do_lower_case: bool = False,
         split_characters: bool = False,
     ) -> None:
+        _check_dictionary(mecab_dic)
+        self.mecab_dic, self.mecab_option = mecab_dic, mecab_option
+        self.do_lower_case = do_lower_case
+        self.split_characters = split_characters
+        # MeCab starts on the first text to segment, so a tokenizer loads without fugashi (ids of an already
+        # tokenized corpus, special tokens, saving: a GPU machine without MeCab can pretrain on such a corpus)
+        self._tagger: Any = None
+
+    def _start(self) -> Any:
         fugashi = _import_fugashi()
-        options = mecab_option or ""
-        dic_dir = _dictionary_dir(mecab_dic)
+        options = self.mecab_option or ""
+        dic_dir = _dictionary_dir(self.mecab_dic)
         if dic_dir is not None:
             options = f'-d "{dic_dir}" -r "{os.path.join(dic_dir, "mecabrc")}" ' + options
         # Wakati output is one space-separated string per call: far cheaper than building a Python node
         # per word, and MeCab never puts a space inside a surface (spaces are its word boundaries).
-        self._tagger = fugashi.GenericTagger(options + " -Owakati")
-        self.do_lower_case = do_lower_case
-        self.split_characters = split_characters
+        return fugashi.GenericTagger(options + " -Owakati")
 
     def words(self, text: str) -> list[str]:
         """MeCab's surface forms for `text`, in order (whitespace dropped)."""
+        if self._tagger is None:
+            self._tagger = self._start()
         return [word for word in self._tagger.parse(text).split(" ") if word]
 
     def _split(self, _index: int, normalized: NormalizedString) -> list[NormalizedString]:

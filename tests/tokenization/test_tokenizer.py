@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -190,6 +191,22 @@ def test_japanese_save_reload(japanese_dir, tmp_path):
     text = "吾輩は猫である。ｶﾞｷﾞ"
     assert reloaded(text, return_tensors=None)["input_ids"] == tokenizer(text, return_tensors=None)["input_ids"]
     assert transformers.BertJapaneseTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == reloaded.encode(text)
+
+
+def test_japanese_tokenizer_loads_and_saves_without_mecab(japanese_dir, tmp_path, monkeypatch):
+    """MeCab starts on the first text to segment: without fugashi (a GPU machine pretraining on an already
+    tokenized corpus) the tokenizer loads, knows its special tokens and saves an equal folder; segmenting text
+    then says what to install."""
+    expected = Tokenizer.from_pretrained(japanese_dir)
+    monkeypatch.setitem(sys.modules, "fugashi", None)  # import fugashi now fails
+    tokenizer = Tokenizer.from_pretrained(japanese_dir)
+    assert len(tokenizer) == len(expected) and tokenizer.mask_token_id == expected.mask_token_id
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModuleNotFoundError, match="pip install 'bunmyaku\\[ja\\]'"):
+        tokenizer("吾輩は猫である。")
+    monkeypatch.delitem(sys.modules, "fugashi")
+    text = "吾輩は猫である。ｶﾞｷﾞ"
+    assert Tokenizer.from_pretrained(tmp_path).encode(text) == expected.encode(text)
 
 
 def test_bert_vocab_txt_folder(minilm_dir, tmp_path, fixture_strings):
