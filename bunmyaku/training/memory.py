@@ -47,8 +47,8 @@ output (GELU, ReLU: 2 x N * F; GPT-2's ``gelu_new``, written out in five ops: 5 
 dropout masks. With gradient checkpointing, each layer keeps only its input, and one layer's activations exist
 again while its backward runs. Freezing layers (the Freeze plugin) removes their gradients and optimizer state but
 few of their activations: the trainable embeddings below still need the gradient to flow through them, so what the
-input's gradient reads stays (our linears keep their input even for a frozen weight); only a frozen RMSNorm keeps
-no normalised input (``F.rms_norm`` saves it for the weight's gradient alone).
+input's gradient reads stays, except what only the weights' gradients read: a frozen linear keeps no input and a
+frozen RMSNorm no normalised input (``F.rms_norm`` saves it for the weight's gradient alone).
 
 Sharding (``strategy="fsdp"``) divides parameters, gradients and optimizer state by the number of processes, each
 tensor cut along its first dimension into equal, padded chunks, as FSDP2's ``fully_shard`` does (rank 0's, the
@@ -447,10 +447,17 @@ def _embedding_saved(shapes: _Shapes, d: dict[str, int], E: int, device: str, tr
 
 
 def _head_saved(
-    shapes: _Shapes, task: str, d: dict[str, int], E: int, device: str, norm_weights: bool = True
+    shapes: _Shapes,
+    task: str,
+    d: dict[str, int],
+    E: int,
+    device: str,
+    norm_weights: bool = True,
+    head_weights: bool = True,
 ) -> tuple[int, int]:
     """(bytes the final norm and head keep for backward, the largest temporaries of their backward);
-    ``norm_weights``: the final norm's weight trains."""
+    ``norm_weights``: the final norm's weight trains; ``head_weights``: a language model's head trains (under LoRA
+    it stays frozen and keeps no input)."""
     B, N, C, V = d["B"], d["N"], d["C"], d["V"]
     layer = shapes.layer
     labels = getattr(shapes.config, "num_labels", 2)
@@ -459,7 +466,9 @@ def _head_saved(
     if layer.pre_norm:  # the final norm: its input is the last block's output
         normed = S * N * C if layer.norm == "rmsnorm" and norm_weights else 0
         stats = 4 * N * (2 if layer.norm == "layernorm" else 1)
-        final = S * N * C + stats + normed + _linear_inputs(N * C, 1, E)  # input, statistics, output (head's input)
+        final = S * N * C + stats + normed  # input, statistics
+        if head_weights or task != "causal-lm":  # output: the head's input (a classifier under LoRA trains)
+            final += _linear_inputs(N * C, 1, E)
     mask_bytes = 1 if device == "cuda" else S
     if task == "causal-lm":  # log-softmax over (N, V) in float32 (the objective upcasts), and the targets
         return final + 4 * N * V + 8 * N, 2 * 4 * N * V  # backward: the gradient of the log-probs and of the logits
@@ -500,11 +509,11 @@ def _activations(
             rows=1 if shapes.reads_first and i == L - 1 else None,
             norm_weights=not lora and i >= freeze_layers,
             input_grad=not (lora and i == 0),
-            unkept=unkept,
+            unkept=unkept if i >= freeze_layers else frozenset(_INPUT_GROUPS),  # frozen linears keep no input
         )
         for i in range(L)
     ]
-    head, head_backward = _head_saved(shapes, task, d, E, device, norm_weights=not lora)
+    head, head_backward = _head_saved(shapes, task, d, E, device, norm_weights=not lora, head_weights=not lora)
     embed = _embedding_saved(shapes, d, E, device, trainable=not lora)
     full = max(layers)
     if checkpointing:  # each layer keeps its input; one layer's activations come back during its backward
@@ -631,7 +640,8 @@ def plan_memory(
         params = grads = states = 0
 
     d = _dims(shapes, batch_size, max_length, tp)
-    unkept = _unkept_inputs(shapes, lora_targets) if lora_quantize == "nf4" else frozenset()
+    # a frozen base linear keeps no input (int8 QLoRA's product keeps its own): only the adapters' A keep theirs
+    unkept = _unkept_inputs(shapes, lora_targets) if lora_r and lora_quantize != "int8" else frozenset()
     held, backward_extra, bottom = _activations(
         shapes, task, d, E, device, checkpointing, freeze_layers, lora=bool(lora_r), unkept=unkept
     )

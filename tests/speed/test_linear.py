@@ -241,3 +241,19 @@ def test_mlp_runs_a_hooked_projection_as_a_module():
     with torch.inference_mode():
         y = mlp(torch.randn(3, 8))
     assert seen == [(3, 16)] and y.shape == (3, 8)
+
+
+@needs_onednn
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_weight_keeps_no_input_for_backward(frozen):
+    """Only the weight's gradient reads the input: under a frozen weight the training path saves the weight alone,
+    as F.linear's autograd does (the memory planner counts on it), and the input's gradient is still right."""
+    x = torch.randn(8, 16, requires_grad=True)
+    layer = Linear(16, 4)
+    layer.weight.requires_grad_(not frozen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved) == (not frozen)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(8, 4) @ layer.weight.detach())
