@@ -377,12 +377,6 @@ def run_long(names: list[str], args: argparse.Namespace) -> None:
 
     long_attention.run_rows(names, settings, on_row=keep)
     markdown = long_attention.section(rows, machine, args.device)
-    kernels = peers_table(rows)
-    if kernels:
-        markdown += (
-            "\n\nbunmyaku against transformers with a DeBERTa attention package from PyPI (`--peers`), timed in the "
-            "same run as the rows above (speed-up = the peer's median / bunmyaku's):\n\n" + kernels
-        )
     print(markdown)
     if not args.no_write:
         print(f"wrote {write_section(markdown, 'long-' + args.device)}")

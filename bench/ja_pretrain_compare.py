@@ -57,6 +57,7 @@ MODELS = ("bert", "roberta", "deberta")
 # the control: BERT's encoder of the same shape, randomly initialised and fine-tuned with the same recipes, so
 # the table shows what each pretraining adds over none
 SCRATCH = "scratch"
+CHOICES = (*MODELS, SCRATCH)  # what --models takes, in table order
 TASKS = ("jnli", "jsts", "jcommonsenseqa", "jsquad", "ner")
 RECIPES = {task: ROOT / "recipes" / "finetune" / f"ja-{task}.yaml" for task in TASKS}
 # the metric each task's table cell shows (bunmyaku's metrics.json keys)
@@ -449,7 +450,7 @@ def _cell(value: float | None, metric: str) -> str:
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as the Markdown section BENCHMARKS.md quotes."""
     setup, pre, ft = summary["setup"], summary["pretrain"], summary["finetune"]
-    models = [m for m in (*MODELS, SCRATCH) if m in pre]
+    models = [m for m in CHOICES if m in pre]
     lines = [
         "# BERT vs RoBERTa vs DeBERTa-v3 pretrained on Japanese, CPU budget (`python -m bench.ja_pretrain_compare`)",
         "",
@@ -532,7 +533,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=default_data)
     parser.add_argument("--tokenizer", type=Path, default=SHIPPED)
     parser.add_argument("--results", type=Path, default=RESULTS / "ja-pretrain-compare", help="json / md stem")
-    parser.add_argument("--models", default=",".join((*MODELS, SCRATCH)))
+    parser.add_argument("--models", default=",".join(CHOICES))
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seed", type=int, default=0)
     # corpus
@@ -562,8 +563,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.model_list = [m for m in opts.models.split(",") if m]
     opts.task_list = [t for t in opts.tasks.split(",") if t]
     for name in opts.model_list:
-        if name not in (*MODELS, SCRATCH):
-            parser.error(f"--models: unknown model {name!r}; choose from {', '.join((*MODELS, SCRATCH))}")
+        if name not in CHOICES:
+            parser.error(f"--models: unknown model {name!r}; choose from {', '.join(CHOICES)}")
     for task in opts.task_list:
         if task not in TASKS:
             parser.error(f"--tasks: unknown task {task!r}; choose from {', '.join(TASKS)}")
