@@ -79,3 +79,28 @@ def _quiet_transformers():
     except ImportError:
         pass
     logging.getLogger("bunmyaku").setLevel(logging.INFO)
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """Route attention on the CPU through the FlexAttention code the models take on CUDA (eager FlexAttention,
+    forward only), so the CUDA path's masks and score terms are checked without a GPU. Yields the list of the
+    FlexAttention calls made (a test asserts the route was really taken)."""
+    require_module("torch.nn.attention.flex_attention", "the FlexAttention route needs torch >= 2.5")
+    import warnings
+
+    from bunmyaku.models import disentangled, sparse_attention
+
+    calls: list[str] = []
+    local, flex_disentangled = sparse_attention._flex, disentangled.flex_disentangled_attention
+    monkeypatch.setattr(sparse_attention, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(disentangled, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sparse_attention, "_flex", lambda *a, **k: calls.append("sparse") or local(*a, **k))
+    monkeypatch.setattr(
+        disentangled,
+        "flex_disentangled_attention",
+        lambda *a, **k: calls.append("disentangled") or flex_disentangled(*a, **k),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield calls

@@ -88,7 +88,8 @@ def disentangled_attention(
     _check_shapes(query, key, value, pos_query, pos_key, relative_pos, span, mask)
     if impl == "auto":
         # FlexAttention has no attention dropout: training with it takes the fast path
-        impl = "flex" if query.is_cuda and flex_attention is not None and dropout_p == 0.0 else "fast"
+        use_flex = query.device.type in FLEX_DEVICES and flex_attention is not None and dropout_p == 0.0
+        impl = "flex" if use_flex else "fast"
     if impl == "reference":
         return reference_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p)
     if impl == "fast":
@@ -452,6 +453,9 @@ def packed_disentangled_attention(
         out.index_copy_(0, group.tokens, group.unpad(y.reshape(b, L, H * D)))
     return out.view(-1, H, D)
 
+
+# the devices where ``impl="auto"`` takes FlexAttention (tests add "cpu": its eager forward runs the CUDA path there)
+FLEX_DEVICES: tuple[str, ...] = ("cuda",)
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

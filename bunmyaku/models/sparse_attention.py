@@ -31,7 +31,8 @@ Three computations of the same function:
   compile, and has no backward on CPU in torch 2.13.)
 - the CUDA path (:func:`_flex_local`): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from the
   same rule, so the kernel skips the blocks outside the band. Dropout on the attention weights is not a flex
-  option, so training with attention dropout takes the blocked path.
+  option, so training with attention dropout takes the blocked path. The tests also run this route on the CPU
+  (``FLEX_DEVICES``; eager FlexAttention, forward only), against the dense reference and ``transformers``.
 
 Longformer computes its global queries with their own projections (``query_global`` ...): :func:`sparse_attention`
 takes them as ``global_qkv``, and the global rows are overwritten with :func:`global_query_attention`'s output.
@@ -268,13 +269,32 @@ MIN_BLOCK = 64
 _compiled_flex = None
 
 
+# the devices whose attention runs on FlexAttention (tests add "cpu": there its eager forward runs the CUDA path's
+# masks and score terms, so their logic is checked without a GPU)
+FLEX_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _use_flex(q: torch.Tensor, dropout_p: float) -> bool:
+    return q.device.type in FLEX_DEVICES and dropout_p == 0.0  # dropout on the weights is not a flex option
+
+
+def _flex(q, k, v, **kwargs) -> torch.Tensor:
+    """FlexAttention: compiled once per process on CUDA (fused only when compiled; lengths vary, so not static),
+    eager elsewhere (forward only, a dense (B, H, T, T) reference: the tests' run of the CUDA path on a CPU)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not q.is_cuda:
+        return flex_attention(q, k, v, **kwargs)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, **kwargs)
+
+
 def _flex_local(q, k, v, pattern: SparsePattern, scale: float) -> torch.Tensor:
     """The whole pattern (global rows included, with these q, k, v) on FlexAttention: a BlockMask from the rule."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)  # fused only when compiled; lengths vary, so not static
     B, H, T, D = q.shape
     reach, d = pattern.window * pattern.dilation, pattern.dilation
     valid = pattern.valid_or_all(B, T, q.device)
@@ -287,7 +307,7 @@ def _flex_local(q, k, v, pattern: SparsePattern, scale: float) -> torch.Tensor:
 
     if pattern._block_mask is None:  # the layers that share a pattern share its block mask
         pattern._block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
-    return _compiled_flex(q, k, v, block_mask=pattern._block_mask, scale=scale)
+    return _flex(q, k, v, block_mask=pattern._block_mask, scale=scale)
 
 
 def sparse_attention(
@@ -321,7 +341,7 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     valid = pattern.valid_or_all(B, T, q.device)
     slots = pattern.global_slots() if pattern.is_global is not None else None
-    if q.is_cuda and dropout_p == 0.0:
+    if _use_flex(q, dropout_p):
         out = _flex_local(q, k, v, pattern, scale)
         if slots is None or (global_qkv is None and global_out is None):
             return out if pattern.attend_from_padding else out.masked_fill(~valid[:, None, :, None], 0.0)
@@ -563,7 +583,7 @@ def block_sparse_attention(
     index, slot_ok = pattern.key_blocks(n, q.device)  # (H' , n - 2, S), (n - 2, S)
     if index.size(0) not in (1, H):
         raise ValueError(f"random_blocks for {index.size(0)} heads; the attention has {H}")
-    if q.is_cuda and dropout_p == 0.0:
+    if _use_flex(q, dropout_p):
         return _flex_block_sparse(q, k, v, pattern, index, slot_ok, scale)
     index, counts = _merge_repeats(index, slot_ok)  # (H', n - 2, S) each
     Tp, S = n * b, index.size(-1)
@@ -621,11 +641,8 @@ def block_counts(pattern: BlockSparsePattern, n: int, device=None) -> torch.Tens
 def _flex_block_sparse(q, k, v, pattern: BlockSparsePattern, index, slot_ok, scale: float) -> torch.Tensor:
     """The block-sparse pattern on FlexAttention: a BlockMask of the listed blocks, and log(times listed) added to
     a score, which is the softmax of a key counted that many times."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
     B, H, T, D = q.shape
     b = pattern.block_size
     n = -(-T // b)
@@ -643,7 +660,7 @@ def _flex_block_sparse(q, k, v, pattern: BlockSparsePattern, index, slot_ok, sca
 
     if pattern._block_mask is None:  # the layers that share a pattern share its block mask
         pattern._block_mask = create_block_mask(mask_mod, B, H if per_head else None, T, T, device=q.device)
-    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=pattern._block_mask, scale=scale)
+    return _flex(q, k, v, score_mod=score_mod, block_mask=pattern._block_mask, scale=scale)
 
 
 def block_sparse_reference(

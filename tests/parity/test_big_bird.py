@@ -111,6 +111,30 @@ def test_block_sparse_matches_transformers_in_eval_mode(tmp_path, task, case):
         assert_close(value, expected[field], mask if per_token else None)  # real positions only
 
 
+@pytest.mark.parametrize("case", range(len(SPARSE)))
+def test_block_sparse_flex_route_matches_transformers_on_cpu(tmp_path, flex_on_cpu, case):
+    """The model's CUDA route (FlexAttention, a BlockMask of the listed blocks) run eagerly on the CPU, eval mode."""
+    block_size, num_random, length = SPARSE[case]
+    index = case % 2
+    config = transformers.BigBirdConfig(
+        **CONFIGS[index],
+        attention_type="block_sparse",
+        block_size=block_size,
+        num_random_blocks=num_random,
+        max_position_embeddings=64,
+    )
+    hf_model = randomize(transformers.BigBirdModel(config), seed=case)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    ids, mask = right_padded_batch(CONFIGS[index]["vocab_size"], length=length, seed=case)
+    mask[1, length - 9 :] = 0
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask)
+        ours = model(input_ids=ids, attention_mask=mask)
+    assert hf_model.attention_type == "block_sparse" and flex_on_cpu == ["sparse"] * config.num_hidden_layers
+    assert_close(ours["last_hidden_state"], expected.last_hidden_state, mask)
+    assert_close(ours["pooler_output"], expected.pooler_output)
+
+
 def test_block_sparse_is_not_dense_attention(tmp_path):
     """The block-sparse outputs differ from full attention's on the same weights: the pattern is really sparse."""
     config = transformers.BigBirdConfig(**CONFIGS[0], attention_type="block_sparse", block_size=2, num_random_blocks=1)

@@ -174,6 +174,21 @@ def test_eager_reference_and_fast_kernel_both_match_transformers(tmp_path, name,
             _compare(model(**inputs), expected, task, mask)
 
 
+@pytest.mark.parametrize("name", [n for n, c in CONFIGS.items() if c.get("relative_attention")])
+@pytest.mark.parametrize("task", ["base", "question-answering", "multiple-choice"])
+def test_flex_route_matches_transformers_on_cpu(tmp_path, flex_on_cpu, name, task):
+    """The route the default path takes on CUDA in eval (FlexAttention, the two distance tables read in score_mod),
+    run eagerly on the CPU: transformers' outputs on a padded batch."""
+    hf_model = _hf_model(name, task, seed=6)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    inputs, mask = _inputs(task, seed=7)
+    with torch.no_grad():
+        expected = hf_model(**inputs)
+        _compare(model(**inputs), expected, task, mask)
+    # every layer took the route, but a pooled head's last one, which computes the first token's row alone
+    assert flex_on_cpu == ["disentangled"] * (model.config.num_layers - (task == "multiple-choice"))
+
+
 @pytest.mark.parametrize("name", ["v3", "v2-xlarge", "v1-base"])
 def test_masked_lm_current_head_layout(tmp_path, name):
     """legacy=False: the lm_predictions.lm_head layout of the EMD checkpoints, saved back under the same names."""

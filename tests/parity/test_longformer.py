@@ -170,6 +170,22 @@ def test_longformer_tokenizer_is_robertas(tmp_path):
     assert ours == theirs and ours[0][0] == 0 and ours[0].count(2) == 3
 
 
+@pytest.mark.parametrize("task", ["masked-lm", "question-answering"])  # global: <s> only, and the question tokens
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_longformer_flex_route_matches_transformers_on_cpu(tmp_path, flex_on_cpu, task, index):
+    """The model's CUDA route (window and global tokens on one BlockMask, then the global rows from Longformer's own
+    global projections) run eagerly on the CPU: transformers' outputs, padding positions included."""
+    suffix, fields, extra = HEADS[task]
+    hf_model = randomize(getattr(transformers, "Longformer" + suffix)(_hf_config(index, **extra)), seed=index)
+    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    ids, mask = _batch(index, seed=2)
+    with torch.no_grad():
+        expected = hf_model(input_ids=ids, attention_mask=mask)
+        ours = model(input_ids=ids, attention_mask=mask)
+    assert flex_on_cpu == ["sparse"] * CONFIGS[index]["num_hidden_layers"]
+    _compare(ours, expected, fields)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_longformer_on_cuda_flex_attention_matches_transformers(tmp_path):

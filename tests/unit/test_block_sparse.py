@@ -144,6 +144,20 @@ def test_bad_block_sparse_patterns_are_refused():
         BlockSparsePattern.eval_mode(256, 1, 3072).redrawn(2)  # the older rule: block 2 has nothing outside its window
 
 
+@pytest.mark.parametrize("T, b, random, lengths", CASES)
+def test_flex_route_equals_dense_reference_on_cpu(T, b, random, lengths, flex_on_cpu):
+    """The CUDA route (a BlockMask of the listed blocks, log(times listed) as a score term) run eagerly on the CPU:
+    every position equals the dense reference, repeated random blocks and padding included."""
+    B, H, D = len(lengths), 3, 4
+    pattern = _pattern(T, b, random, lengths, seed=T)
+    g = torch.Generator().manual_seed(T + 1)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in "qkv")
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, pattern)
+    assert flex_on_cpu == ["sparse"]
+    torch.testing.assert_close(out, block_sparse_reference(q, k, v, pattern), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("T, b, random", [(1000, 64, ("eval", 3)), (700, 32, ((4, 2), None))])

@@ -86,6 +86,25 @@ def test_whole_model_windowed_equals_eager_band(monkeypatch):
             torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+def test_local_layer_flex_route_equals_dense_band_on_cpu(flex_on_cpu):
+    """The local layer's CUDA route (FlexAttention with the band's BlockMask) run eagerly on the CPU, padded batch."""
+    torch.manual_seed(3)
+    model = ModernBertModel(_config()).eval()
+    layer = model.layers[1].attn
+    B, T = 3, 37
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[1, 20:] = 0
+    attention_mask[2, :9] = 0
+    x = torch.randn(B, T, 32)
+    rotary = model.rotary_local(torch.arange(T)[None], x.dtype)
+    with torch.no_grad():
+        ours = layer(x, model._masks(attention_mask, T, x.device)[False], rotary)
+        expected = _band_reference(layer, x, attention_mask, rotary)
+    assert flex_on_cpu == ["sparse"]
+    real = attention_mask.bool()
+    torch.testing.assert_close(ours[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_local_layer_on_flex_attention_equals_dense_band():

@@ -188,6 +188,20 @@ def test_padding_is_never_global():
     assert pattern.is_global is None  # the only global token was padding
 
 
+@pytest.mark.parametrize("T, window, dilation", [(300, 32, 1), (200, 16, 2), (130, 8, 3)])
+def test_flex_route_equals_dense_reference_on_cpu(T, window, dilation, flex_on_cpu):
+    """The CUDA route (a BlockMask from the rule, FlexAttention) run eagerly on the CPU: the same rows as the dense
+    reference, global tokens and padding included."""
+    B = 2
+    valid, is_global = _masks(B, T, [T, T - 37], [[0, 5], [1]])
+    q, k, v = _qkv(B, 4, T, 16, seed=3)
+    with torch.no_grad():
+        out = sparse_attention(q, k, v, SparsePattern(window, valid, is_global, dilation))
+        expected = dense_reference(q, k, v, SparsePattern(window, valid, is_global, dilation))
+    assert flex_on_cpu == ["sparse"]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
