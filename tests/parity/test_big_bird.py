@@ -81,9 +81,12 @@ def test_big_bird_losses_match(tmp_path):
 SPARSE = [(2, 1, 31), (4, 2, 61), (3, 3, 40)]
 
 
+@pytest.mark.parametrize("route", ["blocked", "flex"])
 @pytest.mark.parametrize("task", ["base", "masked-lm", "sequence-classification"])
 @pytest.mark.parametrize("case", range(len(SPARSE)))
-def test_block_sparse_matches_transformers_in_eval_mode(tmp_path, task, case):
+def test_block_sparse_matches_transformers_in_eval_mode(tmp_path, request, route, task, case):
+    """route "blocked": the CPU path; "flex": the model's CUDA route (FlexAttention, a BlockMask of the listed
+    blocks), run eagerly on the CPU."""
     block_size, num_random, length = SPARSE[case]
     suffix, fields, extra = HEADS[task]
     index = case % 2
@@ -98,6 +101,7 @@ def test_block_sparse_matches_transformers_in_eval_mode(tmp_path, task, case):
     hf_class = getattr(transformers, "BigBird" + suffix)
     hf_model = randomize(hf_class(config), seed=case)
     model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
+    flex_calls = request.getfixturevalue("flex_on_cpu") if route == "flex" else []
     ids, mask = right_padded_batch(CONFIGS[index]["vocab_size"], length=length, seed=case)
     mask[1, length - 9 :] = 0  # one row padded by more than a block
     with torch.no_grad():
@@ -105,34 +109,11 @@ def test_block_sparse_matches_transformers_in_eval_mode(tmp_path, task, case):
         ours = model(input_ids=ids, attention_mask=mask)
     # transformers switches a model to full attention for good after one short input; this one stayed sparse
     assert getattr(hf_model, "bert", hf_model).attention_type == "block_sparse"
+    assert flex_calls == (["sparse"] * config.num_hidden_layers if route == "flex" else [])
     for field in fields:
         value = ours[field]
         per_token = value.dim() >= 2 and value.shape[:2] == mask.shape
         assert_close(value, expected[field], mask if per_token else None)  # real positions only
-
-
-@pytest.mark.parametrize("case", range(len(SPARSE)))
-def test_block_sparse_flex_route_matches_transformers_on_cpu(tmp_path, flex_on_cpu, case):
-    """The model's CUDA route (FlexAttention, a BlockMask of the listed blocks) run eagerly on the CPU, eval mode."""
-    block_size, num_random, length = SPARSE[case]
-    index = case % 2
-    config = transformers.BigBirdConfig(
-        **CONFIGS[index],
-        attention_type="block_sparse",
-        block_size=block_size,
-        num_random_blocks=num_random,
-        max_position_embeddings=64,
-    )
-    hf_model = randomize(transformers.BigBirdModel(config), seed=case)
-    model = bunmyaku.from_pretrained(save(hf_model, tmp_path / "hf"))
-    ids, mask = right_padded_batch(CONFIGS[index]["vocab_size"], length=length, seed=case)
-    mask[1, length - 9 :] = 0
-    with torch.no_grad():
-        expected = hf_model(input_ids=ids, attention_mask=mask)
-        ours = model(input_ids=ids, attention_mask=mask)
-    assert hf_model.attention_type == "block_sparse" and flex_on_cpu == ["sparse"] * config.num_hidden_layers
-    assert_close(ours["last_hidden_state"], expected.last_hidden_state, mask)
-    assert_close(ours["pooler_output"], expected.pooler_output)
 
 
 def test_block_sparse_is_not_dense_attention(tmp_path):
