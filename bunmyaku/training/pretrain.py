@@ -212,7 +212,11 @@ def _load_tokenizer(pargs: PretrainArgs):
 
 def read_model_config(path: str | Path | dict[str, Any]) -> dict[str, Any]:
     """A HF ``config.json``-style dict from a JSON or YAML file (or the dict itself, written inline in a recipe)."""
+    import json
+
     import yaml
+
+    from bunmyaku.training.recipe import load_yaml
 
     if isinstance(path, dict):
         if "model_type" not in path:
@@ -221,7 +225,11 @@ def read_model_config(path: str | Path | dict[str, Any]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"model config {path}: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"model config {path} must be a mapping with a 'model_type' (bert, gpt2, llama, ...)")
     return data

@@ -8,6 +8,7 @@ on the command line overrides the recipe, which overrides the defaults.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import os
@@ -20,6 +21,41 @@ from typing import Any
 from bunmyaku.training.args import field_docs
 
 
+@functools.cache
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2's floats. PyYAML follows YAML 1.1, where a float needs a dot: it reads
+    ``1e-7`` and ``1e-07`` as strings, and so would turn every ``layer_norm_eps: 1e-07`` of a Hugging Face
+    ``config.json`` (and ``lr: 1e-4`` in a recipe) into text. Here they are floats, as in JSON."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    )
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(stream) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's floats (:func:`_yaml_loader`): ``1e-7`` is a float."""
+    import yaml
+
+    return yaml.load(stream, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass: builds no objects)
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (or JSON) recipe: a flat mapping of field names to values."""
     import yaml
@@ -29,7 +65,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
         with path.open(encoding="utf-8") as f:  # from a file, YAML's messages name it with line and column
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"recipe {path}: invalid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(data, dict):

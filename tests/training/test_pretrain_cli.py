@@ -238,3 +238,59 @@ def test_python_pretrain_refuses_unknown_options():
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_step'\]; did you mean \['max_steps'\]"):
         bunmyaku.pretrain(max_step=3)
     assert "objective" in str(__import__("inspect").signature(bunmyaku.pretrain))
+
+
+def test_model_configs_and_recipes_read_exponents_as_floats(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-07`` as a string; a Hugging Face config.json writes its epsilons that way."""
+    from bunmyaku.training.pretrain import read_model_config
+    from bunmyaku.training.recipe import load_recipe
+
+    as_json = tmp_path / "config.json"
+    as_json.write_text(json.dumps({"model_type": "deberta-v2", "layer_norm_eps": 1e-7, "initializer_range": 0.02}))
+    assert '"layer_norm_eps": 1e-07' in as_json.read_text()
+    as_yaml = tmp_path / "config.yaml"
+    as_yaml.write_text("model_type: deberta-v2\nlayer_norm_eps: 1e-7\nname: 1e3x\n")
+    assert read_model_config(as_json)["layer_norm_eps"] == 1e-7
+    assert read_model_config(as_yaml)["layer_norm_eps"] == 1e-7 and read_model_config(as_yaml)["name"] == "1e3x"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 3e-4\nweight_decay: 1.0e-2\nmodel_config: {model_type: bert, layer_norm_eps: 1e-12}\n")
+    loaded = load_recipe(recipe)
+    assert loaded["lr"] == 3e-4 and loaded["weight_decay"] == 0.01 and loaded["model_config"]["layer_norm_eps"] == 1e-12
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model_type": "bert",\n "hidden_size": 32,}')
+    with pytest.raises(ValueError, match=r"model config .*broken\.json: .*line 2"):
+        read_model_config(broken)
+
+
+def test_rtd_pretraining_from_a_deberta_config_with_hf_epsilons(tmp_path, corpus, wordpiece):
+    """The README's ``--objective rtd`` with a DeBERTa-v3-style config.json, whose layer_norm_eps is 1e-07."""
+    import transformers
+
+    config = tmp_path / "deberta.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": "deberta-v2",
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "max_position_embeddings": 32,
+                "relative_attention": True,
+                "position_buckets": 8,
+                "pos_att_type": ["p2c", "c2p"],
+                "position_biased_input": False,
+                "norm_rel_ebd": "layer_norm",
+                "share_att_key": True,
+                "layer_norm_eps": 1e-7,
+                "type_vocab_size": 0,
+            }
+        )
+    )
+    out = tmp_path / "out"
+    _run(
+        *("--objective", "rtd", "--model-config", str(config), "--tokenizer", str(wordpiece)),
+        *("--data", str(corpus), "--output-dir", str(out), "--block-size", "16", "--generator-layers", "1"),
+    )
+    theirs = transformers.AutoModel.from_pretrained(out)
+    assert theirs.config.layer_norm_eps == 1e-7 and type(theirs).__name__ == "DebertaV2Model"
