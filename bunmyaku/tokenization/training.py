@@ -107,6 +107,7 @@ def train_tokenizer(
         raise ValueError(f"kind='byte-bpe' works on bytes and takes pre_tokenizer='byte-level', got {pre_name!r}")
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    asked = vocab_size
     if style == "deberta":
         _check_deberta_options(kind, pre_name, special_tokens, vocab_size)
         special_tokens = formats.DEBERTA_V2_RESERVED
@@ -135,6 +136,18 @@ def train_tokenizer(
         backend.decoder = _decoder(kind, pre_name)
     batches = (texts[i : i + _TRAIN_BATCH] for i in range(0, len(texts), _TRAIN_BATCH))
     backend.train_from_iterator(batches, trainer=trainer, length=(len(texts) + _TRAIN_BATCH - 1) // _TRAIN_BATCH)
+    trained = backend.get_vocab_size() + (style == "deberta")  # DeBERTa's [MASK] is added after training
+    if trained < 0.9 * asked:  # trainers often stop a few tokens short; a vocabulary this short says the text is
+        logger.warning(
+            "The %s tokenizer has %d tokens, fewer than the vocab_size %d asked: %d texts hold too few distinct "
+            "words and pieces (seen at least min_frequency=%d times) to fill it. Train on more text, or ask for a "
+            "smaller vocabulary.",
+            kind,
+            trained,
+            asked,
+            len(texts),
+            min_frequency,
+        )
     if style == "deberta":
         tokenizer = Tokenizer(*formats.build_deberta_v2(backend, deberta, None))
         if output_dir is not None:

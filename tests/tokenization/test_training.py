@@ -65,3 +65,17 @@ def test_read_texts_from_structured_files(data):
     agnews = read_texts({"path": data / "agnews" / "dev.tsv", "fields": [0]})
     rows = [r for r in (data / "agnews" / "dev.tsv").read_text(encoding="utf-8").split("\n") if r.strip()]
     assert len(agnews) == len(rows) and agnews[0] == rows[0].split("\t")[0]
+
+
+@pytest.mark.parametrize("style", [None, "deberta"])
+def test_a_vocabulary_the_text_cannot_fill_is_warned_about(tmp_path, caplog, style):
+    corpus = tmp_path / "labels.txt"
+    corpus.write_text("World\nSports\nBusiness\nSci/Tech\n" * 50, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="bunmyaku"):
+        tokenizer = train_tokenizer([corpus], "unigram", 8000, style=style)
+    assert len(tokenizer) < 100
+    assert f"has {len(tokenizer)} tokens, fewer than the vocab_size 8000 asked: 200 texts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bunmyaku"):
+        train_tokenizer([corpus], "unigram", len(tokenizer), style=style)
+    assert "fewer than the vocab_size" not in caplog.text
