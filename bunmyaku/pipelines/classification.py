@@ -6,7 +6,9 @@ raw value for regression. A head with one output and no ``problem_type`` is read
 
 Long texts follow ``long_strategy`` as in fine-tuning (:mod:`bunmyaku.tasks.windows`): ``truncate`` (default),
 ``head-tail``, or ``windows``, whose windows' logits are pooled per text by ``window_pooling`` (``attention``
-reads the ``window_pooling.safetensors`` a fine-tuning run saved beside the model).
+reads the ``window_pooling.safetensors`` a fine-tuning run saved beside the model). For a model that
+``bunmyaku finetune`` wrote, the options not given default to the run's own (its ``finetune.json``: max_length,
+long_strategy, stride, head_tokens, window_pooling), so the pipeline reads the model as ``bunmyaku predict`` does.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any, Literal
 
 import torch
 
-from bunmyaku.pipelines.base import Pipeline, check_at_least
+from bunmyaku.pipelines.base import Pipeline, check_at_least, run_settings
 from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
 from bunmyaku.tasks import windows as long
 from bunmyaku.tasks.base import collate_features, pad_id
 
 ScoreFunction = Literal["softmax", "sigmoid", "none"]
+# the long-input options, and their defaults for a model that no fine-tuning run wrote
+LONG_DEFAULTS: dict[str, Any] = dict(long_strategy="truncate", stride=128, head_tokens=128, window_pooling="mean")
 
 
 def score_function(config) -> ScoreFunction:
@@ -62,11 +66,13 @@ class TextClassificationPipeline(Pipeline):
         top_k: labels returned per text, best first; None returns every label; unset: the best label alone.
         function_to_apply: "softmax", "sigmoid" or "none"; default from the checkpoint's ``problem_type``.
         batch_size: texts per forward pass (texts are sorted by length first).
-        max_length: token limit per text (per window); default the model's.
-        long_strategy: ``truncate`` (default), ``head-tail`` or ``windows`` for texts longer than ``max_length``.
-        stride: ``windows``: tokens shared by consecutive windows.
-        head_tokens: ``head-tail``: tokens kept from the start of the text.
-        window_pooling: ``windows``: ``mean``, ``max`` or ``attention`` over a text's window logits.
+        max_length: token limit per text (per window); default the fine-tuning run's, else the model's.
+        long_strategy: ``truncate``, ``head-tail`` or ``windows`` for texts longer than ``max_length``; default the
+            fine-tuning run's, else ``truncate``.
+        stride: ``windows``: tokens shared by consecutive windows (default the run's, else 128).
+        head_tokens: ``head-tail``: tokens kept from the start of the text (default the run's, else 128).
+        window_pooling: ``windows``: ``mean``, ``max`` or ``attention`` over a text's window logits (default the
+            run's, else ``mean``).
     """
 
     head = "sequence-classification"
@@ -79,17 +85,23 @@ class TextClassificationPipeline(Pipeline):
         function_to_apply: ScoreFunction | None = None,
         batch_size: int = 32,
         max_length: int | None = None,
-        long_strategy: long.Strategy = "truncate",
-        stride: int = 128,
-        head_tokens: int = 128,
-        window_pooling: long.Pooling = "mean",
+        long_strategy: long.Strategy | None = None,
+        stride: int | None = None,
+        head_tokens: int | None = None,
+        window_pooling: long.Pooling | None = None,
     ):
-        long.check_options(long_strategy, stride, head_tokens, window_pooling)
+        given = dict(long_strategy=long_strategy, stride=stride, head_tokens=head_tokens, window_pooling=window_pooling)
+        long.check_options(*(default if given[k] is None else given[k] for k, default in LONG_DEFAULTS.items()))
         if top_k != "default":
             check_at_least("top_k", top_k)
         check_at_least("batch_size", batch_size)
         check_at_least("max_length", max_length)
         super().__init__(model, device)
+        run = run_settings(self.path)
+        long_strategy, stride, head_tokens, window_pooling = (
+            run.get(k, default) if given[k] is None else given[k] for k, default in LONG_DEFAULTS.items()
+        )
+        max_length = run.get("max_length") if max_length is None else max_length
         self.labels = label_names(self.model.config)
         self.top_k = top_k
         self.function_to_apply = function_to_apply or score_function(self.model.config)

@@ -232,6 +232,19 @@ def test_attention_pooling_is_saved_beside_a_model_transformers_loads(tmp_path, 
     got = pipe([r["text"] for r in rows])
     assert [g["score"] for g in got] == pytest.approx([r["score"] for r in saved], abs=1e-5)
     assert [g["label"] for g in got] == [r["label"] for r in saved]
+    # without options, a pipeline reads the run's model as predict does: its windows, pooling and max_length
+    plain = bunmyaku.pipeline("text-classification", model=str(out), device="cpu")
+    assert (plain.long_strategy, plain.window_pooling, plain.max_length, plain.stride) == (
+        "windows",
+        "attention",
+        MAX_LENGTH,
+        4,
+    )
+    assert [g["score"] for g in plain([r["text"] for r in rows])] == pytest.approx(
+        [r["score"] for r in saved], abs=1e-5
+    )
+    given = bunmyaku.pipeline("text-classification", model=str(out), device="cpu", long_strategy="truncate")
+    assert (given.long_strategy, given.max_length) == ("truncate", MAX_LENGTH)  # a given option wins
     # transformers as the oracle: its per-window logits and [CLS] vectors, pooled by hand with the saved scorer
     hf.eval()
     expected = []
