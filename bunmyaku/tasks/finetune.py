@@ -609,9 +609,11 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
     out = Path(targs.output_dir)
     with contextlib.ExitStack() as stack:
         # process 0 owns the folder (its lock, clearing it, the log); the others wait for its verdict
-        resuming, cleared = on_main(_claim_run_dir, stack, out, fargs, targs) or (False, [])
+        resuming, cleared, retry = on_main(_claim_run_dir, stack, out, fargs, targs) or (False, [], False)
         if dist_utils.is_main():
-            stack.enter_context(_log_to(out / "finetune.log", append=resuming))
+            stack.enter_context(_log_to(out / "finetune.log", append=resuming or retry))
+        if retry:
+            logger.info("%s holds only the log of a run that wrote no results: this run continues that log", out)
         if cleared:
             logger.info("Cleared the earlier results in %s: %s", out, ", ".join(cleared))
         try:
@@ -622,11 +624,15 @@ def run_finetune(fargs: FinetuneArgs, targs: TrainArgs, inputs: Inputs | None = 
 
 
 def _claim_run_dir(stack: contextlib.ExitStack, out: Path, fargs: FinetuneArgs, targs: TrainArgs):
-    """Take ``out``'s lock (held until ``stack`` closes) and make it ready; returns (resuming, names cleared)."""
+    """Take ``out``'s lock (held until ``stack`` closes) and make it ready; returns (resuming, names cleared,
+    retry). ``retry``: the folder holds nothing but the log of a run that stopped before writing any result (a
+    missing file, a bad option): there is nothing to protect, so the new run takes it and appends to that log."""
     stack.enter_context(exclusive_output_dir(out))
     resuming = targs.resume and not fargs.overwrite and _resumable(out)
-    cleared = [] if resuming else claim_output_dir(out, fargs.overwrite, RESULTS, whole_folder=True)
-    return resuming, cleared
+    held = {p.name for p in out.iterdir() if p.name != LOCK_NAME and not p.name.endswith(".tmp")}
+    retry = not resuming and not fargs.overwrite and held == {"finetune.log"}
+    cleared = [] if resuming or retry else claim_output_dir(out, fargs.overwrite, RESULTS, whole_folder=True)
+    return resuming, cleared, retry
 
 
 def on_main(fn: Callable[..., Any], *args: Any) -> Any:

@@ -131,6 +131,23 @@ def test_a_failed_rerun_leaves_no_stale_results(tmp_path, tiny_bert_dir, data, m
     assert not is_locked(out)
 
 
+def test_a_rerun_takes_a_folder_that_holds_only_a_failed_runs_log(tmp_path, tiny_bert_dir, data):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="missing.tsv"):
+        quick(out, tiny_bert_dir, tmp_path / "missing.tsv")  # fails before writing any result
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) == ["finetune.log"]
+    summary = quick(out, tiny_bert_dir, data)  # no --overwrite needed: there was nothing to protect
+    assert summary["train_examples"] == 8 and (out / "metrics.json").is_file()
+    log = (out / "finetune.log").read_text()
+    assert log.index("Fine-tuning failed") < log.index("this run continues that log")  # the first run's story kept
+    out2 = tmp_path / "run2"
+    out2.mkdir()
+    (out2 / "finetune.log").write_text("a log\n")
+    (out2 / "notes.txt").write_text("mine")  # a log and anything else: still somebody's folder
+    with pytest.raises(ValueError, match="already holds finetune.log, notes.txt"):
+        quick(out2, tiny_bert_dir, data)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("trained")
