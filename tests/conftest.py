@@ -93,8 +93,7 @@ def flex_on_cpu(monkeypatch):
 
     calls: list[str] = []
     local, flex_disentangled = sparse_attention._flex, disentangled.flex_disentangled_attention
-    monkeypatch.setattr(sparse_attention, "FLEX_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(disentangled, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sparse_attention, "FLEX_DEVICES", ("cuda", "cpu"))  # DeBERTa's route reads it too
     monkeypatch.setattr(sparse_attention, "_flex", lambda *a, **k: calls.append("sparse") or local(*a, **k))
     monkeypatch.setattr(
         disentangled,

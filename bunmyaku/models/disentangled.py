@@ -41,6 +41,7 @@ import torch
 
 from bunmyaku.models.fastpath import Packing
 from bunmyaku.models.layers import dropout
+from bunmyaku.models.sparse_attention import use_flex
 
 Impl = Literal["auto", "reference", "fast", "flex"]
 
@@ -88,8 +89,7 @@ def disentangled_attention(
     _check_shapes(query, key, value, pos_query, pos_key, relative_pos, span, mask)
     if impl == "auto":
         # FlexAttention has no attention dropout: training with it takes the fast path
-        use_flex = query.device.type in FLEX_DEVICES and flex_attention is not None and dropout_p == 0.0
-        impl = "flex" if use_flex else "fast"
+        impl = "flex" if flex_attention is not None and use_flex(query, dropout_p) else "fast"
     if impl == "reference":
         return reference_attention(query, key, value, pos_query, pos_key, relative_pos, span, mask, scale, dropout_p)
     if impl == "fast":
@@ -453,9 +453,6 @@ def packed_disentangled_attention(
         out.index_copy_(0, group.tokens, group.unpad(y.reshape(b, L, H * D)))
     return out.view(-1, H, D)
 
-
-# the devices where ``impl="auto"`` takes FlexAttention (tests add "cpu": its eager forward runs the CUDA path there)
-FLEX_DEVICES: tuple[str, ...] = ("cuda",)
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -274,7 +274,8 @@ _compiled_flex = None
 FLEX_DEVICES: tuple[str, ...] = ("cuda",)
 
 
-def _use_flex(q: torch.Tensor, dropout_p: float) -> bool:
+def use_flex(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether attention on ``q`` takes FlexAttention (DeBERTa's disentangled attention asks too)."""
     return q.device.type in FLEX_DEVICES and dropout_p == 0.0  # dropout on the weights is not a flex option
 
 
@@ -341,7 +342,7 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     valid = pattern.valid_or_all(B, T, q.device)
     slots = pattern.global_slots() if pattern.is_global is not None else None
-    if _use_flex(q, dropout_p):
+    if use_flex(q, dropout_p):
         out = _flex_local(q, k, v, pattern, scale)
         if slots is None or (global_qkv is None and global_out is None):
             return out if pattern.attend_from_padding else out.masked_fill(~valid[:, None, :, None], 0.0)
@@ -583,7 +584,7 @@ def block_sparse_attention(
     index, slot_ok = pattern.key_blocks(n, q.device)  # (H' , n - 2, S), (n - 2, S)
     if index.size(0) not in (1, H):
         raise ValueError(f"random_blocks for {index.size(0)} heads; the attention has {H}")
-    if _use_flex(q, dropout_p):
+    if use_flex(q, dropout_p):
         return _flex_block_sparse(q, k, v, pattern, index, slot_ok, scale)
     index, counts = _merge_repeats(index, slot_ok)  # (H', n - 2, S) each
     Tp, S = n * b, index.size(-1)

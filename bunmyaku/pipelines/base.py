@@ -43,24 +43,6 @@ class Pipeline:
         return names[0] if names else cls.__name__
 
 
-def run_settings(path: str | os.PathLike) -> dict:
-    """The settings a ``bunmyaku finetune`` run saved beside its model (``finetune.json``: max_length, long-input
-    strategy, window pooling, ...), so that a pipeline reads a run's model as ``bunmyaku predict`` does; ``{}`` for
-    a folder that no fine-tuning run wrote."""
-    import json
-    from pathlib import Path
-
-    from bunmyaku.tasks.finetune import SETTINGS_NAME
-
-    path = Path(path) / SETTINGS_NAME
-    if not path.is_file():
-        return {}
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8"))["settings"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not the settings of a fine-tuning run ({error})") from None
-
-
 def check_at_least(name: str, value: int | None, minimum: int = 1) -> None:
     """Refuse a count below ``minimum`` (batch sizes, ``top_k``, beams, lengths) with a message naming it."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from bunmyaku.pipelines.base import Pipeline, check_at_least, run_settings
+from bunmyaku.pipelines.base import Pipeline, check_at_least
 from bunmyaku.pipelines.batching import label_names, length_sorted_batches, max_input_length, model_inputs
 from bunmyaku.tasks import windows as long
 from bunmyaku.tasks.base import collate_features, pad_id
@@ -97,7 +97,9 @@ class TextClassificationPipeline(Pipeline):
         check_at_least("batch_size", batch_size)
         check_at_least("max_length", max_length)
         super().__init__(model, device)
-        run = run_settings(self.path)
+        from bunmyaku.tasks.finetune import run_record
+
+        run = (run_record(self.path) or {}).get("settings", {})  # a finetune run's model: read as predict reads it
         long_strategy, stride, head_tokens, window_pooling = (
             run.get(k, default) if given[k] is None else given[k] for k, default in LONG_DEFAULTS.items()
         )

@@ -1185,9 +1185,9 @@ def load_finetuned(path: str | Path, overrides: dict[str, Any] | None = None, de
 
     path = Path(path)
     model_dir = model_in_run_folder(path)
-    if not (model_dir / SETTINGS_NAME).is_file():
+    record = run_record(model_dir)
+    if record is None:
         raise FileNotFoundError(f"{model_dir} has no {SETTINGS_NAME}: is it a folder written by bunmyaku finetune?")
-    record = json.loads((model_dir / SETTINGS_NAME).read_text(encoding="utf-8"))
     settings = {**record["settings"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
     task = build_task(FinetuneArgs(**settings))
     task.load_state(record["state"])
@@ -1199,6 +1199,21 @@ def load_finetuned(path: str | Path, overrides: dict[str, Any] | None = None, de
         if (model_dir / POOLER_FILE).is_file() or task_uses_pooler(task.settings):
             attach_pooler(model, model_dir)
     return task, model.eval(), Tokenizer.from_pretrained(model_dir)
+
+
+def run_record(model_dir: str | Path) -> dict[str, Any] | None:
+    """What a fine-tuning run saved beside its model (``finetune.json``: ``settings`` such as max_length and the
+    long-input options, and the task's ``state``); None for a folder no run wrote."""
+    path = Path(model_dir) / SETTINGS_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        raise ValueError(f"{path}: not the record of a fine-tuning run (expected a 'settings' mapping)")
+    return record
 
 
 def task_uses_pooler(settings: FinetuneArgs) -> bool:
